@@ -1,0 +1,186 @@
+//! The control channel: how the migration coordinator, the source and the
+//! target talk. Every message is also a durable record of the migration's
+//! progress, so a restarted coordinator can read the history and finish or
+//! roll back.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::digest::StateDigest;
+use crate::error::BackendError;
+use crate::position::Position;
+use crate::store::SnapshotId;
+
+/// Who sent a control message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// The migration coordinator.
+    Coordinator,
+    /// The instance being migrated away from.
+    Source,
+    /// The instance being migrated to.
+    Target,
+}
+
+/// One message on the control channel.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ControlMessage {
+    /// The service being migrated (the channel's partitioning key).
+    pub service: String,
+    /// Which migration this belongs to.
+    pub migration_id: String,
+    /// Who sent it.
+    pub from: Role,
+    /// Send time, ms since the Unix epoch (diagnostics only).
+    pub sent_at_ms: u64,
+    /// The message itself.
+    pub body: ControlBody,
+}
+
+/// The migration protocol's messages (see `DESIGN.md` §4).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ControlBody {
+    /// Coordinator → source: a migration to `target` starts; take a
+    /// checkpoint and keep serving.
+    Prepare {
+        /// Instance id of the target.
+        target: String,
+    },
+    /// Source → coordinator: the checkpoint is stored.
+    CheckpointTaken {
+        /// Snapshot to restore.
+        snapshot_id: SnapshotId,
+        /// Its position (P0).
+        position: Position,
+        /// Encoded size.
+        bytes: u64,
+        /// How long input was paused to serialize it.
+        pause_us: u64,
+    },
+    /// Coordinator → target: fetch and restore this snapshot, then replay.
+    Restore {
+        /// Snapshot to restore.
+        snapshot_id: SnapshotId,
+    },
+    /// Target → coordinator: restored; replay is starting.
+    Restored {
+        /// Position restored at.
+        position: Position,
+        /// Time to fetch the snapshot.
+        transfer_us: u64,
+        /// Time to verify and restore it.
+        restore_us: u64,
+    },
+    /// Source → target: the source's applied position (the target never
+    /// replays past it while the source is live).
+    SourceProgress {
+        /// Source's position.
+        position: Position,
+    },
+    /// Target → coordinator: replay progress.
+    TargetProgress {
+        /// Target's position.
+        position: Position,
+        /// Messages behind the source.
+        lag: u64,
+        /// Measured replay rate (messages/s).
+        apply_rate: f64,
+        /// Measured input rate (messages/s).
+        input_rate: f64,
+    },
+    /// Coordinator → source: stop at the next message boundary.
+    Stop {
+        /// The owner epoch the target will take.
+        next_epoch: u64,
+    },
+    /// Source → coordinator and target: stopped at `position` (Pf); no
+    /// output will follow.
+    Stopped {
+        /// Pf.
+        position: Position,
+        /// The source's state digest at Pf.
+        digest: StateDigest,
+    },
+    /// Coordinator → target: replay to `position`, compare digests, go live.
+    Cutover {
+        /// Pf.
+        position: Position,
+        /// The source's digest at Pf.
+        digest: StateDigest,
+        /// The owner epoch the target takes.
+        epoch: u64,
+    },
+    /// Target → coordinator: live at `position`.
+    Live {
+        /// Position it went live at.
+        position: Position,
+        /// Its digest at that position.
+        digest: StateDigest,
+        /// Whether it matched the source's.
+        digest_match: bool,
+    },
+    /// Target → coordinator: could not go live.
+    CutoverFailed {
+        /// Why.
+        reason: String,
+    },
+    /// Coordinator → source: migration done; release ownership and shut down.
+    Release,
+    /// Coordinator → source: migration failed after the stop; resume as the
+    /// owner at the position you stopped at.
+    Resume {
+        /// The owner epoch the source resumes with.
+        epoch: u64,
+    },
+    /// Coordinator → all: the migration was abandoned.
+    Aborted {
+        /// Why.
+        reason: String,
+    },
+    /// Coordinator → all: the migration finished (JSON report attached).
+    Completed {
+        /// The migration report, as JSON.
+        report_json: String,
+    },
+}
+
+impl ControlMessage {
+    /// Encodes as JSON (readable with any Kafka tool).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("control messages always serialize")
+    }
+
+    /// Decodes from JSON.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+/// A durable, ordered channel of control messages for one service.
+#[async_trait]
+pub trait ControlChannel: Send + Sync + 'static {
+    /// The backend's error.
+    type Error: BackendError;
+    /// A reader returned by [`ControlChannel::reader`].
+    type Reader: ControlReader<Error = Self::Error>;
+
+    /// Appends one message.
+    async fn publish(&self, message: &ControlMessage) -> Result<(), Self::Error>;
+
+    /// A reader that sees every message published from now on, or, with
+    /// `from_start`, every message still retained.
+    async fn reader(&self, from_start: bool) -> Result<Self::Reader, Self::Error>;
+}
+
+/// Reads a [`ControlChannel`] in order.
+#[async_trait]
+pub trait ControlReader: Send + 'static {
+    /// The backend's error.
+    type Error: BackendError;
+
+    /// The next message, waiting at most `timeout`; `None` on time-out.
+    async fn next(&mut self, timeout: Duration) -> Result<Option<ControlMessage>, Self::Error>;
+}

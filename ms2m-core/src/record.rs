@@ -1,0 +1,64 @@
+//! One message read from the input log, and one output to emit.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::position::TopicPartition;
+
+/// A message read from the input log.
+///
+/// Cheap to clone: key, payload and header values are reference-counted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// Topic it was read from.
+    pub topic: Arc<str>,
+    /// Partition it was read from.
+    pub partition: i32,
+    /// Its offset in that partition.
+    pub offset: i64,
+    /// Producer or log-append timestamp, milliseconds since the Unix epoch.
+    pub timestamp_ms: Option<i64>,
+    /// Message key.
+    pub key: Option<Bytes>,
+    /// Message value; `None` for a tombstone.
+    pub payload: Option<Bytes>,
+    /// Message headers, in order.
+    pub headers: Vec<(String, Bytes)>,
+}
+
+impl Record {
+    /// A record with a payload and no key, timestamp or headers (handy in tests).
+    pub fn new(topic: impl Into<Arc<str>>, partition: i32, offset: i64, payload: impl Into<Bytes>) -> Self {
+        Self {
+            topic: topic.into(),
+            partition,
+            offset,
+            timestamp_ms: None,
+            key: None,
+            payload: Some(payload.into()),
+            headers: Vec::new(),
+        }
+    }
+
+    /// The record's topic and partition.
+    pub fn topic_partition(&self) -> TopicPartition {
+        TopicPartition {
+            topic: self.topic.clone(),
+            partition: self.partition,
+        }
+    }
+}
+
+/// A message to produce: emitted by `apply` or sent to a dead-letter topic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutputRecord {
+    /// Destination topic.
+    pub topic: Arc<str>,
+    /// Message key (decides the destination partition).
+    pub key: Option<Bytes>,
+    /// Message value.
+    pub payload: Bytes,
+    /// Message headers.
+    pub headers: Vec<(String, Bytes)>,
+}

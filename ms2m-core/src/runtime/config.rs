@@ -1,0 +1,154 @@
+//! Instance configuration, built with chained setters.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::codec::OutputFormat;
+use crate::service::OutputSettings;
+
+/// Where to start reading a partition that no snapshot mentions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum StartFrom {
+    /// The earliest offset still in the log (rebuild everything).
+    #[default]
+    Earliest,
+    /// The end of the log (only new messages).
+    Latest,
+}
+
+/// What to do with a message that does not decode, or that `apply` rejects.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum BadMessagePolicy {
+    /// Stop the instance with a typed error ([`Error::Decode`](crate::Error::Decode)
+    /// or [`Error::Apply`](crate::Error::Apply)). The position stays before the
+    /// message, so nothing is lost: fix the code or the data and restart.
+    #[default]
+    Fail,
+    /// Produce the original message to `topic` with the reason in headers
+    /// (`ms2m.error`, `ms2m.stage`, `ms2m.source.topic`,
+    /// `ms2m.source.partition`, `ms2m.source.offset`), committed together
+    /// with the position like any output, and move on.
+    DeadLetter {
+        /// The dead-letter topic.
+        topic: String,
+    },
+}
+
+/// How an [`Instance`](crate::Instance) runs.
+#[derive(Clone, Debug)]
+pub struct InstanceConfig {
+    pub(crate) instance_id: String,
+    pub(crate) snapshot_every: Option<u64>,
+    pub(crate) snapshot_interval: Option<Duration>,
+    pub(crate) keep_snapshots: usize,
+    pub(crate) commit_every: u64,
+    pub(crate) commit_interval: Duration,
+    pub(crate) poll_batch: usize,
+    pub(crate) poll_timeout: Duration,
+    pub(crate) start_from: StartFrom,
+    pub(crate) allow_log_gap: bool,
+    pub(crate) bad_messages: BadMessagePolicy,
+    pub(crate) output: OutputSettings,
+    pub(crate) progress_interval: Duration,
+}
+
+impl InstanceConfig {
+    /// Defaults: snapshot every 100,000 messages or 60 s, keep 3; commit every
+    /// 1,000 messages or 100 ms; start from the earliest offset; fail on bad
+    /// messages; JSON outputs; no default output topic.
+    pub fn new(instance_id: impl Into<String>) -> Self {
+        Self {
+            instance_id: instance_id.into(),
+            snapshot_every: Some(100_000),
+            snapshot_interval: Some(Duration::from_secs(60)),
+            keep_snapshots: 3,
+            commit_every: 1_000,
+            commit_interval: Duration::from_millis(100),
+            poll_batch: 1_000,
+            poll_timeout: Duration::from_millis(100),
+            start_from: StartFrom::Earliest,
+            allow_log_gap: false,
+            bad_messages: BadMessagePolicy::Fail,
+            output: OutputSettings::default(),
+            progress_interval: Duration::from_millis(250),
+        }
+    }
+
+    /// This instance's id (written into its snapshots).
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+
+    /// Snapshot after this many applied messages (`None`: never by count).
+    pub fn snapshot_every(mut self, messages: Option<u64>) -> Self {
+        self.snapshot_every = messages.filter(|n| *n > 0);
+        self
+    }
+
+    /// Snapshot when this much time passed since the last one (`None`: never by time).
+    pub fn snapshot_interval(mut self, interval: Option<Duration>) -> Self {
+        self.snapshot_interval = interval;
+        self
+    }
+
+    /// How many snapshots to keep (at least 1; keep 2 or more so a corrupt
+    /// newest snapshot has a fallback).
+    pub fn keep_snapshots(mut self, keep: usize) -> Self {
+        self.keep_snapshots = keep.max(1);
+        self
+    }
+
+    /// Commit outputs and position after this many messages or this much time,
+    /// whichever comes first. This bounds the at-least-once duplicate window.
+    pub fn commit_every(mut self, messages: u64, interval: Duration) -> Self {
+        self.commit_every = messages.max(1);
+        self.commit_interval = interval;
+        self
+    }
+
+    /// Largest batch taken from the log at once, and the longest wait for one
+    /// (also the longest a shutdown request waits).
+    pub fn poll(mut self, batch: usize, timeout: Duration) -> Self {
+        self.poll_batch = batch.max(1);
+        self.poll_timeout = timeout;
+        self
+    }
+
+    /// Where to start partitions that no snapshot mentions.
+    pub fn start_from(mut self, start: StartFrom) -> Self {
+        self.start_from = start;
+        self
+    }
+
+    /// Accept a log whose earliest offset is above the snapshot position
+    /// (the messages in between are lost). Off by default: recovery fails
+    /// with [`Error::LogTruncated`](crate::Error::LogTruncated).
+    pub fn allow_log_gap(mut self, allow: bool) -> Self {
+        self.allow_log_gap = allow;
+        self
+    }
+
+    /// Policy for messages that fail to decode or apply.
+    pub fn bad_messages(mut self, policy: BadMessagePolicy) -> Self {
+        self.bad_messages = policy;
+        self
+    }
+
+    /// The topic [`ApplyContext::emit`](crate::ApplyContext::emit) writes to.
+    pub fn output_topic(mut self, topic: impl Into<Arc<str>>) -> Self {
+        self.output.default_topic = Some(topic.into());
+        self
+    }
+
+    /// How emitted values are encoded.
+    pub fn output_format(mut self, format: OutputFormat) -> Self {
+        self.output.format = format;
+        self
+    }
+
+    /// How often progress is reported during replay.
+    pub fn progress_interval(mut self, interval: Duration) -> Self {
+        self.progress_interval = interval;
+        self
+    }
+}

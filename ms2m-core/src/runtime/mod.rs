@@ -1,0 +1,674 @@
+//! The instance runtime: runs one service over a log, a snapshot store and an
+//! output sink.
+//!
+//! # Lifecycle
+//!
+//! 1. [`Instance::recover`]: load the newest snapshot that verifies, seek the
+//!    log to its position (failing if retention deleted the tail), claim the
+//!    output sink (fencing any older owner), and replay up to the output
+//!    watermark with outputs suppressed.
+//! 2. [`Instance::run`]: apply messages live, emit outputs, commit the
+//!    position with them, snapshot every N messages and/or T seconds.
+//! 3. On shutdown: finish the message in hand, commit, take a final snapshot.
+//!
+//! Migration drives the same instance through lower-level steps
+//! ([`Instance::step`], [`Instance::checkpoint`], [`Instance::set_ceiling`]).
+
+mod config;
+mod progress;
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::FutureExt;
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+pub use config::{BadMessagePolicy, InstanceConfig, StartFrom};
+pub(crate) use progress::{eta, RateMeter};
+pub use progress::{no_progress, Progress, ProgressListener, ProgressPhase, SharedListener};
+
+use crate::codec::{DecodeError, MessageFormat};
+use crate::digest::StateDigest;
+use crate::error::{BackendError, BoxError, Component, Error, ErrorKind, Result};
+use crate::log::MessageLog;
+use crate::position::{Position, TopicPartition};
+use crate::record::{OutputRecord, Record};
+use crate::service::{ApplyContext, Mode, OutputBuffer, StatefulService};
+use crate::sink::OutputSink;
+use crate::snapshot::Snapshot;
+use crate::store::{self, LoadedSnapshot, SnapshotId, SnapshotStore};
+
+/// The backends an instance runs on.
+#[derive(Debug)]
+pub struct Backends<L, St, O> {
+    /// The input log.
+    pub log: L,
+    /// Where snapshots go (shared with background uploads).
+    pub store: Arc<St>,
+    /// Where outputs go.
+    pub sink: O,
+}
+
+/// A snapshot that was taken and stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointInfo {
+    /// Its id in the store.
+    pub id: SnapshotId,
+    /// The position it reflects.
+    pub position: Position,
+    /// Encoded size in bytes.
+    pub bytes: u64,
+    /// How long the apply loop was paused to serialize the state.
+    pub pause: Duration,
+}
+
+/// Counters of one instance.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceStats {
+    /// Messages applied live (outputs emitted).
+    pub applied_live: u64,
+    /// Messages applied in replay mode (outputs suppressed).
+    pub applied_replay: u64,
+    /// Outputs emitted.
+    pub outputs_emitted: u64,
+    /// Outputs suppressed during replay.
+    pub outputs_suppressed: u64,
+    /// Messages sent to the dead-letter topic (live) or skipped as
+    /// previously dead-lettered (replay).
+    pub dead_lettered: u64,
+    /// Duplicate deliveries below the position, ignored.
+    pub duplicates_skipped: u64,
+    /// Commits of outputs and position.
+    pub commits: u64,
+    /// Snapshots stored.
+    pub snapshots: u64,
+    /// Snapshot uploads that failed (retried at the next trigger).
+    pub snapshot_failures: u64,
+    /// The last stored snapshot.
+    pub last_checkpoint: Option<CheckpointInfo>,
+}
+
+/// How outputs are treated.
+#[derive(Clone, Debug)]
+enum OutputMode {
+    /// Replay below the watermark, live at and above it.
+    Watermark(Position),
+    /// Standby migration target: everything is replay.
+    SuppressAll,
+}
+
+type Upload = JoinHandle<Result<CheckpointInfo>>;
+
+/// One running instance of service `S`.
+pub struct Instance<S, L, St, O>
+where
+    S: StatefulService,
+    L: MessageLog,
+    St: SnapshotStore,
+    O: OutputSink,
+{
+    state: S,
+    log: L,
+    store: Arc<St>,
+    sink: O,
+    config: InstanceConfig,
+    /// Next offset to apply per partition: the state is the fold of all below.
+    position: Position,
+    output_mode: OutputMode,
+    /// Standby targets never apply at or beyond this (the source's position).
+    ceiling: Option<Position>,
+    /// Records polled but not yet applied, in delivery order.
+    pending: VecDeque<Record>,
+    outputs: OutputBuffer,
+    live_since_commit: u64,
+    since_snapshot: u64,
+    last_commit: Instant,
+    last_snapshot: Instant,
+    /// At most one snapshot upload runs in the background.
+    upload: Option<Upload>,
+    stats: InstanceStats,
+}
+
+impl<S, L, St, O> std::fmt::Debug for Instance<S, L, St, O>
+where
+    S: StatefulService,
+    L: MessageLog,
+    St: SnapshotStore,
+    O: OutputSink,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Instance")
+            .field("service", &S::NAME)
+            .field("instance_id", &self.config.instance_id)
+            .field("position", &self.position)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, L, St, O> Instance<S, L, St, O>
+where
+    S: StatefulService,
+    L: MessageLog,
+    St: SnapshotStore,
+    O: OutputSink,
+{
+    /// Recovers an instance: newest valid snapshot (or the configured start),
+    /// seek, claim the sink, replay to the output watermark. Progress of the
+    /// replay goes to `listener`. Returns an instance ready to [`run`](Self::run).
+    pub async fn recover(backends: Backends<L, St, O>, config: InstanceConfig, listener: &dyn ProgressListener) -> Result<Self> {
+        let span = info_span!("recover", service = S::NAME, instance = %config.instance_id);
+        async move {
+            let (loaded, rejected) = store::load_newest_valid::<S, St>(&backends.store, S::NAME).await?;
+            if !rejected.is_empty() {
+                warn!(count = rejected.len(), "skipped snapshots that failed verification");
+            }
+            let mut instance = Self::restore(backends, config, loaded).await?;
+            instance.claim().await?;
+            let watermark = instance
+                .sink
+                .committed()
+                .await
+                .map_err(|e| Error::backend(Component::Sink, "read committed position", e))?
+                .unwrap_or_default();
+            info!(position = %instance.position, watermark = %watermark, "restored; replaying to the output watermark");
+            instance.output_mode = OutputMode::Watermark(watermark.clone());
+            instance.replay_to(&watermark, ProgressPhase::Recovery, listener).await?;
+            info!(position = %instance.position, "recovered; going live");
+            Ok(instance)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Builds an instance from a loaded snapshot (or a fresh state) and seeks
+    /// the log, without claiming the sink: outputs stay suppressed until
+    /// [`go_live`](Self::go_live). This is how a migration target starts.
+    pub async fn restore(backends: Backends<L, St, O>, config: InstanceConfig, loaded: Option<LoadedSnapshot<S>>) -> Result<Self> {
+        let Backends { mut log, store, sink } = backends;
+        let (state, snapshot_position) = match loaded {
+            Some(l) => {
+                info!(snapshot = l.id, position = %l.snapshot.header.position, "restoring snapshot");
+                (l.state, l.snapshot.header.position)
+            }
+            None => {
+                info!(start = ?config.start_from, "no snapshot; starting from a fresh state");
+                (S::default(), Position::new())
+            }
+        };
+        let position = start_position(&mut log, &snapshot_position, &config).await?;
+        log.seek(&position)
+            .await
+            .map_err(|e| Error::backend(Component::Log, "seek", e))?;
+        let now = Instant::now();
+        Ok(Self {
+            state,
+            log,
+            store,
+            sink,
+            config,
+            position,
+            output_mode: OutputMode::SuppressAll,
+            ceiling: None,
+            pending: VecDeque::new(),
+            outputs: OutputBuffer::default(),
+            live_since_commit: 0,
+            since_snapshot: 0,
+            last_commit: now,
+            last_snapshot: now,
+            upload: None,
+            stats: InstanceStats::default(),
+        })
+    }
+
+    /// Takes ownership of the output stream (fences any older owner).
+    pub async fn claim(&mut self) -> Result<()> {
+        self.sink
+            .claim()
+            .await
+            .map_err(|e| Error::backend(Component::Sink, "claim output ownership", e))
+    }
+
+    /// Makes this instance live from its current position: messages from
+    /// here on emit outputs. Call after [`claim`](Self::claim).
+    pub fn go_live(&mut self) {
+        self.output_mode = OutputMode::Watermark(self.position.clone());
+        self.ceiling = None;
+    }
+
+    /// Limits how far a standby instance may apply (exclusive), or lifts the limit.
+    pub fn set_ceiling(&mut self, ceiling: Option<Position>) {
+        self.ceiling = ceiling;
+    }
+
+    /// The state.
+    pub fn state(&self) -> &S {
+        &self.state
+    }
+
+    /// The position: the state is the fold of every message below it.
+    pub fn position(&self) -> &Position {
+        &self.position
+    }
+
+    /// The state's order-independent digest.
+    pub fn digest(&self) -> StateDigest {
+        self.state.digest()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &InstanceStats {
+        &self.stats
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &InstanceConfig {
+        &self.config
+    }
+
+    /// The backends' read side, for watermarks and lag.
+    pub fn log_mut(&mut self) -> &mut L {
+        &mut self.log
+    }
+
+    /// Runs live until `shutdown` completes, then shuts down gracefully
+    /// (finish the message in hand, commit, final snapshot). A shutdown
+    /// request is noticed within the poll timeout.
+    pub async fn run(&mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let span = info_span!("run", service = S::NAME, instance = %self.config.instance_id);
+        async move {
+            let mut shutdown = std::pin::pin!(shutdown);
+            if matches!(self.output_mode, OutputMode::SuppressAll) {
+                self.go_live();
+            }
+            loop {
+                if shutdown.as_mut().now_or_never().is_some() {
+                    break;
+                }
+                self.step().await?;
+            }
+            self.shutdown().await
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Polls once (if nothing is pending) and applies what is available,
+    /// then commits and snapshots if due. Returns the number applied.
+    /// Never cancels half-way: safe to call in a loop that checks other events.
+    pub async fn step(&mut self) -> Result<usize> {
+        if self.pending.is_empty() {
+            let batch = self
+                .log
+                .poll(self.config.poll_batch, self.config.poll_timeout)
+                .await
+                .map_err(|e| Error::backend(Component::Log, "poll", e))?;
+            self.pending.extend(batch);
+        }
+        let applied = self.apply_pending().await?;
+        self.housekeeping(applied == 0).await?;
+        Ok(applied)
+    }
+
+    /// Applies pending records up to the ceiling.
+    async fn apply_pending(&mut self) -> Result<usize> {
+        let mut applied = 0;
+        while let Some(record) = self.pending.front() {
+            if let Some(ceiling) = &self.ceiling {
+                let tp = record.topic_partition();
+                if record.offset >= ceiling.get(&tp).unwrap_or(0) {
+                    break;
+                }
+            }
+            let record = self.pending.pop_front().expect("front exists");
+            if self.apply_one(record).await? {
+                applied += 1;
+            }
+        }
+        Ok(applied)
+    }
+
+    /// Applies every available message until the position reaches `target`
+    /// (on every partition it names), reporting progress.
+    pub async fn replay_to(&mut self, target: &Position, phase: ProgressPhase, listener: &dyn ProgressListener) -> Result<u64> {
+        let mut total = 0u64;
+        let mut meter = RateMeter::default();
+        let mut window = (Instant::now(), 0u64);
+        while !self.position.reaches(target) {
+            let saved = self.ceiling.replace(target.clone());
+            let applied = self.step().await;
+            self.ceiling = saved;
+            let applied = applied? as u64;
+            total += applied;
+            window.1 += applied;
+            if window.0.elapsed() >= self.config.progress_interval {
+                let rate = meter.observe(window.1, window.0.elapsed());
+                window = (Instant::now(), 0);
+                let remaining = self.position.distance_to(target);
+                listener.on_progress(&Progress {
+                    phase,
+                    applied: total,
+                    remaining,
+                    rate,
+                    eta: eta(remaining, rate),
+                });
+            }
+        }
+        listener.on_progress(&Progress {
+            phase,
+            applied: total,
+            remaining: 0,
+            rate: meter.rate(),
+            eta: Some(Duration::ZERO),
+        });
+        Ok(total)
+    }
+
+    fn mode_for(&self, tp: &TopicPartition, offset: i64) -> Mode {
+        match &self.output_mode {
+            OutputMode::SuppressAll => Mode::Replay,
+            OutputMode::Watermark(w) if offset < w.get(tp).unwrap_or(0) => Mode::Replay,
+            OutputMode::Watermark(_) => Mode::Live,
+        }
+    }
+
+    /// Applies one record; `false` if it was a duplicate below the position.
+    async fn apply_one(&mut self, record: Record) -> Result<bool> {
+        let tp = record.topic_partition();
+        if record.offset < self.position.get(&tp).unwrap_or(0) {
+            self.stats.duplicates_skipped += 1;
+            return Ok(false);
+        }
+        let mode = self.mode_for(&tp, record.offset);
+        match <S::Format as MessageFormat<S::Message>>::decode(&record) {
+            Ok(message) => {
+                let mut ctx = ApplyContext::new(&record, mode, &self.config.output, &mut self.outputs);
+                if let Err(e) = self.state.apply(message, &mut ctx).await {
+                    self.outputs.records.clear();
+                    self.bad_message(&record, &tp, mode, BadStage::Apply(Box::new(e))).await?;
+                }
+            }
+            Err(e) => self.bad_message(&record, &tp, mode, BadStage::Decode(e)).await?,
+        }
+        if let Some(e) = self.outputs.error.take() {
+            self.outputs.records.clear();
+            return Err(Error::Codec(e));
+        }
+        self.stats.outputs_suppressed += std::mem::take(&mut self.outputs.suppressed);
+        for output in self.outputs.records.drain(..) {
+            self.sink
+                .send(output)
+                .await
+                .map_err(|e| Error::backend(Component::Sink, "send output", e))?;
+            self.stats.outputs_emitted += 1;
+        }
+        self.position.advance(&tp, record.offset);
+        self.since_snapshot += 1;
+        match mode {
+            Mode::Live => {
+                self.stats.applied_live += 1;
+                self.live_since_commit += 1;
+            }
+            Mode::Replay => self.stats.applied_replay += 1,
+        }
+        Ok(true)
+    }
+
+    async fn bad_message(&mut self, record: &Record, tp: &TopicPartition, mode: Mode, stage: BadStage) -> Result<()> {
+        let topic = match &self.config.bad_messages {
+            BadMessagePolicy::Fail => {
+                return Err(match stage {
+                    BadStage::Decode(source) => Error::Decode {
+                        tp: tp.clone(),
+                        offset: record.offset,
+                        source,
+                    },
+                    BadStage::Apply(source) => Error::Apply {
+                        tp: tp.clone(),
+                        offset: record.offset,
+                        source,
+                    },
+                })
+            }
+            BadMessagePolicy::DeadLetter { topic } => topic.clone(),
+        };
+        self.stats.dead_lettered += 1;
+        if mode == Mode::Replay {
+            // Dead-lettered the first time round; the output is suppressed like any other.
+            return Ok(());
+        }
+        let reason = crate::store::error_chain(stage.as_error());
+        warn!(%tp, offset = record.offset, stage = stage.name(), %reason, dead_letter_topic = %topic, "bad message dead-lettered");
+        let mut headers = record.headers.clone();
+        headers.extend([
+            ("ms2m.error".to_string(), Bytes::from(reason)),
+            ("ms2m.stage".to_string(), Bytes::from_static(stage.name().as_bytes())),
+            ("ms2m.source.topic".to_string(), Bytes::copy_from_slice(record.topic.as_bytes())),
+            ("ms2m.source.partition".to_string(), Bytes::from(record.partition.to_string())),
+            ("ms2m.source.offset".to_string(), Bytes::from(record.offset.to_string())),
+        ]);
+        self.outputs.records.push(OutputRecord {
+            topic: topic.into(),
+            key: record.key.clone(),
+            payload: record.payload.clone().unwrap_or_default(),
+            headers,
+        });
+        Ok(())
+    }
+
+    /// Commits and snapshots when due.
+    async fn housekeeping(&mut self, idle: bool) -> Result<()> {
+        if self.live_since_commit > 0
+            && (idle || self.live_since_commit >= self.config.commit_every || self.last_commit.elapsed() >= self.config.commit_interval)
+        {
+            self.commit().await?;
+        }
+        self.reap_upload(false).await;
+        let by_count = self.config.snapshot_every.is_some_and(|n| self.since_snapshot >= n);
+        let by_time = self.since_snapshot > 0
+            && self
+                .config
+                .snapshot_interval
+                .is_some_and(|t| self.last_snapshot.elapsed() >= t);
+        if (by_count || by_time) && self.upload.is_none() {
+            self.start_snapshot().await?;
+        }
+        Ok(())
+    }
+
+    /// Commits outputs sent so far together with the position.
+    pub async fn commit(&mut self) -> Result<()> {
+        if matches!(self.output_mode, OutputMode::SuppressAll) {
+            return Ok(());
+        }
+        self.sink.commit(&self.position).await.map_err(|e| match e.kind() {
+            ErrorKind::Fenced => {
+                warn!("output sink fenced: another instance owns this service now");
+                Error::backend(Component::Sink, "commit (fenced by a newer owner)", e)
+            }
+            _ => Error::backend(Component::Sink, "commit", e),
+        })?;
+        self.live_since_commit = 0;
+        self.last_commit = Instant::now();
+        self.stats.commits += 1;
+        Ok(())
+    }
+
+    /// Serializes the state on this task and starts the upload in the background.
+    async fn start_snapshot(&mut self) -> Result<()> {
+        // Outputs up to the snapshot position must be committed first, so a
+        // snapshot never reflects messages whose outputs could still be lost.
+        self.commit().await?;
+        let started = Instant::now();
+        let state = Bytes::from(self.state.snapshot()?);
+        let pause = started.elapsed();
+        let position = self.position.clone();
+        debug!(bytes = state.len(), ?pause, %position, "snapshot serialized");
+        let store = self.store.clone();
+        let instance_id = self.config.instance_id.clone();
+        let keep = self.config.keep_snapshots;
+        self.since_snapshot = 0;
+        self.last_snapshot = Instant::now();
+        self.upload = Some(tokio::spawn(
+            async move {
+                // Checksumming and encoding run here, off the apply loop.
+                let snapshot = Snapshot::seal(S::NAME, S::SCHEMA_VERSION, position.clone(), instance_id, state);
+                let encoded = snapshot.encode()?;
+                let id = store
+                    .put(&encoded)
+                    .await
+                    .map_err(|e| Error::backend(Component::SnapshotStore, "store snapshot", e))?;
+                store::retain_newest(&*store, keep).await?;
+                Ok(CheckpointInfo {
+                    id,
+                    position,
+                    bytes: encoded.len() as u64,
+                    pause,
+                })
+            }
+            .in_current_span(),
+        ));
+        Ok(())
+    }
+
+    /// Collects a finished upload (or waits for it with `wait`).
+    async fn reap_upload(&mut self, wait: bool) -> Option<Result<CheckpointInfo>> {
+        let finished = self.upload.as_ref().is_some_and(|u| u.is_finished());
+        if !(finished || wait && self.upload.is_some()) {
+            return None;
+        }
+        let handle = self.upload.take()?;
+        let result = handle.await.unwrap_or_else(|join| {
+            Err(Error::Backend {
+                component: Component::SnapshotStore,
+                operation: "upload snapshot",
+                kind: ErrorKind::Other,
+                source: Box::new(join),
+            })
+        });
+        match &result {
+            Ok(info) => {
+                info!(snapshot = info.id, bytes = info.bytes, pause_us = info.pause.as_micros() as u64, position = %info.position, "snapshot stored");
+                self.stats.snapshots += 1;
+                self.stats.last_checkpoint = Some(info.clone());
+            }
+            Err(e) => {
+                warn!(error = %crate::store::error_chain(e), "snapshot upload failed; will retry at the next trigger");
+                self.stats.snapshot_failures += 1;
+            }
+        }
+        Some(result)
+    }
+
+    /// Takes a snapshot now and waits until it is stored (migration phase 1).
+    pub async fn checkpoint(&mut self) -> Result<CheckpointInfo> {
+        self.reap_upload(true).await;
+        self.start_snapshot().await?;
+        self.reap_upload(true).await.expect("an upload was just started")
+    }
+
+    /// Commits, takes a final snapshot and waits for it: the graceful end of
+    /// an owner. A failing final snapshot is logged, not fatal (the committed
+    /// position and older snapshots still recover everything).
+    pub async fn shutdown(&mut self) -> Result<()> {
+        self.commit().await?;
+        if self.since_snapshot > 0 {
+            if let Err(e) = self.checkpoint().await {
+                warn!(error = %crate::store::error_chain(&e), "final snapshot failed");
+            }
+        } else {
+            self.reap_upload(true).await;
+        }
+        info!(position = %self.position, "instance stopped");
+        Ok(())
+    }
+
+    /// Stops without committing or snapshotting and hands back the parts
+    /// (used when a migration hands ownership away, and in crash tests).
+    pub fn into_parts(self) -> (S, Position, Backends<L, St, O>) {
+        if let Some(upload) = self.upload {
+            upload.abort();
+        }
+        (
+            self.state,
+            self.position,
+            Backends {
+                log: self.log,
+                store: self.store,
+                sink: self.sink,
+            },
+        )
+    }
+
+    /// Drops uncommitted outputs (a source handing ownership away).
+    pub async fn abort_outputs(&mut self) -> Result<()> {
+        self.sink
+            .abort()
+            .await
+            .map_err(|e| Error::backend(Component::Sink, "abort outputs", e))
+    }
+}
+
+enum BadStage {
+    Decode(DecodeError),
+    Apply(BoxError),
+}
+
+impl BadStage {
+    fn name(&self) -> &'static str {
+        match self {
+            BadStage::Decode(_) => "decode",
+            BadStage::Apply(_) => "apply",
+        }
+    }
+
+    fn as_error(&self) -> &(dyn std::error::Error + 'static) {
+        match self {
+            BadStage::Decode(e) => e,
+            BadStage::Apply(e) => e.as_ref(),
+        }
+    }
+}
+
+/// The position reading starts at: the snapshot's, plus the configured start
+/// for partitions it does not mention. Fails if the log no longer reaches
+/// back to it (unless gaps are allowed).
+async fn start_position<L: MessageLog>(log: &mut L, from_snapshot: &Position, config: &InstanceConfig) -> Result<Position> {
+    let partitions = log
+        .partitions()
+        .await
+        .map_err(|e| Error::backend(Component::Log, "list partitions", e))?;
+    let mut position = Position::new();
+    for tp in partitions {
+        let marks = log
+            .watermarks(&tp)
+            .await
+            .map_err(|e| Error::backend(Component::Log, "read watermarks", e))?;
+        let start = match from_snapshot.get(&tp) {
+            Some(needed) if needed < marks.low => {
+                if !config.allow_log_gap {
+                    return Err(Error::LogTruncated {
+                        tp,
+                        needed,
+                        earliest: marks.low,
+                        missing: marks.low - needed,
+                    });
+                }
+                warn!(%tp, needed, earliest = marks.low, "log gap allowed: skipping deleted messages");
+                marks.low
+            }
+            Some(needed) => needed,
+            None => match config.start_from {
+                StartFrom::Earliest => marks.low,
+                StartFrom::Latest => marks.high,
+            },
+        };
+        position.set(tp, start);
+    }
+    Ok(position)
+}

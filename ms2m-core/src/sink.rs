@@ -1,0 +1,54 @@
+//! Where outputs go, and how they are committed together with the input
+//! position that produced them.
+
+use async_trait::async_trait;
+
+use crate::error::BackendError;
+use crate::position::Position;
+use crate::record::OutputRecord;
+
+/// Delivery guarantee of an [`OutputSink`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Delivery {
+    /// Outputs and the input position commit atomically (Kafka transactions):
+    /// after any crash, every output is visible exactly once.
+    ExactlyOnce,
+    /// Outputs are flushed, then the position is committed: a crash between
+    /// the two re-emits the outputs of the last uncommitted batch (at most
+    /// `commit_every` messages' worth).
+    AtLeastOnce,
+}
+
+/// A destination for outputs that commits them with the input position.
+///
+/// The committed position is the *output watermark*: on recovery, messages
+/// below it are replayed with outputs suppressed, messages at or above it
+/// are processed live.
+#[async_trait]
+pub trait OutputSink: Send + 'static {
+    /// The backend's error. Report a takeover by another owner as
+    /// [`ErrorKind::Fenced`](crate::ErrorKind::Fenced).
+    type Error: BackendError;
+
+    /// The guarantee this sink gives.
+    fn delivery(&self) -> Delivery;
+
+    /// Takes exclusive ownership of the output stream: once this returns,
+    /// any sink that claimed it earlier fails to commit with a `Fenced`
+    /// error (Kafka: `init_transactions` bumps the producer epoch).
+    async fn claim(&mut self) -> Result<(), Self::Error>;
+
+    /// Queues one output; it becomes visible at the next `commit`.
+    async fn send(&mut self, output: OutputRecord) -> Result<(), Self::Error>;
+
+    /// Makes every output sent so far visible, together with `position` (the
+    /// input position that produced them) as the new output watermark.
+    async fn commit(&mut self, position: &Position) -> Result<(), Self::Error>;
+
+    /// Drops outputs sent since the last commit (used when handing back
+    /// ownership after a failed cutover).
+    async fn abort(&mut self) -> Result<(), Self::Error>;
+
+    /// The last committed position, `None` if nothing was ever committed.
+    async fn committed(&mut self) -> Result<Option<Position>, Self::Error>;
+}

@@ -1,0 +1,1 @@
+//! Kafka backends for ms2m (skeleton).
