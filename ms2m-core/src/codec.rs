@@ -187,10 +187,16 @@ mod tests {
         let m: (String, i32) = Json::decode(&rec).unwrap();
         assert_eq!(m, ("a".to_string(), 1));
         let bad = Record::new("t", 0, 0, &b"{nope"[..]);
-        assert!(matches!(<Json as MessageFormat<(String, i32)>>::decode(&bad), Err(DecodeError::Json(_))));
+        assert!(matches!(
+            <Json as MessageFormat<(String, i32)>>::decode(&bad),
+            Err(DecodeError::Json(_))
+        ));
         let mut tomb = rec.clone();
         tomb.payload = None;
-        assert!(matches!(<Json as MessageFormat<(String, i32)>>::decode(&tomb), Err(DecodeError::MissingPayload)));
+        assert!(matches!(
+            <Json as MessageFormat<(String, i32)>>::decode(&tomb),
+            Err(DecodeError::MissingPayload)
+        ));
         let b = Record::new("t", 0, 0, encode(&7u64).unwrap());
         assert_eq!(<Bincode as MessageFormat<u64>>::decode(&b).unwrap(), 7);
     }

@@ -135,7 +135,9 @@ pub enum Error {
     /// The log's earliest offset is above the position recovery must start
     /// from: messages were deleted (retention) and the state cannot be
     /// rebuilt without loss.
-    #[error("log {tp} starts at offset {earliest} but recovery needs offset {needed}: {missing} messages were deleted")]
+    #[error(
+        "log {tp} starts at offset {earliest} but recovery needs offset {needed}: {missing} messages were deleted"
+    )]
     LogTruncated {
         /// The partition.
         tp: TopicPartition,

@@ -72,12 +72,7 @@
 //! * [`runtime`]: the instance runtime and recovery.
 //! * [`migration`]: live migration.
 
-#![warn(
-    missing_docs,
-    missing_debug_implementations,
-    rust_2018_idioms,
-    unreachable_pub
-)]
+#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
 #![forbid(unsafe_code)]
 
 pub mod codec;

@@ -86,9 +86,7 @@ impl Position {
     /// Whether this position is at or beyond `other` on every partition
     /// `other` names (absent partitions count as offset 0).
     pub fn reaches(&self, other: &Position) -> bool {
-        other
-            .iter()
-            .all(|(tp, o)| self.get(tp).unwrap_or(0) >= o)
+        other.iter().all(|(tp, o)| self.get(tp).unwrap_or(0) >= o)
     }
 
     /// Messages between this position and `ahead`, summed over partitions

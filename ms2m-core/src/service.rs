@@ -90,7 +90,12 @@ pub struct ApplyContext<'a> {
 }
 
 impl<'a> ApplyContext<'a> {
-    pub(crate) fn new(record: &'a Record, mode: Mode, settings: &'a OutputSettings, outputs: &'a mut OutputBuffer) -> Self {
+    pub(crate) fn new(
+        record: &'a Record,
+        mode: Mode,
+        settings: &'a OutputSettings,
+        outputs: &'a mut OutputBuffer,
+    ) -> Self {
         Self {
             record,
             mode,

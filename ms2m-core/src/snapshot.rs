@@ -292,7 +292,10 @@ mod tests {
         let back = Snapshot::decode(enc.to_bytes()).unwrap();
         assert_eq!(back, snap);
         back.check_service("svc").unwrap();
-        assert!(matches!(back.check_service("other"), Err(SnapshotError::WrongService { .. })));
+        assert!(matches!(
+            back.check_service("other"),
+            Err(SnapshotError::WrongService { .. })
+        ));
     }
 
     #[test]

@@ -161,7 +161,11 @@ where
     /// Recovers an instance: newest valid snapshot (or the configured start),
     /// seek, claim the sink, replay to the output watermark. Progress of the
     /// replay goes to `listener`. Returns an instance ready to [`run`](Self::run).
-    pub async fn recover(backends: Backends<L, St, O>, config: InstanceConfig, listener: &dyn ProgressListener) -> Result<Self> {
+    pub async fn recover(
+        backends: Backends<L, St, O>,
+        config: InstanceConfig,
+        listener: &dyn ProgressListener,
+    ) -> Result<Self> {
         let span = info_span!("recover", service = S::NAME, instance = %config.instance_id);
         async move {
             let (loaded, rejected) = store::load_newest_valid::<S, St>(&backends.store, S::NAME).await?;
@@ -178,7 +182,9 @@ where
                 .unwrap_or_default();
             info!(position = %instance.position, watermark = %watermark, "restored; replaying to the output watermark");
             instance.output_mode = OutputMode::Watermark(watermark.clone());
-            instance.replay_to(&watermark, ProgressPhase::Recovery, listener).await?;
+            instance
+                .replay_to(&watermark, ProgressPhase::Recovery, listener)
+                .await?;
             info!(position = %instance.position, "recovered; going live");
             Ok(instance)
         }
@@ -189,7 +195,11 @@ where
     /// Builds an instance from a loaded snapshot (or a fresh state) and seeks
     /// the log, without claiming the sink: outputs stay suppressed until
     /// [`go_live`](Self::go_live). This is how a migration target starts.
-    pub async fn restore(backends: Backends<L, St, O>, config: InstanceConfig, loaded: Option<LoadedSnapshot<S>>) -> Result<Self> {
+    pub async fn restore(
+        backends: Backends<L, St, O>,
+        config: InstanceConfig,
+        loaded: Option<LoadedSnapshot<S>>,
+    ) -> Result<Self> {
         let Backends { mut log, store, sink } = backends;
         let (state, snapshot_position) = match loaded {
             Some(l) => {
@@ -335,7 +345,12 @@ where
 
     /// Applies every available message until the position reaches `target`
     /// (on every partition it names), reporting progress.
-    pub async fn replay_to(&mut self, target: &Position, phase: ProgressPhase, listener: &dyn ProgressListener) -> Result<u64> {
+    pub async fn replay_to(
+        &mut self,
+        target: &Position,
+        phase: ProgressPhase,
+        listener: &dyn ProgressListener,
+    ) -> Result<u64> {
         let mut total = 0u64;
         let mut meter = RateMeter::default();
         let mut window = (Instant::now(), 0u64);
@@ -390,7 +405,8 @@ where
                 let mut ctx = ApplyContext::new(&record, mode, &self.config.output, &mut self.outputs);
                 if let Err(e) = self.state.apply(message, &mut ctx).await {
                     self.outputs.records.clear();
-                    self.bad_message(&record, &tp, mode, BadStage::Apply(Box::new(e))).await?;
+                    self.bad_message(&record, &tp, mode, BadStage::Apply(Box::new(e)))
+                        .await?;
                 }
             }
             Err(e) => self.bad_message(&record, &tp, mode, BadStage::Decode(e)).await?,
@@ -448,8 +464,14 @@ where
         headers.extend([
             ("ms2m.error".to_string(), Bytes::from(reason)),
             ("ms2m.stage".to_string(), Bytes::from_static(stage.name().as_bytes())),
-            ("ms2m.source.topic".to_string(), Bytes::copy_from_slice(record.topic.as_bytes())),
-            ("ms2m.source.partition".to_string(), Bytes::from(record.partition.to_string())),
+            (
+                "ms2m.source.topic".to_string(),
+                Bytes::copy_from_slice(record.topic.as_bytes()),
+            ),
+            (
+                "ms2m.source.partition".to_string(),
+                Bytes::from(record.partition.to_string()),
+            ),
             ("ms2m.source.offset".to_string(), Bytes::from(record.offset.to_string())),
         ]);
         self.outputs.records.push(OutputRecord {
@@ -464,7 +486,9 @@ where
     /// Commits and snapshots when due.
     async fn housekeeping(&mut self, idle: bool) -> Result<()> {
         if self.live_since_commit > 0
-            && (idle || self.live_since_commit >= self.config.commit_every || self.last_commit.elapsed() >= self.config.commit_interval)
+            && (idle
+                || self.live_since_commit >= self.config.commit_every
+                || self.last_commit.elapsed() >= self.config.commit_interval)
         {
             self.commit().await?;
         }
@@ -638,7 +662,11 @@ impl BadStage {
 /// The position reading starts at: the snapshot's, plus the configured start
 /// for partitions it does not mention. Fails if the log no longer reaches
 /// back to it (unless gaps are allowed).
-async fn start_position<L: MessageLog>(log: &mut L, from_snapshot: &Position, config: &InstanceConfig) -> Result<Position> {
+async fn start_position<L: MessageLog>(
+    log: &mut L,
+    from_snapshot: &Position,
+    config: &InstanceConfig,
+) -> Result<Position> {
     let partitions = log
         .partitions()
         .await

@@ -65,7 +65,11 @@ impl RateMeter {
         let secs = elapsed.as_secs_f64();
         if secs > 0.0 {
             let sample = count as f64 / secs;
-            self.rate = if self.primed { 0.7 * self.rate + 0.3 * sample } else { sample };
+            self.rate = if self.primed {
+                0.7 * self.rate + 0.3 * sample
+            } else {
+                sample
+            };
             self.primed = true;
         }
         self.rate
