@@ -25,8 +25,20 @@ pub enum CodecId {
 /// The codec this build writes.
 pub const CURRENT_CODEC: CodecId = CodecId::Bincode2;
 
-fn config() -> bincode::config::Configuration {
-    bincode::config::standard()
+/// The largest encoded value the codec decodes (4 GiB). bincode allocates a
+/// container's claimed length before reading it, so without a bound a
+/// corrupt length prefix could request petabytes; with it, such input is a
+/// [`CodecError::Decode`] (`LimitExceeded`).
+pub const DECODE_LIMIT: usize = 1 << 32;
+
+type Config = bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<DECODE_LIMIT>,
+>;
+
+fn config() -> Config {
+    bincode::config::standard().with_limit::<DECODE_LIMIT>()
 }
 
 /// Encoding or decoding with the binary codec failed.

@@ -46,6 +46,8 @@ pub enum ControlBody {
     /// Coordinator → source: a migration to `target` starts; take a
     /// checkpoint and keep serving.
     Prepare {
+        /// Instance id of the source.
+        source: String,
         /// Instance id of the target.
         target: String,
     },
@@ -60,10 +62,11 @@ pub enum ControlBody {
         /// How long input was paused to serialize it.
         pause_us: u64,
     },
-    /// Coordinator → target: fetch and restore this snapshot, then replay.
+    /// Coordinator → target: fetch and restore this snapshot (or start from
+    /// an empty state: the cold-start baseline), then replay.
     Restore {
-        /// Snapshot to restore.
-        snapshot_id: SnapshotId,
+        /// Snapshot to restore; `None` for a cold start.
+        snapshot_id: Option<SnapshotId>,
     },
     /// Target → coordinator: restored; replay is starting.
     Restored {
@@ -113,25 +116,37 @@ pub enum ControlBody {
         /// The owner epoch the target takes.
         epoch: u64,
     },
-    /// Target → coordinator: live at `position`.
+    /// Target → coordinator: live at `position`; `owner` now owns the service.
     Live {
+        /// Instance id of the new owner.
+        owner: String,
+        /// The owner epoch it holds.
+        epoch: u64,
         /// Position it went live at.
         position: Position,
         /// Its digest at that position.
         digest: StateDigest,
         /// Whether it matched the source's.
         digest_match: bool,
+        /// Messages applied in replay mode since the restore.
+        replayed: u64,
+        /// Of those, messages replayed after the source stopped (the final gap).
+        final_gap: u64,
     },
     /// Target → coordinator: could not go live.
     CutoverFailed {
         /// Why.
         reason: String,
+        /// `(source, target)` digests, when the failure is a digest mismatch.
+        digest_mismatch: Option<(StateDigest, StateDigest)>,
     },
     /// Coordinator → source: migration done; release ownership and shut down.
     Release,
     /// Coordinator → source: migration failed after the stop; resume as the
     /// owner at the position you stopped at.
     Resume {
+        /// Instance id of the source, which owns the service again.
+        owner: String,
         /// The owner epoch the source resumes with.
         epoch: u64,
     },
@@ -173,6 +188,10 @@ pub trait ControlChannel: Send + Sync + 'static {
     /// A reader that sees every message published from now on, or, with
     /// `from_start`, every message still retained.
     async fn reader(&self, from_start: bool) -> Result<Self::Reader, Self::Error>;
+
+    /// Every retained message, up to the end of the channel at the time of
+    /// the call (a restarted coordinator's view of the past).
+    async fn history(&self) -> Result<Vec<ControlMessage>, Self::Error>;
 }
 
 /// Reads a [`ControlChannel`] in order.

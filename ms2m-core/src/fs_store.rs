@@ -127,7 +127,7 @@ impl SnapshotStore for FsSnapshotStore {
     }
 
     async fn list(&self) -> Result<Vec<SnapshotId>, FsStoreError> {
-        self.blocking(|dir| Self::list_sync(dir)).await
+        self.blocking(Self::list_sync).await
     }
 
     async fn get(&self, id: SnapshotId) -> Result<Bytes, FsStoreError> {

@@ -92,6 +92,8 @@ pub mod sink;
 pub mod snapshot;
 pub mod state;
 pub mod store;
+#[cfg(any(test, feature = "test"))]
+pub mod testkit;
 
 pub use control::{ControlBody, ControlChannel, ControlMessage, ControlReader, Role};
 pub use digest::{Digester, StateDigest};

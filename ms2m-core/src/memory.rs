@@ -213,8 +213,9 @@ impl MessageLog for MemoryLogReader {
 
     async fn poll(&mut self, max: usize, timeout: Duration) -> Result<Vec<Record>, MemoryError> {
         let deadline = tokio::time::Instant::now() + timeout;
+        let shared = self.log.shared.clone();
         loop {
-            let notified = self.log.shared.appended.notified();
+            let notified = shared.appended.notified();
             let out = self.take_available(max);
             if !out.is_empty() {
                 return Ok(out);
@@ -406,10 +407,30 @@ impl OutputSink for MemorySink {
     }
 }
 
-#[derive(Debug, Default)]
+/// What a [`MemoryControl`] fault hook does with a message being published.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PublishFault {
+    /// Publish normally.
+    Pass,
+    /// Fail the publish with `Unavailable` (the publisher dies or gives up).
+    Fail,
+    /// Never return (the publisher hangs, e.g. until its task is aborted).
+    Hang,
+}
+
+type FaultHook = Box<dyn Fn(&ControlMessage) -> PublishFault + Send + Sync>;
+
+#[derive(Default)]
 struct ControlShared {
     messages: Mutex<Vec<ControlMessage>>,
     published: Notify,
+    fault: Mutex<Option<FaultHook>>,
+}
+
+impl std::fmt::Debug for ControlShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlShared").finish_non_exhaustive()
+    }
 }
 
 /// An in-memory [`ControlChannel`]. Clone to share.
@@ -428,6 +449,12 @@ impl MemoryControl {
     pub fn history(&self) -> Vec<ControlMessage> {
         lock(&self.shared.messages).clone()
     }
+
+    /// Installs a fault hook consulted on every publish (crash injection at
+    /// an exact protocol step).
+    pub fn set_fault(&self, hook: impl Fn(&ControlMessage) -> PublishFault + Send + Sync + 'static) {
+        *lock(&self.shared.fault) = Some(Box::new(hook));
+    }
 }
 
 /// Reader of a [`MemoryControl`].
@@ -443,9 +470,19 @@ impl ControlChannel for MemoryControl {
     type Reader = MemoryControlReader;
 
     async fn publish(&self, message: &ControlMessage) -> Result<(), MemoryError> {
+        let fault = lock(&self.shared.fault).as_ref().map_or(PublishFault::Pass, |f| f(message));
+        match fault {
+            PublishFault::Pass => {}
+            PublishFault::Fail => return Err(MemoryError::Unavailable),
+            PublishFault::Hang => std::future::pending::<()>().await,
+        }
         lock(&self.shared.messages).push(message.clone());
         self.shared.published.notify_waiters();
         Ok(())
+    }
+
+    async fn history(&self) -> Result<Vec<ControlMessage>, MemoryError> {
+        Ok(self.history())
     }
 
     async fn reader(&self, from_start: bool) -> Result<MemoryControlReader, MemoryError> {

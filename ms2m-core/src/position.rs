@@ -38,8 +38,40 @@ impl fmt::Display for TopicPartition {
 /// A partition that is absent is at the start of its log (see
 /// [`StartFrom`](crate::StartFrom)).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "Vec<PositionEntry>", into = "Vec<PositionEntry>")]
 pub struct Position {
     offsets: BTreeMap<TopicPartition, i64>,
+}
+
+/// How a position is serialized: a list, so that JSON (whose map keys must
+/// be strings) can carry it on the control channel and in reports.
+#[derive(Serialize, Deserialize)]
+struct PositionEntry {
+    topic: Arc<str>,
+    partition: i32,
+    offset: i64,
+}
+
+impl From<Vec<PositionEntry>> for Position {
+    fn from(entries: Vec<PositionEntry>) -> Self {
+        entries
+            .into_iter()
+            .map(|e| (TopicPartition::new(e.topic, e.partition), e.offset))
+            .collect()
+    }
+}
+
+impl From<Position> for Vec<PositionEntry> {
+    fn from(p: Position) -> Self {
+        p.offsets
+            .into_iter()
+            .map(|(tp, offset)| PositionEntry {
+                topic: tp.topic,
+                partition: tp.partition,
+                offset,
+            })
+            .collect()
+    }
 }
 
 impl Position {
@@ -128,6 +160,17 @@ impl FromIterator<(TopicPartition, i64)> for Position {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn serializes_as_json_and_bincode() {
+        let p: Position = [(TopicPartition::new("t", 0), 10), (TopicPartition::new("u", 3), 4)]
+            .into_iter()
+            .collect();
+        let json = serde_json::to_string(&p).unwrap();
+        assert_eq!(serde_json::from_str::<Position>(&json).unwrap(), p);
+        let bin = crate::codec::encode(&p).unwrap();
+        assert_eq!(crate::codec::decode::<Position>(&bin).unwrap(), p);
+    }
 
     #[test]
     fn advance_never_moves_backwards() {

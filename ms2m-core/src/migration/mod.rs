@@ -1,7 +1,55 @@
 //! Live migration (MS2M): moving a running service to another instance while
 //! the source keeps serving.
+//!
+//! # Protocol
+//!
+//! Three parties talk over a [`ControlChannel`](crate::ControlChannel): the
+//! [`Coordinator`] (the paper's migration manager; runs anywhere), the
+//! source (an owner running [`run_source`]) and the target (a standby
+//! running [`run_target`]).
+//!
+//! | phase | source | target |
+//! |---|---|---|
+//! | 1 checkpoint | snapshot at P0 (pause = serialization only), keeps serving | — |
+//! | 2 transfer | keeps serving | fetches the snapshot |
+//! | 3 restore | keeps serving | verifies and restores it |
+//! | 4 replay | keeps serving, publishes its position | applies from P0 with outputs suppressed, never past the source |
+//! | 5 cutover | stops at a message boundary Pf, commits, publishes Pf + digest | replays to Pf, compares digests, claims the sink, goes live |
+//!
+//! Kafka's log is the replay buffer: the snapshot's position says exactly
+//! where replay starts and Pf exactly where it ends, so no message is applied
+//! twice or skipped, whatever rule triggers the cutover.
+//!
+//! # Failures
+//!
+//! * Before the source stops: the migration is aborted; the source never noticed.
+//! * After the stop, before the target is live: the source is told to
+//!   resume at Pf and re-claims the sink (fencing a late target).
+//! * Every coordinator decision is a message on the control channel, so a
+//!   restarted coordinator can read the history and finish or roll back
+//!   ([`Coordinator::recover`]).
+//! * Ownership: [`current_owner`] reads the channel; an instance that is not
+//!   the owner must not start ([`ensure_owner`]). With an exactly-once sink
+//!   the target's claim also fences the source's producer.
 
+mod coordinator;
+mod source;
+mod target;
+#[cfg(test)]
+mod tests;
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use coordinator::{Coordinator, MigrationPlan, Recovered};
+pub use source::{run_source, SourceExit, SourceOptions};
+pub use target::{run_target, TargetOptions};
+
+use crate::control::{ControlBody, ControlChannel, ControlReader};
 use crate::digest::StateDigest;
+use crate::error::{Component, Error};
+use crate::position::Position;
 
 /// A migration failed.
 #[derive(Debug, thiserror::Error)]
@@ -9,7 +57,7 @@ use crate::digest::StateDigest;
 pub enum MigrationError {
     /// Source and target disagree on the state at the cutover position:
     /// `apply` is not deterministic.
-    #[error("state digests differ at cutover: source {source_digest}, target {target_digest}")]
+    #[error("state digests differ at cutover: source {source_digest}, target {target_digest} (is apply deterministic?)")]
     DigestMismatch {
         /// Source's digest.
         source_digest: StateDigest,
@@ -22,10 +70,272 @@ pub enum MigrationError {
         /// What was awaited.
         waiting_for: &'static str,
     },
-    /// A participant reported failure.
+    /// A participant reported failure, or the migration was abandoned.
     #[error("migration aborted: {reason}")]
     Aborted {
         /// Why.
         reason: String,
     },
+}
+
+/// Which migration procedure to run. The baselines exist for comparison.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Strategy {
+    /// MS2M: checkpoint, restore and replay while the source serves; cut over
+    /// when the target is close (`max_lag` or the catch-up estimate).
+    Ms2m,
+    /// MS2M with the ICIN 2025 threshold cutoff: also cut over after
+    /// `T_cutoff = T_replay_max · mu / lambda` of replay, bounding total time
+    /// when the input outruns replay.
+    Ms2mThreshold,
+    /// Baseline: stop the source, snapshot, transfer, restore, go live.
+    StopAndCopy,
+    /// Baseline: stop the source, rebuild the target from the whole log.
+    ColdStart,
+}
+
+impl std::fmt::Display for Strategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Strategy::Ms2m => "MS2M",
+            Strategy::Ms2mThreshold => "MS2M + threshold cutoff",
+            Strategy::StopAndCopy => "stop-and-copy",
+            Strategy::ColdStart => "cold start",
+        })
+    }
+}
+
+/// What to do when the digests differ at cutover.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DigestPolicy {
+    /// Do not go live; hand ownership back to the source (default).
+    #[default]
+    Abort,
+    /// Log a warning and go live anyway.
+    Warn,
+}
+
+/// When the coordinator stops the source (MS2M strategies).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CutoverRule {
+    /// Cut over when the target is at most this many messages behind
+    /// (`None`: rule disabled).
+    pub max_lag: Option<u64>,
+    /// Cut over when the estimated catch-up time `lag / (mu - lambda)` is at most this.
+    pub max_catch_up: Option<Duration>,
+    /// `T_replay_max` of the threshold cutoff (used by [`Strategy::Ms2mThreshold`]).
+    pub replay_max: Duration,
+}
+
+impl Default for CutoverRule {
+    fn default() -> Self {
+        Self {
+            max_lag: Some(100),
+            max_catch_up: Some(Duration::from_millis(50)),
+            replay_max: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Which cutover rule fired.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum CutoverReason {
+    /// The target's lag was at most `max_lag`.
+    MaxLag {
+        /// Lag when it fired.
+        lag: u64,
+    },
+    /// The catch-up estimate was within bound.
+    CatchUpEstimate {
+        /// Estimated seconds to catch up.
+        seconds: f64,
+    },
+    /// The threshold cutoff elapsed.
+    ThresholdCutoff {
+        /// `T_cutoff` in seconds.
+        cutoff_seconds: f64,
+    },
+    /// Baselines stop the source first.
+    StopFirst,
+}
+
+/// Tuning shared by the coordinator and the agents.
+#[derive(Clone, Debug)]
+pub struct MigrationConfig {
+    /// When to cut over.
+    pub cutover: CutoverRule,
+    /// What to do on a digest mismatch.
+    pub digest_policy: DigestPolicy,
+    /// How long to wait for any one answer before giving up.
+    pub phase_timeout: Duration,
+}
+
+impl Default for MigrationConfig {
+    fn default() -> Self {
+        Self {
+            cutover: CutoverRule::default(),
+            digest_policy: DigestPolicy::Abort,
+            phase_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Everything measured about one migration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrationReport {
+    /// The procedure.
+    pub strategy: Strategy,
+    /// Service migrated.
+    pub service: String,
+    /// Migration id.
+    pub migration_id: String,
+    /// Source instance.
+    pub source: String,
+    /// Target instance.
+    pub target: String,
+    /// Time during which no instance processed new input: from the stop
+    /// request to the target being live.
+    pub downtime_ms: f64,
+    /// From the request to the target being live.
+    pub total_ms: f64,
+    /// Phase 1: checkpoint taken and stored.
+    pub checkpoint_ms: f64,
+    /// Phase 2: target fetched the snapshot.
+    pub transfer_ms: f64,
+    /// Phase 3: target verified and restored it.
+    pub restore_ms: f64,
+    /// Phase 4: replay while the source served.
+    pub replay_ms: f64,
+    /// Phase 5: stop to live (equals the downtime).
+    pub cutover_ms: f64,
+    /// Encoded snapshot size.
+    pub snapshot_bytes: u64,
+    /// How long the source paused to serialize its state.
+    pub snapshot_pause_ms: f64,
+    /// Messages the target applied in replay mode.
+    pub messages_replayed: u64,
+    /// Of those, messages replayed after the source stopped.
+    pub final_gap: u64,
+    /// Target's lag when the cutover fired.
+    pub lag_at_cutover: u64,
+    /// Which rule fired.
+    pub cutover_reason: CutoverReason,
+    /// Position the snapshot was taken at.
+    pub p0: Position,
+    /// Position of the handover.
+    pub pf: Position,
+    /// Source's digest at Pf.
+    pub source_digest: StateDigest,
+    /// Target's digest at Pf.
+    pub target_digest: StateDigest,
+    /// Whether they matched.
+    pub digest_match: bool,
+}
+
+/// The current owner of a service, as recorded on the control channel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    /// Instance id.
+    pub instance_id: String,
+    /// Owner epoch (increases with every handover).
+    pub epoch: u64,
+}
+
+/// The retained control history of `service`.
+pub async fn read_history<C: ControlChannel>(control: &C, service: &str) -> Result<Vec<crate::ControlMessage>, Error> {
+    let all = control
+        .history()
+        .await
+        .map_err(|e| Error::backend(Component::Control, "read history", e))?;
+    Ok(all.into_iter().filter(|m| m.service == service).collect())
+}
+
+/// The owner recorded by the latest handover (`Live`) or rollback (`Resume`).
+pub async fn current_owner<C: ControlChannel>(control: &C, service: &str) -> Result<Option<Owner>, Error> {
+    let history = read_history(control, service).await?;
+    Ok(owner_from(&history))
+}
+
+pub(crate) fn owner_from(history: &[crate::ControlMessage]) -> Option<Owner> {
+    history.iter().rev().find_map(|m| match &m.body {
+        ControlBody::Live { owner, epoch, .. } | ControlBody::Resume { owner, epoch } => Some(Owner {
+            instance_id: owner.clone(),
+            epoch: *epoch,
+        }),
+        _ => None,
+    })
+}
+
+/// Fails with [`Error::Fenced`] if the control channel names another owner:
+/// call before recovering an instance that takes part in migrations, so a
+/// source that wakes up after a handover refuses to run.
+pub async fn ensure_owner<C: ControlChannel>(control: &C, service: &str, instance_id: &str) -> Result<(), Error> {
+    match current_owner(control, service).await? {
+        Some(owner) if owner.instance_id != instance_id => Err(Error::Fenced {
+            current_epoch: owner.epoch,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Shared plumbing: forwards control messages for one service from a reader
+/// task to an mpsc channel, so agents can check for commands between steps
+/// without cancelling reads.
+pub(crate) async fn forward_control<C: ControlChannel>(
+    control: &C,
+    service: &'static str,
+) -> Result<tokio::sync::mpsc::Receiver<crate::ControlMessage>, Error> {
+    let mut reader = control
+        .reader(false)
+        .await
+        .map_err(|e| Error::backend(Component::Control, "open reader", e))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    tokio::spawn(async move {
+        loop {
+            match reader.next(Duration::from_millis(200)).await {
+                Ok(Some(m)) if m.service == service => {
+                    if tx.send(m).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) if tx.is_closed() => return,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %crate::store::error_chain(&e), "control channel read failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if tx.is_closed() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    Ok(rx)
+}
+
+pub(crate) fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+pub(crate) fn message(
+    service: &str,
+    migration_id: &str,
+    from: crate::Role,
+    body: ControlBody,
+) -> crate::ControlMessage {
+    crate::ControlMessage {
+        service: service.to_string(),
+        migration_id: migration_id.to_string(),
+        from,
+        sent_at_ms: crate::snapshot::now_ms(),
+        body,
+    }
+}
+
+pub(crate) async fn publish<C: ControlChannel>(control: &C, m: &crate::ControlMessage) -> Result<(), Error> {
+    tracing::debug!(migration = %m.migration_id, from = ?m.from, body = ?m.body, "control message");
+    control
+        .publish(m)
+        .await
+        .map_err(|e| Error::backend(Component::Control, "publish", e))
 }

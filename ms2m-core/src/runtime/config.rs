@@ -79,6 +79,11 @@ impl InstanceConfig {
         &self.instance_id
     }
 
+    /// The longest wait for input (and for a shutdown request to be noticed).
+    pub fn poll_timeout(&self) -> Duration {
+        self.poll_timeout
+    }
+
     /// Snapshot after this many applied messages (`None`: never by count).
     pub fn snapshot_every(mut self, messages: Option<u64>) -> Self {
         self.snapshot_every = messages.filter(|n| *n > 0);

@@ -16,6 +16,8 @@
 
 mod config;
 mod progress;
+#[cfg(test)]
+mod tests;
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -251,6 +253,18 @@ where
         self.ceiling = None;
     }
 
+    /// Goes live if the instance is still a standby (outputs suppressed).
+    pub fn go_live_if_standby(&mut self) {
+        if matches!(self.output_mode, OutputMode::SuppressAll) {
+            self.go_live();
+        }
+    }
+
+    /// Whether outputs are being emitted (false for a standby).
+    pub fn is_live(&self) -> bool {
+        !matches!(self.output_mode, OutputMode::SuppressAll)
+    }
+
     /// Limits how far a standby instance may apply (exclusive), or lifts the limit.
     pub fn set_ceiling(&mut self, ceiling: Option<Position>) {
         self.ceiling = ceiling;
@@ -293,9 +307,7 @@ where
         let span = info_span!("run", service = S::NAME, instance = %self.config.instance_id);
         async move {
             let mut shutdown = std::pin::pin!(shutdown);
-            if matches!(self.output_mode, OutputMode::SuppressAll) {
-                self.go_live();
-            }
+            self.go_live_if_standby();
             loop {
                 if shutdown.as_mut().now_or_never().is_some() {
                     break;
@@ -308,38 +320,61 @@ where
         .await
     }
 
-    /// Polls once (if nothing is pending) and applies what is available,
-    /// then commits and snapshots if due. Returns the number applied.
-    /// Never cancels half-way: safe to call in a loop that checks other events.
+    /// Applies what is pending, or polls once when nothing pending can be
+    /// applied, then commits and snapshots if due. Returns the number
+    /// applied. Never cancels half-way: safe to call in a loop that checks
+    /// other events.
     pub async fn step(&mut self) -> Result<usize> {
-        if self.pending.is_empty() {
+        self.step_with_timeout(self.config.poll_timeout).await
+    }
+
+    /// [`step`](Self::step) with a different longest wait for input.
+    pub async fn step_with_timeout(&mut self, timeout: Duration) -> Result<usize> {
+        let mut applied = self.apply_pending().await?;
+        if applied == 0 {
             let batch = self
                 .log
-                .poll(self.config.poll_batch, self.config.poll_timeout)
+                .poll(self.config.poll_batch, timeout)
                 .await
                 .map_err(|e| Error::backend(Component::Log, "poll", e))?;
             self.pending.extend(batch);
+            applied = self.apply_pending().await?;
         }
-        let applied = self.apply_pending().await?;
         self.housekeeping(applied == 0).await?;
         Ok(applied)
     }
 
-    /// Applies pending records up to the ceiling.
+    /// Applies pending records below the ceiling. A record at or above the
+    /// ceiling is held, and so is every later record of its partition (order
+    /// within a partition is kept); other partitions go on.
     async fn apply_pending(&mut self) -> Result<usize> {
         let mut applied = 0;
-        while let Some(record) = self.pending.front() {
+        let mut held = VecDeque::new();
+        let mut blocked: Vec<TopicPartition> = Vec::new();
+        while let Some(record) = self.pending.pop_front() {
             if let Some(ceiling) = &self.ceiling {
                 let tp = record.topic_partition();
-                if record.offset >= ceiling.get(&tp).unwrap_or(0) {
-                    break;
+                if blocked.contains(&tp) || record.offset >= ceiling.get(&tp).unwrap_or(0) {
+                    if !blocked.contains(&tp) {
+                        blocked.push(tp);
+                    }
+                    held.push_back(record);
+                    continue;
                 }
             }
-            let record = self.pending.pop_front().expect("front exists");
-            if self.apply_one(record).await? {
-                applied += 1;
+            match self.apply_one(&record).await {
+                Ok(true) => applied += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    // Keep the failed record: the position stays before it.
+                    held.push_back(record);
+                    held.extend(self.pending.drain(..));
+                    self.pending = held;
+                    return Err(e);
+                }
             }
         }
+        self.pending = held;
         Ok(applied)
     }
 
@@ -393,23 +428,23 @@ where
     }
 
     /// Applies one record; `false` if it was a duplicate below the position.
-    async fn apply_one(&mut self, record: Record) -> Result<bool> {
+    async fn apply_one(&mut self, record: &Record) -> Result<bool> {
         let tp = record.topic_partition();
         if record.offset < self.position.get(&tp).unwrap_or(0) {
             self.stats.duplicates_skipped += 1;
             return Ok(false);
         }
         let mode = self.mode_for(&tp, record.offset);
-        match <S::Format as MessageFormat<S::Message>>::decode(&record) {
+        match <S::Format as MessageFormat<S::Message>>::decode(record) {
             Ok(message) => {
-                let mut ctx = ApplyContext::new(&record, mode, &self.config.output, &mut self.outputs);
+                let mut ctx = ApplyContext::new(record, mode, &self.config.output, &mut self.outputs);
                 if let Err(e) = self.state.apply(message, &mut ctx).await {
                     self.outputs.records.clear();
-                    self.bad_message(&record, &tp, mode, BadStage::Apply(Box::new(e)))
+                    self.bad_message(record, &tp, mode, BadStage::Apply(Box::new(e)))
                         .await?;
                 }
             }
-            Err(e) => self.bad_message(&record, &tp, mode, BadStage::Decode(e)).await?,
+            Err(e) => self.bad_message(record, &tp, mode, BadStage::Decode(e)).await?,
         }
         if let Some(e) = self.outputs.error.take() {
             self.outputs.records.clear();
@@ -505,9 +540,11 @@ where
         Ok(())
     }
 
-    /// Commits outputs sent so far together with the position.
+    /// Commits outputs sent so far together with the position. A no-op
+    /// when nothing was applied live since the last commit: committing a
+    /// replay position would move the output watermark backwards.
     pub async fn commit(&mut self) -> Result<()> {
-        if matches!(self.output_mode, OutputMode::SuppressAll) {
+        if self.live_since_commit == 0 {
             return Ok(());
         }
         self.sink.commit(&self.position).await.map_err(|e| match e.kind() {

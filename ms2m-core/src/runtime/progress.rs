@@ -12,6 +12,10 @@ use serde::{Deserialize, Serialize};
 pub enum ProgressPhase {
     /// A fresh instance replaying from its snapshot to the output watermark.
     Recovery,
+    /// Migration phase 1: the source is taking its checkpoint.
+    Checkpoint,
+    /// Migration phases 2–3: the target fetches and restores the snapshot.
+    Restore,
     /// A migration target replaying behind the live source.
     MigrationReplay,
     /// A migration target replaying the final gap to the cutover position.
@@ -81,5 +85,9 @@ impl RateMeter {
 }
 
 pub(crate) fn eta(remaining: u64, rate: f64) -> Option<Duration> {
-    (rate > 0.0).then(|| Duration::from_secs_f64(remaining as f64 / rate))
+    if rate > 0.0 {
+        Duration::try_from_secs_f64(remaining as f64 / rate).ok()
+    } else {
+        None
+    }
 }

@@ -1,0 +1,221 @@
+//! The source side: an owner that keeps serving while it is migrated away.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use tokio::sync::mpsc::error::TryRecvError;
+use tracing::{info, info_span, warn, Instrument};
+
+use super::{forward_control, message, publish};
+use crate::control::{ControlBody, ControlChannel, ControlMessage, Role};
+use crate::error::{Error, Result};
+use crate::log::MessageLog;
+use crate::position::Position;
+use crate::runtime::Instance;
+use crate::service::StatefulService;
+use crate::sink::OutputSink;
+use crate::store::SnapshotStore;
+
+/// How the source agent behaves.
+#[derive(Clone, Debug)]
+pub struct SourceOptions {
+    /// How often the source publishes its position during a migration (the
+    /// target's replay ceiling and input-rate estimate).
+    pub progress_interval: Duration,
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        Self {
+            progress_interval: Duration::from_millis(20),
+        }
+    }
+}
+
+/// How [`run_source`] ended.
+#[derive(Debug)]
+pub enum SourceExit<I> {
+    /// A migration completed: ownership moved to the target. The instance
+    /// was stopped at Pf with everything committed; it is returned for
+    /// inspection and must not be run again.
+    Released(I),
+    /// Shutdown was requested; the instance shut down gracefully.
+    Shutdown(I),
+}
+
+struct Migration {
+    id: String,
+    stopped: bool,
+    last_progress: Instant,
+}
+
+/// Runs `instance` as the live owner, answering migration commands on
+/// `control` until it is released to a target or `shutdown` completes.
+pub async fn run_source<S, L, St, O, C>(
+    mut instance: Instance<S, L, St, O>,
+    control: Arc<C>,
+    options: SourceOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<SourceExit<Instance<S, L, St, O>>>
+where
+    S: StatefulService,
+    L: MessageLog,
+    St: SnapshotStore,
+    O: OutputSink,
+    C: ControlChannel,
+{
+    let span = info_span!("source", service = S::NAME, instance = %instance.config().instance_id());
+    async move {
+        let mut commands = forward_control(&*control, S::NAME).await?;
+        let mut shutdown = std::pin::pin!(shutdown);
+        instance.go_live_if_standby();
+        let mut migration: Option<Migration> = None;
+        loop {
+            if shutdown.as_mut().now_or_never().is_some() {
+                if migration.as_ref().is_some_and(|m| m.stopped) {
+                    // Stopped at Pf for a handover: outputs are committed; a
+                    // final snapshot would only race the new owner.
+                    return Ok(SourceExit::Shutdown(instance));
+                }
+                instance.shutdown().await?;
+                return Ok(SourceExit::Shutdown(instance));
+            }
+            let command = match commands.try_recv() {
+                Ok(m) => Some(m),
+                Err(TryRecvError::Empty) => None,
+                Err(TryRecvError::Disconnected) => {
+                    return Err(Error::Migration(super::MigrationError::Aborted {
+                        reason: "control channel reader stopped".into(),
+                    }))
+                }
+            };
+            if let Some(m) = command {
+                if handle(&mut instance, &*control, &mut migration, m).await? == Released::Yes {
+                    return Ok(SourceExit::Released(instance));
+                }
+                continue;
+            }
+            match &mut migration {
+                Some(m) if m.stopped => {
+                    // Stopped: wait for Release or Resume, applying nothing.
+                    let wait = instance.config().poll_timeout();
+                    if let Ok(Some(m)) = tokio::time::timeout(wait, commands.recv()).await {
+                        if handle(&mut instance, &*control, &mut migration, m).await? == Released::Yes {
+                            return Ok(SourceExit::Released(instance));
+                        }
+                    }
+                }
+                Some(m) => {
+                    instance.step().await?;
+                    if m.last_progress.elapsed() >= options.progress_interval {
+                        m.last_progress = Instant::now();
+                        let id = m.id.clone();
+                        publish_progress(S::NAME, instance.position().clone(), &*control, &id).await?;
+                    }
+                }
+                None => {
+                    instance.step().await?;
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn publish_progress<C: ControlChannel>(
+    service: &str,
+    position: Position,
+    control: &C,
+    migration_id: &str,
+) -> Result<()> {
+    let body = ControlBody::SourceProgress { position };
+    publish(control, &message(service, migration_id, Role::Source, body)).await
+}
+
+async fn handle<S, L, St, O, C>(
+    instance: &mut Instance<S, L, St, O>,
+    control: &C,
+    migration: &mut Option<Migration>,
+    m: ControlMessage,
+) -> Result<Released>
+where
+    S: StatefulService,
+    L: MessageLog,
+    St: SnapshotStore,
+    O: OutputSink,
+    C: ControlChannel,
+{
+    if m.from != Role::Coordinator {
+        return Ok(Released::No);
+    }
+    let me = instance.config().instance_id().to_string();
+    let ours = migration.as_ref().is_some_and(|mig| mig.id == m.migration_id);
+    match m.body {
+        ControlBody::Prepare { source, target } if source == me => {
+            info!(migration = %m.migration_id, %target, "migration requested: taking checkpoint");
+            let stopped = migration.as_ref().is_some_and(|mig| mig.stopped && mig.id == m.migration_id);
+            *migration = Some(Migration {
+                id: m.migration_id.clone(),
+                stopped,
+                last_progress: Instant::now(),
+            });
+            let info = instance.checkpoint().await?;
+            let body = ControlBody::CheckpointTaken {
+                snapshot_id: info.id,
+                position: info.position,
+                bytes: info.bytes,
+                pause_us: info.pause.as_micros() as u64,
+            };
+            publish(control, &message(S::NAME, &m.migration_id, Role::Source, body)).await?;
+            publish_progress(S::NAME, instance.position().clone(), control, &m.migration_id).await?;
+        }
+        ControlBody::Stop { next_epoch } if ours || migration.is_none() => {
+            // Stop-and-copy stops before any Prepare, so Stop may open a migration.
+            let mig = migration.get_or_insert_with(|| Migration {
+                id: m.migration_id.clone(),
+                stopped: false,
+                last_progress: Instant::now(),
+            });
+            if mig.id != m.migration_id {
+                return Ok(Released::No);
+            }
+            instance.commit().await?;
+            mig.stopped = true;
+            let digest = instance.digest();
+            info!(migration = %m.migration_id, position = %instance.position(), %digest, next_epoch, "stopped for cutover");
+            let body = ControlBody::Stopped {
+                position: instance.position().clone(),
+                digest,
+            };
+            publish(control, &message(S::NAME, &m.migration_id, Role::Source, body)).await?;
+        }
+        ControlBody::Release if ours => {
+            info!(migration = %m.migration_id, "released: the target owns the service now");
+            return Ok(Released::Yes);
+        }
+        ControlBody::Resume { owner, epoch } if owner == me => {
+            warn!(migration = %m.migration_id, epoch, "migration rolled back: resuming as owner");
+            instance.claim().await?;
+            *migration = None;
+        }
+        ControlBody::Aborted { reason } if ours => {
+            warn!(migration = %m.migration_id, %reason, "migration aborted");
+            if migration.as_ref().is_some_and(|mig| mig.stopped) {
+                instance.claim().await?;
+            }
+            *migration = None;
+        }
+        _ => {}
+    }
+    Ok(Released::No)
+}
+
+/// Whether a command released the instance to the target.
+#[derive(Debug, PartialEq, Eq)]
+enum Released {
+    Yes,
+    No,
+}

@@ -1,0 +1,532 @@
+//! Migration scenarios over the in-memory backends: every strategy under a
+//! steady input stream, the threshold cutoff, a non-deterministic `apply`,
+//! and crashes of each party at each phase. Every scenario ends by checking
+//! the invariants: final state equals the reference fold of all input,
+//! every output committed exactly once, one owner.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::*;
+use crate::codec::{CodecError, Json};
+use crate::memory::*;
+use crate::runtime::{no_progress, Backends, Instance, InstanceConfig};
+use crate::state::{ServiceState, StateError};
+use crate::testkit::*;
+use crate::{ApplyContext, ControlMessage, Error, StatefulService};
+
+type Inst<S> = Instance<S, MemoryLogReader, MemorySnapshotStore, MemorySink>;
+
+#[derive(Clone)]
+struct Cluster {
+    log: MemoryLog,
+    store: MemorySnapshotStore,
+    outputs: MemoryOutputs,
+    control: Arc<MemoryControl>,
+    input: Arc<Mutex<Vec<(i32, i64, Deposit)>>>,
+}
+
+const PARTITIONS: i32 = 2;
+
+impl Cluster {
+    fn new() -> Self {
+        Self {
+            log: MemoryLog::new("deposits", PARTITIONS),
+            store: MemorySnapshotStore::new(),
+            outputs: MemoryOutputs::new(),
+            control: Arc::new(MemoryControl::new()),
+            input: Arc::default(),
+        }
+    }
+
+    fn backends(&self) -> Backends<MemoryLogReader, MemorySnapshotStore, MemorySink> {
+        Backends {
+            log: self.log.reader(),
+            store: Arc::new(self.store.clone()),
+            sink: self.outputs.sink(),
+        }
+    }
+
+    fn produce_now(&self, n: u64) {
+        let mut input = self.input.lock().unwrap();
+        for _ in 0..n {
+            let i = input.len() as u64;
+            let p = (i % PARTITIONS as u64) as i32;
+            let o = self.log.append("deposits", p, None, deposit_payload(i));
+            input.push((p, o, deposit(i)));
+        }
+    }
+
+    /// Produces `n` messages in bursts of 20 every `every`.
+    fn produce_steady(&self, n: u64, every: Duration) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut left = n;
+            while left > 0 {
+                let burst = left.min(20);
+                this.produce_now(burst);
+                left -= burst;
+                tokio::time::sleep(every).await;
+            }
+        })
+    }
+
+    fn has(&self, f: impl Fn(&ControlBody) -> bool) -> bool {
+        self.control.history().iter().any(|m| f(&m.body))
+    }
+
+    async fn wait_for(&self, what: &str, f: impl Fn(&ControlBody) -> bool) {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while !self.has(&f) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+    }
+
+    fn outputs(&self) -> Vec<BalanceChanged> {
+        self.outputs
+            .committed()
+            .iter()
+            .map(|o| serde_json::from_slice(&o.payload).unwrap())
+            .collect()
+    }
+
+    /// The invariants every scenario ends with.
+    fn check(&self, final_state: &Balances) {
+        let input = self.input.lock().unwrap().clone();
+        assert_eq!(final_state, &reference_fold(&input).0, "final state differs from the reference fold");
+        let (missing, duplicated) = output_exactly_once(&input, &self.outputs());
+        assert_eq!((missing, duplicated), (0, 0), "outputs lost or duplicated");
+    }
+}
+
+fn config(id: &str) -> InstanceConfig {
+    InstanceConfig::new(id)
+        .snapshot_every(Some(500))
+        .commit_every(50, Duration::from_millis(5))
+        .poll(64, Duration::from_millis(5))
+        .output_topic("balances.out")
+}
+
+fn fast() -> MigrationConfig {
+    MigrationConfig {
+        cutover: CutoverRule {
+            max_lag: Some(20),
+            max_catch_up: Some(Duration::from_millis(20)),
+            replay_max: Duration::from_millis(300),
+        },
+        digest_policy: DigestPolicy::Abort,
+        phase_timeout: Duration::from_secs(20),
+    }
+}
+
+fn plan(strategy: Strategy) -> MigrationPlan {
+    MigrationPlan {
+        service: "balances",
+        migration_id: format!("m-{strategy:?}"),
+        source: "src".into(),
+        target: "tgt".into(),
+        strategy,
+    }
+}
+
+type SourceTask<S> = tokio::task::JoinHandle<crate::Result<SourceExit<Inst<S>>>>;
+type TargetTask<S> = tokio::task::JoinHandle<crate::Result<Inst<S>>>;
+
+/// Starts the source (recovered, owner) and a standby target.
+async fn start<S: StatefulService>(
+    cluster: &Cluster,
+    stop_source: tokio::sync::oneshot::Receiver<()>,
+) -> (SourceTask<S>, TargetTask<S>) {
+    let source: Inst<S> = Instance::recover(cluster.backends(), config("src"), &*no_progress())
+        .await
+        .unwrap();
+    let control = cluster.control.clone();
+    let source = tokio::spawn(run_source(source, control, SourceOptions::default(), async move {
+        let _ = stop_source.await;
+    }));
+    let (backends, control) = (cluster.backends(), cluster.control.clone());
+    let target = tokio::spawn(async move {
+        let options = TargetOptions {
+            phase_timeout: Duration::from_secs(3),
+            ..TargetOptions::default()
+        };
+        run_target::<S, _, _, _, _>(backends, config("tgt"), control, options, &*no_progress()).await
+    });
+    // Both agents subscribe to the control channel before the coordinator speaks.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    (source, target)
+}
+
+async fn drain<S: StatefulService>(instance: &mut Inst<S>, log: &MemoryLog) {
+    let end = log.end_position();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !instance.position().reaches(&end) {
+            instance.step().await.unwrap();
+        }
+    })
+    .await
+    .expect("instance drains the log");
+    instance.shutdown().await.unwrap();
+}
+
+/// A full migration under steady input; returns the report.
+async fn migrate_under_load(strategy: Strategy, config: MigrationConfig) -> MigrationReport {
+    let cluster = Cluster::new();
+    cluster.produce_now(2_000);
+    let (_stop, stop_rx) = tokio::sync::oneshot::channel();
+    let (source, target) = start::<Balances>(&cluster, stop_rx).await;
+    let producer = cluster.produce_steady(3_000, Duration::from_millis(2));
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let coordinator = Coordinator::new(cluster.control.clone(), config);
+    let report = coordinator.migrate(&plan(strategy), &*no_progress()).await.unwrap();
+    let released = source.await.unwrap().unwrap();
+    assert!(matches!(released, SourceExit::Released(_)));
+    let mut live = target.await.unwrap().unwrap();
+    assert!(live.is_live());
+    producer.await.unwrap();
+    drain(&mut live, &cluster.log).await;
+    cluster.check(live.state());
+    assert!(report.digest_match);
+    assert_eq!(report.source_digest, report.target_digest);
+    assert_eq!(report.strategy, strategy);
+    assert!(report.downtime_ms <= report.total_ms);
+    let owner = current_owner(&*cluster.control, "balances").await.unwrap().unwrap();
+    assert_eq!(owner.instance_id, "tgt");
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ms2m_under_steady_input_loses_and_duplicates_nothing() {
+    let report = migrate_under_load(Strategy::Ms2m, fast()).await;
+    assert!(report.snapshot_bytes > 0);
+    assert!(report.messages_replayed > 0);
+    assert!(matches!(
+        report.cutover_reason,
+        CutoverReason::MaxLag { .. } | CutoverReason::CatchUpEstimate { .. }
+    ));
+    // The report serializes for plotting.
+    let json = serde_json::to_string(&report).unwrap();
+    assert!(json.contains("\"downtime_ms\""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_and_copy_and_cold_start_baselines_are_correct() {
+    for strategy in [Strategy::StopAndCopy, Strategy::ColdStart] {
+        let report = migrate_under_load(strategy, fast()).await;
+        assert_eq!(report.cutover_reason, CutoverReason::StopFirst);
+        assert_eq!(report.downtime_ms, report.cutover_ms);
+        if strategy == Strategy::ColdStart {
+            assert_eq!(report.snapshot_bytes, 0);
+            assert!(report.messages_replayed >= 2_000, "cold start replays the whole log");
+        }
+    }
+}
+
+/// Balances whose replay is slow (CPU-bound apply): the input outruns it.
+#[derive(Default)]
+struct SlowReplay(Balances);
+
+impl ServiceState for SlowReplay {
+    const SCHEMA_VERSION: u32 = 1;
+    fn snapshot(&self) -> Result<Vec<u8>, CodecError> {
+        self.0.snapshot()
+    }
+    fn restore(v: u32, b: &[u8]) -> Result<Self, StateError> {
+        Balances::restore(v, b).map(SlowReplay)
+    }
+    fn digest(&self) -> crate::StateDigest {
+        self.0.digest()
+    }
+}
+
+#[async_trait]
+impl StatefulService for SlowReplay {
+    const NAME: &'static str = "balances";
+    type Message = Deposit;
+    type Format = Json;
+    type Error = Infallible;
+    async fn apply(&mut self, m: Deposit, ctx: &mut ApplyContext<'_>) -> Result<(), Infallible> {
+        if ctx.is_replaying() {
+            std::thread::sleep(Duration::from_micros(400));
+        }
+        self.0.apply(m, ctx).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn threshold_cutoff_ends_a_replay_that_cannot_catch_up_and_loses_nothing() {
+    let cluster = Cluster::new();
+    cluster.produce_now(500);
+    let (_stop, stop_rx) = tokio::sync::oneshot::channel();
+    let (source, target) = start::<SlowReplay>(&cluster, stop_rx).await;
+    // ~10k msg/s of input against at most ~2.5k msg/s of replay.
+    let producer = cluster.produce_steady(6_000, Duration::from_millis(2));
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let mut config = fast();
+    config.cutover.max_lag = None;
+    config.cutover.max_catch_up = None;
+    let coordinator = Coordinator::new(cluster.control.clone(), config.clone());
+    let report = coordinator
+        .migrate(&plan(Strategy::Ms2mThreshold), &*no_progress())
+        .await
+        .unwrap();
+    match report.cutover_reason {
+        CutoverReason::ThresholdCutoff { cutoff_seconds } => {
+            assert!(cutoff_seconds <= config.cutover.replay_max.as_secs_f64());
+            assert!(report.replay_ms >= cutoff_seconds * 1e3, "fired before T_cutoff");
+        }
+        other => panic!("expected the threshold cutoff to fire, got {other:?}"),
+    }
+    assert!(report.final_gap > 0, "the gap left at cutoff is replayed, not dropped");
+    assert!(matches!(source.await.unwrap().unwrap(), SourceExit::Released(_)));
+    let mut live = target.await.unwrap().unwrap();
+    producer.await.unwrap();
+    drain(&mut live, &cluster.log).await;
+    cluster.check(&live.state().0);
+}
+
+static NOISE: AtomicU64 = AtomicU64::new(0);
+
+/// Deliberately non-deterministic: reads a process-wide counter.
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct Nondeterministic {
+    balances: Balances,
+    noise: u64,
+}
+
+impl ServiceState for Nondeterministic {
+    const SCHEMA_VERSION: u32 = 1;
+    fn snapshot(&self) -> Result<Vec<u8>, CodecError> {
+        crate::codec::encode(self)
+    }
+    fn restore(v: u32, b: &[u8]) -> Result<Self, StateError> {
+        crate::codec::decode(b).map_err(|source| StateError::Decode { version: v, source })
+    }
+    fn digest(&self) -> crate::StateDigest {
+        crate::digest::digest_of(self)
+    }
+}
+
+#[async_trait]
+impl StatefulService for Nondeterministic {
+    const NAME: &'static str = "balances";
+    type Message = Deposit;
+    type Format = Json;
+    type Error = Infallible;
+    async fn apply(&mut self, m: Deposit, ctx: &mut ApplyContext<'_>) -> Result<(), Infallible> {
+        self.noise = self.noise.wrapping_add(NOISE.fetch_add(1, Ordering::Relaxed));
+        self.balances.apply(m, ctx).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nondeterministic_apply_is_caught_by_the_digest_check_and_rolled_back() {
+    let cluster = Cluster::new();
+    cluster.produce_now(300);
+    let (stop, stop_rx) = tokio::sync::oneshot::channel();
+    let (source, target) = start::<Nondeterministic>(&cluster, stop_rx).await;
+    let producer = cluster.produce_steady(2_000, Duration::from_millis(2));
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let coordinator = Coordinator::new(cluster.control.clone(), fast());
+    let err = coordinator.migrate(&plan(Strategy::Ms2m), &*no_progress()).await.unwrap_err();
+    assert!(
+        matches!(err, Error::Migration(MigrationError::DigestMismatch { .. })),
+        "{err:?}"
+    );
+    let target_err = target.await.unwrap().unwrap_err();
+    assert!(matches!(target_err, Error::Migration(MigrationError::DigestMismatch { .. })));
+    // The source resumed: it is the owner and processes everything exactly once.
+    producer.await.unwrap();
+    let end = cluster.log.end_position();
+    cluster
+        .wait_for("source to resume", |b| matches!(b, ControlBody::Resume { .. }))
+        .await;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !cluster.outputs.committed_position().is_some_and(|p| p.reaches(&end)) {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+    .expect("the resumed source commits all input");
+    stop.send(()).unwrap();
+    let SourceExit::Shutdown(src) = source.await.unwrap().unwrap() else {
+        panic!("source should have been shut down, not released")
+    };
+    cluster.check(&src.state().balances);
+    let owner = current_owner(&*cluster.control, "balances").await.unwrap().unwrap();
+    assert_eq!(owner.instance_id, "src");
+}
+
+/// Which party dies, and when. Each crash is injected at an exact protocol
+/// step through the control channel's fault hook: the party's publish fails
+/// (it dies there) or hangs (and its task is then aborted).
+#[derive(Clone, Copy, Debug)]
+enum Kill {
+    /// The target dies instead of reporting its first replay progress.
+    TargetDuringReplay,
+    /// The target dies after claiming the sink, instead of announcing `Live`.
+    TargetAtCutover,
+    /// The coordinator dies after the source stopped, before `Cutover`.
+    CoordinatorAfterStop,
+    /// The coordinator dies after the target went live, before `Release`.
+    CoordinatorAfterLive,
+}
+
+async fn kill_scenario(kill: Kill) {
+    let cluster = Cluster::new();
+    cluster.produce_now(1_000);
+    cluster.control.set_fault(move |m| {
+        let hit = match kill {
+            Kill::TargetDuringReplay => matches!(m.body, ControlBody::TargetProgress { .. }),
+            Kill::TargetAtCutover => matches!(m.body, ControlBody::Live { .. }),
+            Kill::CoordinatorAfterStop => matches!(m.body, ControlBody::Cutover { .. }),
+            Kill::CoordinatorAfterLive => matches!(m.body, ControlBody::Release),
+        };
+        match (hit, kill) {
+            (false, _) => PublishFault::Pass,
+            (true, Kill::TargetDuringReplay | Kill::TargetAtCutover) => PublishFault::Fail,
+            (true, _) => PublishFault::Hang,
+        }
+    });
+    let (stop, stop_rx) = tokio::sync::oneshot::channel();
+    let (source, target) = start::<Balances>(&cluster, stop_rx).await;
+    let producer = cluster.produce_steady(1_000, Duration::from_millis(2));
+    let mut config = fast();
+    config.phase_timeout = Duration::from_millis(800);
+    let coordinator = Arc::new(Coordinator::new(cluster.control.clone(), config));
+    let plan = plan(Strategy::Ms2m);
+    let migration = {
+        let (c, p) = (coordinator.clone(), plan.clone());
+        tokio::spawn(async move { c.migrate(&p, &*no_progress()).await })
+    };
+    let mut target = Some(target);
+    match kill {
+        Kill::TargetDuringReplay | Kill::TargetAtCutover => {
+            let err = migration.await.unwrap().unwrap_err();
+            assert!(matches!(err, Error::Migration(MigrationError::Timeout { .. })), "{err:?}");
+            assert!(target.take().unwrap().await.unwrap().is_err(), "the target died");
+            let resumed = cluster.has(|b| matches!(b, ControlBody::Resume { .. }));
+            match kill {
+                Kill::TargetDuringReplay => assert!(!resumed, "the source never stopped, nothing to resume"),
+                _ => assert!(resumed, "the stopped source is told to resume"),
+            }
+        }
+        Kill::CoordinatorAfterStop => {
+            cluster
+                .wait_for("stopped", |b| matches!(b, ControlBody::Stopped { .. }))
+                .await;
+            migration.abort();
+            cluster.control.set_fault(|_| PublishFault::Pass);
+            let done = coordinator.recover("balances", &plan.migration_id).await.unwrap();
+            assert_eq!(done, Recovered::RolledBack);
+            assert!(target.take().unwrap().await.unwrap().is_err(), "a rolled-back target must not go live");
+        }
+        Kill::CoordinatorAfterLive => {
+            cluster
+                .wait_for("target live", |b| matches!(b, ControlBody::Live { .. }))
+                .await;
+            migration.abort();
+            cluster.control.set_fault(|_| PublishFault::Pass);
+            let done = coordinator.recover("balances", &plan.migration_id).await.unwrap();
+            assert_eq!(done, Recovered::Completed);
+        }
+    }
+    producer.await.unwrap();
+    // Exactly one owner at the end, and it processes everything exactly once.
+    let owner = current_owner(&*cluster.control, "balances")
+        .await
+        .unwrap()
+        .map(|o| o.instance_id);
+    let final_state = if let Some(target) = target.take() {
+        assert_eq!(owner.as_deref(), Some("tgt"));
+        let mut live = target.await.unwrap().unwrap();
+        assert!(matches!(source.await.unwrap().unwrap(), SourceExit::Released(_)));
+        drain(&mut live, &cluster.log).await;
+        live.state().clone()
+    } else {
+        assert_ne!(owner.as_deref(), Some("tgt"));
+        let end = cluster.log.end_position();
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while !cluster.outputs.committed_position().is_some_and(|p| p.reaches(&end)) {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await
+        .expect("the source keeps (or resumes) ownership and commits all input");
+        stop.send(()).unwrap();
+        let SourceExit::Shutdown(src) = source.await.unwrap().unwrap() else {
+            panic!("source should still own the service")
+        };
+        src.state().clone()
+    };
+    cluster.check(&final_state);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_crash_before_stop_aborts_cleanly() {
+    kill_scenario(Kill::TargetDuringReplay).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_crash_after_stop_hands_ownership_back() {
+    kill_scenario(Kill::TargetAtCutover).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_crash_after_stop_is_finished_by_a_new_coordinator() {
+    kill_scenario(Kill::CoordinatorAfterStop).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_crash_after_the_target_is_live_completes_the_migration() {
+    kill_scenario(Kill::CoordinatorAfterLive).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zombie_source_is_fenced_after_the_handover() {
+    let cluster = Cluster::new();
+    cluster.produce_now(500);
+    let (_stop, stop_rx) = tokio::sync::oneshot::channel();
+    let (source, target) = start::<Balances>(&cluster, stop_rx).await;
+    let coordinator = Coordinator::new(cluster.control.clone(), fast());
+    coordinator.migrate(&plan(Strategy::Ms2m), &*no_progress()).await.unwrap();
+    let SourceExit::Released(mut zombie) = source.await.unwrap().unwrap() else {
+        panic!("source should be released")
+    };
+    let mut live = target.await.unwrap().unwrap();
+    // The zombie wakes up, sees new input and tries to emit: its commit is fenced.
+    cluster.produce_now(50);
+    let err = async {
+        for _ in 0..1_000 {
+            zombie.step().await?;
+        }
+        zombie.commit().await
+    }
+    .await
+    .unwrap_err();
+    assert_eq!(err.backend_kind(), Some(crate::ErrorKind::Fenced), "{err:?}");
+    // A restarted zombie refuses to start at all.
+    let err = ensure_owner(&*cluster.control, "balances", "src").await.unwrap_err();
+    assert!(matches!(err, Error::Fenced { .. }));
+    ensure_owner(&*cluster.control, "balances", "tgt").await.unwrap();
+    drain(&mut live, &cluster.log).await;
+    cluster.check(live.state());
+}
+
+#[test]
+fn control_messages_roundtrip_as_json() {
+    let m = message(
+        "balances",
+        "m-1",
+        crate::Role::Coordinator,
+        ControlBody::Stop { next_epoch: 3 },
+    );
+    assert_eq!(ControlMessage::from_bytes(&m.to_bytes()).unwrap(), m);
+}

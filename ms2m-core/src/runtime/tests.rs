@@ -1,0 +1,377 @@
+//! Protocol tests of the runtime over the in-memory backends.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use proptest::prelude::*;
+
+use super::*;
+use crate::memory::*;
+use crate::testkit::*;
+
+type TestInstance = Instance<Balances, MemoryLogReader, MemorySnapshotStore, MemorySink>;
+
+struct World {
+    log: MemoryLog,
+    store: MemorySnapshotStore,
+    outputs: MemoryOutputs,
+    input: Vec<(i32, i64, Deposit)>,
+}
+
+impl World {
+    fn new(partitions: i32) -> Self {
+        Self {
+            log: MemoryLog::new("deposits", partitions),
+            store: MemorySnapshotStore::new(),
+            outputs: MemoryOutputs::new(),
+            input: Vec::new(),
+        }
+    }
+
+    fn produce(&mut self, n: u64, partitions: i32) {
+        for _ in 0..n {
+            let i = self.input.len() as u64;
+            let p = (i % partitions as u64) as i32;
+            let o = self.log.append("deposits", p, None, deposit_payload(i));
+            self.input.push((p, o, deposit(i)));
+        }
+    }
+
+    fn backends(&self) -> Backends<MemoryLogReader, MemorySnapshotStore, MemorySink> {
+        Backends {
+            log: self.log.reader(),
+            store: Arc::new(self.store.clone()),
+            sink: self.outputs.sink(),
+        }
+    }
+
+    fn committed_outputs(&self) -> Vec<BalanceChanged> {
+        self.outputs
+            .committed()
+            .iter()
+            .map(|o| serde_json::from_slice(&o.payload).unwrap())
+            .collect()
+    }
+
+    async fn recover(&self, config: InstanceConfig) -> Result<TestInstance> {
+        Instance::recover(self.backends(), config, &*no_progress()).await
+    }
+}
+
+fn config(snapshot_every: u64) -> InstanceConfig {
+    InstanceConfig::new("i-1")
+        .snapshot_every(Some(snapshot_every))
+        .snapshot_interval(None)
+        .commit_every(7, Duration::from_secs(3600))
+        .poll(16, Duration::from_millis(1))
+        .output_topic("balances.out")
+}
+
+/// Steps until the instance's position covers the whole log.
+async fn drain(instance: &mut TestInstance, log: &MemoryLog) -> Result<()> {
+    let end = log.end_position();
+    while !instance.position().reaches(&end) {
+        instance.step().await?;
+    }
+    Ok(())
+}
+
+async fn run_until(instance: &mut TestInstance, applied: i64) -> Result<()> {
+    while instance.position().total() < applied {
+        instance.step().await?;
+    }
+    Ok(())
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// State after (snapshot + tail replay) equals the reference fold, and
+    /// every output is committed exactly once, for random inputs, snapshot
+    /// cadences and crash points (including two crashes in a row).
+    #[test]
+    fn crash_and_recover_equals_reference_fold(
+        n in 1u64..300,
+        partitions in 1i32..4,
+        snapshot_every in 1u64..60,
+        crash_a in 0.0f64..1.0,
+        crash_b in 0.0f64..1.0,
+    ) {
+        rt().block_on(async {
+            let mut world = World::new(partitions);
+            world.produce(n, partitions);
+            let mut crash_points = [(crash_a * n as f64) as i64, (crash_b * n as f64) as i64];
+            crash_points.sort();
+            for crash_at in crash_points {
+                let mut instance = world.recover(config(snapshot_every)).await.unwrap();
+                run_until(&mut instance, crash_at).await.unwrap();
+                // Crash: no commit, no final snapshot, pending outputs lost.
+                drop(instance.into_parts());
+            }
+            let mut instance = world.recover(config(snapshot_every)).await.unwrap();
+            drain(&mut instance, &world.log).await.unwrap();
+            instance.shutdown().await.unwrap();
+
+            let (expected, _) = reference_fold(&world.input);
+            prop_assert_eq!(instance.state(), &expected);
+            let (missing, duplicated) = output_exactly_once(&world.input, &world.committed_outputs());
+            prop_assert_eq!((missing, duplicated), (0, 0));
+            prop_assert_eq!(world.committed_outputs().len() as u64, n);
+            Ok(())
+        })?;
+    }
+}
+
+#[tokio::test]
+async fn replay_below_the_watermark_suppresses_outputs() {
+    let mut world = World::new(1);
+    world.produce(40, 1);
+    let mut a = world.recover(config(10)).await.unwrap();
+    drain(&mut a, &world.log).await.unwrap();
+    a.commit().await.unwrap();
+    // Crash after committing 40 but with the newest snapshot at 40 or below.
+    drop(a.into_parts());
+    world.produce(10, 1);
+    let b = world.recover(config(1000)).await.unwrap();
+    assert_eq!(b.stats().applied_live, 0, "recovery only replays below the watermark");
+    assert_eq!(b.stats().outputs_emitted, 0);
+    assert_eq!(b.position().total(), 40);
+}
+
+#[tokio::test]
+async fn corrupt_newest_snapshot_falls_back_to_the_previous_one() {
+    let mut world = World::new(2);
+    world.produce(100, 2);
+    let mut a = world.recover(config(30)).await.unwrap();
+    drain(&mut a, &world.log).await.unwrap();
+    a.shutdown().await.unwrap();
+    let ids = world.store.list().await.unwrap();
+    assert!(ids.len() >= 2, "need two snapshots, have {ids:?}");
+    let newest = *ids.last().unwrap();
+    world.store.tamper(newest, |b| {
+        let mut v = b.to_vec();
+        let i = v.len() - 1;
+        v[i] ^= 0xff;
+        Bytes::from(v)
+    });
+    world.produce(20, 2);
+    let (loaded, rejected) = crate::store::load_newest_valid::<Balances, _>(&world.store, "balances")
+        .await
+        .unwrap();
+    assert_eq!(rejected.len(), 1);
+    assert!(matches!(
+        rejected[0].reason,
+        Error::Snapshot(crate::SnapshotError::StateChecksum { .. })
+    ));
+    assert!(loaded.unwrap().id < newest);
+    let mut b = world.recover(config(30)).await.unwrap();
+    drain(&mut b, &world.log).await.unwrap();
+    b.shutdown().await.unwrap();
+    assert_eq!(b.state(), &reference_fold(&world.input).0);
+    let (missing, duplicated) = output_exactly_once(&world.input, &world.committed_outputs());
+    assert_eq!((missing, duplicated), (0, 0));
+}
+
+#[tokio::test]
+async fn truncated_snapshot_and_wrong_service_are_skipped() {
+    let mut world = World::new(1);
+    world.produce(50, 1);
+    let mut a = world.recover(config(20)).await.unwrap();
+    drain(&mut a, &world.log).await.unwrap();
+    a.shutdown().await.unwrap();
+    let ids = world.store.list().await.unwrap();
+    world.store.tamper(*ids.last().unwrap(), |b| b.slice(..b.len() / 2));
+    let foreign = crate::Snapshot::seal("other-service", 1, Position::new(), "x", Bytes::from_static(b"{}"));
+    world.store.put(&foreign.encode().unwrap()).await.unwrap();
+    let (loaded, rejected) = crate::store::load_newest_valid::<Balances, _>(&world.store, "balances")
+        .await
+        .unwrap();
+    assert_eq!(rejected.len(), 2);
+    assert!(matches!(
+        rejected[0].reason,
+        Error::Snapshot(crate::SnapshotError::WrongService { .. })
+    ));
+    assert!(matches!(
+        rejected[1].reason,
+        Error::Snapshot(crate::SnapshotError::Truncated { .. })
+    ));
+    assert!(loaded.is_some());
+}
+
+#[tokio::test]
+async fn unknown_schema_version_is_a_typed_error_and_skipped() {
+    let world = World::new(1);
+    let newer = crate::Snapshot::seal("balances", 9, Position::new(), "x", Bytes::new());
+    world.store.put(&newer.encode().unwrap()).await.unwrap();
+    let (loaded, rejected) = crate::store::load_newest_valid::<Balances, _>(&world.store, "balances")
+        .await
+        .unwrap();
+    assert!(loaded.is_none());
+    assert!(matches!(
+        rejected[0].reason,
+        Error::State(crate::StateError::UnknownSchemaVersion { found: 9, .. })
+    ));
+}
+
+#[tokio::test]
+async fn unreachable_store_fails_recovery_instead_of_falling_back() {
+    let mut world = World::new(1);
+    world.produce(10, 1);
+    world.store.set_unavailable(true);
+    let err = world.recover(config(5)).await.unwrap_err();
+    assert_eq!(err.backend_kind(), Some(ErrorKind::Unavailable), "{err:?}");
+}
+
+#[tokio::test]
+async fn deleted_log_tail_is_a_typed_error_unless_allowed() {
+    let mut world = World::new(1);
+    world.produce(30, 1);
+    let mut a = world.recover(config(10)).await.unwrap();
+    run_until(&mut a, 5).await.unwrap();
+    let info = a.checkpoint().await.unwrap();
+    drop(a.into_parts());
+    let tp = TopicPartition::new("deposits", 0);
+    let at = info.position.get(&tp).unwrap();
+    assert!(at < 20);
+    world.log.truncate_before(&tp, 20);
+    let err = world.recover(config(10)).await.unwrap_err();
+    match err {
+        Error::LogTruncated {
+            needed,
+            earliest,
+            missing,
+            ..
+        } => {
+            assert_eq!((needed, earliest, missing), (at, 20, 20 - at));
+        }
+        other => panic!("expected LogTruncated, got {other:?}"),
+    }
+    let b = world.recover(config(10).allow_log_gap(true)).await.unwrap();
+    assert!(b.position().get(&tp).unwrap() >= 20);
+}
+
+#[tokio::test]
+async fn undecodable_message_fails_without_moving_the_position() {
+    let mut world = World::new(1);
+    world.produce(5, 1);
+    world.log.append("deposits", 0, None, &b"not json"[..]);
+    let mut a = world.recover(config(100)).await.unwrap();
+    let err = loop {
+        match a.step().await {
+            Ok(_) => continue,
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(err, Error::Decode { offset: 5, .. }), "{err:?}");
+    assert_eq!(a.position().total(), 5, "the bad message is not skipped");
+    // Stepping again meets the same message again: it is never silently dropped.
+    let again = a.step().await.unwrap_err();
+    assert!(matches!(again, Error::Decode { offset: 5, .. }), "{again:?}");
+    assert_eq!(a.position().total(), 5);
+}
+
+#[tokio::test]
+async fn undecodable_message_goes_to_the_dead_letter_topic() {
+    let mut world = World::new(1);
+    world.produce(3, 1);
+    world.log.append("deposits", 0, Some(b"k"), &b"not json"[..]);
+    world.produce(3, 1);
+    let policy = BadMessagePolicy::DeadLetter {
+        topic: "deposits.dlq".into(),
+    };
+    let mut a = world.recover(config(100).bad_messages(policy.clone())).await.unwrap();
+    drain(&mut a, &world.log).await.unwrap();
+    a.shutdown().await.unwrap();
+    let committed = world.outputs.committed();
+    let dead: Vec<_> = committed.iter().filter(|o| &*o.topic == "deposits.dlq").collect();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(&dead[0].payload[..], b"not json");
+    let header = |k: &str| dead[0].headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    assert_eq!(header("ms2m.source.offset").as_deref(), Some(&b"3"[..]));
+    assert_eq!(header("ms2m.stage").as_deref(), Some(&b"decode"[..]));
+    assert!(header("ms2m.error").is_some());
+    assert_eq!(committed.len(), 7, "6 outputs and 1 dead letter");
+    // Replaying the bad message after a restart does not dead-letter it twice.
+    let b = world.recover(config(100).bad_messages(policy)).await.unwrap();
+    drop(b);
+    assert_eq!(world.outputs.committed().len(), 7);
+}
+
+#[tokio::test]
+async fn graceful_shutdown_leaves_nothing_to_replay() {
+    let mut world = World::new(2);
+    world.produce(64, 2);
+    let mut a = world.recover(config(1000)).await.unwrap();
+    drain(&mut a, &world.log).await.unwrap();
+    a.shutdown().await.unwrap();
+    assert_eq!(a.stats().snapshots, 1, "final snapshot");
+    let b = world.recover(config(1000)).await.unwrap();
+    assert_eq!(b.stats().applied_replay, 0);
+    assert_eq!(b.position(), &world.log.end_position());
+}
+
+#[tokio::test]
+async fn run_stops_on_shutdown_signal() {
+    let mut world = World::new(1);
+    world.produce(20, 1);
+    let mut a = world.recover(config(1000)).await.unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let end = world.log.end_position();
+    let task = tokio::spawn(async move {
+        a.run(async {
+            let _ = rx.await;
+        })
+        .await
+        .map(|()| a)
+    });
+    // Wait (bounded) until everything committed, then signal shutdown.
+    let outputs = world.outputs.clone();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !outputs.committed_position().is_some_and(|p| p.reaches(&end)) {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+    .expect("instance commits its input");
+    tx.send(()).unwrap();
+    let a = task.await.unwrap().unwrap();
+    assert_eq!(a.state(), &reference_fold(&world.input).0);
+}
+
+#[tokio::test]
+async fn recovery_reports_progress() {
+    let mut world = World::new(1);
+    world.produce(500, 1);
+    let mut a = world.recover(config(100_000)).await.unwrap();
+    drain(&mut a, &world.log).await.unwrap();
+    a.commit().await.unwrap();
+    drop(a.into_parts());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    let listener = move |p: &Progress| sink.lock().unwrap().push(p.clone());
+    let cfg = config(100_000).progress_interval(Duration::ZERO);
+    let b: TestInstance = Instance::recover(world.backends(), cfg, &listener).await.unwrap();
+    assert_eq!(b.stats().applied_replay, 500);
+    let seen = seen.lock().unwrap();
+    assert!(seen.len() >= 2, "got {} reports", seen.len());
+    assert!(seen.iter().all(|p| p.phase == ProgressPhase::Recovery));
+    assert_eq!(seen.last().unwrap().remaining, 0);
+    assert!(seen.first().unwrap().remaining > 0);
+}
+
+#[tokio::test]
+async fn a_fenced_sink_stops_the_old_owner() {
+    let mut world = World::new(1);
+    world.produce(10, 1);
+    let mut old = world.recover(config(1000)).await.unwrap();
+    run_until(&mut old, 5).await.unwrap();
+    let _new = world.recover(config(1000)).await.unwrap();
+    world.produce(5, 1);
+    let err = drain(&mut old, &world.log).await.and(old.commit().await).unwrap_err();
+    assert_eq!(err.backend_kind(), Some(ErrorKind::Fenced), "{err:?}");
+}
