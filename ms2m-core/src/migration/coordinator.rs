@@ -69,7 +69,7 @@ impl<C: ControlChannel> Coordinator<C> {
         async move {
             let history = read_history(&*self.control, plan.service).await?;
             let epoch = owner_from(&history).map_or(1, |o| o.epoch + 1);
-            let mut replies = forward_control(&*self.control, plan.service).await?;
+            let mut replies = forward_control(&*self.control, plan.service, false).await?;
             let started = Instant::now();
             let mut facts = Facts::default();
             let mut stop_sent: Option<Instant> = None;

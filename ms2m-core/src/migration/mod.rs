@@ -43,7 +43,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use coordinator::{Coordinator, MigrationPlan, Recovered};
-pub use source::{run_source, SourceExit, SourceOptions};
+pub use source::{run_source, SourceAgent, SourceExit, SourceOptions};
 pub use target::{run_target, TargetOptions};
 
 use crate::control::{ControlBody, ControlChannel, ControlReader};
@@ -284,9 +284,10 @@ pub async fn ensure_owner<C: ControlChannel>(control: &C, service: &str, instanc
 pub(crate) async fn forward_control<C: ControlChannel>(
     control: &C,
     service: &'static str,
+    from_start: bool,
 ) -> Result<tokio::sync::mpsc::Receiver<crate::ControlMessage>, Error> {
     let mut reader = control
-        .reader(false)
+        .reader(from_start)
         .await
         .map_err(|e| Error::backend(Component::Control, "open reader", e))?;
     let (tx, rx) = tokio::sync::mpsc::channel(1024);

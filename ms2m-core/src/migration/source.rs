@@ -53,8 +53,9 @@ struct Migration {
 
 /// Runs `instance` as the live owner, answering migration commands on
 /// `control` until it is released to a target or `shutdown` completes.
+/// Shorthand for [`SourceAgent::new`] + [`SourceAgent::run`].
 pub async fn run_source<S, L, St, O, C>(
-    mut instance: Instance<S, L, St, O>,
+    instance: Instance<S, L, St, O>,
     control: Arc<C>,
     options: SourceOptions,
     shutdown: impl Future<Output = ()>,
@@ -66,63 +67,120 @@ where
     O: OutputSink,
     C: ControlChannel,
 {
-    let span = info_span!("source", service = S::NAME, instance = %instance.config().instance_id());
-    async move {
-        let mut commands = forward_control(&*control, S::NAME).await?;
-        let mut shutdown = std::pin::pin!(shutdown);
-        instance.go_live_if_standby();
-        let mut migration: Option<Migration> = None;
-        loop {
-            if shutdown.as_mut().now_or_never().is_some() {
-                if migration.as_ref().is_some_and(|m| m.stopped) {
-                    // Stopped at Pf for a handover: outputs are committed; a
-                    // final snapshot would only race the new owner.
+    SourceAgent::new(instance, control, options).await?.run(shutdown).await
+}
+
+/// An owner subscribed to the control channel: once [`new`](Self::new)
+/// returns, no command published afterwards is missed.
+pub struct SourceAgent<S, L, St, O, C>
+where
+    S: StatefulService,
+    L: MessageLog,
+    St: SnapshotStore,
+    O: OutputSink,
+{
+    instance: Instance<S, L, St, O>,
+    control: Arc<C>,
+    options: SourceOptions,
+    commands: tokio::sync::mpsc::Receiver<ControlMessage>,
+}
+
+impl<S, L, St, O, C> std::fmt::Debug for SourceAgent<S, L, St, O, C>
+where
+    S: StatefulService,
+    L: MessageLog,
+    St: SnapshotStore,
+    O: OutputSink,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceAgent").field("instance", &self.instance).finish_non_exhaustive()
+    }
+}
+
+impl<S, L, St, O, C> SourceAgent<S, L, St, O, C>
+where
+    S: StatefulService,
+    L: MessageLog,
+    St: SnapshotStore,
+    O: OutputSink,
+    C: ControlChannel,
+{
+    /// Subscribes to `control` for commands addressed to this instance.
+    pub async fn new(instance: Instance<S, L, St, O>, control: Arc<C>, options: SourceOptions) -> Result<Self> {
+        let commands = forward_control(&*control, S::NAME, false).await?;
+        Ok(Self {
+            instance,
+            control,
+            options,
+            commands,
+        })
+    }
+
+    /// Serves live and answers migration commands until released or shut down.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<SourceExit<Instance<S, L, St, O>>> {
+        let Self {
+            mut instance,
+            control,
+            options,
+            mut commands,
+        } = self;
+        let span = info_span!("source", service = S::NAME, instance = %instance.config().instance_id());
+        async move {
+            let mut shutdown = std::pin::pin!(shutdown);
+            instance.go_live_if_standby();
+            let mut migration: Option<Migration> = None;
+            loop {
+                if shutdown.as_mut().now_or_never().is_some() {
+                    if migration.as_ref().is_some_and(|m| m.stopped) {
+                        // Stopped at Pf for a handover: outputs are committed; a
+                        // final snapshot would only race the new owner.
+                        return Ok(SourceExit::Shutdown(instance));
+                    }
+                    instance.shutdown().await?;
                     return Ok(SourceExit::Shutdown(instance));
                 }
-                instance.shutdown().await?;
-                return Ok(SourceExit::Shutdown(instance));
-            }
-            let command = match commands.try_recv() {
-                Ok(m) => Some(m),
-                Err(TryRecvError::Empty) => None,
-                Err(TryRecvError::Disconnected) => {
-                    return Err(Error::Migration(super::MigrationError::Aborted {
-                        reason: "control channel reader stopped".into(),
-                    }))
+                let command = match commands.try_recv() {
+                    Ok(m) => Some(m),
+                    Err(TryRecvError::Empty) => None,
+                    Err(TryRecvError::Disconnected) => {
+                        return Err(Error::Migration(super::MigrationError::Aborted {
+                            reason: "control channel reader stopped".into(),
+                        }))
+                    }
+                };
+                if let Some(m) = command {
+                    if handle(&mut instance, &*control, &mut migration, m).await? == Released::Yes {
+                        return Ok(SourceExit::Released(instance));
+                    }
+                    continue;
                 }
-            };
-            if let Some(m) = command {
-                if handle(&mut instance, &*control, &mut migration, m).await? == Released::Yes {
-                    return Ok(SourceExit::Released(instance));
-                }
-                continue;
-            }
-            match &mut migration {
-                Some(m) if m.stopped => {
-                    // Stopped: wait for Release or Resume, applying nothing.
-                    let wait = instance.config().poll_timeout();
-                    if let Ok(Some(m)) = tokio::time::timeout(wait, commands.recv()).await {
-                        if handle(&mut instance, &*control, &mut migration, m).await? == Released::Yes {
-                            return Ok(SourceExit::Released(instance));
+                match &mut migration {
+                    Some(m) if m.stopped => {
+                        // Stopped: wait for Release or Resume, applying nothing.
+                        let wait = instance.config().poll_timeout();
+                        if let Ok(Some(m)) = tokio::time::timeout(wait, commands.recv()).await {
+                            if handle(&mut instance, &*control, &mut migration, m).await? == Released::Yes {
+                                return Ok(SourceExit::Released(instance));
+                            }
                         }
                     }
-                }
-                Some(m) => {
-                    instance.step().await?;
-                    if m.last_progress.elapsed() >= options.progress_interval {
-                        m.last_progress = Instant::now();
-                        let id = m.id.clone();
-                        publish_progress(S::NAME, instance.position().clone(), &*control, &id).await?;
+                    Some(m) => {
+                        instance.step().await?;
+                        if m.last_progress.elapsed() >= options.progress_interval {
+                            m.last_progress = Instant::now();
+                            let id = m.id.clone();
+                            publish_progress(S::NAME, instance.position().clone(), &*control, &id).await?;
+                        }
                     }
-                }
-                None => {
-                    instance.step().await?;
+                    None => {
+                        instance.step().await?;
+                    }
                 }
             }
         }
+        .instrument(span)
+        .await
     }
-    .instrument(span)
-    .await
 }
 
 async fn publish_progress<C: ControlChannel>(

@@ -64,12 +64,21 @@ where
     let me = config.instance_id().to_string();
     let span = info_span!("target", service = S::NAME, instance = %me);
     async move {
-        let mut commands = forward_control(&*control, S::NAME).await?;
+        // Read from the start of the channel, so a standby that subscribes
+        // after the coordinator spoke still sees its migration; migrations
+        // that already finished are skipped.
+        let finished: std::collections::HashSet<String> = super::read_history(&*control, S::NAME)
+            .await?
+            .into_iter()
+            .filter(|m| matches!(m.body, ControlBody::Completed { .. } | ControlBody::Aborted { .. }))
+            .map(|m| m.migration_id)
+            .collect();
+        let mut commands = forward_control(&*control, S::NAME, true).await?;
         // 1. Wait for a migration naming us, then for its Restore command.
         let migration_id = loop {
             let m = commands.recv().await.ok_or_else(|| aborted("control channel closed"))?;
             if let ControlBody::Prepare { target, .. } = &m.body {
-                if *target == me && m.from == Role::Coordinator {
+                if *target == me && m.from == Role::Coordinator && !finished.contains(&m.migration_id) {
                     break m.migration_id;
                 }
             }

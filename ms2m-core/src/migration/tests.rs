@@ -147,8 +147,10 @@ async fn start<S: StatefulService>(
     let source: Inst<S> = Instance::recover(cluster.backends(), config("src"), &*no_progress())
         .await
         .unwrap();
-    let control = cluster.control.clone();
-    let source = tokio::spawn(run_source(source, control, SourceOptions::default(), async move {
+    let agent = SourceAgent::new(source, cluster.control.clone(), SourceOptions::default())
+        .await
+        .unwrap();
+    let source = tokio::spawn(agent.run(async move {
         let _ = stop_source.await;
     }));
     let (backends, control) = (cluster.backends(), cluster.control.clone());
@@ -159,8 +161,7 @@ async fn start<S: StatefulService>(
         };
         run_target::<S, _, _, _, _>(backends, config("tgt"), control, options, &*no_progress()).await
     });
-    // Both agents subscribe to the control channel before the coordinator speaks.
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The source is subscribed; the target reads the channel from its start.
     (source, target)
 }
 
