@@ -4,10 +4,37 @@
 //! Equal states must give equal digests even when a `HashMap` iterates in a
 //! different order in another process; that is why this is not simply a hash
 //! of the snapshot bytes.
+//!
+//! # How
+//!
+//! [`digest_of`] runs the value's `Serialize` impl against a hashing
+//! serializer that gives every value a 128-bit xxh3 digest built from its
+//! children's digests:
+//!
+//! * scalars hash their bytes under a per-type tag (so `1u8` and `1u32`
+//!   differ, and floats compare bit for bit);
+//! * sequences, tuples, structs, enums and options hash their children in
+//!   order, with names, variant indices and lengths;
+//! * **maps** combine per-entry digests (key and value hashed together) by
+//!   wrapping addition plus the entry count, which is commutative: a
+//!   `HashMap` digests the same whatever its iteration order, and equal to a
+//!   `BTreeMap` with the same entries.
+//!
+//! # Sets
+//!
+//! serde serializes a `HashSet` exactly like a `Vec`, so the serializer
+//! cannot know a sequence's order is meaningless. [`Digester::unordered_field`]
+//! digests a set field order-independently, and `#[derive(ServiceState)]`
+//! uses it for every field whose type is a `HashSet` or `BTreeSet` (or is
+//! marked `#[state(unordered)]`). A `HashSet` nested inside another type
+//! (`Vec<HashSet<_>>`, `HashMap<K, HashSet<V>>`) is digested in iteration
+//! order; use a `BTreeSet` there, whose iteration order is its sorted order.
 
 use std::fmt;
 
+use serde::ser;
 use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::{xxh3_128_with_seed, Xxh3};
 
 /// A 128-bit digest of a state.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -28,7 +55,7 @@ impl fmt::Display for StateDigest {
 /// Builds a [`StateDigest`] from a sequence of named fields.
 #[derive(Default)]
 pub struct Digester {
-    hasher: xxhash_rust::xxh3::Xxh3,
+    hasher: Xxh3,
 }
 
 impl fmt::Debug for Digester {
@@ -43,11 +70,31 @@ impl Digester {
         Self::default()
     }
 
-    /// Adds one named field.
+    /// Adds one named field, digested with [`digest_of`].
     pub fn field<T: Serialize + ?Sized>(&mut self, name: &str, value: &T) {
+        self.named(name, tag::FIELD, digest_of(value).0);
+    }
+
+    /// Adds one named field whose items are a set: their order does not
+    /// change the digest (for `HashSet`, which serde cannot tell from a
+    /// sequence).
+    pub fn unordered_field<I>(&mut self, name: &str, items: I)
+    where
+        I: IntoIterator,
+        I::Item: Serialize,
+    {
+        let mut set = Unordered::new(tag::SET);
+        for item in items {
+            set.add(digest_of(&item).0);
+        }
+        self.named(name, tag::UNORDERED_FIELD, set.finish());
+    }
+
+    fn named(&mut self, name: &str, kind: u8, digest: u128) {
+        self.hasher.update(&[kind]);
+        self.hasher.update(&(name.len() as u64).to_le_bytes());
         self.hasher.update(name.as_bytes());
-        let d = digest_of(value);
-        self.hasher.update(&d.0.to_le_bytes());
+        self.hasher.update(&digest.to_le_bytes());
     }
 
     /// The digest of everything added.
@@ -56,10 +103,608 @@ impl Digester {
     }
 }
 
-/// The digest of any serializable value.
+/// The digest of any serializable value; maps are digested independently of
+/// their iteration order (see the [module docs](self)).
+///
+/// A `Serialize` impl that fails (a custom error) yields the digest of its
+/// error message, so two sides failing alike still compare equal and a side
+/// failing differently does not.
 pub fn digest_of<T: Serialize + ?Sized>(value: &T) -> StateDigest {
-    // Placeholder until the order-independent serializer lands: hashes the
-    // canonical encoding, which is order-dependent for hash maps.
-    let bytes = crate::codec::encode(value).unwrap_or_default();
-    StateDigest(xxhash_rust::xxh3::xxh3_128(&bytes))
+    match value.serialize(DigestSerializer) {
+        Ok(d) => StateDigest(d),
+        Err(DigestError(msg)) => StateDigest(xxh3_128_with_seed(msg.as_bytes(), tag::ERROR as u64)),
+    }
+}
+
+/// Domain-separation tags: every kind of value hashes under its own seed.
+mod tag {
+    pub(super) const BOOL: u8 = 1;
+    pub(super) const I8: u8 = 2;
+    pub(super) const I16: u8 = 3;
+    pub(super) const I32: u8 = 4;
+    pub(super) const I64: u8 = 5;
+    pub(super) const I128: u8 = 6;
+    pub(super) const U8: u8 = 7;
+    pub(super) const U16: u8 = 8;
+    pub(super) const U32: u8 = 9;
+    pub(super) const U64: u8 = 10;
+    pub(super) const U128: u8 = 11;
+    pub(super) const F32: u8 = 12;
+    pub(super) const F64: u8 = 13;
+    pub(super) const CHAR: u8 = 14;
+    pub(super) const STR: u8 = 15;
+    pub(super) const BYTES: u8 = 16;
+    pub(super) const NONE: u8 = 17;
+    pub(super) const SOME: u8 = 18;
+    pub(super) const UNIT: u8 = 19;
+    pub(super) const UNIT_STRUCT: u8 = 20;
+    pub(super) const UNIT_VARIANT: u8 = 21;
+    pub(super) const NEWTYPE_STRUCT: u8 = 22;
+    pub(super) const NEWTYPE_VARIANT: u8 = 23;
+    pub(super) const SEQ: u8 = 24;
+    pub(super) const TUPLE: u8 = 25;
+    pub(super) const TUPLE_STRUCT: u8 = 26;
+    pub(super) const TUPLE_VARIANT: u8 = 27;
+    pub(super) const MAP: u8 = 28;
+    pub(super) const MAP_ENTRY: u8 = 29;
+    pub(super) const STRUCT: u8 = 30;
+    pub(super) const STRUCT_VARIANT: u8 = 31;
+    pub(super) const SET: u8 = 32;
+    pub(super) const FIELD: u8 = 33;
+    pub(super) const UNORDERED_FIELD: u8 = 34;
+    pub(super) const ERROR: u8 = 35;
+}
+
+fn leaf(tag: u8, bytes: &[u8]) -> u128 {
+    xxh3_128_with_seed(bytes, tag as u64)
+}
+
+/// A failing `Serialize` impl's message.
+#[derive(Debug)]
+struct DigestError(String);
+
+impl fmt::Display for DigestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for DigestError {}
+
+impl ser::Error for DigestError {
+    fn custom<T: fmt::Display>(msg: T) -> Self {
+        DigestError(msg.to_string())
+    }
+}
+
+/// Serializes one value into its 128-bit digest.
+struct DigestSerializer;
+
+/// Children hashed in order: sequences, tuples, structs, variants.
+struct Ordered {
+    hasher: Xxh3,
+    len: u64,
+}
+
+impl Ordered {
+    fn new(tag: u8) -> Self {
+        Ordered {
+            hasher: Xxh3::with_seed(tag as u64),
+            len: 0,
+        }
+    }
+
+    fn name(mut self, name: &str) -> Self {
+        self.hasher.update(&(name.len() as u64).to_le_bytes());
+        self.hasher.update(name.as_bytes());
+        self
+    }
+
+    fn variant(self, name: &str, index: u32, variant: &str) -> Self {
+        let mut this = self.name(name).name(variant);
+        this.hasher.update(&index.to_le_bytes());
+        this
+    }
+
+    fn child<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), DigestError> {
+        let d = value.serialize(DigestSerializer)?;
+        self.hasher.update(&d.to_le_bytes());
+        self.len += 1;
+        Ok(())
+    }
+
+    fn named_child<T: Serialize + ?Sized>(&mut self, key: &str, value: &T) -> Result<(), DigestError> {
+        self.hasher.update(&(key.len() as u64).to_le_bytes());
+        self.hasher.update(key.as_bytes());
+        self.child(value)
+    }
+
+    fn finish(mut self) -> u128 {
+        self.hasher.update(&self.len.to_le_bytes());
+        self.hasher.digest128()
+    }
+}
+
+/// Children combined commutatively: maps and sets.
+struct Unordered {
+    tag: u8,
+    sum: u128,
+    len: u64,
+}
+
+impl Unordered {
+    fn new(tag: u8) -> Self {
+        Unordered { tag, sum: 0, len: 0 }
+    }
+
+    fn add(&mut self, digest: u128) {
+        self.sum = self.sum.wrapping_add(digest);
+        self.len += 1;
+    }
+
+    fn finish(self) -> u128 {
+        let mut bytes = [0u8; 24];
+        bytes[..16].copy_from_slice(&self.sum.to_le_bytes());
+        bytes[16..].copy_from_slice(&self.len.to_le_bytes());
+        leaf(self.tag, &bytes)
+    }
+}
+
+/// A map being digested: the pending key's digest, then entries summed.
+struct MapDigest {
+    entries: Unordered,
+    key: Option<u128>,
+}
+
+impl MapDigest {
+    fn entry(&mut self, key: u128, value: u128) {
+        let mut bytes = [0u8; 32];
+        bytes[..16].copy_from_slice(&key.to_le_bytes());
+        bytes[16..].copy_from_slice(&value.to_le_bytes());
+        self.entries.add(leaf(tag::MAP_ENTRY, &bytes));
+    }
+}
+
+impl ser::Serializer for DigestSerializer {
+    type Ok = u128;
+    type Error = DigestError;
+    type SerializeSeq = Ordered;
+    type SerializeTuple = Ordered;
+    type SerializeTupleStruct = Ordered;
+    type SerializeTupleVariant = Ordered;
+    type SerializeMap = MapDigest;
+    type SerializeStruct = Ordered;
+    type SerializeStructVariant = Ordered;
+
+    // Same as the binary codec, so types with a compact form use it.
+    fn is_human_readable(&self) -> bool {
+        false
+    }
+
+    fn serialize_bool(self, v: bool) -> Result<u128, DigestError> {
+        Ok(leaf(tag::BOOL, &[v as u8]))
+    }
+    fn serialize_i8(self, v: i8) -> Result<u128, DigestError> {
+        Ok(leaf(tag::I8, &v.to_le_bytes()))
+    }
+    fn serialize_i16(self, v: i16) -> Result<u128, DigestError> {
+        Ok(leaf(tag::I16, &v.to_le_bytes()))
+    }
+    fn serialize_i32(self, v: i32) -> Result<u128, DigestError> {
+        Ok(leaf(tag::I32, &v.to_le_bytes()))
+    }
+    fn serialize_i64(self, v: i64) -> Result<u128, DigestError> {
+        Ok(leaf(tag::I64, &v.to_le_bytes()))
+    }
+    fn serialize_i128(self, v: i128) -> Result<u128, DigestError> {
+        Ok(leaf(tag::I128, &v.to_le_bytes()))
+    }
+    fn serialize_u8(self, v: u8) -> Result<u128, DigestError> {
+        Ok(leaf(tag::U8, &v.to_le_bytes()))
+    }
+    fn serialize_u16(self, v: u16) -> Result<u128, DigestError> {
+        Ok(leaf(tag::U16, &v.to_le_bytes()))
+    }
+    fn serialize_u32(self, v: u32) -> Result<u128, DigestError> {
+        Ok(leaf(tag::U32, &v.to_le_bytes()))
+    }
+    fn serialize_u64(self, v: u64) -> Result<u128, DigestError> {
+        Ok(leaf(tag::U64, &v.to_le_bytes()))
+    }
+    fn serialize_u128(self, v: u128) -> Result<u128, DigestError> {
+        Ok(leaf(tag::U128, &v.to_le_bytes()))
+    }
+    fn serialize_f32(self, v: f32) -> Result<u128, DigestError> {
+        Ok(leaf(tag::F32, &v.to_bits().to_le_bytes()))
+    }
+    fn serialize_f64(self, v: f64) -> Result<u128, DigestError> {
+        Ok(leaf(tag::F64, &v.to_bits().to_le_bytes()))
+    }
+    fn serialize_char(self, v: char) -> Result<u128, DigestError> {
+        Ok(leaf(tag::CHAR, &u32::from(v).to_le_bytes()))
+    }
+    fn serialize_str(self, v: &str) -> Result<u128, DigestError> {
+        Ok(leaf(tag::STR, v.as_bytes()))
+    }
+    fn serialize_bytes(self, v: &[u8]) -> Result<u128, DigestError> {
+        Ok(leaf(tag::BYTES, v))
+    }
+    fn serialize_none(self) -> Result<u128, DigestError> {
+        Ok(leaf(tag::NONE, &[]))
+    }
+    fn serialize_some<T: Serialize + ?Sized>(self, value: &T) -> Result<u128, DigestError> {
+        let mut o = Ordered::new(tag::SOME);
+        o.child(value)?;
+        Ok(o.finish())
+    }
+    fn serialize_unit(self) -> Result<u128, DigestError> {
+        Ok(leaf(tag::UNIT, &[]))
+    }
+    fn serialize_unit_struct(self, name: &'static str) -> Result<u128, DigestError> {
+        Ok(Ordered::new(tag::UNIT_STRUCT).name(name).finish())
+    }
+    fn serialize_unit_variant(
+        self,
+        name: &'static str,
+        index: u32,
+        variant: &'static str,
+    ) -> Result<u128, DigestError> {
+        Ok(Ordered::new(tag::UNIT_VARIANT).variant(name, index, variant).finish())
+    }
+    fn serialize_newtype_struct<T: Serialize + ?Sized>(
+        self,
+        name: &'static str,
+        value: &T,
+    ) -> Result<u128, DigestError> {
+        let mut o = Ordered::new(tag::NEWTYPE_STRUCT).name(name);
+        o.child(value)?;
+        Ok(o.finish())
+    }
+    fn serialize_newtype_variant<T: Serialize + ?Sized>(
+        self,
+        name: &'static str,
+        index: u32,
+        variant: &'static str,
+        value: &T,
+    ) -> Result<u128, DigestError> {
+        let mut o = Ordered::new(tag::NEWTYPE_VARIANT).variant(name, index, variant);
+        o.child(value)?;
+        Ok(o.finish())
+    }
+    fn serialize_seq(self, _len: Option<usize>) -> Result<Ordered, DigestError> {
+        Ok(Ordered::new(tag::SEQ))
+    }
+    fn serialize_tuple(self, _len: usize) -> Result<Ordered, DigestError> {
+        Ok(Ordered::new(tag::TUPLE))
+    }
+    fn serialize_tuple_struct(self, name: &'static str, _len: usize) -> Result<Ordered, DigestError> {
+        Ok(Ordered::new(tag::TUPLE_STRUCT).name(name))
+    }
+    fn serialize_tuple_variant(
+        self,
+        name: &'static str,
+        index: u32,
+        variant: &'static str,
+        _len: usize,
+    ) -> Result<Ordered, DigestError> {
+        Ok(Ordered::new(tag::TUPLE_VARIANT).variant(name, index, variant))
+    }
+    fn serialize_map(self, _len: Option<usize>) -> Result<MapDigest, DigestError> {
+        Ok(MapDigest {
+            entries: Unordered::new(tag::MAP),
+            key: None,
+        })
+    }
+    fn serialize_struct(self, name: &'static str, _len: usize) -> Result<Ordered, DigestError> {
+        Ok(Ordered::new(tag::STRUCT).name(name))
+    }
+    fn serialize_struct_variant(
+        self,
+        name: &'static str,
+        index: u32,
+        variant: &'static str,
+        _len: usize,
+    ) -> Result<Ordered, DigestError> {
+        Ok(Ordered::new(tag::STRUCT_VARIANT).variant(name, index, variant))
+    }
+}
+
+impl ser::SerializeSeq for Ordered {
+    type Ok = u128;
+    type Error = DigestError;
+    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), DigestError> {
+        self.child(value)
+    }
+    fn end(self) -> Result<u128, DigestError> {
+        Ok(self.finish())
+    }
+}
+
+impl ser::SerializeTuple for Ordered {
+    type Ok = u128;
+    type Error = DigestError;
+    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), DigestError> {
+        self.child(value)
+    }
+    fn end(self) -> Result<u128, DigestError> {
+        Ok(self.finish())
+    }
+}
+
+impl ser::SerializeTupleStruct for Ordered {
+    type Ok = u128;
+    type Error = DigestError;
+    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), DigestError> {
+        self.child(value)
+    }
+    fn end(self) -> Result<u128, DigestError> {
+        Ok(self.finish())
+    }
+}
+
+impl ser::SerializeTupleVariant for Ordered {
+    type Ok = u128;
+    type Error = DigestError;
+    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), DigestError> {
+        self.child(value)
+    }
+    fn end(self) -> Result<u128, DigestError> {
+        Ok(self.finish())
+    }
+}
+
+impl ser::SerializeStruct for Ordered {
+    type Ok = u128;
+    type Error = DigestError;
+    fn serialize_field<T: Serialize + ?Sized>(&mut self, key: &'static str, value: &T) -> Result<(), DigestError> {
+        self.named_child(key, value)
+    }
+    fn skip_field(&mut self, key: &'static str) -> Result<(), DigestError> {
+        // A skipped field still marks its place, so `None`-skipping differs from absent.
+        self.hasher.update(&[0xff]);
+        self.hasher.update(&(key.len() as u64).to_le_bytes());
+        self.hasher.update(key.as_bytes());
+        Ok(())
+    }
+    fn end(self) -> Result<u128, DigestError> {
+        Ok(self.finish())
+    }
+}
+
+impl ser::SerializeStructVariant for Ordered {
+    type Ok = u128;
+    type Error = DigestError;
+    fn serialize_field<T: Serialize + ?Sized>(&mut self, key: &'static str, value: &T) -> Result<(), DigestError> {
+        self.named_child(key, value)
+    }
+    fn end(self) -> Result<u128, DigestError> {
+        Ok(self.finish())
+    }
+}
+
+impl ser::SerializeMap for MapDigest {
+    type Ok = u128;
+    type Error = DigestError;
+    fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> Result<(), DigestError> {
+        self.key = Some(key.serialize(DigestSerializer)?);
+        Ok(())
+    }
+    fn serialize_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), DigestError> {
+        let key = self
+            .key
+            .take()
+            .ok_or_else(|| DigestError("serialize_value called before serialize_key".into()))?;
+        let value = value.serialize(DigestSerializer)?;
+        self.entry(key, value);
+        Ok(())
+    }
+    fn end(self) -> Result<u128, DigestError> {
+        Ok(self.entries.finish())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+    use proptest::prelude::*;
+
+    #[test]
+    fn hash_map_order_does_not_matter() {
+        let pairs: Vec<(String, u64)> = (0..200).map(|i| (format!("k{i}"), i * 7)).collect();
+        let forward: HashMap<_, _> = pairs.iter().cloned().collect();
+        // A map with a different capacity and insertion order iterates differently.
+        let mut backward = HashMap::with_capacity(4096);
+        for (k, v) in pairs.iter().rev() {
+            backward.insert(k.clone(), *v);
+        }
+        assert_ne!(
+            forward.keys().collect::<Vec<_>>(),
+            backward.keys().collect::<Vec<_>>(),
+            "test needs two iteration orders"
+        );
+        assert_eq!(digest_of(&forward), digest_of(&backward));
+        let sorted: BTreeMap<_, _> = pairs.into_iter().collect();
+        assert_eq!(digest_of(&forward), digest_of(&sorted));
+    }
+
+    #[test]
+    fn nested_maps_are_order_independent() {
+        let mut a: HashMap<u32, HashMap<String, Vec<u8>>> = HashMap::new();
+        let mut b: HashMap<u32, HashMap<String, Vec<u8>>> = HashMap::with_capacity(1000);
+        for i in 0..50u32 {
+            for j in 0..10u32 {
+                a.entry(i).or_default().insert(format!("{j}"), vec![i as u8, j as u8]);
+            }
+        }
+        for i in (0..50u32).rev() {
+            for j in (0..10u32).rev() {
+                b.entry(i).or_default().insert(format!("{j}"), vec![i as u8, j as u8]);
+            }
+        }
+        assert_eq!(digest_of(&(1u8, &a)), digest_of(&(1u8, &b)));
+        b.get_mut(&3).unwrap().insert("4".into(), vec![0]);
+        assert_ne!(digest_of(&a), digest_of(&b));
+    }
+
+    #[test]
+    fn sequences_are_ordered() {
+        assert_ne!(digest_of(&vec![1u32, 2]), digest_of(&vec![2u32, 1]));
+        assert_ne!(digest_of(&(1u32, 2u32)), digest_of(&(2u32, 1u32)));
+    }
+
+    #[test]
+    fn map_entries_are_bound_to_their_keys() {
+        // Same keys and same values, paired differently.
+        let a: BTreeMap<u8, u8> = [(1, 10), (2, 20)].into();
+        let b: BTreeMap<u8, u8> = [(1, 20), (2, 10)].into();
+        assert_ne!(digest_of(&a), digest_of(&b));
+        // Map vs the sequence of its entries.
+        let pairs: Vec<(u8, u8)> = a.clone().into_iter().collect();
+        assert_ne!(digest_of(&a), digest_of(&pairs));
+    }
+
+    #[test]
+    fn distinct_shapes_are_distinct() {
+        let values = [
+            digest_of(&0u32),
+            digest_of(&0u64),
+            digest_of(&0i32),
+            digest_of(&false),
+            digest_of(&()),
+            digest_of(&None::<u32>),
+            digest_of(&Some(0u32)),
+            digest_of(&Some(None::<u32>)),
+            digest_of(""),
+            digest_of(&Vec::<u8>::new()),
+            digest_of(&BTreeMap::<u8, u8>::new()),
+            digest_of(&vec![String::new()]),
+            digest_of(&(String::new(), String::new())),
+            digest_of("ab"),
+            digest_of(&("a", "b")),
+            digest_of(&0.0f64),
+            digest_of(&-0.0f64),
+        ];
+        let unique: HashSet<u128> = values.iter().map(|d| d.0).collect();
+        assert_eq!(unique.len(), values.len(), "{values:?}");
+    }
+
+    #[derive(Serialize)]
+    enum Shape {
+        Unit,
+        Newtype(u32),
+        Tuple(u32, u32),
+        Struct { a: u32, b: u32 },
+    }
+
+    #[derive(Serialize)]
+    struct Pair {
+        a: u32,
+        b: u32,
+    }
+
+    #[test]
+    fn enums_and_structs_are_structural() {
+        let shapes = [
+            digest_of(&Shape::Unit),
+            digest_of(&Shape::Newtype(1)),
+            digest_of(&Shape::Newtype(2)),
+            digest_of(&Shape::Tuple(1, 2)),
+            digest_of(&Shape::Tuple(2, 1)),
+            digest_of(&Shape::Struct { a: 1, b: 2 }),
+            digest_of(&Shape::Struct { a: 2, b: 1 }),
+            digest_of(&Pair { a: 1, b: 2 }),
+            digest_of(&(1u32, 2u32)),
+        ];
+        let unique: HashSet<u128> = shapes.iter().map(|d| d.0).collect();
+        assert_eq!(unique.len(), shapes.len());
+        assert_eq!(digest_of(&Shape::Tuple(1, 2)), digest_of(&Shape::Tuple(1, 2)));
+    }
+
+    struct Failing(&'static str);
+
+    impl Serialize for Failing {
+        fn serialize<S: ser::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+            Err(ser::Error::custom(self.0))
+        }
+    }
+
+    #[test]
+    fn failing_serialize_digests_its_error() {
+        assert_eq!(digest_of(&Failing("x")), digest_of(&Failing("x")));
+        assert_ne!(digest_of(&Failing("x")), digest_of(&Failing("y")));
+        assert_ne!(digest_of(&Failing("x")), digest_of("x"));
+    }
+
+    #[test]
+    fn digester_fields() {
+        let digest = |name: &str, v: u32| {
+            let mut d = Digester::new();
+            d.field(name, &v);
+            d.finish()
+        };
+        assert_eq!(digest("a", 1), digest("a", 1));
+        assert_ne!(digest("a", 1), digest("b", 1));
+        assert_ne!(digest("a", 1), digest("a", 2));
+        // Field boundaries are unambiguous.
+        let mut ab = Digester::new();
+        ab.field("ab", "");
+        ab.field("c", "");
+        let mut a_bc = Digester::new();
+        a_bc.field("a", "");
+        a_bc.field("bc", "");
+        assert_ne!(ab.finish(), a_bc.finish());
+    }
+
+    #[test]
+    fn unordered_field_ignores_set_order() {
+        let set = |items: &[u64], cap: usize| {
+            let mut s = HashSet::with_capacity(cap);
+            s.extend(items.iter().copied());
+            let mut d = Digester::new();
+            d.unordered_field("s", &s);
+            d.finish()
+        };
+        let items: Vec<u64> = (0..300).collect();
+        let rev: Vec<u64> = items.iter().rev().copied().collect();
+        assert_eq!(set(&items, 0), set(&rev, 5000));
+        assert_ne!(set(&items, 0), set(&items[1..], 0));
+        let sorted: BTreeSet<u64> = items.iter().copied().collect();
+        let mut d = Digester::new();
+        d.unordered_field("s", &sorted);
+        assert_eq!(d.finish(), set(&items, 0));
+        // Unordered differs from ordered for the same items.
+        let mut d = Digester::new();
+        d.field("s", &sorted);
+        assert_ne!(d.finish(), set(&items, 0));
+    }
+
+    proptest! {
+        #[test]
+        fn map_digest_is_insertion_order_independent(
+            entries in proptest::collection::vec((any::<u16>(), any::<i64>()), 0..64),
+            seed in any::<u64>(),
+        ) {
+            let forward: HashMap<u16, i64> = entries.iter().copied().collect();
+            let mut shuffled: Vec<(u16, i64)> = forward.iter().map(|(k, v)| (*k, *v)).collect();
+            // Deterministic shuffle from the seed.
+            let mut x = seed | 1;
+            for i in (1..shuffled.len()).rev() {
+                x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+                shuffled.swap(i, (x % (i as u64 + 1)) as usize);
+            }
+            let mut other = HashMap::with_capacity(shuffled.len() * 3);
+            other.extend(shuffled);
+            prop_assert_eq!(digest_of(&forward), digest_of(&other));
+        }
+
+        #[test]
+        fn different_maps_digest_differently(
+            a in proptest::collection::btree_map(any::<u8>(), any::<u8>(), 0..16),
+            b in proptest::collection::btree_map(any::<u8>(), any::<u8>(), 0..16),
+        ) {
+            prop_assert_eq!(a == b, digest_of(&a) == digest_of(&b));
+        }
+    }
 }
