@@ -94,27 +94,20 @@ pub enum ControlBody {
         /// Measured input rate (messages/s).
         input_rate: f64,
     },
-    /// Coordinator → source: stop at the next message boundary.
+    /// Coordinator → source and target: the source stops at the next message
+    /// boundary; the target takes over when the source reports `Stopped`.
     Stop {
         /// The owner epoch the target will take.
         next_epoch: u64,
     },
-    /// Source → coordinator and target: stopped at `position` (Pf); no
-    /// output will follow.
+    /// Source → coordinator and target: stopped at `position` (Pf) with
+    /// every output committed; no output will follow. The target replays to
+    /// Pf, compares digests, claims the sink and goes live.
     Stopped {
         /// Pf.
         position: Position,
         /// The source's state digest at Pf.
         digest: StateDigest,
-    },
-    /// Coordinator → target: replay to `position`, compare digests, go live.
-    Cutover {
-        /// Pf.
-        position: Position,
-        /// The source's digest at Pf.
-        digest: StateDigest,
-        /// The owner epoch the target takes.
-        epoch: u64,
     },
     /// Target → coordinator: live at `position`; `owner` now owns the service.
     Live {

@@ -470,7 +470,9 @@ impl ControlChannel for MemoryControl {
     type Reader = MemoryControlReader;
 
     async fn publish(&self, message: &ControlMessage) -> Result<(), MemoryError> {
-        let fault = lock(&self.shared.fault).as_ref().map_or(PublishFault::Pass, |f| f(message));
+        let fault = lock(&self.shared.fault)
+            .as_ref()
+            .map_or(PublishFault::Pass, |f| f(message));
         match fault {
             PublishFault::Pass => {}
             PublishFault::Fail => return Err(MemoryError::Unavailable),

@@ -65,7 +65,8 @@ impl<C: ControlChannel> Coordinator<C> {
     /// Runs one migration to completion, or rolls it back and returns the
     /// error. Progress (phase, replay lag, ETA) goes to `listener`.
     pub async fn migrate(&self, plan: &MigrationPlan, listener: &dyn ProgressListener) -> Result<MigrationReport> {
-        let span = info_span!("migrate", service = plan.service, migration = %plan.migration_id, strategy = %plan.strategy);
+        let span =
+            info_span!("migrate", service = plan.service, migration = %plan.migration_id, strategy = %plan.strategy);
         async move {
             let history = read_history(&*self.control, plan.service).await?;
             let epoch = owner_from(&history).map_or(1, |o| o.epoch + 1);
@@ -141,12 +142,7 @@ impl<C: ControlChannel> Coordinator<C> {
             }
         };
         let source_digest = facts.source_digest.expect("stop recorded the digest");
-        let cutover = ControlBody::Cutover {
-            position: facts.pf.clone(),
-            digest: source_digest,
-            epoch,
-        };
-        self.send(plan, cutover).await?;
+        // The target takes over on the source's Stopped; wait for it.
         listener.on_progress(&Progress {
             phase: ProgressPhase::Cutover,
             applied: 0,
@@ -394,6 +390,7 @@ impl<C: ControlChannel> Coordinator<C> {
         if has(&|b| matches!(b, ControlBody::Completed { .. } | ControlBody::Aborted { .. })) {
             return Ok(Recovered::AlreadyFinished);
         }
+        let stopped = has(&|b| matches!(b, ControlBody::Stopped { .. }));
         let prepare = history.iter().find_map(|m| match &m.body {
             ControlBody::Prepare { source, target } => Some((source.clone(), target.clone())),
             _ => None,
@@ -406,7 +403,13 @@ impl<C: ControlChannel> Coordinator<C> {
             strategy,
         };
         let plan = plan(Strategy::Ms2m);
-        if has(&|b| matches!(b, ControlBody::Live { .. })) {
+        let mut live = has(&|b| matches!(b, ControlBody::Live { .. }));
+        if stopped && !live {
+            // The target takes over on its own once the source stopped: give
+            // it the phase timeout before rolling back.
+            live = self.await_live(service, migration_id).await?;
+        }
+        if live {
             self.send(&plan, ControlBody::Release).await?;
             self.send(
                 &plan,
@@ -436,6 +439,24 @@ impl<C: ControlChannel> Coordinator<C> {
         }
         self.send(&plan, ControlBody::Aborted { reason }).await?;
         Ok(Recovered::Aborted)
+    }
+}
+
+impl<C: ControlChannel> Coordinator<C> {
+    /// Whether the target of `migration_id` announces `Live` within the phase timeout.
+    async fn await_live(&self, service: &'static str, migration_id: &str) -> Result<bool> {
+        let deadline = Instant::now() + self.config.phase_timeout;
+        while Instant::now() < deadline {
+            let history = read_history(&*self.control, service).await?;
+            if history
+                .iter()
+                .any(|m| m.migration_id == migration_id && matches!(m.body, ControlBody::Live { .. }))
+            {
+                return Ok(true);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(false)
     }
 }
 

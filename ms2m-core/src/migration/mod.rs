@@ -57,7 +57,9 @@ use crate::position::Position;
 pub enum MigrationError {
     /// Source and target disagree on the state at the cutover position:
     /// `apply` is not deterministic.
-    #[error("state digests differ at cutover: source {source_digest}, target {target_digest} (is apply deterministic?)")]
+    #[error(
+        "state digests differ at cutover: source {source_digest}, target {target_digest} (is apply deterministic?)"
+    )]
     DigestMismatch {
         /// Source's digest.
         source_digest: StateDigest,

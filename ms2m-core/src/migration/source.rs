@@ -93,7 +93,9 @@ where
     O: OutputSink,
 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SourceAgent").field("instance", &self.instance).finish_non_exhaustive()
+        f.debug_struct("SourceAgent")
+            .field("instance", &self.instance)
+            .finish_non_exhaustive()
     }
 }
 
@@ -214,7 +216,9 @@ where
     match m.body {
         ControlBody::Prepare { source, target } if source == me => {
             info!(migration = %m.migration_id, %target, "migration requested: taking checkpoint");
-            let stopped = migration.as_ref().is_some_and(|mig| mig.stopped && mig.id == m.migration_id);
+            let stopped = migration
+                .as_ref()
+                .is_some_and(|mig| mig.stopped && mig.id == m.migration_id);
             *migration = Some(Migration {
                 id: m.migration_id.clone(),
                 stopped,

@@ -44,9 +44,11 @@ fn aborted(reason: impl Into<String>) -> Error {
 }
 
 /// Waits as a standby for a migration naming `config.instance_id()` as its
-/// target, restores the checkpoint, replays behind the source, and returns
-/// the instance live at Pf, ready to [`run`](Instance::run) (or to
-/// [`run_source`](super::run_source) for the next migration).
+/// target, restores the checkpoint, replays behind the source, and when the
+/// source reports it stopped at Pf, replays to Pf, checks the digest, claims
+/// the output sink and returns the instance live at Pf, ready to
+/// [`run`](Instance::run) (or to [`SourceAgent`](super::SourceAgent) for the
+/// next migration).
 pub async fn run_target<S, L, St, O, C>(
     backends: Backends<L, St, O>,
     config: InstanceConfig,
@@ -75,6 +77,9 @@ where
             .collect();
         let mut commands = forward_control(&*control, S::NAME, true).await?;
         // 1. Wait for a migration naming us, then for its Restore command.
+        // Baselines stop the source before naming the target, so messages
+        // read before Prepare are kept and the migration's own are replayed.
+        let mut before = Vec::new();
         let migration_id = loop {
             let m = commands.recv().await.ok_or_else(|| aborted("control channel closed"))?;
             if let ControlBody::Prepare { target, .. } = &m.body {
@@ -82,9 +87,10 @@ where
                     break m.migration_id;
                 }
             }
+            before.push(m);
         };
         info!(migration = %migration_id, "selected as migration target");
-        let mut early = Vec::new();
+        let mut early: Vec<_> = before.into_iter().filter(|m| m.migration_id == migration_id).collect();
         let snapshot_id = loop {
             let m = next_for(&mut commands, &migration_id, options.phase_timeout, "restore command").await?;
             match m.body {
@@ -143,8 +149,18 @@ where
                 }
             }
             if let Some((pf, source_digest, epoch)) = replay.cutover.take() {
-                return cut_over(instance, &*control, &migration_id, &options, listener, replay, pf, source_digest, epoch)
-                    .await;
+                return cut_over(
+                    instance,
+                    &*control,
+                    &migration_id,
+                    &options,
+                    listener,
+                    replay,
+                    pf,
+                    source_digest,
+                    epoch,
+                )
+                .await;
             }
             let applied = instance.step().await?;
             replay.applied(applied as u64);
@@ -216,6 +232,8 @@ struct Replay {
     last_report: Instant,
     /// Replay-mode messages applied when the source stopped.
     replayed_at_stop: Option<u64>,
+    /// The owner epoch announced with the coordinator's Stop.
+    epoch: Option<u64>,
     cutover: Option<(Position, StateDigest, u64)>,
 }
 
@@ -238,6 +256,7 @@ impl Replay {
             window_source_total: instance.position().total(),
             last_report: now,
             replayed_at_stop: None,
+            epoch: None,
             cutover: None,
         }
     }
@@ -255,15 +274,18 @@ impl Replay {
                 self.source_position = position;
                 self.source_heard = true;
             }
-            ControlBody::Stopped { position, .. } => {
-                // Start replaying the final gap right away; going live still
-                // waits for the coordinator's Cutover.
-                instance.set_ceiling(Some(position.clone()));
-                self.source_position = position;
-                self.replayed_at_stop = Some(instance.stats().applied_replay);
+            ControlBody::Stop { next_epoch } if m.from == Role::Coordinator => {
+                self.epoch = Some(next_epoch);
             }
-            ControlBody::Cutover { position, digest, epoch } => {
-                self.replayed_at_stop.get_or_insert(instance.stats().applied_replay);
+            ControlBody::Stopped { position, digest } if m.from == Role::Source => {
+                // The source has committed everything below Pf and emits
+                // nothing more: replay the final gap and take over.
+                instance.set_ceiling(Some(position.clone()));
+                self.source_position = position.clone();
+                self.replayed_at_stop = Some(instance.stats().applied_replay);
+                let epoch = self
+                    .epoch
+                    .ok_or_else(|| aborted("the source stopped without a stop command"))?;
                 self.cutover = Some((position, digest, epoch));
             }
             ControlBody::Aborted { reason } => return Err(aborted(reason)),
@@ -324,10 +346,19 @@ where
 {
     if !pf.reaches(instance.position()) {
         let reason = format!("target is past the cutover position: {} > {pf}", instance.position());
-        publish(control, &message(S::NAME, migration_id, Role::Target, ControlBody::CutoverFailed {
-                reason: reason.clone(),
-                digest_mismatch: None,
-            })).await?;
+        publish(
+            control,
+            &message(
+                S::NAME,
+                migration_id,
+                Role::Target,
+                ControlBody::CutoverFailed {
+                    reason: reason.clone(),
+                    digest_mismatch: None,
+                },
+            ),
+        )
+        .await?;
         return Err(aborted(reason));
     }
     instance.replay_to(&pf, ProgressPhase::Cutover, listener).await?;

@@ -100,7 +100,11 @@ impl Cluster {
     /// The invariants every scenario ends with.
     fn check(&self, final_state: &Balances) {
         let input = self.input.lock().unwrap().clone();
-        assert_eq!(final_state, &reference_fold(&input).0, "final state differs from the reference fold");
+        assert_eq!(
+            final_state,
+            &reference_fold(&input).0,
+            "final state differs from the reference fold"
+        );
         let (missing, duplicated) = output_exactly_once(&input, &self.outputs());
         assert_eq!((missing, duplicated), (0, 0), "outputs lost or duplicated");
     }
@@ -336,13 +340,19 @@ async fn nondeterministic_apply_is_caught_by_the_digest_check_and_rolled_back() 
     let producer = cluster.produce_steady(2_000, Duration::from_millis(2));
     tokio::time::sleep(Duration::from_millis(30)).await;
     let coordinator = Coordinator::new(cluster.control.clone(), fast());
-    let err = coordinator.migrate(&plan(Strategy::Ms2m), &*no_progress()).await.unwrap_err();
+    let err = coordinator
+        .migrate(&plan(Strategy::Ms2m), &*no_progress())
+        .await
+        .unwrap_err();
     assert!(
         matches!(err, Error::Migration(MigrationError::DigestMismatch { .. })),
         "{err:?}"
     );
     let target_err = target.await.unwrap().unwrap_err();
-    assert!(matches!(target_err, Error::Migration(MigrationError::DigestMismatch { .. })));
+    assert!(matches!(
+        target_err,
+        Error::Migration(MigrationError::DigestMismatch { .. })
+    ));
     // The source resumed: it is the owner and processes everything exactly once.
     producer.await.unwrap();
     let end = cluster.log.end_position();
@@ -374,8 +384,11 @@ enum Kill {
     TargetDuringReplay,
     /// The target dies after claiming the sink, instead of announcing `Live`.
     TargetAtCutover,
-    /// The coordinator dies after the source stopped, before `Cutover`.
-    CoordinatorAfterStop,
+    /// The coordinator dies while publishing `Stop`: nothing was stopped.
+    CoordinatorBeforeStop,
+    /// The coordinator dies after the source stopped, and the target hangs
+    /// before announcing `Live`: a restarted coordinator rolls back.
+    CoordinatorAndTargetAtCutover,
     /// The coordinator dies after the target went live, before `Release`.
     CoordinatorAfterLive,
 }
@@ -383,13 +396,19 @@ enum Kill {
 async fn kill_scenario(kill: Kill) {
     let cluster = Cluster::new();
     cluster.produce_now(1_000);
+    let hook_hit = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hit_flag = hook_hit.clone();
     cluster.control.set_fault(move |m| {
         let hit = match kill {
             Kill::TargetDuringReplay => matches!(m.body, ControlBody::TargetProgress { .. }),
             Kill::TargetAtCutover => matches!(m.body, ControlBody::Live { .. }),
-            Kill::CoordinatorAfterStop => matches!(m.body, ControlBody::Cutover { .. }),
+            Kill::CoordinatorBeforeStop => matches!(m.body, ControlBody::Stop { .. }),
+            Kill::CoordinatorAndTargetAtCutover => matches!(m.body, ControlBody::Live { .. }),
             Kill::CoordinatorAfterLive => matches!(m.body, ControlBody::Release),
         };
+        if hit {
+            hit_flag.store(true, Ordering::SeqCst);
+        }
         match (hit, kill) {
             (false, _) => PublishFault::Pass,
             (true, Kill::TargetDuringReplay | Kill::TargetAtCutover) => PublishFault::Fail,
@@ -411,7 +430,10 @@ async fn kill_scenario(kill: Kill) {
     match kill {
         Kill::TargetDuringReplay | Kill::TargetAtCutover => {
             let err = migration.await.unwrap().unwrap_err();
-            assert!(matches!(err, Error::Migration(MigrationError::Timeout { .. })), "{err:?}");
+            assert!(
+                matches!(err, Error::Migration(MigrationError::Timeout { .. })),
+                "{err:?}"
+            );
             assert!(target.take().unwrap().await.unwrap().is_err(), "the target died");
             let resumed = cluster.has(|b| matches!(b, ControlBody::Resume { .. }));
             match kill {
@@ -419,15 +441,33 @@ async fn kill_scenario(kill: Kill) {
                 _ => assert!(resumed, "the stopped source is told to resume"),
             }
         }
-        Kill::CoordinatorAfterStop => {
+        Kill::CoordinatorBeforeStop => {
+            // Wait until the coordinator hangs publishing Stop, then kill it.
+            tokio::time::timeout(Duration::from_secs(20), async {
+                while !hook_hit.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+            .await
+            .expect("the coordinator reaches the stop");
+            migration.abort();
+            cluster.control.set_fault(|_| PublishFault::Pass);
+            let done = coordinator.recover("balances", &plan.migration_id).await.unwrap();
+            assert_eq!(done, Recovered::Aborted);
+            assert!(
+                target.take().unwrap().await.unwrap().is_err(),
+                "an aborted target must not go live"
+            );
+        }
+        Kill::CoordinatorAndTargetAtCutover => {
             cluster
                 .wait_for("stopped", |b| matches!(b, ControlBody::Stopped { .. }))
                 .await;
             migration.abort();
-            cluster.control.set_fault(|_| PublishFault::Pass);
+            target.take().unwrap().abort();
             let done = coordinator.recover("balances", &plan.migration_id).await.unwrap();
             assert_eq!(done, Recovered::RolledBack);
-            assert!(target.take().unwrap().await.unwrap().is_err(), "a rolled-back target must not go live");
+            cluster.control.set_fault(|_| PublishFault::Pass);
         }
         Kill::CoordinatorAfterLive => {
             cluster
@@ -481,8 +521,13 @@ async fn target_crash_after_stop_hands_ownership_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn coordinator_crash_after_stop_is_finished_by_a_new_coordinator() {
-    kill_scenario(Kill::CoordinatorAfterStop).await;
+async fn coordinator_crash_before_stop_is_aborted_by_a_new_coordinator() {
+    kill_scenario(Kill::CoordinatorBeforeStop).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_and_target_crash_at_cutover_is_rolled_back_by_a_new_coordinator() {
+    kill_scenario(Kill::CoordinatorAndTargetAtCutover).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -497,7 +542,10 @@ async fn zombie_source_is_fenced_after_the_handover() {
     let (_stop, stop_rx) = tokio::sync::oneshot::channel();
     let (source, target) = start::<Balances>(&cluster, stop_rx).await;
     let coordinator = Coordinator::new(cluster.control.clone(), fast());
-    coordinator.migrate(&plan(Strategy::Ms2m), &*no_progress()).await.unwrap();
+    coordinator
+        .migrate(&plan(Strategy::Ms2m), &*no_progress())
+        .await
+        .unwrap();
     let SourceExit::Released(mut zombie) = source.await.unwrap().unwrap() else {
         panic!("source should be released")
     };

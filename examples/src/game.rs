@@ -1,0 +1,234 @@
+//! Game sessions: a Flappy-Bird-like world per player.
+//!
+//! Each `Join` opens a session with a `board` of configurable size (the
+//! level a player is on: it is what makes the state large, as in the
+//! paper's evaluation); `Flap` and `Tick` move the bird with integer
+//! physics; passing a pipe scores a point and emits a `ScoreChanged`
+//! output; hitting the ground ends the session.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+
+use async_trait::async_trait;
+use ms2m_core::codec::Json;
+use ms2m_core::{ApplyContext, ServiceState, StatefulService};
+use serde::{Deserialize, Serialize};
+
+/// An input event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum GameEvent {
+    /// A player starts a session whose level has `board_bytes` bytes.
+    Join {
+        /// Player id.
+        player: u64,
+        /// Size of the level data kept in the session.
+        board_bytes: u32,
+    },
+    /// The player flaps: the bird goes up.
+    Flap {
+        /// Player id.
+        player: u64,
+    },
+    /// One frame of time: gravity and scrolling.
+    Tick {
+        /// Player id.
+        player: u64,
+    },
+}
+
+/// The output: a player's score changed (keyed by player).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScoreChanged {
+    /// Player id.
+    pub player: u64,
+    /// New score.
+    pub score: u64,
+    /// Input partition of the event that caused it.
+    pub partition: i32,
+    /// Input offset of the event that caused it.
+    pub offset: i64,
+}
+
+/// One player's session.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    /// Bird height.
+    pub y: i32,
+    /// Vertical speed.
+    pub vy: i32,
+    /// Horizontal distance travelled.
+    pub x: u64,
+    /// Pipes passed.
+    pub score: u64,
+    /// Whether the bird is still flying.
+    pub alive: bool,
+    /// Level data (deterministic bytes derived from the player id).
+    pub board: Vec<u8>,
+}
+
+/// The service state: every session.
+#[derive(Debug, Default, PartialEq, Eq, ServiceState)]
+#[state(version = 1)]
+pub struct GameSessions {
+    /// Sessions by player id.
+    pub sessions: HashMap<u64, Session>,
+    /// Events applied.
+    pub events: u64,
+}
+
+const PIPE_EVERY: u64 = 8;
+const CEILING: i32 = 100;
+
+fn board(player: u64, bytes: u32) -> Vec<u8> {
+    // xorshift: deterministic, cheap, not compressible.
+    let mut s = player.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..bytes)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s as u8
+        })
+        .collect()
+}
+
+/// What one event does to the sessions; returns the new score when it changed.
+/// Shared by the service and the reference fold: it is the game's rules.
+pub fn play(sessions: &mut HashMap<u64, Session>, event: &GameEvent) -> Option<(u64, u64)> {
+    match *event {
+        GameEvent::Join { player, board_bytes } => {
+            sessions.insert(
+                player,
+                Session {
+                    y: 50,
+                    alive: true,
+                    board: board(player, board_bytes),
+                    ..Session::default()
+                },
+            );
+            None
+        }
+        GameEvent::Flap { player } => {
+            let s = sessions.get_mut(&player).filter(|s| s.alive)?;
+            s.vy = 6;
+            None
+        }
+        GameEvent::Tick { player } => {
+            let s = sessions.get_mut(&player).filter(|s| s.alive)?;
+            s.y = (s.y + s.vy).min(CEILING);
+            s.vy -= 1;
+            s.x += 1;
+            if s.y <= 0 {
+                s.alive = false;
+                return None;
+            }
+            if s.x % PIPE_EVERY == 0 {
+                s.score += 1;
+                return Some((player, s.score));
+            }
+            None
+        }
+    }
+}
+
+#[async_trait]
+impl StatefulService for GameSessions {
+    const NAME: &'static str = "game-sessions";
+    type Message = GameEvent;
+    type Format = Json;
+    type Error = Infallible;
+
+    async fn apply(&mut self, event: GameEvent, ctx: &mut ApplyContext<'_>) -> Result<(), Infallible> {
+        self.events += 1;
+        if let Some((player, score)) = play(&mut self.sessions, &event) {
+            let out = ScoreChanged {
+                player,
+                score,
+                partition: ctx.partition(),
+                offset: ctx.offset(),
+            };
+            ctx.emit_keyed(player.to_be_bytes(), &out);
+        }
+        Ok(())
+    }
+}
+
+/// Deterministic workload: event `i` of a run with `players` players.
+/// Events of one player always go to the same partition (keyed by player),
+/// so per-player order is the log's order.
+pub fn event(i: u64, players: u64) -> GameEvent {
+    let player = (i.wrapping_mul(2_654_435_761)) % players.max(1);
+    if i % 3 == 0 {
+        GameEvent::Flap { player }
+    } else {
+        GameEvent::Tick { player }
+    }
+}
+
+/// The reference fold: the expected state and outputs `(partition, offset,
+/// player, score)` from the input, with no runtime involved. Input is
+/// `(partition, offset, event)` in any interleaving of partitions; each
+/// partition must be in offset order.
+pub fn reference_fold(input: &[(i32, i64, GameEvent)]) -> (GameSessions, Vec<(i32, i64, u64, u64)>) {
+    let mut state = GameSessions::default();
+    let mut outputs = Vec::new();
+    for (partition, offset, event) in input {
+        state.events += 1;
+        if let Some((player, score)) = play(&mut state.sessions, event) {
+            outputs.push((*partition, *offset, player, score));
+        }
+    }
+    (state, outputs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn birds_fly_score_and_crash() {
+        let mut sessions = HashMap::new();
+        play(
+            &mut sessions,
+            &GameEvent::Join {
+                player: 1,
+                board_bytes: 16,
+            },
+        );
+        assert_eq!(sessions[&1].board.len(), 16);
+        let mut scores = Vec::new();
+        for i in 0..200u64 {
+            let e = if i % 4 == 0 {
+                GameEvent::Flap { player: 1 }
+            } else {
+                GameEvent::Tick { player: 1 }
+            };
+            scores.extend(play(&mut sessions, &e));
+        }
+        assert!(!scores.is_empty());
+        // Without flapping the bird falls and the session ends.
+        for _ in 0..200 {
+            play(&mut sessions, &GameEvent::Tick { player: 1 });
+        }
+        assert!(!sessions[&1].alive);
+    }
+
+    #[test]
+    fn snapshot_roundtrip_and_digest() {
+        let mut state = GameSessions::default();
+        for p in 0..10 {
+            play(
+                &mut state.sessions,
+                &GameEvent::Join {
+                    player: p,
+                    board_bytes: 100,
+                },
+            );
+        }
+        let bytes = state.snapshot().unwrap();
+        let back = GameSessions::restore(1, &bytes).unwrap();
+        assert_eq!(back, state);
+        assert_eq!(back.digest(), state.digest());
+    }
+}

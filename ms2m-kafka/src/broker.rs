@@ -1,0 +1,347 @@
+//! Brokers: the embedded mock cluster, and [`KafkaCluster`], the handle
+//! every backend is built from.
+//!
+//! # The embedded broker and its limits
+//!
+//! With no `bootstrap.servers` configured, [`KafkaCluster::connect`] starts
+//! librdkafka's in-process mock cluster ([`EmbeddedBroker`]) and logs so.
+//! It needs no install and is what the demo and most tests use, but it is a
+//! test double, not Kafka:
+//!
+//! * each partition keeps at most ~5 MiB or 100,000 message sets; older data
+//!   is evicted silently (the snapshot store spreads chunks over many
+//!   partitions because of this, and detects eviction on read);
+//! * no CreateTopics API (topics are created through the mock's own API);
+//! * transactions are accepted but not enforced: a second producer with the
+//!   same `transactional.id` is not fenced, aborted records stay visible to
+//!   `read_committed` consumers, and transactional offset commits
+//!   (`send_offsets_to_transaction`) are not stored. The exactly-once sink
+//!   therefore also commits the position with a plain offset commit after
+//!   each transaction on the embedded broker (see [`KafkaSink`]).
+
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ms2m_core::sink::Delivery;
+use ms2m_core::Backends;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
+use rdkafka::mocking::MockCluster;
+use rdkafka::ClientConfig;
+use tracing::{debug, info};
+
+use crate::config::KafkaConfig;
+use crate::control::KafkaControl;
+use crate::error::{blocking, KafkaError, Result};
+use crate::log::KafkaLog;
+use crate::sink::KafkaSink;
+use crate::store::KafkaSnapshotStore;
+
+enum Command {
+    CreateTopic {
+        name: String,
+        partitions: i32,
+        reply: mpsc::Sender<std::result::Result<(), RdKafkaError>>,
+    },
+    Stop,
+}
+
+/// librdkafka's in-process mock cluster, owned by a dedicated thread (the
+/// mock handle is not `Send`). Stops when dropped.
+pub struct EmbeddedBroker {
+    bootstrap: String,
+    commands: Mutex<mpsc::Sender<Command>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for EmbeddedBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedBroker")
+            .field("bootstrap", &self.bootstrap)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EmbeddedBroker {
+    /// Starts a mock cluster with `brokers` brokers.
+    pub fn start(brokers: i32) -> Result<Self> {
+        let (cmd_tx, cmd_rx) = mpsc::channel::<Command>();
+        let (ready_tx, ready_rx) = mpsc::channel::<std::result::Result<String, String>>();
+        let thread = std::thread::Builder::new()
+            .name("ms2m-mock-cluster".into())
+            .spawn(move || {
+                let cluster = match MockCluster::new(brokers) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(cluster.bootstrap_servers()));
+                while let Ok(cmd) = cmd_rx.recv() {
+                    match cmd {
+                        Command::CreateTopic {
+                            name,
+                            partitions,
+                            reply,
+                        } => {
+                            let _ = reply.send(cluster.create_topic(&name, partitions, 1));
+                        }
+                        Command::Stop => break,
+                    }
+                }
+                drop(cluster);
+            })
+            .map_err(|e| KafkaError::Embedded(format!("cannot spawn the mock cluster thread: {e}")))?;
+        let bootstrap = ready_rx
+            .recv()
+            .map_err(|_| KafkaError::Embedded("mock cluster thread exited".into()))?
+            .map_err(KafkaError::Embedded)?;
+        Ok(Self {
+            bootstrap,
+            commands: Mutex::new(cmd_tx),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// The mock brokers' addresses.
+    pub fn bootstrap_servers(&self) -> &str {
+        &self.bootstrap
+    }
+
+    /// Creates a topic (blocking, but fast: the mock runs in process).
+    /// Returns `false` if it already existed.
+    pub fn create_topic(&self, name: &str, partitions: i32) -> Result<bool> {
+        let (tx, rx) = mpsc::channel();
+        self.commands
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(Command::CreateTopic {
+                name: name.to_string(),
+                partitions,
+                reply: tx,
+            })
+            .map_err(|_| KafkaError::Embedded("mock cluster stopped".into()))?;
+        match rx
+            .recv()
+            .map_err(|_| KafkaError::Embedded("mock cluster stopped".into()))?
+        {
+            Ok(()) => Ok(true),
+            Err(RdKafkaError::MockCluster(RDKafkaErrorCode::TopicAlreadyExists)) => Ok(false),
+            Err(e) => Err(KafkaError::Kafka {
+                operation: "create a topic on the mock cluster",
+                source: e,
+            }),
+        }
+    }
+}
+
+impl Drop for EmbeddedBroker {
+    fn drop(&mut self) {
+        let _ = self
+            .commands
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(Command::Stop);
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Broker {
+    bootstrap: String,
+    embedded: Option<EmbeddedBroker>,
+}
+
+/// A connection to a cluster (real, or the embedded mock) plus one
+/// service's [`KafkaConfig`]; builds the backends.
+///
+/// Cheap to clone; the embedded broker, if any, stops when the last clone
+/// is dropped.
+#[derive(Clone, Debug)]
+pub struct KafkaCluster {
+    broker: Arc<Broker>,
+    config: Arc<KafkaConfig>,
+}
+
+/// The message logged when no broker is configured.
+pub const EMBEDDED_NOTICE: &str = "no bootstrap.servers configured: using the embedded librdkafka mock cluster";
+
+impl KafkaCluster {
+    /// Connects to the configured `bootstrap.servers`, or, when none is
+    /// configured, starts the embedded mock cluster (and logs that it does).
+    ///
+    /// No network round trip happens here; clients connect lazily.
+    pub fn connect(config: KafkaConfig) -> Result<Self> {
+        let broker = match config.configured_bootstrap_servers() {
+            Some(servers) => {
+                debug!(bootstrap = servers, "using configured bootstrap.servers");
+                Broker {
+                    bootstrap: servers.to_string(),
+                    embedded: None,
+                }
+            }
+            None => {
+                let embedded = EmbeddedBroker::start(1)?;
+                info!(bootstrap = embedded.bootstrap_servers(), "{EMBEDDED_NOTICE}");
+                Broker {
+                    bootstrap: embedded.bootstrap_servers().to_string(),
+                    embedded: Some(embedded),
+                }
+            }
+        };
+        Ok(Self {
+            broker: Arc::new(broker),
+            config: Arc::new(config),
+        })
+    }
+
+    /// The same broker (and embedded cluster), configured for another
+    /// service. `config`'s own `bootstrap.servers` is ignored.
+    pub fn for_service(&self, config: KafkaConfig) -> Self {
+        Self {
+            broker: self.broker.clone(),
+            config: Arc::new(config),
+        }
+    }
+
+    /// The service configuration.
+    pub fn config(&self) -> &KafkaConfig {
+        &self.config
+    }
+
+    /// The bootstrap servers in use (the mock's, when embedded).
+    pub fn bootstrap_servers(&self) -> &str {
+        &self.broker.bootstrap
+    }
+
+    /// The embedded broker, if this cluster is the mock.
+    pub fn embedded(&self) -> Option<&EmbeddedBroker> {
+        self.broker.embedded.as_ref()
+    }
+
+    /// Whether this is the embedded mock cluster.
+    pub fn is_embedded(&self) -> bool {
+        self.broker.embedded.is_some()
+    }
+
+    /// A librdkafka configuration for this cluster: bootstrap servers plus
+    /// every passthrough setting of the service configuration.
+    pub fn client_config(&self) -> ClientConfig {
+        self.config.client_config(&self.broker.bootstrap)
+    }
+
+    /// Number of partitions of `topic`, `None` if it does not exist.
+    pub async fn partition_count(&self, topic: &str) -> Result<Option<i32>> {
+        let consumer: BaseConsumer = self
+            .client_config()
+            .create()
+            .map_err(KafkaError::kafka("create a metadata client"))?;
+        let topic = topic.to_string();
+        let timeout = self.config.timeout();
+        blocking(move || partition_count(&consumer, &topic, timeout)).await
+    }
+
+    /// Creates `topic` with `partitions` partitions and topic `settings`
+    /// (e.g. `cleanup.policy=compact`); an existing topic is left as it is.
+    /// Returns whether it was created. Waits until the topic is visible in
+    /// metadata.
+    ///
+    /// On the embedded broker topic settings are ignored (the mock has no
+    /// topic configuration).
+    pub async fn create_topic(&self, topic: &str, partitions: i32, settings: &[(&str, &str)]) -> Result<bool> {
+        let created = match self.embedded() {
+            Some(embedded) => embedded.create_topic(topic, partitions)?,
+            None => {
+                let admin: AdminClient<DefaultClientContext> = self
+                    .client_config()
+                    .create()
+                    .map_err(KafkaError::kafka("create an admin client"))?;
+                let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(self.replication_factor()));
+                for (k, v) in settings {
+                    new = new.set(k, v);
+                }
+                let opts = AdminOptions::new().operation_timeout(Some(self.config.timeout()));
+                let results = admin
+                    .create_topics([&new], &opts)
+                    .await
+                    .map_err(KafkaError::kafka("create a topic"))?;
+                match results.into_iter().next() {
+                    Some(Ok(_)) | None => true,
+                    Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => false,
+                    Some(Err((topic, code))) => return Err(KafkaError::CreateTopic { topic, code }),
+                }
+            }
+        };
+        if created {
+            info!(topic, partitions, "created topic");
+        }
+        // Wait until the topic is visible (metadata propagates asynchronously).
+        let deadline = Instant::now() + self.config.timeout();
+        loop {
+            if self.partition_count(topic).await?.is_some_and(|n| n > 0) {
+                return Ok(created);
+            }
+            if Instant::now() >= deadline {
+                return Err(KafkaError::Timeout {
+                    operation: "see a created topic in metadata",
+                    timeout: self.config.timeout(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn replication_factor(&self) -> i32 {
+        self.config.topic_replication_factor()
+    }
+
+    /// The input log over the configured input topics (or partitions).
+    pub async fn log(&self) -> Result<KafkaLog> {
+        KafkaLog::new(self).await
+    }
+
+    /// The snapshot store (creates its compacted topic if missing).
+    pub async fn snapshot_store(&self) -> Result<KafkaSnapshotStore> {
+        KafkaSnapshotStore::new(self).await
+    }
+
+    /// The output sink with the given guarantee.
+    pub async fn sink(&self, delivery: Delivery) -> Result<KafkaSink> {
+        KafkaSink::new(self, delivery).await
+    }
+
+    /// The control channel (creates its topic if missing).
+    pub async fn control(&self) -> Result<KafkaControl> {
+        KafkaControl::new(self).await
+    }
+
+    /// Log, snapshot store and sink, ready for
+    /// [`Instance::recover`](ms2m_core::Instance::recover).
+    pub async fn backends(&self, delivery: Delivery) -> Result<Backends<KafkaLog, KafkaSnapshotStore, KafkaSink>> {
+        Ok(Backends {
+            log: self.log().await?,
+            store: Arc::new(self.snapshot_store().await?),
+            sink: self.sink(delivery).await?,
+        })
+    }
+}
+
+/// Partition count of a topic from metadata (blocking).
+pub(crate) fn partition_count(consumer: &impl Consumer, topic: &str, timeout: Duration) -> Result<Option<i32>> {
+    let md = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(KafkaError::kafka("fetch metadata"))?;
+    Ok(md.topics().iter().find(|t| t.name() == topic).and_then(|t| {
+        if t.error().is_some() || t.partitions().is_empty() {
+            None
+        } else {
+            Some(t.partitions().len() as i32)
+        }
+    }))
+}

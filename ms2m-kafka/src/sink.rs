@@ -1,0 +1,356 @@
+//! [`KafkaSink`]: outputs produced to Kafka and committed with the input
+//! position that produced them.
+//!
+//! # Exactly-once ([`Delivery::ExactlyOnce`])
+//!
+//! A transactional producer with `transactional.id` = `{service}.tx`.
+//! `claim` calls `init_transactions`, which fences every earlier producer
+//! with that id (epoch bump) and aborts its open transaction. A transaction
+//! begins at the first output (or commit) after the previous commit;
+//! `commit(position)` adds the position as the group `{service}`'s offsets
+//! (`send_offsets_to_transaction`) and commits: outputs and position become
+//! visible together or not at all. Read outputs with
+//! `isolation.level=read_committed`.
+//!
+//! # At-least-once ([`Delivery::AtLeastOnce`])
+//!
+//! An idempotent producer (`enable.idempotence=true`: no duplicates from
+//! producer retries, per-partition order kept). `commit(position)` waits
+//! until every output sent so far is acknowledged, then commits the position
+//! as the group's offsets. **Duplicate window:** a crash after outputs were
+//! delivered but before the offset commit re-emits, on recovery, the outputs
+//! of every message applied since the last commit: at most
+//! `InstanceConfig::commit_every` messages or `commit_interval` worth. A
+//! crash never loses an output (offsets are committed only after delivery).
+//! `claim` fences nothing in this mode, and `abort` can only purge outputs
+//! not yet handed to the network.
+//!
+//! # On the embedded mock cluster
+//!
+//! The mock accepts the transactional protocol but stores no transactional
+//! offset commits, writes no commit/abort markers and never fences. So on
+//! the embedded broker the exactly-once sink additionally commits the
+//! position with a plain offset commit right after each transaction commits
+//! (otherwise recovery would find no position at all), and its guarantee is
+//! in effect at-least-once with the same window as above.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ms2m_core::sink::{Delivery, OutputSink};
+use ms2m_core::{OutputRecord, Position, TopicPartition};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, PurgeConfig};
+use rdkafka::{Offset, TopicPartitionList};
+use std::sync::Arc;
+use tracing::{debug, info, warn};
+
+use crate::broker::{partition_count, KafkaCluster};
+use crate::config::SetDefault;
+use crate::error::{blocking, KafkaError, Result};
+
+/// Outputs delivered before `commit` starts waiting for acknowledgements.
+const MAX_PENDING: usize = 100_000;
+
+/// An [`OutputSink`] producing to Kafka; see the module docs.
+pub struct KafkaSink {
+    delivery: Delivery,
+    cluster: KafkaCluster,
+    producer: FutureProducer,
+    /// Group `{service}`: commits offsets, reads committed offsets, and
+    /// supplies the group metadata for `send_offsets_to_transaction`. Never
+    /// joins the group.
+    group: Arc<BaseConsumer>,
+    /// At-least-once: deliveries not yet acknowledged.
+    pending: VecDeque<DeliveryFuture>,
+    /// Exactly-once: a transaction is open.
+    in_txn: bool,
+    claimed: bool,
+    /// Also commit offsets outside the transaction (embedded mock only).
+    plain_commit_after_txn: bool,
+}
+
+impl std::fmt::Debug for KafkaSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSink")
+            .field("delivery", &self.delivery)
+            .field("pending", &self.pending.len())
+            .field("in_txn", &self.in_txn)
+            .field("claimed", &self.claimed)
+            .finish_non_exhaustive()
+    }
+}
+
+fn offsets(position: &Position) -> Result<TopicPartitionList> {
+    let mut tpl = TopicPartitionList::new();
+    for (tp, o) in position.iter() {
+        tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(o))
+            .map_err(KafkaError::kafka("build the offsets to commit"))?;
+    }
+    Ok(tpl)
+}
+
+impl KafkaSink {
+    /// A sink for the cluster's service with the given guarantee.
+    pub async fn new(cluster: &KafkaCluster, delivery: Delivery) -> Result<Self> {
+        let config = cluster.config();
+        let mut pc = cluster.client_config();
+        pc.set("enable.idempotence", "true")
+            .set_default("acks", "all")
+            .set_default("linger.ms", "5");
+        if delivery == Delivery::ExactlyOnce {
+            pc.set("transactional.id", config.transactional_id())
+                .set_default("transaction.timeout.ms", "60000");
+        }
+        let producer: FutureProducer = pc.create().map_err(KafkaError::kafka("create the output producer"))?;
+        let mut gc = cluster.client_config();
+        gc.set("group.id", config.group_id())
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed");
+        let group: BaseConsumer = gc.create().map_err(KafkaError::kafka("create the offset committer"))?;
+        Ok(Self {
+            delivery,
+            cluster: cluster.clone(),
+            producer,
+            group: Arc::new(group),
+            pending: VecDeque::new(),
+            in_txn: false,
+            claimed: false,
+            plain_commit_after_txn: cluster.is_embedded(),
+        })
+    }
+
+    fn timeout(&self) -> Duration {
+        self.cluster.config().timeout()
+    }
+
+    fn begin(&mut self) -> Result<()> {
+        if self.delivery == Delivery::ExactlyOnce && !self.in_txn {
+            if !self.claimed {
+                return Err(KafkaError::Config(
+                    "exactly-once sink used before claim() (init_transactions)".into(),
+                ));
+            }
+            self.producer
+                .begin_transaction()
+                .map_err(KafkaError::kafka("begin a transaction"))?;
+            self.in_txn = true;
+        }
+        Ok(())
+    }
+
+    async fn await_oldest(&mut self) -> Result<()> {
+        if let Some(f) = self.pending.pop_front() {
+            match f.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => return Err(KafkaError::kafka("deliver an output")(e)),
+                Err(_) => return Err(KafkaError::kafka("deliver an output")(RdKafkaError::Canceled)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn commit_offsets_plain(&self, tpl: TopicPartitionList) -> Result<()> {
+        if tpl.count() == 0 {
+            return Ok(());
+        }
+        let group = self.group.clone();
+        blocking(move || {
+            group
+                .commit(&tpl, CommitMode::Sync)
+                .map_err(KafkaError::kafka("commit input offsets"))
+        })
+        .await
+    }
+
+    /// The input partitions whose committed offsets form the watermark.
+    async fn input_partitions(&self) -> Result<Vec<TopicPartition>> {
+        let config = self.cluster.config();
+        if let Some(explicit) = config.explicit_input_partitions() {
+            return Ok(explicit.to_vec());
+        }
+        let topics: Vec<String> = config.input_topics().to_vec();
+        let group = self.group.clone();
+        let timeout = self.timeout();
+        blocking(move || {
+            let mut out = Vec::new();
+            for topic in topics {
+                let n =
+                    partition_count(group.as_ref(), &topic, timeout)?.ok_or(KafkaError::UnknownTopic(topic.clone()))?;
+                let topic: Arc<str> = Arc::from(topic.as_str());
+                out.extend((0..n).map(|p| TopicPartition::new(topic.clone(), p)));
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl OutputSink for KafkaSink {
+    type Error = KafkaError;
+
+    fn delivery(&self) -> Delivery {
+        self.delivery
+    }
+
+    async fn claim(&mut self) -> Result<()> {
+        if self.delivery == Delivery::ExactlyOnce {
+            let producer = self.producer.clone();
+            let timeout = self.timeout();
+            blocking(move || {
+                producer.init_transactions(timeout).map_err(KafkaError::kafka(
+                    "initialize transactions (claim the transactional id)",
+                ))
+            })
+            .await?;
+            self.in_txn = false;
+            info!(transactional_id = %self.cluster.config().transactional_id(), "output sink claimed");
+        }
+        self.claimed = true;
+        Ok(())
+    }
+
+    async fn send(&mut self, output: OutputRecord) -> Result<()> {
+        self.begin()?;
+        let mut headers = OwnedHeaders::new_with_capacity(output.headers.len());
+        for (k, v) in &output.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(&v[..]),
+            });
+        }
+        loop {
+            let mut record = FutureRecord::<[u8], [u8]>::to(&output.topic)
+                .payload(&output.payload[..])
+                .headers(headers.clone());
+            if let Some(k) = &output.key {
+                record = record.key(&k[..]);
+            }
+            match self.producer.send_result(record) {
+                Ok(f) => {
+                    if self.delivery == Delivery::AtLeastOnce {
+                        self.pending.push_back(f);
+                        if self.pending.len() > MAX_PENDING {
+                            self.await_oldest().await?;
+                        }
+                    }
+                    return Ok(());
+                }
+                Err((RdKafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    if self.pending.is_empty() {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    } else {
+                        self.await_oldest().await?;
+                    }
+                }
+                Err((e, _)) => return Err(KafkaError::kafka("produce an output")(e)),
+            }
+        }
+    }
+
+    async fn commit(&mut self, position: &Position) -> Result<()> {
+        let tpl = offsets(position)?;
+        match self.delivery {
+            Delivery::AtLeastOnce => {
+                while !self.pending.is_empty() {
+                    self.await_oldest().await?;
+                }
+                self.commit_offsets_plain(tpl).await?;
+            }
+            Delivery::ExactlyOnce => {
+                self.begin()?;
+                let producer = self.producer.clone();
+                let cgm = self
+                    .group
+                    .group_metadata()
+                    .ok_or_else(|| KafkaError::Config("no consumer group metadata (group.id missing?)".into()))?;
+                let timeout = self.timeout();
+                let offsets = tpl.clone();
+                let result = blocking(move || {
+                    if offsets.count() > 0 {
+                        producer
+                            .send_offsets_to_transaction(&offsets, &cgm, timeout)
+                            .map_err(KafkaError::kafka("add the input position to the transaction"))?;
+                    }
+                    producer
+                        .commit_transaction(timeout)
+                        .map_err(KafkaError::kafka("commit the transaction"))
+                })
+                .await;
+                if let Err(e) = result {
+                    let abortable =
+                        matches!(e.rdkafka_error(), Some(RdKafkaError::Transaction(t)) if t.txn_requires_abort());
+                    if abortable {
+                        warn!(error = %e, "transaction failed; aborting it");
+                        let _ = self.abort().await;
+                    }
+                    return Err(e);
+                }
+                self.in_txn = false;
+                if self.plain_commit_after_txn {
+                    // The mock cluster drops transactional offset commits.
+                    self.commit_offsets_plain(tpl).await?;
+                }
+            }
+        }
+        debug!(%position, "outputs and position committed");
+        Ok(())
+    }
+
+    async fn abort(&mut self) -> Result<()> {
+        match self.delivery {
+            Delivery::ExactlyOnce => {
+                if self.in_txn {
+                    let producer = self.producer.clone();
+                    let timeout = self.timeout();
+                    blocking(move || {
+                        producer
+                            .abort_transaction(timeout)
+                            .map_err(KafkaError::kafka("abort the transaction"))
+                    })
+                    .await?;
+                    self.in_txn = false;
+                }
+            }
+            Delivery::AtLeastOnce => {
+                // Best effort: outputs already on the wire cannot be recalled.
+                self.producer.purge(PurgeConfig::default().queue());
+                for f in self.pending.drain(..) {
+                    let _ = f.await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn committed(&mut self) -> Result<Option<Position>> {
+        let partitions = self.input_partitions().await?;
+        if partitions.is_empty() {
+            return Ok(None);
+        }
+        let mut tpl = TopicPartitionList::new();
+        for tp in &partitions {
+            tpl.add_partition(&tp.topic, tp.partition);
+        }
+        let group = self.group.clone();
+        let timeout = self.timeout();
+        let committed = blocking(move || {
+            group
+                .committed_offsets(tpl, timeout)
+                .map_err(KafkaError::kafka("read committed offsets"))
+        })
+        .await?;
+        let position: Position = partitions
+            .into_iter()
+            .filter_map(|tp| match committed.find_partition(&tp.topic, tp.partition)?.offset() {
+                Offset::Offset(o) => Some((tp, o)),
+                _ => None,
+            })
+            .collect();
+        Ok((!position.is_empty()).then_some(position))
+    }
+}

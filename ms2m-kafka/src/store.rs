@@ -1,0 +1,574 @@
+//! [`KafkaSnapshotStore`]: snapshots on a compacted Kafka topic, in chunks.
+//!
+//! # Layout
+//!
+//! One topic per service (`{service}.snapshots`; several services may share
+//! a topic, every key starts with the service name). When the store creates
+//! the topic it sets `cleanup.policy=compact`.
+//!
+//! * A snapshot is split into chunks of [`chunk size`](crate::KafkaConfig::snapshot_chunk_size)
+//!   bytes (default 512 KiB, below the default `message.max.bytes`), keyed
+//!   `{service}/{id}/{index}`, spread round-robin over partitions `1..n`
+//!   (partition 0 too when the topic has a single partition).
+//! * When every chunk is acknowledged, a **manifest** keyed `{service}/{id}/m`
+//!   is written to partition 0, listing each chunk's partition, offset,
+//!   length and CRC-32C plus the total length and the CRC-32C of the whole.
+//!   A snapshot exists only once its manifest does, so a half-written
+//!   snapshot is never listed, never "latest".
+//! * `get` reads the manifest, then fetches exactly the listed offsets
+//!   (one consumer, all partitions in parallel, starting at each partition's
+//!   first chunk) and verifies every chunk and the whole. A missing, evicted,
+//!   replaced or damaged chunk is [`ErrorKind::Corrupt`](ms2m_core::ErrorKind::Corrupt):
+//!   the runtime then falls back to an older snapshot.
+//! * `delete` writes tombstones for the manifest, then every chunk; log
+//!   compaction removes them.
+//! * Ids: `1 +` the highest id this store has seen for the service in
+//!   partition 0 (manifests and tombstones), so ids grow with every `put`
+//!   as long as the newest manifest or its tombstone is retained.
+//!
+//! # Sizing on the embedded broker
+//!
+//! The mock cluster keeps at most ~5 MiB per partition and evicts the oldest
+//! data silently. With `n` partitions, snapshots of `S` bytes and `K` kept,
+//! chunks occupy about `(K + 1) · S / (n − 1)` per partition while a new
+//! snapshot is written, which must stay below 5 MiB: the default of 64
+//! partitions holds K = 2 snapshots of up to ~100 MiB. An evicted chunk is
+//! detected on read (offset below the partition's start, or a different key
+//! at the listed offset).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::{FuturesOrdered, StreamExt};
+use ms2m_core::snapshot::EncodedSnapshot;
+use ms2m_core::{SnapshotId, SnapshotStore};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info};
+
+use crate::broker::KafkaCluster;
+use crate::config::SetDefault;
+use crate::config::{DEFAULT_EMBEDDED_SNAPSHOT_PARTITIONS, DEFAULT_SNAPSHOT_PARTITIONS};
+use crate::error::{blocking, KafkaError, Result};
+
+const MANIFEST_FORMAT: u32 = 1;
+/// Chunks in flight at once while writing a snapshot.
+const WINDOW: usize = 32;
+
+/// The manifest of one snapshot (JSON, readable with any Kafka tool).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Manifest format version.
+    pub format: u32,
+    /// The service.
+    pub service: String,
+    /// The snapshot id.
+    pub id: SnapshotId,
+    /// Total encoded length.
+    pub total_len: u64,
+    /// CRC-32C of the whole encoding.
+    pub crc32c: u32,
+    /// Chunk size used.
+    pub chunk_size: u64,
+    /// `(partition, offset, length, crc32c)` of every chunk, in order.
+    pub chunks: Vec<(i32, i64, u32, u32)>,
+}
+
+#[derive(Debug, Default)]
+struct Catalog {
+    /// Next offset of partition 0 to scan.
+    next_offset: i64,
+    manifests: BTreeMap<SnapshotId, Manifest>,
+    max_id: SnapshotId,
+}
+
+/// A [`SnapshotStore`] on a compacted Kafka topic; see the module docs.
+pub struct KafkaSnapshotStore {
+    cluster: KafkaCluster,
+    topic: String,
+    service: String,
+    partitions: i32,
+    chunk_size: usize,
+    producer: FutureProducer,
+    /// Reads partition 0 (manifests); used by one refresh at a time.
+    scanner: Arc<BaseConsumer>,
+    catalog: Arc<Mutex<Catalog>>,
+    /// Serializes refreshes and id allocation.
+    refresh: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for KafkaSnapshotStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSnapshotStore")
+            .field("topic", &self.topic)
+            .field("service", &self.service)
+            .field("partitions", &self.partitions)
+            .field("chunk_size", &self.chunk_size)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl KafkaSnapshotStore {
+    /// Opens the store of the cluster's service, creating its topic
+    /// (compacted) if missing.
+    pub async fn new(cluster: &KafkaCluster) -> Result<Self> {
+        let config = cluster.config();
+        let topic = config.snapshot_topic();
+        let partitions = match cluster.partition_count(&topic).await? {
+            Some(n) => n,
+            None => {
+                let wanted = config.snapshot_partition_count().unwrap_or(if cluster.is_embedded() {
+                    DEFAULT_EMBEDDED_SNAPSHOT_PARTITIONS
+                } else {
+                    DEFAULT_SNAPSHOT_PARTITIONS
+                });
+                cluster
+                    .create_topic(&topic, wanted, &[("cleanup.policy", "compact")])
+                    .await?;
+                cluster
+                    .partition_count(&topic)
+                    .await?
+                    .ok_or_else(|| KafkaError::UnknownTopic(topic.clone()))?
+            }
+        };
+        let chunk_size = config.chunk_size();
+        let mut pc = cluster.client_config();
+        pc.set_default("acks", "all")
+            .set_default("linger.ms", "5")
+            .set_default("compression.type", "none")
+            .set_default("enable.idempotence", "false")
+            .set_default("message.max.bytes", (chunk_size + 64 * 1024).max(1_000_000).to_string())
+            .set_default("batch.size", (chunk_size + 64 * 1024).max(1_000_000).to_string())
+            .set_default("queue.buffering.max.kbytes", "262144");
+        let producer: FutureProducer = pc.create().map_err(KafkaError::kafka("create the snapshot producer"))?;
+        let mut cc = cluster.client_config();
+        // group.id is required by assign; this consumer never joins or commits.
+        cc.set("group.id", format!("{}.snapshot-reader", config.group_id()))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest")
+            .set_default("fetch.wait.max.ms", "50");
+        let scanner: BaseConsumer = cc.create().map_err(KafkaError::kafka("create the manifest reader"))?;
+        info!(topic, partitions, chunk_size, "snapshot store ready");
+        Ok(Self {
+            cluster: cluster.clone(),
+            topic,
+            service: config.service().to_string(),
+            partitions,
+            chunk_size,
+            producer,
+            scanner: Arc::new(scanner),
+            catalog: Arc::new(Mutex::new(Catalog::default())),
+            refresh: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The snapshot topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Partitions of the snapshot topic.
+    pub fn partitions(&self) -> i32 {
+        self.partitions
+    }
+
+    /// The manifest of a stored snapshot.
+    pub async fn manifest(&self, id: SnapshotId) -> Result<Manifest> {
+        let _guard = self.refresh.lock().await;
+        if let Some(m) = lock(&self.catalog).manifests.get(&id) {
+            return Ok(m.clone());
+        }
+        self.refresh_locked().await?;
+        lock(&self.catalog)
+            .manifests
+            .get(&id)
+            .cloned()
+            .ok_or(KafkaError::SnapshotNotFound(id))
+    }
+
+    fn chunk_partitions(&self) -> Vec<i32> {
+        if self.partitions <= 1 {
+            vec![0]
+        } else {
+            (1..self.partitions).collect()
+        }
+    }
+
+    fn manifest_key(&self, id: SnapshotId) -> String {
+        format!("{}/{id}/m", self.service)
+    }
+
+    fn chunk_key(&self, id: SnapshotId, index: usize) -> String {
+        format!("{}/{id}/{index}", self.service)
+    }
+
+    /// Reads partition 0 from where the last refresh stopped to its end.
+    /// Call with `self.refresh` held.
+    async fn refresh_locked(&self) -> Result<()> {
+        let scanner = self.scanner.clone();
+        let topic = self.topic.clone();
+        let prefix = format!("{}/", self.service);
+        let from = lock(&self.catalog).next_offset;
+        let timeout = self.cluster.config().timeout();
+        let (events, next) = blocking(move || scan_manifests(&scanner, &topic, &prefix, from, timeout)).await?;
+        let mut cat = lock(&self.catalog);
+        cat.next_offset = next;
+        for (id, event) in events {
+            cat.max_id = cat.max_id.max(id);
+            match event {
+                ManifestEvent::Written(m) => {
+                    cat.manifests.insert(id, m);
+                }
+                ManifestEvent::Gone => {
+                    cat.manifests.remove(&id);
+                }
+                ManifestEvent::Seen => {}
+            }
+        }
+        Ok(())
+    }
+
+    async fn produce(&self, partition: i32, key: &str, payload: Option<&[u8]>) -> Result<DeliveryFuture> {
+        loop {
+            let mut record = FutureRecord::<str, [u8]>::to(&self.topic).partition(partition).key(key);
+            if let Some(p) = payload {
+                record = record.payload(p);
+            }
+            match self.producer.send_result(record) {
+                Ok(f) => return Ok(f),
+                Err((RdKafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => return Err(KafkaError::kafka("produce a snapshot record")(e)),
+            }
+        }
+    }
+}
+
+async fn delivered(f: DeliveryFuture) -> Result<(i32, i64)> {
+    match f.await {
+        Ok(Ok(d)) => Ok((d.partition, d.offset)),
+        Ok(Err((e, _))) => Err(KafkaError::kafka("deliver a snapshot record")(e)),
+        Err(_) => Err(KafkaError::kafka("deliver a snapshot record")(RdKafkaError::Canceled)),
+    }
+}
+
+/// What a record of partition 0 says about a snapshot id.
+enum ManifestEvent {
+    /// The manifest was written.
+    Written(Manifest),
+    /// The manifest was deleted (tombstone) or is unreadable.
+    Gone,
+    /// A chunk key: the id is taken, nothing else.
+    Seen,
+}
+
+/// Scans partition 0 from `from` to its end (blocking). Returns the
+/// manifests and tombstones found, and the next offset to scan.
+fn scan_manifests(
+    consumer: &BaseConsumer,
+    topic: &str,
+    prefix: &str,
+    from: i64,
+    timeout: Duration,
+) -> Result<(Vec<(SnapshotId, ManifestEvent)>, i64)> {
+    let (low, high) = consumer
+        .fetch_watermarks(topic, 0, timeout)
+        .map_err(KafkaError::kafka("fetch snapshot topic watermarks"))?;
+    let start = from.max(low);
+    if start >= high {
+        return Ok((Vec::new(), start));
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Offset(start))
+        .map_err(KafkaError::kafka("assign the manifest partition"))?;
+    consumer
+        .assign(&tpl)
+        .map_err(KafkaError::kafka("assign the manifest partition"))?;
+    let mut events = Vec::new();
+    let mut next = start;
+    let deadline = Instant::now() + timeout;
+    while next < high {
+        if Instant::now() >= deadline {
+            return Err(KafkaError::Timeout {
+                operation: "read snapshot manifests",
+                timeout,
+            });
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Err(RdKafkaError::PartitionEOF(_))) => break,
+            Some(Err(e)) => return Err(KafkaError::kafka("read snapshot manifests")(e)),
+            Some(Ok(m)) => {
+                next = m.offset() + 1;
+                let Some(key) = m.key().and_then(|k| std::str::from_utf8(k).ok()) else {
+                    continue;
+                };
+                let Some(rest) = key.strip_prefix(prefix) else { continue };
+                let mut parts = rest.split('/');
+                let (Some(id), Some(kind), None) = (parts.next(), parts.next(), parts.next()) else {
+                    continue;
+                };
+                let Ok(id) = id.parse::<SnapshotId>() else { continue };
+                if kind != "m" {
+                    events.push((id, ManifestEvent::Seen));
+                    continue;
+                }
+                match m.payload() {
+                    None => events.push((id, ManifestEvent::Gone)),
+                    Some(p) => match serde_json::from_slice::<Manifest>(p) {
+                        Ok(manifest) if manifest.id == id && manifest.format == MANIFEST_FORMAT => {
+                            events.push((id, ManifestEvent::Written(manifest)))
+                        }
+                        // An unreadable manifest makes the snapshot invisible;
+                        // its id still counts as used.
+                        _ => events.push((id, ManifestEvent::Gone)),
+                    },
+                }
+            }
+        }
+    }
+    let _ = consumer.unassign();
+    Ok((events, next.max(start)))
+}
+
+/// Fetches and verifies every chunk of `manifest` (blocking).
+fn fetch_chunks(
+    consumer: &BaseConsumer,
+    topic: &str,
+    service: &str,
+    manifest: &Manifest,
+    timeout: Duration,
+) -> Result<Bytes> {
+    let id = manifest.id;
+    let total: u64 = manifest.chunks.iter().map(|c| c.2 as u64).sum();
+    if total != manifest.total_len {
+        return Err(KafkaError::corrupt(
+            id,
+            format!("chunk lengths add up to {total}, manifest says {}", manifest.total_len),
+        ));
+    }
+    // Where each chunk goes in the reassembled buffer, and what to expect per partition.
+    let mut starts = Vec::with_capacity(manifest.chunks.len());
+    let mut acc = 0usize;
+    let mut expected: HashMap<i32, VecDeque<(i64, usize)>> = HashMap::new();
+    for (i, &(p, o, len, _)) in manifest.chunks.iter().enumerate() {
+        starts.push(acc);
+        acc += len as usize;
+        expected.entry(p).or_default().push_back((o, i));
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (p, list) in expected.iter_mut() {
+        list.make_contiguous().sort_unstable();
+        let (first, _) = list[0];
+        let (last, last_index) = *list.back().expect("non-empty");
+        let (low, high) = consumer
+            .fetch_watermarks(topic, *p, timeout)
+            .map_err(KafkaError::kafka("fetch snapshot topic watermarks"))?;
+        if first < low {
+            return Err(KafkaError::corrupt(
+                id,
+                format!("chunk at {topic}/{p}@{first} was deleted or evicted (partition now starts at {low})"),
+            ));
+        }
+        if last >= high {
+            return Err(KafkaError::corrupt(
+                id,
+                format!("chunk {last_index} at {topic}/{p}@{last} is beyond the partition's end ({high})"),
+            ));
+        }
+        tpl.add_partition_offset(topic, *p, Offset::Offset(first))
+            .map_err(KafkaError::kafka("assign snapshot partitions"))?;
+    }
+    consumer
+        .assign(&tpl)
+        .map_err(KafkaError::kafka("assign snapshot partitions"))?;
+    let mut buf = vec![0u8; manifest.total_len as usize];
+    let mut remaining = manifest.chunks.len();
+    let mut last_progress = Instant::now();
+    while remaining > 0 {
+        if last_progress.elapsed() >= timeout {
+            return Err(KafkaError::Timeout {
+                operation: "read snapshot chunks",
+                timeout,
+            });
+        }
+        let m = match consumer.poll(Duration::from_millis(100)) {
+            None => continue,
+            Some(Err(RdKafkaError::PartitionEOF(_))) => continue,
+            Some(Err(e)) => {
+                return Err(match e.rdkafka_error_code() {
+                    Some(RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange) => {
+                        KafkaError::corrupt(id, "a chunk was evicted while it was being read")
+                    }
+                    _ => KafkaError::kafka("read snapshot chunks")(e),
+                })
+            }
+            Some(Ok(m)) => m,
+        };
+        let p = m.partition();
+        let Some(list) = expected.get_mut(&p) else { continue };
+        // Offsets listed in the manifest that were skipped are gone.
+        let Some(&(o, i)) = list.front() else { continue };
+        if o < m.offset() {
+            return Err(KafkaError::corrupt(
+                id,
+                format!("chunk {i} at {topic}/{p}@{o} is missing (compacted or deleted)"),
+            ));
+        }
+        if o != m.offset() {
+            continue;
+        }
+        list.pop_front();
+        let (_, _, len, crc) = manifest.chunks[i];
+        let want_key = format!("{service}/{id}/{i}");
+        if m.key() != Some(want_key.as_bytes()) {
+            return Err(KafkaError::corrupt(
+                id,
+                format!("{topic}/{p}@{o} holds another record than chunk {i}"),
+            ));
+        }
+        let Some(payload) = m.payload() else {
+            return Err(KafkaError::corrupt(id, format!("chunk {i} was deleted (tombstone)")));
+        };
+        if payload.len() != len as usize || crc32c::crc32c(payload) != crc {
+            return Err(KafkaError::corrupt(
+                id,
+                format!("chunk {i} at {topic}/{p}@{o} fails its checksum"),
+            ));
+        }
+        buf[starts[i]..starts[i] + len as usize].copy_from_slice(payload);
+        remaining -= 1;
+        last_progress = Instant::now();
+    }
+    let _ = consumer.unassign();
+    let actual = crc32c::crc32c(&buf);
+    if actual != manifest.crc32c {
+        return Err(KafkaError::corrupt(
+            id,
+            format!(
+                "reassembled snapshot hashes to {actual:#010x}, manifest says {:#010x}",
+                manifest.crc32c
+            ),
+        ));
+    }
+    Ok(Bytes::from(buf))
+}
+
+#[async_trait]
+impl SnapshotStore for KafkaSnapshotStore {
+    type Error = KafkaError;
+
+    async fn put(&self, snapshot: &EncodedSnapshot) -> Result<SnapshotId> {
+        let id = {
+            let _guard = self.refresh.lock().await;
+            self.refresh_locked().await?;
+            let mut cat = lock(&self.catalog);
+            cat.max_id += 1;
+            cat.max_id
+        };
+        let started = Instant::now();
+        let parts = self.chunk_partitions();
+        let rotate = id as usize % parts.len();
+        let mut chunks: Vec<(i32, i64, u32, u32)> = Vec::new();
+        let mut whole = 0u32;
+        let mut in_flight: FuturesOrdered<_> = FuturesOrdered::new();
+        let mut meta: VecDeque<(u32, u32)> = VecDeque::new();
+        for (i, chunk) in snapshot.chunks(self.chunk_size).enumerate() {
+            let partition = parts[(rotate + i) % parts.len()];
+            let crc = crc32c::crc32c(&chunk);
+            whole = crc32c::crc32c_append(whole, &chunk);
+            let f = self.produce(partition, &self.chunk_key(id, i), Some(&chunk)).await?;
+            in_flight.push_back(delivered(f));
+            meta.push_back((chunk.len() as u32, crc));
+            if in_flight.len() >= WINDOW {
+                let (p, o) = in_flight.next().await.expect("non-empty")?;
+                let (len, crc) = meta.pop_front().expect("in step");
+                chunks.push((p, o, len, crc));
+            }
+        }
+        while let Some(r) = in_flight.next().await {
+            let (p, o) = r?;
+            let (len, crc) = meta.pop_front().expect("in step");
+            chunks.push((p, o, len, crc));
+        }
+        let manifest = Manifest {
+            format: MANIFEST_FORMAT,
+            service: self.service.clone(),
+            id,
+            total_len: snapshot.len() as u64,
+            crc32c: whole,
+            chunk_size: self.chunk_size as u64,
+            chunks,
+        };
+        let bytes = serde_json::to_vec(&manifest).expect("manifests serialize");
+        let f = self.produce(0, &self.manifest_key(id), Some(&bytes)).await?;
+        delivered(f).await?;
+        debug!(id, bytes = snapshot.len(), chunks = manifest.chunks.len(), elapsed = ?started.elapsed(), "snapshot written");
+        lock(&self.catalog).manifests.insert(id, manifest);
+        Ok(id)
+    }
+
+    async fn list(&self) -> Result<Vec<SnapshotId>> {
+        let _guard = self.refresh.lock().await;
+        self.refresh_locked().await?;
+        Ok(lock(&self.catalog).manifests.keys().copied().collect())
+    }
+
+    async fn get(&self, id: SnapshotId) -> Result<Bytes> {
+        let manifest = self.manifest(id).await?;
+        if manifest.service != self.service {
+            return Err(KafkaError::corrupt(
+                id,
+                format!("manifest belongs to `{}`", manifest.service),
+            ));
+        }
+        let mut cc = self.cluster.client_config();
+        // group.id is required by assign; this consumer never joins or commits.
+        cc.set(
+            "group.id",
+            format!("{}.snapshot-reader", self.cluster.config().group_id()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("auto.offset.reset", "error")
+        .set_default("fetch.wait.max.ms", "50");
+        let consumer: BaseConsumer = cc.create().map_err(KafkaError::kafka("create a snapshot reader"))?;
+        let topic = self.topic.clone();
+        let service = self.service.clone();
+        let timeout = self.cluster.config().timeout();
+        blocking(move || fetch_chunks(&consumer, &topic, &service, &manifest, timeout)).await
+    }
+
+    async fn delete(&self, id: SnapshotId) -> Result<()> {
+        let manifest = match self.manifest(id).await {
+            Ok(m) => m,
+            Err(KafkaError::SnapshotNotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        // Manifest first: from here on the snapshot is not listed.
+        let f = self.produce(0, &self.manifest_key(id), None).await?;
+        delivered(f).await?;
+        lock(&self.catalog).manifests.remove(&id);
+        let mut in_flight = FuturesOrdered::new();
+        for (i, &(p, _, _, _)) in manifest.chunks.iter().enumerate() {
+            in_flight.push_back(delivered(self.produce(p, &self.chunk_key(id, i), None).await?));
+        }
+        while let Some(r) = in_flight.next().await {
+            r?;
+        }
+        debug!(id, "snapshot deleted");
+        Ok(())
+    }
+}
