@@ -6,6 +6,8 @@
 #   tests/broker.sh install   # cargo install tansu 0.6.0 unless it is already there
 #   tests/broker.sh start     # start it; prints MS2M_TEST_BROKERS=127.0.0.1:PORT
 #   tests/broker.sh stop      # stop it and remove its data
+#   tests/broker.sh restart   # stop the process and start it again on the same
+#                             # port and sqlite file (fault-injection tests)
 #   tests/broker.sh status
 #
 # State (pid, port, log, sqlite file) lives in $MS2M_BROKER_DIR, default
@@ -66,9 +68,13 @@ start() {
         return 0
     fi
     mkdir -p "$DIR"
-    rm -f "$DIR"/tansu.db*
-    port="${MS2M_BROKER_PORT:-19092}"
-    if [[ -z "${MS2M_BROKER_PORT:-}" ]]; then
+    if [[ "${1:-}" != keep ]]; then rm -f "$DIR"/tansu.db*; fi
+    port="${2:-${MS2M_BROKER_PORT:-19092}}"
+    if [[ -n "${2:-}" ]]; then
+        # Restart: the old process released the port; wait until it is free.
+        for _ in $(seq 1 50); do port_in_use "$port" || break; sleep 0.1; done
+        if port_in_use "$port"; then log "port $port is still in use"; exit 1; fi
+    elif [[ -z "${MS2M_BROKER_PORT:-}" ]]; then
         while port_in_use "$port"; do port=$((port + 1)); done
     elif port_in_use "$port"; then
         log "port $port is in use"
@@ -114,6 +120,21 @@ stop() {
     rm -f "$DIR/pid" "$DIR/port" "$DIR"/tansu.db*
 }
 
+# Stops the process but keeps the sqlite file, then starts it again on the
+# same port: a broker outage the clients must ride through.
+restart() {
+    is_running || { log "tansu is not running"; exit 1; }
+    local pid port
+    pid="$(cat "$DIR/pid")"
+    port="$(cat "$DIR/port")"
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+    rm -f "$DIR/pid"
+    log "stopped tansu (pid $pid); restarting on port $port with the same sqlite file"
+    start keep "$port"
+}
+
 status() {
     if is_running; then echo "running pid=$(cat "$DIR/pid") port=$(cat "$DIR/port")"; else echo "stopped"; fi
 }
@@ -122,6 +143,7 @@ case "${1:-}" in
     install) install ;;
     start) start ;;
     stop) stop ;;
+    restart) restart ;;
     status) status ;;
-    *) echo "usage: $0 install|start|stop|status" >&2; exit 2 ;;
+    *) echo "usage: $0 install|start|stop|restart|status" >&2; exit 2 ;;
 esac

@@ -63,7 +63,10 @@ pub struct Session {
     pub score: u64,
     /// Whether the bird is still flying.
     pub alive: bool,
-    /// Level data (deterministic bytes derived from the player id).
+    /// Level data (deterministic bytes derived from the player id). Stored
+    /// as bytes, not as a sequence of numbers: encoding and digesting copy
+    /// and hash it in bulk.
+    #[serde(with = "serde_bytes")]
     pub board: Vec<u8>,
 }
 

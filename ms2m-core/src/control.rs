@@ -126,7 +126,8 @@ pub enum ControlBody {
         /// Of those, messages replayed after the source stopped (the final gap).
         final_gap: u64,
     },
-    /// Target → coordinator: could not go live.
+    /// Target (or source, for a failed checkpoint) → coordinator: the
+    /// migration cannot go on.
     CutoverFailed {
         /// Why.
         reason: String,

@@ -110,7 +110,7 @@ impl Digester {
 /// error message, so two sides failing alike still compare equal and a side
 /// failing differently does not.
 pub fn digest_of<T: Serialize + ?Sized>(value: &T) -> StateDigest {
-    match value.serialize(DigestSerializer) {
+    match sub_digest(tag::VALUE, value) {
         Ok(d) => StateDigest(d),
         Err(DigestError(msg)) => StateDigest(xxh3_128_with_seed(msg.as_bytes(), tag::ERROR as u64)),
     }
@@ -153,6 +153,10 @@ mod tag {
     pub(super) const FIELD: u8 = 33;
     pub(super) const UNORDERED_FIELD: u8 = 34;
     pub(super) const ERROR: u8 = 35;
+    pub(super) const NAME: u8 = 36;
+    pub(super) const END: u8 = 37;
+    pub(super) const SKIPPED: u8 = 38;
+    pub(super) const VALUE: u8 = 39;
 }
 
 fn leaf(tag: u8, bytes: &[u8]) -> u128 {
@@ -177,51 +181,102 @@ impl ser::Error for DigestError {
     }
 }
 
-/// Serializes one value into its 128-bit digest.
-struct DigestSerializer;
-
-/// Children hashed in order: sequences, tuples, structs, variants.
-struct Ordered {
+/// A streaming hasher fed a canonical, self-delimiting encoding: every value
+/// starts with its tag, strings and bytes carry their length, compound
+/// values end with an end tag and their item count. Writes are buffered so
+/// that a long sequence of small scalars costs a copy each, not a hash each.
+struct Sink {
     hasher: Xxh3,
-    len: u64,
+    buf: Vec<u8>,
 }
 
-impl Ordered {
-    fn new(tag: u8) -> Self {
-        Ordered {
-            hasher: Xxh3::with_seed(tag as u64),
-            len: 0,
+const SINK_BUFFER: usize = 16 * 1024;
+
+impl Sink {
+    fn new(seed: u8) -> Self {
+        Sink {
+            hasher: Xxh3::with_seed(seed as u64),
+            buf: Vec::with_capacity(SINK_BUFFER),
         }
     }
 
-    fn name(mut self, name: &str) -> Self {
-        self.hasher.update(&(name.len() as u64).to_le_bytes());
-        self.hasher.update(name.as_bytes());
+    fn write(&mut self, bytes: &[u8]) {
+        if self.buf.len() + bytes.len() > SINK_BUFFER {
+            self.hasher.update(&self.buf);
+            self.buf.clear();
+        }
+        if bytes.len() > SINK_BUFFER {
+            self.hasher.update(bytes);
+        } else {
+            self.buf.extend_from_slice(bytes);
+        }
+    }
+
+    fn tagged(&mut self, tag: u8, bytes: &[u8]) {
+        self.write(&[tag]);
+        self.write(bytes);
+    }
+
+    fn sized(&mut self, tag: u8, bytes: &[u8]) {
+        self.write(&[tag]);
+        self.write(&(bytes.len() as u64).to_le_bytes());
+        self.write(bytes);
+    }
+
+    fn finish(mut self) -> u128 {
+        self.hasher.update(&self.buf);
+        self.hasher.digest128()
+    }
+}
+
+/// The digest of one value on its own (map keys, values, set items).
+fn sub_digest<T: Serialize + ?Sized>(seed: u8, value: &T) -> Result<u128, DigestError> {
+    let mut sink = Sink::new(seed);
+    value.serialize(DigestSerializer { sink: &mut sink })?;
+    Ok(sink.finish())
+}
+
+/// Serializes one value into a [`Sink`].
+struct DigestSerializer<'a> {
+    sink: &'a mut Sink,
+}
+
+/// Children written in order: sequences, tuples, structs, variants.
+struct Ordered<'a> {
+    sink: &'a mut Sink,
+    len: u64,
+}
+
+impl<'a> Ordered<'a> {
+    fn start(sink: &'a mut Sink, tag: u8) -> Self {
+        sink.write(&[tag]);
+        Ordered { sink, len: 0 }
+    }
+
+    fn name(self, name: &str) -> Self {
+        self.sink.sized(tag::NAME, name.as_bytes());
         self
     }
 
     fn variant(self, name: &str, index: u32, variant: &str) -> Self {
-        let mut this = self.name(name).name(variant);
-        this.hasher.update(&index.to_le_bytes());
+        let this = self.name(name).name(variant);
+        this.sink.write(&index.to_le_bytes());
         this
     }
 
     fn child<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), DigestError> {
-        let d = value.serialize(DigestSerializer)?;
-        self.hasher.update(&d.to_le_bytes());
+        value.serialize(DigestSerializer { sink: self.sink })?;
         self.len += 1;
         Ok(())
     }
 
     fn named_child<T: Serialize + ?Sized>(&mut self, key: &str, value: &T) -> Result<(), DigestError> {
-        self.hasher.update(&(key.len() as u64).to_le_bytes());
-        self.hasher.update(key.as_bytes());
+        self.sink.sized(tag::NAME, key.as_bytes());
         self.child(value)
     }
 
-    fn finish(mut self) -> u128 {
-        self.hasher.update(&self.len.to_le_bytes());
-        self.hasher.digest128()
+    fn finish(self) {
+        self.sink.tagged(tag::END, &self.len.to_le_bytes());
     }
 }
 
@@ -242,21 +297,27 @@ impl Unordered {
         self.len += 1;
     }
 
-    fn finish(self) -> u128 {
+    fn bytes(&self) -> [u8; 24] {
         let mut bytes = [0u8; 24];
         bytes[..16].copy_from_slice(&self.sum.to_le_bytes());
         bytes[16..].copy_from_slice(&self.len.to_le_bytes());
-        leaf(self.tag, &bytes)
+        bytes
+    }
+
+    fn finish(self) -> u128 {
+        leaf(self.tag, &self.bytes())
     }
 }
 
-/// A map being digested: the pending key's digest, then entries summed.
-struct MapDigest {
+/// A map being digested: each entry (key and value hashed together) is
+/// digested on its own and the entries are summed, so order does not matter.
+struct MapDigest<'a> {
+    parent: &'a mut Sink,
     entries: Unordered,
     key: Option<u128>,
 }
 
-impl MapDigest {
+impl MapDigest<'_> {
     fn entry(&mut self, key: u128, value: u128) {
         let mut bytes = [0u8; 32];
         bytes[..16].copy_from_slice(&key.to_le_bytes());
@@ -265,100 +326,115 @@ impl MapDigest {
     }
 }
 
-impl ser::Serializer for DigestSerializer {
-    type Ok = u128;
+impl<'a> ser::Serializer for DigestSerializer<'a> {
+    type Ok = ();
     type Error = DigestError;
-    type SerializeSeq = Ordered;
-    type SerializeTuple = Ordered;
-    type SerializeTupleStruct = Ordered;
-    type SerializeTupleVariant = Ordered;
-    type SerializeMap = MapDigest;
-    type SerializeStruct = Ordered;
-    type SerializeStructVariant = Ordered;
+    type SerializeSeq = Ordered<'a>;
+    type SerializeTuple = Ordered<'a>;
+    type SerializeTupleStruct = Ordered<'a>;
+    type SerializeTupleVariant = Ordered<'a>;
+    type SerializeMap = MapDigest<'a>;
+    type SerializeStruct = Ordered<'a>;
+    type SerializeStructVariant = Ordered<'a>;
 
     // Same as the binary codec, so types with a compact form use it.
     fn is_human_readable(&self) -> bool {
         false
     }
 
-    fn serialize_bool(self, v: bool) -> Result<u128, DigestError> {
-        Ok(leaf(tag::BOOL, &[v as u8]))
+    fn serialize_bool(self, v: bool) -> Result<(), DigestError> {
+        self.sink.tagged(tag::BOOL, &[v as u8]);
+        Ok(())
     }
-    fn serialize_i8(self, v: i8) -> Result<u128, DigestError> {
-        Ok(leaf(tag::I8, &v.to_le_bytes()))
+    fn serialize_i8(self, v: i8) -> Result<(), DigestError> {
+        self.sink.tagged(tag::I8, &v.to_le_bytes());
+        Ok(())
     }
-    fn serialize_i16(self, v: i16) -> Result<u128, DigestError> {
-        Ok(leaf(tag::I16, &v.to_le_bytes()))
+    fn serialize_i16(self, v: i16) -> Result<(), DigestError> {
+        self.sink.tagged(tag::I16, &v.to_le_bytes());
+        Ok(())
     }
-    fn serialize_i32(self, v: i32) -> Result<u128, DigestError> {
-        Ok(leaf(tag::I32, &v.to_le_bytes()))
+    fn serialize_i32(self, v: i32) -> Result<(), DigestError> {
+        self.sink.tagged(tag::I32, &v.to_le_bytes());
+        Ok(())
     }
-    fn serialize_i64(self, v: i64) -> Result<u128, DigestError> {
-        Ok(leaf(tag::I64, &v.to_le_bytes()))
+    fn serialize_i64(self, v: i64) -> Result<(), DigestError> {
+        self.sink.tagged(tag::I64, &v.to_le_bytes());
+        Ok(())
     }
-    fn serialize_i128(self, v: i128) -> Result<u128, DigestError> {
-        Ok(leaf(tag::I128, &v.to_le_bytes()))
+    fn serialize_i128(self, v: i128) -> Result<(), DigestError> {
+        self.sink.tagged(tag::I128, &v.to_le_bytes());
+        Ok(())
     }
-    fn serialize_u8(self, v: u8) -> Result<u128, DigestError> {
-        Ok(leaf(tag::U8, &v.to_le_bytes()))
+    fn serialize_u8(self, v: u8) -> Result<(), DigestError> {
+        self.sink.tagged(tag::U8, &[v]);
+        Ok(())
     }
-    fn serialize_u16(self, v: u16) -> Result<u128, DigestError> {
-        Ok(leaf(tag::U16, &v.to_le_bytes()))
+    fn serialize_u16(self, v: u16) -> Result<(), DigestError> {
+        self.sink.tagged(tag::U16, &v.to_le_bytes());
+        Ok(())
     }
-    fn serialize_u32(self, v: u32) -> Result<u128, DigestError> {
-        Ok(leaf(tag::U32, &v.to_le_bytes()))
+    fn serialize_u32(self, v: u32) -> Result<(), DigestError> {
+        self.sink.tagged(tag::U32, &v.to_le_bytes());
+        Ok(())
     }
-    fn serialize_u64(self, v: u64) -> Result<u128, DigestError> {
-        Ok(leaf(tag::U64, &v.to_le_bytes()))
+    fn serialize_u64(self, v: u64) -> Result<(), DigestError> {
+        self.sink.tagged(tag::U64, &v.to_le_bytes());
+        Ok(())
     }
-    fn serialize_u128(self, v: u128) -> Result<u128, DigestError> {
-        Ok(leaf(tag::U128, &v.to_le_bytes()))
+    fn serialize_u128(self, v: u128) -> Result<(), DigestError> {
+        self.sink.tagged(tag::U128, &v.to_le_bytes());
+        Ok(())
     }
-    fn serialize_f32(self, v: f32) -> Result<u128, DigestError> {
-        Ok(leaf(tag::F32, &v.to_bits().to_le_bytes()))
+    fn serialize_f32(self, v: f32) -> Result<(), DigestError> {
+        self.sink.tagged(tag::F32, &v.to_bits().to_le_bytes());
+        Ok(())
     }
-    fn serialize_f64(self, v: f64) -> Result<u128, DigestError> {
-        Ok(leaf(tag::F64, &v.to_bits().to_le_bytes()))
+    fn serialize_f64(self, v: f64) -> Result<(), DigestError> {
+        self.sink.tagged(tag::F64, &v.to_bits().to_le_bytes());
+        Ok(())
     }
-    fn serialize_char(self, v: char) -> Result<u128, DigestError> {
-        Ok(leaf(tag::CHAR, &u32::from(v).to_le_bytes()))
+    fn serialize_char(self, v: char) -> Result<(), DigestError> {
+        self.sink.tagged(tag::CHAR, &u32::from(v).to_le_bytes());
+        Ok(())
     }
-    fn serialize_str(self, v: &str) -> Result<u128, DigestError> {
-        Ok(leaf(tag::STR, v.as_bytes()))
+    fn serialize_str(self, v: &str) -> Result<(), DigestError> {
+        self.sink.sized(tag::STR, v.as_bytes());
+        Ok(())
     }
-    fn serialize_bytes(self, v: &[u8]) -> Result<u128, DigestError> {
-        Ok(leaf(tag::BYTES, v))
+    fn serialize_bytes(self, v: &[u8]) -> Result<(), DigestError> {
+        self.sink.sized(tag::BYTES, v);
+        Ok(())
     }
-    fn serialize_none(self) -> Result<u128, DigestError> {
-        Ok(leaf(tag::NONE, &[]))
+    fn serialize_none(self) -> Result<(), DigestError> {
+        self.sink.write(&[tag::NONE]);
+        Ok(())
     }
-    fn serialize_some<T: Serialize + ?Sized>(self, value: &T) -> Result<u128, DigestError> {
-        let mut o = Ordered::new(tag::SOME);
+    fn serialize_some<T: Serialize + ?Sized>(self, value: &T) -> Result<(), DigestError> {
+        let mut o = Ordered::start(self.sink, tag::SOME);
         o.child(value)?;
-        Ok(o.finish())
+        o.finish();
+        Ok(())
     }
-    fn serialize_unit(self) -> Result<u128, DigestError> {
-        Ok(leaf(tag::UNIT, &[]))
+    fn serialize_unit(self) -> Result<(), DigestError> {
+        self.sink.write(&[tag::UNIT]);
+        Ok(())
     }
-    fn serialize_unit_struct(self, name: &'static str) -> Result<u128, DigestError> {
-        Ok(Ordered::new(tag::UNIT_STRUCT).name(name).finish())
+    fn serialize_unit_struct(self, name: &'static str) -> Result<(), DigestError> {
+        Ordered::start(self.sink, tag::UNIT_STRUCT).name(name).finish();
+        Ok(())
     }
-    fn serialize_unit_variant(
-        self,
-        name: &'static str,
-        index: u32,
-        variant: &'static str,
-    ) -> Result<u128, DigestError> {
-        Ok(Ordered::new(tag::UNIT_VARIANT).variant(name, index, variant).finish())
+    fn serialize_unit_variant(self, name: &'static str, index: u32, variant: &'static str) -> Result<(), DigestError> {
+        Ordered::start(self.sink, tag::UNIT_VARIANT)
+            .variant(name, index, variant)
+            .finish();
+        Ok(())
     }
-    fn serialize_newtype_struct<T: Serialize + ?Sized>(
-        self,
-        name: &'static str,
-        value: &T,
-    ) -> Result<u128, DigestError> {
-        let mut o = Ordered::new(tag::NEWTYPE_STRUCT).name(name);
+    fn serialize_newtype_struct<T: Serialize + ?Sized>(self, name: &'static str, value: &T) -> Result<(), DigestError> {
+        let mut o = Ordered::start(self.sink, tag::NEWTYPE_STRUCT).name(name);
         o.child(value)?;
-        Ok(o.finish())
+        o.finish();
+        Ok(())
     }
     fn serialize_newtype_variant<T: Serialize + ?Sized>(
         self,
@@ -366,19 +442,20 @@ impl ser::Serializer for DigestSerializer {
         index: u32,
         variant: &'static str,
         value: &T,
-    ) -> Result<u128, DigestError> {
-        let mut o = Ordered::new(tag::NEWTYPE_VARIANT).variant(name, index, variant);
+    ) -> Result<(), DigestError> {
+        let mut o = Ordered::start(self.sink, tag::NEWTYPE_VARIANT).variant(name, index, variant);
         o.child(value)?;
-        Ok(o.finish())
+        o.finish();
+        Ok(())
     }
-    fn serialize_seq(self, _len: Option<usize>) -> Result<Ordered, DigestError> {
-        Ok(Ordered::new(tag::SEQ))
+    fn serialize_seq(self, _len: Option<usize>) -> Result<Ordered<'a>, DigestError> {
+        Ok(Ordered::start(self.sink, tag::SEQ))
     }
-    fn serialize_tuple(self, _len: usize) -> Result<Ordered, DigestError> {
-        Ok(Ordered::new(tag::TUPLE))
+    fn serialize_tuple(self, _len: usize) -> Result<Ordered<'a>, DigestError> {
+        Ok(Ordered::start(self.sink, tag::TUPLE))
     }
-    fn serialize_tuple_struct(self, name: &'static str, _len: usize) -> Result<Ordered, DigestError> {
-        Ok(Ordered::new(tag::TUPLE_STRUCT).name(name))
+    fn serialize_tuple_struct(self, name: &'static str, _len: usize) -> Result<Ordered<'a>, DigestError> {
+        Ok(Ordered::start(self.sink, tag::TUPLE_STRUCT).name(name))
     }
     fn serialize_tuple_variant(
         self,
@@ -386,17 +463,18 @@ impl ser::Serializer for DigestSerializer {
         index: u32,
         variant: &'static str,
         _len: usize,
-    ) -> Result<Ordered, DigestError> {
-        Ok(Ordered::new(tag::TUPLE_VARIANT).variant(name, index, variant))
+    ) -> Result<Ordered<'a>, DigestError> {
+        Ok(Ordered::start(self.sink, tag::TUPLE_VARIANT).variant(name, index, variant))
     }
-    fn serialize_map(self, _len: Option<usize>) -> Result<MapDigest, DigestError> {
+    fn serialize_map(self, _len: Option<usize>) -> Result<MapDigest<'a>, DigestError> {
         Ok(MapDigest {
+            parent: self.sink,
             entries: Unordered::new(tag::MAP),
             key: None,
         })
     }
-    fn serialize_struct(self, name: &'static str, _len: usize) -> Result<Ordered, DigestError> {
-        Ok(Ordered::new(tag::STRUCT).name(name))
+    fn serialize_struct(self, name: &'static str, _len: usize) -> Result<Ordered<'a>, DigestError> {
+        Ok(Ordered::start(self.sink, tag::STRUCT).name(name))
     }
     fn serialize_struct_variant(
         self,
@@ -404,102 +482,77 @@ impl ser::Serializer for DigestSerializer {
         index: u32,
         variant: &'static str,
         _len: usize,
-    ) -> Result<Ordered, DigestError> {
-        Ok(Ordered::new(tag::STRUCT_VARIANT).variant(name, index, variant))
+    ) -> Result<Ordered<'a>, DigestError> {
+        Ok(Ordered::start(self.sink, tag::STRUCT_VARIANT).variant(name, index, variant))
     }
 }
 
-impl ser::SerializeSeq for Ordered {
-    type Ok = u128;
-    type Error = DigestError;
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), DigestError> {
-        self.child(value)
-    }
-    fn end(self) -> Result<u128, DigestError> {
-        Ok(self.finish())
-    }
+/// The compound serializer traits all write children in order.
+macro_rules! ordered_compound {
+    ($($trait:ident :: $method:ident),*) => {$(
+        impl ser::$trait for Ordered<'_> {
+            type Ok = ();
+            type Error = DigestError;
+            fn $method<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), DigestError> {
+                self.child(value)
+            }
+            fn end(self) -> Result<(), DigestError> {
+                self.finish();
+                Ok(())
+            }
+        }
+    )*};
 }
 
-impl ser::SerializeTuple for Ordered {
-    type Ok = u128;
-    type Error = DigestError;
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), DigestError> {
-        self.child(value)
-    }
-    fn end(self) -> Result<u128, DigestError> {
-        Ok(self.finish())
-    }
+ordered_compound!(
+    SerializeSeq::serialize_element,
+    SerializeTuple::serialize_element,
+    SerializeTupleStruct::serialize_field,
+    SerializeTupleVariant::serialize_field
+);
+
+/// Structs and struct variants write each field's name before its value.
+macro_rules! named_compound {
+    ($($trait:ident),*) => {$(
+        impl ser::$trait for Ordered<'_> {
+            type Ok = ();
+            type Error = DigestError;
+            fn serialize_field<T: Serialize + ?Sized>(&mut self, key: &'static str, value: &T) -> Result<(), DigestError> {
+                self.named_child(key, value)
+            }
+            fn skip_field(&mut self, key: &'static str) -> Result<(), DigestError> {
+                self.sink.sized(tag::SKIPPED, key.as_bytes());
+                Ok(())
+            }
+            fn end(self) -> Result<(), DigestError> {
+                self.finish();
+                Ok(())
+            }
+        }
+    )*};
 }
 
-impl ser::SerializeTupleStruct for Ordered {
-    type Ok = u128;
-    type Error = DigestError;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), DigestError> {
-        self.child(value)
-    }
-    fn end(self) -> Result<u128, DigestError> {
-        Ok(self.finish())
-    }
-}
+named_compound!(SerializeStruct, SerializeStructVariant);
 
-impl ser::SerializeTupleVariant for Ordered {
-    type Ok = u128;
-    type Error = DigestError;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), DigestError> {
-        self.child(value)
-    }
-    fn end(self) -> Result<u128, DigestError> {
-        Ok(self.finish())
-    }
-}
-
-impl ser::SerializeStruct for Ordered {
-    type Ok = u128;
-    type Error = DigestError;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, key: &'static str, value: &T) -> Result<(), DigestError> {
-        self.named_child(key, value)
-    }
-    fn skip_field(&mut self, key: &'static str) -> Result<(), DigestError> {
-        // A skipped field still marks its place, so `None`-skipping differs from absent.
-        self.hasher.update(&[0xff]);
-        self.hasher.update(&(key.len() as u64).to_le_bytes());
-        self.hasher.update(key.as_bytes());
-        Ok(())
-    }
-    fn end(self) -> Result<u128, DigestError> {
-        Ok(self.finish())
-    }
-}
-
-impl ser::SerializeStructVariant for Ordered {
-    type Ok = u128;
-    type Error = DigestError;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, key: &'static str, value: &T) -> Result<(), DigestError> {
-        self.named_child(key, value)
-    }
-    fn end(self) -> Result<u128, DigestError> {
-        Ok(self.finish())
-    }
-}
-
-impl ser::SerializeMap for MapDigest {
-    type Ok = u128;
+impl ser::SerializeMap for MapDigest<'_> {
+    type Ok = ();
     type Error = DigestError;
     fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> Result<(), DigestError> {
-        self.key = Some(key.serialize(DigestSerializer)?);
+        self.key = Some(sub_digest(tag::MAP_ENTRY, key)?);
         Ok(())
     }
     fn serialize_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), DigestError> {
         let key = self
             .key
             .take()
-            .ok_or_else(|| DigestError("serialize_value called before serialize_key".into()))?;
-        let value = value.serialize(DigestSerializer)?;
+            .ok_or_else(|| DigestError("map value without a key".into()))?;
+        let value = sub_digest(tag::MAP_ENTRY, value)?;
         self.entry(key, value);
         Ok(())
     }
-    fn end(self) -> Result<u128, DigestError> {
-        Ok(self.entries.finish())
+    fn end(self) -> Result<(), DigestError> {
+        self.parent.tagged(self.entries.tag, &self.entries.bytes());
+        Ok(())
     }
 }
 

@@ -30,6 +30,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
 use rdkafka::mocking::MockCluster;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::ClientConfig;
 use tracing::{debug, info};
 
@@ -46,7 +47,29 @@ enum Command {
         partitions: i32,
         reply: mpsc::Sender<std::result::Result<(), RdKafkaError>>,
     },
+    /// A fault-injection call on the mock (see [`MockFault`]).
+    Fault {
+        fault: MockFault,
+        reply: mpsc::Sender<std::result::Result<(), RdKafkaError>>,
+    },
     Stop,
+}
+
+/// A fault the embedded mock cluster can inject, for fault-injection tests
+/// ([`EmbeddedBroker::inject`]). Broker ids start at 1; `-1` means all brokers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MockFault {
+    /// The broker closes its connections and refuses new ones.
+    BrokerDown(i32),
+    /// The broker accepts connections again.
+    BrokerUp(i32),
+    /// Added round-trip time on every request to the broker (zero to clear).
+    RoundTripTime(i32, Duration),
+    /// The next requests of this API fail with these errors, in order.
+    RequestErrors(RDKafkaApiKey, Vec<RDKafkaRespErr>),
+    /// Drops the queued errors of this API.
+    ClearRequestErrors(RDKafkaApiKey),
 }
 
 /// librdkafka's in-process mock cluster, owned by a dedicated thread (the
@@ -89,6 +112,22 @@ impl EmbeddedBroker {
                             reply,
                         } => {
                             let _ = reply.send(cluster.create_topic(&name, partitions, 1));
+                        }
+                        Command::Fault { fault, reply } => {
+                            let result = match fault {
+                                MockFault::BrokerDown(id) => cluster.broker_down(id),
+                                MockFault::BrokerUp(id) => cluster.broker_up(id),
+                                MockFault::RoundTripTime(id, delay) => cluster.broker_round_trip_time(id, delay),
+                                MockFault::RequestErrors(api, errors) => {
+                                    cluster.request_errors(api, &errors);
+                                    Ok(())
+                                }
+                                MockFault::ClearRequestErrors(api) => {
+                                    cluster.clear_request_errors(api);
+                                    Ok(())
+                                }
+                            };
+                            let _ = reply.send(result);
                         }
                         Command::Stop => break,
                     }
@@ -136,6 +175,24 @@ impl EmbeddedBroker {
                 source: e,
             }),
         }
+    }
+
+    /// Injects a fault into the mock cluster (broker down/up, added latency,
+    /// request errors): the hooks fault-injection tests drive. Blocking, but
+    /// fast (the mock runs in process).
+    pub fn inject(&self, fault: MockFault) -> Result<()> {
+        let (tx, rx) = mpsc::channel();
+        self.commands
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(Command::Fault { fault, reply: tx })
+            .map_err(|_| KafkaError::Embedded("mock cluster stopped".into()))?;
+        rx.recv()
+            .map_err(|_| KafkaError::Embedded("mock cluster stopped".into()))?
+            .map_err(|e| KafkaError::Kafka {
+                operation: "inject a fault into the mock cluster",
+                source: e,
+            })
     }
 }
 

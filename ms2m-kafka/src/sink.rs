@@ -97,15 +97,7 @@ impl KafkaSink {
     /// A sink for the cluster's service with the given guarantee.
     pub async fn new(cluster: &KafkaCluster, delivery: Delivery) -> Result<Self> {
         let config = cluster.config();
-        let mut pc = cluster.client_config();
-        pc.set("enable.idempotence", "true")
-            .set_default("acks", "all")
-            .set_default("linger.ms", "5");
-        if delivery == Delivery::ExactlyOnce {
-            pc.set("transactional.id", config.transactional_id())
-                .set_default("transaction.timeout.ms", "60000");
-        }
-        let producer: FutureProducer = pc.create().map_err(KafkaError::kafka("create the output producer"))?;
+        let producer = Self::producer(cluster, delivery).await?;
         let mut gc = cluster.client_config();
         gc.set("group.id", config.group_id())
             .set("enable.auto.commit", "false")
@@ -121,6 +113,33 @@ impl KafkaSink {
             claimed: false,
             plain_commit_after_txn: cluster.is_embedded(),
         })
+    }
+
+    /// A connected producer: transactional for exactly-once.
+    async fn producer(cluster: &KafkaCluster, delivery: Delivery) -> Result<FutureProducer> {
+        let mut pc = cluster.client_config();
+        pc.set("enable.idempotence", "true")
+            .set_default("acks", "all")
+            .set_default("linger.ms", "5");
+        if delivery == Delivery::ExactlyOnce {
+            pc.set("transactional.id", cluster.config().transactional_id())
+                .set_default("transaction.timeout.ms", "60000");
+        }
+        let producer: FutureProducer = pc.create().map_err(KafkaError::kafka("create the output producer"))?;
+        // librdkafka connects lazily; a transactional producer whose first
+        // InitProducerId finds no connection retries only after 500 ms. Open
+        // the connection now so that `claim` (on a migration's critical
+        // path) does not pay for it.
+        let warm = producer.clone();
+        let timeout = cluster.config().timeout();
+        blocking(move || {
+            warm.client()
+                .fetch_metadata(None, timeout)
+                .map(|_| ())
+                .map_err(KafkaError::kafka("connect the output producer"))
+        })
+        .await?;
+        Ok(producer)
     }
 
     fn timeout(&self) -> Duration {
@@ -199,6 +218,13 @@ impl OutputSink for KafkaSink {
 
     async fn claim(&mut self) -> Result<()> {
         if self.delivery == Delivery::ExactlyOnce {
+            if self.claimed {
+                // Claiming again (a source resuming after a failed handover):
+                // a producer initializes transactions once, and a fenced one
+                // is dead, so take a fresh one with the same transactional id.
+                self.pending.clear();
+                self.producer = Self::producer(&self.cluster, self.delivery).await?;
+            }
             let producer = self.producer.clone();
             let timeout = self.timeout();
             blocking(move || {

@@ -298,3 +298,52 @@ pub async fn end_position(cluster: &KafkaCluster, topic: &str, partitions: i32) 
     .await
     .expect("watermark task")
 }
+
+pub mod faults;
+
+/// Writes a line to the process's stderr, bypassing the test harness's
+/// output capture (the fault-injection progress and summary always show).
+pub fn report_line(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+/// Restarts the tansu broker that `tests/broker.sh start` started, keeping
+/// its sqlite file and port (`tests/broker.sh restart`). Fails unless the
+/// script's broker is the one in `MS2M_TEST_BROKERS`.
+pub fn tansu_restart() -> Result<(), String> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/broker.sh");
+    let out = std::process::Command::new("bash")
+        .arg(script)
+        .arg("restart")
+        .output()
+        .map_err(|e| format!("cannot run {script}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{script} restart failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let expected = format!("{BROKERS_ENV}={}", brokers().unwrap_or_default());
+    if printed.trim() != expected {
+        return Err(format!("restarted broker ({}) is not {expected}", printed.trim()));
+    }
+    Ok(())
+}
+
+/// Whether `tests/broker.sh` runs the broker in `MS2M_TEST_BROKERS` (so
+/// the suite may restart it).
+pub fn tansu_restartable() -> bool {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/broker.sh");
+    let Some(brokers) = brokers() else { return false };
+    std::process::Command::new("bash")
+        .arg(script)
+        .arg("status")
+        .output()
+        .ok()
+        .is_some_and(|o| {
+            let s = String::from_utf8_lossy(&o.stdout);
+            s.starts_with("running") && brokers.ends_with(&format!(":{}", s.trim().rsplit('=').next().unwrap_or("")))
+        })
+}

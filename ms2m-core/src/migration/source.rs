@@ -224,7 +224,21 @@ where
                 stopped,
                 last_progress: Instant::now(),
             });
-            let info = instance.checkpoint().await?;
+            let info = match instance.checkpoint().await {
+                Ok(info) => info,
+                Err(e) => {
+                    // The migration fails; the owner keeps serving.
+                    let reason = format!("checkpoint failed: {}", crate::store::error_chain(&e));
+                    warn!(migration = %m.migration_id, %reason, "migration abandoned");
+                    *migration = None;
+                    let body = ControlBody::CutoverFailed {
+                        reason,
+                        digest_mismatch: None,
+                    };
+                    publish(control, &message(S::NAME, &m.migration_id, Role::Source, body)).await?;
+                    return Ok(Released::No);
+                }
+            };
             let body = ControlBody::CheckpointTaken {
                 snapshot_id: info.id,
                 position: info.position,

@@ -361,8 +361,12 @@ where
         .await?;
         return Err(aborted(reason));
     }
+    let t = Instant::now();
     instance.replay_to(&pf, ProgressPhase::Cutover, listener).await?;
+    let replay_gap = t.elapsed();
+    let t = Instant::now();
     let digest = instance.digest();
+    let digest_time = t.elapsed();
     let digest_match = digest == source_digest;
     if !digest_match {
         match options.digest_policy {
@@ -383,8 +387,11 @@ where
             }
         }
     }
+    let t = Instant::now();
     instance.claim().await?;
+    let claim_time = t.elapsed();
     instance.go_live();
+    tracing::debug!(?replay_gap, ?digest_time, ?claim_time, "cutover steps");
     let replayed = instance.stats().applied_replay;
     let final_gap = replayed - replay.replayed_at_stop.unwrap_or(replayed);
     info!(migration = %migration_id, position = %pf, %digest, replayed, final_gap, "live at the cutover position");

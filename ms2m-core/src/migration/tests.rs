@@ -579,3 +579,80 @@ fn control_messages_roundtrip_as_json() {
     );
     assert_eq!(ControlMessage::from_bytes(&m.to_bytes()).unwrap(), m);
 }
+
+/// Fault-suite seed 8: a standby target replaying behind the source must
+/// never write snapshots, or a recovering source could restore a position
+/// above its committed outputs and never emit them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_seed_8_a_standby_never_snapshots() {
+    let cluster = Cluster::new();
+    cluster.produce_now(200);
+    let source: Inst<Balances> = Instance::recover(cluster.backends(), config("src"), &*no_progress())
+        .await
+        .unwrap();
+    let agent = SourceAgent::new(source, cluster.control.clone(), SourceOptions::default())
+        .await
+        .unwrap();
+    let (_stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let source = tokio::spawn(agent.run(async move {
+        let _ = stop_rx.await;
+    }));
+    let (backends, control) = (cluster.backends(), cluster.control.clone());
+    let target = tokio::spawn(async move {
+        let options = TargetOptions {
+            phase_timeout: Duration::from_secs(3),
+            ..TargetOptions::default()
+        };
+        // Snapshot after every message, were it allowed to.
+        let eager = config("tgt").snapshot_every(Some(1));
+        run_target::<Balances, _, _, _, _>(backends, eager, control, options, &*no_progress()).await
+    });
+    let producer = cluster.produce_steady(1_000, Duration::from_millis(2));
+    let coordinator = Coordinator::new(cluster.control.clone(), fast());
+    coordinator
+        .migrate(&plan(Strategy::Ms2m), &*no_progress())
+        .await
+        .unwrap();
+    producer.await.unwrap();
+    let live = target.await.unwrap().unwrap();
+    assert!(matches!(source.await.unwrap().unwrap(), SourceExit::Released(_)));
+    // Only the source's checkpoint exists: the standby wrote none while replaying.
+    assert_eq!(live.stats().snapshots, 0);
+    assert_eq!(crate::SnapshotStore::list(&cluster.store).await.unwrap().len(), 1);
+}
+
+/// Fault suite: a checkpoint that cannot be stored abandons the migration
+/// and the source keeps serving (it never noticed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_checkpoint_abandons_the_migration_and_the_source_keeps_serving() {
+    let cluster = Cluster::new();
+    cluster.produce_now(300);
+    let (stop, stop_rx) = tokio::sync::oneshot::channel();
+    let (source, target) = start::<Balances>(&cluster, stop_rx).await;
+    cluster.store.set_unavailable(true);
+    let coordinator = Coordinator::new(cluster.control.clone(), fast());
+    let err = coordinator
+        .migrate(&plan(Strategy::Ms2m), &*no_progress())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Migration(MigrationError::Aborted { .. })),
+        "{err:?}"
+    );
+    assert!(target.await.unwrap().is_err());
+    cluster.store.set_unavailable(false);
+    cluster.produce_now(100);
+    let end = cluster.log.end_position();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !cluster.outputs.committed_position().is_some_and(|p| p.reaches(&end)) {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+    .expect("the source keeps serving");
+    stop.send(()).unwrap();
+    let SourceExit::Shutdown(src) = source.await.unwrap().unwrap() else {
+        panic!("the source keeps ownership")
+    };
+    cluster.check(src.state());
+}

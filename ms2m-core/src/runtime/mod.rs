@@ -528,6 +528,12 @@ where
             self.commit().await?;
         }
         self.reap_upload(false).await;
+        if !self.is_live() {
+            // A standby is not the owner: its position can be ahead of the
+            // owner's committed outputs, and a snapshot there would let a
+            // recovering owner skip outputs it never committed.
+            return Ok(());
+        }
         let by_count = self.config.snapshot_every.is_some_and(|n| self.since_snapshot >= n);
         let by_time = self.since_snapshot > 0
             && self

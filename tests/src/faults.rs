@@ -1,0 +1,619 @@
+//! The seeded fault-injection harness (issue 8): a scenario generator, the
+//! runners for the in-memory and Kafka backends, the invariant checks of
+//! DESIGN.md §5, and the summary printed at the end of a run.
+//!
+//! Every scenario is a pure function of its seed (which kind, which fault,
+//! at which phase, message counts, commit and snapshot intervals), so a
+//! failing seed replays with
+//! `MS2M_FAULT_SEED=<seed> cargo test -p ms2m-tests --test fault_injection <test>`.
+//! Timing inside a scenario (how far a producer got when a crash hits) is
+//! not replayed bit for bit; the fault, its phase and the checks are.
+//!
+//! # What is checked after every run
+//!
+//! * the final state equals the reference fold of all input (nothing lost);
+//! * outputs: none missing; none duplicated on the in-memory backends
+//!   (`MemorySink` is a faithful transactional sink). On the embedded mock
+//!   and on tansu duplicates are counted and must stay within the
+//!   at-least-once window (`commit_every` messages per crash): the mock does
+//!   not implement transactions and tansu has none, so exactly-once cannot
+//!   be shown there;
+//! * exactly one owner at the end (the control channel names the instance
+//!   that finished, and refuses the other one);
+//! * digests: a migration reported as complete has equal digests; an
+//!   injected divergence must be detected (`DigestMismatch`) and rolled back;
+//! * every bad input is answered by a typed error or the documented policy.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+pub use ms2m_core::migration::Strategy;
+
+mod kafka;
+mod memory;
+
+pub use kafka::{run_kafka, KafkaEnv};
+pub use memory::run_memory;
+
+/// Where a scenario runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Backend {
+    /// ms2m-core's in-memory backends (exactly-once sink).
+    Memory,
+    /// librdkafka's embedded mock cluster.
+    Mock,
+    /// tansu, a real Kafka-compatible broker.
+    Tansu,
+}
+
+impl Backend {
+    /// The backend the Kafka scenarios run on, from `MS2M_TEST_BROKERS`.
+    pub fn kafka() -> Self {
+        if crate::on_mock() {
+            Backend::Mock
+        } else {
+            Backend::Tansu
+        }
+    }
+}
+
+/// The phase a fault hits (DESIGN.md §4, plus `Live` for an owner serving).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    Checkpoint,
+    Transfer,
+    Restore,
+    Replay,
+    Cutover,
+    Live,
+}
+
+const PHASES: [Phase; 6] = [
+    Phase::Checkpoint,
+    Phase::Transfer,
+    Phase::Restore,
+    Phase::Replay,
+    Phase::Cutover,
+    Phase::Live,
+];
+
+/// The injected fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Fault {
+    /// No fault (control runs, not counted as fault-injected).
+    None,
+    /// The source (or the single owner) crashes: task aborted or instance
+    /// dropped without commit or final snapshot.
+    CrashSource,
+    /// The migration target crashes.
+    CrashTarget,
+    /// The coordinator's task is aborted (in-process stand-in for a killed
+    /// process); a new coordinator recovers from the control history.
+    CrashCoordinator,
+    /// The snapshot store is unreachable for a while (in-memory store).
+    StoreUnavailable,
+    /// The mock cluster's broker goes down and comes back.
+    BrokerDown,
+    /// The mock cluster fails Produce / Fetch / OffsetCommit requests.
+    RequestErrors,
+    /// The mock cluster adds round-trip latency.
+    Latency,
+    /// The tansu process is stopped and restarted on its sqlite file.
+    BrokerRestart,
+    /// The newest snapshot (or the migration's) fails its checksum.
+    CorruptSnapshot,
+    /// The newest snapshot is truncated.
+    TruncatedSnapshot,
+    /// The newest snapshot (or one of its chunks) is missing.
+    MissingSnapshot,
+    /// The newest snapshot has a schema version the service cannot read.
+    UnknownSchema,
+    /// An undecodable input message, policy `Fail`.
+    BadInputFail,
+    /// An undecodable input message, policy `DeadLetter`.
+    BadInputDeadLetter,
+    /// Retention deleted the log tail the snapshot needs.
+    TailDeleted,
+    /// A released source keeps stepping and tries to emit.
+    ZombieSource,
+    /// The target's `apply` diverges in replay: must be caught by the digest.
+    Divergence,
+}
+
+/// What a scenario exercises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Run, fault, recover, finish.
+    Recovery,
+    /// A migration with the given strategy.
+    Migration(Strategy),
+    /// Bad input under a policy.
+    BadInput,
+    /// Snapshot damage or an unknown schema version, then recovery.
+    Snapshot,
+    /// Log tail deleted before recovery.
+    TailDeleted,
+}
+
+/// One generated scenario.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    pub seed: u64,
+    pub backend: Backend,
+    pub kind: Kind,
+    pub fault: Fault,
+    pub phase: Phase,
+    /// Messages before the instance starts.
+    pub initial: u64,
+    /// Messages produced while it runs.
+    pub during: u64,
+    pub commit_every: u64,
+    pub snapshot_every: u64,
+    /// A fraction in [0, 1) picking the crash point inside the phase.
+    pub at: f64,
+    /// A free bit for variants (e.g. the coordinator dies before or after `Stop`).
+    pub variant: bool,
+}
+
+const STRATEGIES: [Strategy; 4] = [
+    Strategy::Ms2m,
+    Strategy::Ms2mThreshold,
+    Strategy::StopAndCopy,
+    Strategy::ColdStart,
+];
+
+/// Phases a strategy has (the baselines stop the source first: no replay
+/// while it serves; cold start takes no checkpoint).
+pub fn phases_of(strategy: Strategy) -> &'static [Phase] {
+    match strategy {
+        Strategy::Ms2m | Strategy::Ms2mThreshold => &PHASES,
+        Strategy::StopAndCopy => &[
+            Phase::Checkpoint,
+            Phase::Transfer,
+            Phase::Restore,
+            Phase::Cutover,
+            Phase::Live,
+        ],
+        Strategy::ColdStart => &[Phase::Restore, Phase::Cutover, Phase::Live],
+    }
+}
+
+impl Scenario {
+    /// The scenario of `seed` on `backend`.
+    pub fn generate(seed: u64, backend: Backend) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x6d73_326d_6661_756c);
+        let mut s = Scenario {
+            seed,
+            backend,
+            kind: Kind::Recovery,
+            fault: Fault::None,
+            phase: Phase::Live,
+            initial: 0,
+            during: 0,
+            commit_every: rng.gen_range(5..60),
+            snapshot_every: rng.gen_range(40..200),
+            at: rng.gen_range(0.0..1.0),
+            variant: rng.gen(),
+        };
+        match backend {
+            Backend::Memory => {
+                s.initial = rng.gen_range(200..1_200);
+                s.during = rng.gen_range(100..800);
+                let roll = rng.gen_range(0..100);
+                if roll < 55 {
+                    let strategy = STRATEGIES[rng.gen_range(0..4)];
+                    s.kind = Kind::Migration(strategy);
+                    let phases = phases_of(strategy);
+                    s.phase = phases[rng.gen_range(0..phases.len())];
+                    let faults: &[Fault] = match s.phase {
+                        Phase::Live => &[
+                            Fault::CrashSource,
+                            Fault::CrashTarget,
+                            Fault::CrashCoordinator,
+                            Fault::ZombieSource,
+                        ],
+                        Phase::Checkpoint => &[
+                            Fault::CrashSource,
+                            Fault::CrashTarget,
+                            Fault::CrashCoordinator,
+                            Fault::StoreUnavailable,
+                        ],
+                        Phase::Transfer => &[
+                            Fault::CrashSource,
+                            Fault::CrashTarget,
+                            Fault::CrashCoordinator,
+                            Fault::StoreUnavailable,
+                            Fault::CorruptSnapshot,
+                            Fault::TruncatedSnapshot,
+                            Fault::MissingSnapshot,
+                        ],
+                        Phase::Replay => &[
+                            Fault::CrashSource,
+                            Fault::CrashTarget,
+                            Fault::CrashCoordinator,
+                            Fault::Divergence,
+                        ],
+                        _ => &[Fault::CrashSource, Fault::CrashTarget, Fault::CrashCoordinator],
+                    };
+                    s.fault = faults[rng.gen_range(0..faults.len())];
+                    if matches!(
+                        s.fault,
+                        Fault::CorruptSnapshot | Fault::TruncatedSnapshot | Fault::MissingSnapshot
+                    ) && strategy == Strategy::ColdStart
+                    {
+                        s.fault = Fault::CrashTarget;
+                    }
+                    if rng.gen_range(0..20) == 0 {
+                        s.fault = Fault::None;
+                    }
+                } else if roll < 75 {
+                    s.kind = Kind::Recovery;
+                    s.phase = [Phase::Checkpoint, Phase::Restore, Phase::Replay, Phase::Live][rng.gen_range(0..4)];
+                    s.fault = Fault::CrashSource;
+                } else if roll < 87 {
+                    s.kind = Kind::Snapshot;
+                    s.phase = Phase::Restore;
+                    s.fault = [
+                        Fault::CorruptSnapshot,
+                        Fault::TruncatedSnapshot,
+                        Fault::MissingSnapshot,
+                        Fault::UnknownSchema,
+                    ][rng.gen_range(0..4)];
+                } else if roll < 95 {
+                    s.kind = Kind::BadInput;
+                    s.phase = [Phase::Live, Phase::Replay][rng.gen_range(0..2)];
+                    s.fault = [Fault::BadInputFail, Fault::BadInputDeadLetter][rng.gen_range(0..2)];
+                } else {
+                    s.kind = Kind::TailDeleted;
+                    s.phase = Phase::Restore;
+                    s.fault = Fault::TailDeleted;
+                }
+            }
+            Backend::Mock | Backend::Tansu => {
+                s.initial = rng.gen_range(60..250);
+                s.during = rng.gen_range(30..150);
+                let broker_faults: &[Fault] = if backend == Backend::Mock {
+                    &[Fault::BrokerDown, Fault::RequestErrors, Fault::Latency]
+                } else {
+                    &[Fault::BrokerRestart]
+                };
+                let roll = rng.gen_range(0..100);
+                if roll < 35 {
+                    s.kind = Kind::Recovery;
+                    s.phase = [Phase::Checkpoint, Phase::Replay, Phase::Live][rng.gen_range(0..3)];
+                    s.fault = Fault::CrashSource;
+                } else if roll < 55 {
+                    s.kind = Kind::Recovery;
+                    s.phase = [Phase::Replay, Phase::Live][rng.gen_range(0..2)];
+                    s.fault = broker_faults[rng.gen_range(0..broker_faults.len())];
+                } else if roll < 70 {
+                    s.kind = Kind::Snapshot;
+                    s.phase = Phase::Restore;
+                    s.fault = [
+                        Fault::CorruptSnapshot,
+                        Fault::TruncatedSnapshot,
+                        Fault::MissingSnapshot,
+                        Fault::UnknownSchema,
+                    ][rng.gen_range(0..4)];
+                } else if roll < 82 {
+                    s.kind = Kind::BadInput;
+                    s.phase = Phase::Live;
+                    s.fault = [Fault::BadInputFail, Fault::BadInputDeadLetter][rng.gen_range(0..2)];
+                } else if roll < 86 && backend == Backend::Mock {
+                    s.kind = Kind::TailDeleted;
+                    s.phase = Phase::Restore;
+                    s.fault = Fault::TailDeleted;
+                } else {
+                    let strategy = STRATEGIES[rng.gen_range(0..4)];
+                    s.kind = Kind::Migration(strategy);
+                    let phases = phases_of(strategy);
+                    s.phase = phases[rng.gen_range(0..phases.len())];
+                    s.fault = if s.phase == Phase::Live {
+                        [Fault::ZombieSource, Fault::CrashTarget][rng.gen_range(0..2)]
+                    } else {
+                        [Fault::CrashTarget, Fault::CrashCoordinator, Fault::CrashSource][rng.gen_range(0..3)]
+                    };
+                }
+            }
+        }
+        s
+    }
+
+    /// The command that replays this seed.
+    pub fn replay_command(&self) -> String {
+        let (test, env) = match self.backend {
+            Backend::Memory => ("in_memory_scenarios", ""),
+            Backend::Mock => ("kafka_scenarios", "env -u MS2M_TEST_BROKERS "),
+            Backend::Tansu => ("kafka_scenarios", "MS2M_TEST_BROKERS=<tansu address> "),
+        };
+        format!(
+            "{env}MS2M_FAULT_SEED={} cargo test -p ms2m-tests --test fault_injection {test} -- --nocapture",
+            self.seed
+        )
+    }
+}
+
+impl fmt::Display for Scenario {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.kind {
+            Kind::Migration(s) => format!("migration ({s})"),
+            k => format!("{k:?}"),
+        };
+        write!(
+            f,
+            "seed {} [{:?}] {kind}: {:?} at {:?} (initial {}, during {}, commit every {}, snapshot every {})",
+            self.seed,
+            self.backend,
+            self.fault,
+            self.phase,
+            self.initial,
+            self.during,
+            self.commit_every,
+            self.snapshot_every
+        )
+    }
+}
+
+/// What one scenario observed (merged into [`Summary`]).
+#[derive(Clone, Debug, Default)]
+pub struct Outcome {
+    /// Whether the fault actually hit (a trigger the run never reached does not count).
+    pub injected: bool,
+    pub migration_completed: bool,
+    pub migration_rolled_back: bool,
+    pub lost: u64,
+    /// Duplicated outputs where exactly-once is claimed (must be 0).
+    pub duplicated_exactly_once: u64,
+    /// Duplicated outputs on an at-least-once path (within the window).
+    pub duplicated_at_least_once: u64,
+    pub divergences_detected: u64,
+    pub divergences_undetected: u64,
+    /// Typed errors observed and expected (decode, truncated log, fenced, ...).
+    pub typed_errors: u64,
+    pub dead_lettered: u64,
+    pub snapshots_rejected: u64,
+    /// Findings that are not invariant violations but worth reporting.
+    pub notes: Vec<String>,
+}
+
+/// Totals of a run, printed at the end.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub scenarios: u64,
+    pub fault_injected: u64,
+    pub per_backend: BTreeMap<String, u64>,
+    pub faults: BTreeMap<String, u64>,
+    pub faults_by_phase: BTreeMap<String, u64>,
+    pub migrations_completed: u64,
+    pub migrations_rolled_back: u64,
+    pub lost: u64,
+    pub duplicated_exactly_once: u64,
+    pub duplicated_at_least_once: u64,
+    pub divergences_detected: u64,
+    pub divergences_undetected: u64,
+    pub typed_errors: u64,
+    pub dead_lettered: u64,
+    pub snapshots_rejected: u64,
+    pub notes: BTreeMap<String, u64>,
+    pub failures: Vec<String>,
+    pub elapsed: Duration,
+}
+
+impl Summary {
+    fn add(&mut self, s: &Scenario, o: &Outcome) {
+        self.scenarios += 1;
+        *self.per_backend.entry(format!("{:?}", s.backend)).or_default() += 1;
+        if o.injected && s.fault != Fault::None {
+            self.fault_injected += 1;
+            *self.faults.entry(format!("{:?}", s.fault)).or_default() += 1;
+            let kind = match s.kind {
+                Kind::Migration(st) => format!("migration/{st:?}"),
+                k => format!("{k:?}"),
+            };
+            *self
+                .faults_by_phase
+                .entry(format!("{:?} x {:?} x {kind} x {:?}", s.fault, s.phase, s.backend))
+                .or_default() += 1;
+        }
+        self.migrations_completed += o.migration_completed as u64;
+        self.migrations_rolled_back += o.migration_rolled_back as u64;
+        self.lost += o.lost;
+        self.duplicated_exactly_once += o.duplicated_exactly_once;
+        self.duplicated_at_least_once += o.duplicated_at_least_once;
+        self.divergences_detected += o.divergences_detected;
+        self.divergences_undetected += o.divergences_undetected;
+        self.typed_errors += o.typed_errors;
+        self.dead_lettered += o.dead_lettered;
+        self.snapshots_rejected += o.snapshots_rejected;
+        for n in &o.notes {
+            *self.notes.entry(n.clone()).or_default() += 1;
+        }
+    }
+
+    /// Whether the run upholds the invariants.
+    pub fn ok(&self) -> bool {
+        self.failures.is_empty()
+            && self.lost == 0
+            && self.duplicated_exactly_once == 0
+            && self.divergences_undetected == 0
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "==== fault-injection summary ({:.1} s)", self.elapsed.as_secs_f64())?;
+        writeln!(
+            f,
+            "scenarios run: {} ({} fault-injected) {:?}",
+            self.scenarios, self.fault_injected, self.per_backend
+        )?;
+        writeln!(f, "faults injected per kind:")?;
+        for (k, n) in &self.faults {
+            writeln!(f, "  {k:<20} {n}")?;
+        }
+        writeln!(f, "faults injected per kind x phase x scenario x backend:")?;
+        for (k, n) in &self.faults_by_phase {
+            writeln!(f, "  {k:<60} {n}")?;
+        }
+        writeln!(
+            f,
+            "migrations completed: {}, rolled back / aborted: {}",
+            self.migrations_completed, self.migrations_rolled_back
+        )?;
+        writeln!(f, "messages lost: {}", self.lost)?;
+        writeln!(
+            f,
+            "outputs duplicated (exactly-once, in-memory transactional sink): {}",
+            self.duplicated_exactly_once
+        )?;
+        writeln!(
+            f,
+            "outputs duplicated (at-least-once window, mock / tansu: no real transactions): {}",
+            self.duplicated_at_least_once
+        )?;
+        writeln!(
+            f,
+            "divergences detected: {}, undetected: {}",
+            self.divergences_detected, self.divergences_undetected
+        )?;
+        writeln!(
+            f,
+            "typed errors seen: {}, dead-lettered: {}, snapshots rejected on load: {}",
+            self.typed_errors, self.dead_lettered, self.snapshots_rejected
+        )?;
+        for (n, c) in &self.notes {
+            writeln!(f, "note ({c}x): {n}")?;
+        }
+        if self.failures.is_empty() {
+            writeln!(f, "failures: 0")?;
+        } else {
+            writeln!(f, "FAILURES: {}", self.failures.len())?;
+            for x in &self.failures {
+                writeln!(f, "  {x}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The seeds to run: `MS2M_FAULT_SEED` (one), else `MS2M_FAULT_SEEDS`
+/// (count, default `default_count`) from `MS2M_FAULT_SEED_BASE` (default 0).
+pub fn seeds(default_count: u64) -> Vec<u64> {
+    let var = |k: &str| std::env::var(k).ok().and_then(|v| v.trim().parse::<u64>().ok());
+    if let Some(seed) = var("MS2M_FAULT_SEED") {
+        return vec![seed];
+    }
+    let count = var("MS2M_FAULT_SEEDS").unwrap_or(default_count);
+    let base = var("MS2M_FAULT_SEED_BASE").unwrap_or(0);
+    (base..base + count).collect()
+}
+
+/// Runs every seed with `run` (each under `limit`), collecting outcomes
+/// and failures (a panic or timeout is a failure naming the seed and the
+/// command to replay it).
+pub async fn run_seeds<F, Fut>(seeds: &[u64], backend: Backend, limit: Duration, mut run: F) -> Summary
+where
+    F: FnMut(Scenario) -> Fut,
+    Fut: std::future::Future<Output = Outcome> + Send + 'static,
+{
+    let started = Instant::now();
+    let mut summary = Summary::default();
+    for &seed in seeds {
+        let scenario = Scenario::generate(seed, backend);
+        let t = Instant::now();
+        let task = tokio::spawn(run(scenario.clone()));
+        let abort = task.abort_handle();
+        let result = tokio::time::timeout(limit, task).await;
+        let verdict = match result {
+            Ok(Ok(outcome)) => {
+                summary.add(&scenario, &outcome);
+                Ok(outcome)
+            }
+            Ok(Err(join)) => {
+                let msg = match join.try_into_panic() {
+                    Ok(p) => p
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "panic".into()),
+                    Err(e) => e.to_string(),
+                };
+                Err(msg)
+            }
+            Err(_) => {
+                abort.abort();
+                Err(format!("timed out after {limit:?}"))
+            }
+        };
+        match verdict {
+            Ok(o) => crate::report_line(&format!(
+                "ok   {scenario} ({:.2} s){}",
+                t.elapsed().as_secs_f64(),
+                if o.injected { "" } else { " [fault not reached]" }
+            )),
+            Err(msg) => {
+                let line = format!("FAIL {scenario}: {msg}\n       replay: {}", scenario.replay_command());
+                crate::report_line(&line);
+                summary.scenarios += 1;
+                *summary
+                    .per_backend
+                    .entry(format!("{:?}", scenario.backend))
+                    .or_default() += 1;
+                summary.failures.push(line);
+            }
+        }
+    }
+    summary.elapsed = started.elapsed();
+    summary
+}
+
+/// A flag a fault hook raises when its trigger is reached.
+#[derive(Clone, Debug, Default)]
+pub struct Trigger(Arc<AtomicBool>);
+
+impl Trigger {
+    pub fn fire(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    pub fn fired(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// A counter shared with background tasks.
+#[derive(Clone, Debug, Default)]
+pub struct Counter(Arc<AtomicU64>);
+
+impl Counter {
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::SeqCst);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Waits for `cond`, polling every 2 ms, up to `timeout`; returns whether it held.
+pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Notes shared across tasks of one scenario.
+pub type Notes = Arc<Mutex<Vec<String>>>;
