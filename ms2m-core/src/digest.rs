@@ -326,6 +326,16 @@ impl MapDigest<'_> {
     }
 }
 
+/// Integer serializers: the tag, then the little-endian bytes.
+macro_rules! integers {
+    ($($method:ident($ty:ty) => $tag:ident),*) => {$(
+        fn $method(self, v: $ty) -> Result<(), DigestError> {
+            self.sink.tagged(tag::$tag, &v.to_le_bytes());
+            Ok(())
+        }
+    )*};
+}
+
 impl<'a> ser::Serializer for DigestSerializer<'a> {
     type Ok = ();
     type Error = DigestError;
@@ -346,46 +356,18 @@ impl<'a> ser::Serializer for DigestSerializer<'a> {
         self.sink.tagged(tag::BOOL, &[v as u8]);
         Ok(())
     }
-    fn serialize_i8(self, v: i8) -> Result<(), DigestError> {
-        self.sink.tagged(tag::I8, &v.to_le_bytes());
-        Ok(())
-    }
-    fn serialize_i16(self, v: i16) -> Result<(), DigestError> {
-        self.sink.tagged(tag::I16, &v.to_le_bytes());
-        Ok(())
-    }
-    fn serialize_i32(self, v: i32) -> Result<(), DigestError> {
-        self.sink.tagged(tag::I32, &v.to_le_bytes());
-        Ok(())
-    }
-    fn serialize_i64(self, v: i64) -> Result<(), DigestError> {
-        self.sink.tagged(tag::I64, &v.to_le_bytes());
-        Ok(())
-    }
-    fn serialize_i128(self, v: i128) -> Result<(), DigestError> {
-        self.sink.tagged(tag::I128, &v.to_le_bytes());
-        Ok(())
-    }
-    fn serialize_u8(self, v: u8) -> Result<(), DigestError> {
-        self.sink.tagged(tag::U8, &[v]);
-        Ok(())
-    }
-    fn serialize_u16(self, v: u16) -> Result<(), DigestError> {
-        self.sink.tagged(tag::U16, &v.to_le_bytes());
-        Ok(())
-    }
-    fn serialize_u32(self, v: u32) -> Result<(), DigestError> {
-        self.sink.tagged(tag::U32, &v.to_le_bytes());
-        Ok(())
-    }
-    fn serialize_u64(self, v: u64) -> Result<(), DigestError> {
-        self.sink.tagged(tag::U64, &v.to_le_bytes());
-        Ok(())
-    }
-    fn serialize_u128(self, v: u128) -> Result<(), DigestError> {
-        self.sink.tagged(tag::U128, &v.to_le_bytes());
-        Ok(())
-    }
+    integers!(
+        serialize_i8(i8) => I8,
+        serialize_i16(i16) => I16,
+        serialize_i32(i32) => I32,
+        serialize_i64(i64) => I64,
+        serialize_i128(i128) => I128,
+        serialize_u8(u8) => U8,
+        serialize_u16(u16) => U16,
+        serialize_u32(u32) => U32,
+        serialize_u64(u64) => U64,
+        serialize_u128(u128) => U128
+    );
     fn serialize_f32(self, v: f32) -> Result<(), DigestError> {
         self.sink.tagged(tag::F32, &v.to_bits().to_le_bytes());
         Ok(())

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -150,4 +151,49 @@ pub fn output_exactly_once(input: &[(i32, i64, Deposit)], outputs: &[BalanceChan
     let missing = input.iter().filter(|(p, o, _)| !seen.contains_key(&(*p, *o))).count();
     let duplicated = seen.values().filter(|n| **n > 1).map(|n| n - 1).sum();
     (missing, duplicated)
+}
+
+static NOISE: AtomicU64 = AtomicU64::new(0);
+
+/// [`Balances`] plus a deliberately non-deterministic field (it reads a
+/// process-wide counter in `apply`): a target replaying the same messages
+/// ends in a different state, which the digest check at cutover must catch.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Nondeterministic {
+    /// The deterministic part.
+    pub balances: Balances,
+    /// Differs between processes (and instances) for the same input.
+    pub noise: u64,
+}
+
+impl ServiceState for Nondeterministic {
+    const SCHEMA_VERSION: u32 = 1;
+
+    fn snapshot(&self) -> Result<Vec<u8>, CodecError> {
+        codec::encode(self)
+    }
+
+    fn restore(schema_version: u32, bytes: &[u8]) -> Result<Self, StateError> {
+        codec::decode(bytes).map_err(|source| StateError::Decode {
+            version: schema_version,
+            source,
+        })
+    }
+
+    fn digest(&self) -> StateDigest {
+        crate::digest::digest_of(self)
+    }
+}
+
+#[async_trait]
+impl StatefulService for Nondeterministic {
+    const NAME: &'static str = "balances";
+    type Message = Deposit;
+    type Format = Json;
+    type Error = Infallible;
+
+    async fn apply(&mut self, m: Deposit, ctx: &mut ApplyContext<'_>) -> Result<(), Infallible> {
+        self.noise = self.noise.wrapping_add(NOISE.fetch_add(1, Ordering::Relaxed));
+        self.balances.apply(m, ctx).await
+    }
 }

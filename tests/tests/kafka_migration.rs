@@ -5,24 +5,18 @@
 //! recorded owner; a non-deterministic `apply` is caught at cutover and the
 //! source keeps ownership.
 
-use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
-use ms2m_core::codec::{CodecError, Json};
 use ms2m_core::migration::{
     current_owner, run_target, Coordinator, CutoverReason, CutoverRule, DigestPolicy, MigrationConfig, MigrationError,
     MigrationPlan, SourceAgent, SourceExit, SourceOptions, Strategy, TargetOptions,
 };
 use ms2m_core::testkit::{
-    deposit, deposit_payload, output_exactly_once, reference_fold, BalanceChanged, Balances, Deposit,
+    deposit, deposit_payload, output_exactly_once, reference_fold, BalanceChanged, Balances, Deposit, Nondeterministic,
 };
-use ms2m_core::{
-    no_progress, ApplyContext, Delivery, Error, Instance, InstanceConfig, ServiceState, StateDigest, StateError,
-    StatefulService,
-};
+use ms2m_core::{no_progress, Delivery, Error, Instance, InstanceConfig, StatefulService};
 use ms2m_kafka::{KafkaCluster, KafkaControl, KafkaLog, KafkaSink, KafkaSnapshotStore};
 use ms2m_tests::{config, connect, on_mock, producer, read_all, unique};
 use rdkafka::producer::FutureRecord;
@@ -230,40 +224,6 @@ async fn every_strategy_hands_over_under_steady_input_without_loss_or_duplicates
         }
         let owner = current_owner(&*setup.control, "balances").await.unwrap().unwrap();
         assert_eq!(owner.instance_id, "target", "{strategy}: owner");
-    }
-}
-
-static NOISE: AtomicU64 = AtomicU64::new(0);
-
-/// Reads a process-wide counter in `apply`: deliberately non-deterministic.
-#[derive(Default, serde::Serialize, serde::Deserialize)]
-struct Nondeterministic {
-    balances: Balances,
-    noise: u64,
-}
-
-impl ServiceState for Nondeterministic {
-    const SCHEMA_VERSION: u32 = 1;
-    fn snapshot(&self) -> Result<Vec<u8>, CodecError> {
-        ms2m_core::codec::encode(self)
-    }
-    fn restore(v: u32, b: &[u8]) -> Result<Self, StateError> {
-        ms2m_core::codec::decode(b).map_err(|source| StateError::Decode { version: v, source })
-    }
-    fn digest(&self) -> StateDigest {
-        ms2m_core::digest::digest_of(self)
-    }
-}
-
-#[async_trait]
-impl StatefulService for Nondeterministic {
-    const NAME: &'static str = "balances";
-    type Message = Deposit;
-    type Format = Json;
-    type Error = Infallible;
-    async fn apply(&mut self, m: Deposit, ctx: &mut ApplyContext<'_>) -> Result<(), Infallible> {
-        self.noise = self.noise.wrapping_add(NOISE.fetch_add(1, Ordering::Relaxed));
-        self.balances.apply(m, ctx).await
     }
 }
 

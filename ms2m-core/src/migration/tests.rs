@@ -5,7 +5,7 @@
 //! every output committed exactly once, one owner.
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -295,40 +295,6 @@ async fn threshold_cutoff_ends_a_replay_that_cannot_catch_up_and_loses_nothing()
     producer.await.unwrap();
     drain(&mut live, &cluster.log).await;
     cluster.check(&live.state().0);
-}
-
-static NOISE: AtomicU64 = AtomicU64::new(0);
-
-/// Deliberately non-deterministic: reads a process-wide counter.
-#[derive(Default, serde::Serialize, serde::Deserialize)]
-struct Nondeterministic {
-    balances: Balances,
-    noise: u64,
-}
-
-impl ServiceState for Nondeterministic {
-    const SCHEMA_VERSION: u32 = 1;
-    fn snapshot(&self) -> Result<Vec<u8>, CodecError> {
-        crate::codec::encode(self)
-    }
-    fn restore(v: u32, b: &[u8]) -> Result<Self, StateError> {
-        crate::codec::decode(b).map_err(|source| StateError::Decode { version: v, source })
-    }
-    fn digest(&self) -> crate::StateDigest {
-        crate::digest::digest_of(self)
-    }
-}
-
-#[async_trait]
-impl StatefulService for Nondeterministic {
-    const NAME: &'static str = "balances";
-    type Message = Deposit;
-    type Format = Json;
-    type Error = Infallible;
-    async fn apply(&mut self, m: Deposit, ctx: &mut ApplyContext<'_>) -> Result<(), Infallible> {
-        self.noise = self.noise.wrapping_add(NOISE.fetch_add(1, Ordering::Relaxed));
-        self.balances.apply(m, ctx).await
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
