@@ -3,7 +3,7 @@
 //!
 //! # Protocol
 //!
-//! Three parties talk over a [`ControlChannel`](crate::ControlChannel): the
+//! Three parties talk over a [`ControlChannel`]: the
 //! [`Coordinator`] (the paper's migration manager; runs anywhere), the
 //! source (an owner running [`run_source`]) and the target (a standby
 //! running [`run_target`]).

@@ -1,0 +1,509 @@
+//! B1 (migration downtime: MS2M vs stop-and-copy), B7 (threshold cutoff
+//! when the input outruns replay) and the peak memory of a migration.
+//!
+//! Source, target and coordinator run in this process as tasks, driven the
+//! way `examples/migrate.rs` drives them, over the shared broker.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ms2m_core::migration::{
+    run_target, Coordinator, CutoverRule, MigrationConfig, MigrationPlan, MigrationReport, SourceAgent, SourceOptions,
+    Strategy, TargetOptions,
+};
+use ms2m_core::{no_progress, Delivery, Instance, InstanceConfig, StatefulService};
+use ms2m_examples::game::{event, GameEvent, GameSessions};
+use ms2m_examples::support::{produce_json, producer};
+use ms2m_kafka::{KafkaCluster, KafkaConfig};
+use rdkafka::producer::BaseRecord;
+use serde::Serialize;
+use tokio::task::JoinHandle;
+
+use crate::kafka::{bulk_producer, payload, send_retrying};
+use crate::mem;
+use crate::report::{median, ratios, Goal, Row, Stat};
+use crate::services::{SlowReplay, REPLAY_COST_NS};
+use crate::{Bench, BoxError};
+
+const PLAYERS: u64 = 1000;
+
+fn key(player: u64) -> Vec<u8> {
+    player.to_be_bytes().to_vec()
+}
+
+fn instance_config(id: &str, output: &str) -> InstanceConfig {
+    InstanceConfig::new(id)
+        .snapshot_every(None)
+        .snapshot_interval(None)
+        .commit_every(500, Duration::from_millis(20))
+        .poll(500, Duration::from_millis(5))
+        .output_topic(output.to_string())
+}
+
+/// Sends input at `rate` msg/s (in 10 ms ticks) until `running` is cleared.
+fn paced<F>(rate: u64, running: Arc<AtomicBool>, mut batch: F) -> JoinHandle<Result<u64, BoxError>>
+where
+    F: FnMut(u64, u64) -> Result<(), BoxError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(move || {
+        let per_tick = (rate / 100).max(1);
+        let start = std::time::Instant::now();
+        let mut sent = 0u64;
+        while running.load(Ordering::Relaxed) {
+            batch(sent, per_tick)?;
+            sent += per_tick;
+            let due = start + Duration::from_secs_f64(sent as f64 / rate as f64);
+            if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+        Ok(sent)
+    })
+}
+
+/// Game events at `rate` msg/s, keyed by player.
+fn game_input(
+    cluster: &KafkaCluster,
+    topic: &str,
+    rate: u64,
+    running: Arc<AtomicBool>,
+) -> Result<JoinHandle<Result<u64, BoxError>>, BoxError> {
+    let producer = bulk_producer(cluster)?;
+    let topic = topic.to_string();
+    Ok(paced(rate, running, move |first, n| {
+        for i in first..first + n {
+            let e = event(i, PLAYERS);
+            let player = match e {
+                GameEvent::Join { player, .. } | GameEvent::Flap { player } | GameEvent::Tick { player } => player,
+            };
+            let body = serde_json::to_vec(&e)?;
+            let k = key(player);
+            send_retrying(&producer, BaseRecord::to(&topic).key(&k[..]).payload(&body[..]))?;
+        }
+        producer.poll(Duration::ZERO);
+        Ok(())
+    }))
+}
+
+/// Memory observed around one migration (process-wide, bytes).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct MemSample {
+    /// RSS before the source built its state.
+    pub before: u64,
+    /// RSS with the source serving its full state.
+    pub source_ready: u64,
+    /// Peak RSS from then until the target was live.
+    pub peak: u64,
+}
+
+/// Everything one migration run needs.
+struct Setup<'a> {
+    b: &'a Bench,
+    strategy: Strategy,
+    delivery: Delivery,
+    rate: u64,
+    cutover: CutoverRule,
+    /// Give up on the migration after this long (the unbounded baseline of B7).
+    limit: Option<Duration>,
+}
+
+/// Runs one game-sessions migration of `state_mib` MiB; `None` if it hit `limit`.
+async fn game_migration(
+    s: &Setup<'_>,
+    state_mib: u64,
+    measure_mem: bool,
+) -> Result<(Option<MigrationReport>, MemSample), BoxError> {
+    let b = s.b;
+    let service = b.unique(&format!("b1-{state_mib}m"));
+    let (input, output) = (format!("{service}.in"), format!("{service}.out"));
+    let cluster = b.cluster.for_service(
+        KafkaConfig::new(&service)
+            .input_topic(&input)
+            .snapshot_partitions(if state_mib > 64 { 128 } else { 64 }),
+    );
+    cluster.create_topic(&input, 4, &[]).await?;
+    cluster.create_topic(&output, 4, &[]).await?;
+    let mut memory = MemSample::default();
+    if measure_mem {
+        memory.before = mem::rss().unwrap_or(0);
+    }
+    let board_bytes = ((state_mib << 20) / PLAYERS) as u32;
+    let joins = (0..PLAYERS)
+        .map(|player| (key(player), GameEvent::Join { player, board_bytes }))
+        .collect();
+    produce_json(&producer(&cluster)?, &input, joins).await?;
+    let source = Instance::<GameSessions, _, _, _>::recover(
+        cluster.backends(s.delivery).await?,
+        instance_config("source", &output),
+        &*no_progress(),
+    )
+    .await?;
+    let control = Arc::new(cluster.control().await?);
+    let agent = SourceAgent::new(source, control.clone(), SourceOptions::default()).await?;
+    let (stop_source, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let source_task = tokio::spawn(agent.run(async move {
+        let _ = stop_rx.await;
+    }));
+    let running = Arc::new(AtomicBool::new(true));
+    let input_task = game_input(&cluster, &input, s.rate, running.clone())?;
+    // Warm-up: the source applies the joins (builds the state) and serves.
+    tokio::time::sleep(Duration::from_secs(1) + Duration::from_millis(8 * state_mib)).await;
+    if measure_mem {
+        memory.source_ready = mem::rss().unwrap_or(0);
+        mem::reset_peak();
+    }
+    let result = migrate::<GameSessions, _>(s, &cluster, control, GameSessions::NAME, &service, &output).await;
+    if measure_mem {
+        memory.peak = mem::peak_rss().unwrap_or(0);
+    }
+    running.store(false, Ordering::Relaxed);
+    input_task.await??;
+    drop(stop_source);
+    let _ = source_task.await?;
+    Ok((result?, memory))
+}
+
+/// Starts the target, runs the coordinator, returns the report (`None`
+/// if `limit` passed first). The target is dropped once live.
+async fn migrate<S, C>(
+    s: &Setup<'_>,
+    cluster: &KafkaCluster,
+    control: Arc<C>,
+    name: &'static str,
+    service: &str,
+    output: &str,
+) -> Result<Option<MigrationReport>, BoxError>
+where
+    S: StatefulService,
+    C: ms2m_core::ControlChannel,
+{
+    let target_backends = cluster.backends(s.delivery).await?;
+    let target_control = control.clone();
+    let target_config = instance_config("target", output);
+    let target_task = tokio::spawn(async move {
+        run_target::<S, _, _, _, _>(
+            target_backends,
+            target_config,
+            target_control,
+            TargetOptions::default(),
+            &*no_progress(),
+        )
+        .await
+    });
+    let coordinator = Coordinator::new(
+        control,
+        MigrationConfig {
+            cutover: s.cutover.clone(),
+            ..MigrationConfig::default()
+        },
+    );
+    let plan = MigrationPlan {
+        service: name,
+        migration_id: format!("{service}-m"),
+        source: "source".into(),
+        target: "target".into(),
+        strategy: s.strategy,
+    };
+    let listener = |_: &ms2m_core::Progress| {};
+    let report = match s.limit {
+        Some(limit) => match tokio::time::timeout(limit, coordinator.migrate(&plan, &listener)).await {
+            Ok(r) => Some(r?),
+            Err(_) => None,
+        },
+        None => Some(coordinator.migrate(&plan, &listener).await?),
+    };
+    match &report {
+        Some(r) => {
+            if !r.digest_match {
+                return Err(format!("digest mismatch in {service}").into());
+            }
+            let _ = target_task.await??;
+        }
+        None => target_task.abort(),
+    }
+    Ok(report)
+}
+
+fn default_cutover(rate: u64) -> CutoverRule {
+    CutoverRule {
+        max_lag: Some((rate / 100).max(10)),
+        max_catch_up: Some(Duration::from_millis(20)),
+        replay_max: Duration::from_secs(10),
+    }
+}
+
+/// Settings of B1.
+#[derive(Clone, Debug)]
+pub struct B1Options {
+    /// State sizes, MiB.
+    pub sizes: Vec<u64>,
+    /// Input rate of the main rows, msg/s.
+    pub rate: u64,
+    /// Also run 64 MiB at this rate (0: off).
+    pub high_rate: u64,
+}
+
+/// B1 (downtime, MS2M vs stop-and-copy) plus the peak memory of the 64 MiB
+/// (or largest) MS2M migration.
+pub async fn b1(b: &Bench, opts: &B1Options) -> Result<Vec<Row>, BoxError> {
+    let mut cases: Vec<(u64, u64, Delivery)> = opts
+        .sizes
+        .iter()
+        .map(|&m| (m, opts.rate, Delivery::AtLeastOnce))
+        .collect();
+    let big = if opts.sizes.contains(&64) {
+        64
+    } else {
+        *opts.sizes.iter().max().unwrap_or(&1)
+    };
+    if opts.high_rate > 0 {
+        cases.push((big, opts.high_rate, Delivery::AtLeastOnce));
+    }
+    if b.embedded() && !b.quick {
+        cases.push((big, opts.rate, Delivery::ExactlyOnce));
+    }
+    let mut ms2m: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    let mut sc: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    let mut detail: Vec<Vec<MigrationReport>> = vec![Vec::new(); cases.len()];
+    let mut memory = None;
+    for run in 0..b.runs {
+        for (i, &(mib, rate, delivery)) in cases.iter().enumerate() {
+            for strategy in [Strategy::Ms2m, Strategy::StopAndCopy] {
+                let setup = Setup {
+                    b,
+                    strategy,
+                    delivery,
+                    rate,
+                    cutover: default_cutover(rate),
+                    limit: None,
+                };
+                let measure =
+                    run == 0 && i == cases.iter().position(|c| c.0 == big).unwrap_or(0) && strategy == Strategy::Ms2m;
+                let (report, m) = game_migration(&setup, mib, measure).await?;
+                let report = report.ok_or("migration did not finish")?;
+                eprintln!(
+                    "  B1 {mib} MiB @ {rate} msg/s {delivery:?} {strategy}: downtime {:.1} ms, total {:.0} ms",
+                    report.downtime_ms, report.total_ms
+                );
+                if measure {
+                    memory = Some((mib, m));
+                }
+                match strategy {
+                    Strategy::Ms2m => {
+                        ms2m[i].push(report.downtime_ms);
+                        detail[i].push(report);
+                    }
+                    _ => sc[i].push(report.downtime_ms),
+                }
+            }
+        }
+    }
+    let mut rows = Vec::new();
+    for (i, &(mib, rate, delivery)) in cases.iter().enumerate() {
+        let (target, goal) = if mib == 64 && rate == opts.rate && delivery == Delivery::AtLeastOnce {
+            ("≤ 0.01", Goal::AtMost(0.01))
+        } else {
+            ("— (reported)", Goal::None)
+        };
+        let d = &detail[i];
+        let m = |f: fn(&MigrationReport) -> f64| median(&d.iter().map(f).collect::<Vec<_>>());
+        rows.push(Row::new(
+            if delivery == Delivery::ExactlyOnce { "B1-eos" } else { "B1" },
+            format!("migration downtime, {mib} MiB state, {rate} msg/s input"),
+            Stat::new(ms2m[i].clone(), "ms"),
+            "stop-and-copy, same workload",
+            Some(Stat::new(sc[i].clone(), "ms")),
+            Some(ratios(&ms2m[i], &sc[i])),
+            target,
+            goal,
+            format!(
+                "{delivery:?}; MS2M total {:.0} ms (checkpoint {:.0}, transfer {:.0}, restore {:.0}, replay {:.0}), final gap {:.0} msgs",
+                m(|r| r.total_ms),
+                m(|r| r.checkpoint_ms),
+                m(|r| r.transfer_ms),
+                m(|r| r.restore_ms),
+                m(|r| r.replay_ms),
+                m(|r| r.final_gap as f64)
+            ),
+        ));
+    }
+    let lo = cases
+        .iter()
+        .position(|c| c.0 == 1 && c.1 == opts.rate && c.2 == Delivery::AtLeastOnce);
+    let hi = cases
+        .iter()
+        .position(|c| c.0 == 256 && c.1 == opts.rate && c.2 == Delivery::AtLeastOnce);
+    if let (Some(lo), Some(hi)) = (lo, hi) {
+        rows.push(Row::new(
+            "B1-scale",
+            "MS2M downtime at 256 MiB relative to 1 MiB",
+            Stat::new(ms2m[hi].clone(), "ms"),
+            "MS2M downtime at 1 MiB",
+            Some(Stat::new(ms2m[lo].clone(), "ms")),
+            Some(ratios(&ms2m[hi], &ms2m[lo])),
+            "≤ 1.5",
+            Goal::AtMost(1.5),
+            format!("{:?}, {} msg/s", Delivery::AtLeastOnce, opts.rate),
+        ));
+    }
+    if let Some((mib, m)) = memory {
+        let state = (mib << 20) as f64;
+        let grown = m.peak.saturating_sub(m.before) as f64;
+        let row = Row::new(
+            "MEM",
+            format!("peak RSS growth during a {mib} MiB MS2M migration ÷ state size"),
+            Stat::new(vec![grown / state], "× state"),
+            "",
+            None,
+            None,
+            "≤ 3× state (per role)",
+            Goal::None,
+            format!(
+                "one process holds source + target + coordinator + the embedded broker's copy of input and snapshot: RSS {:.0} MiB before the state, {:.0} MiB with the source serving (source share {:.2}× state), peak {:.0} MiB until the target was live",
+                m.before as f64 / 1048576.0,
+                m.source_ready as f64 / 1048576.0,
+                m.source_ready.saturating_sub(m.before) as f64 / state,
+                m.peak as f64 / 1048576.0
+            ),
+        );
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+/// B7: total migration time when the input rate is at least the replay
+/// rate: MS2M with the threshold cutoff vs unbounded replay (no cutoff).
+pub async fn b7(b: &Bench) -> Result<Vec<Row>, BoxError> {
+    let (rate, replay_max) = if b.quick {
+        (2000u64, Duration::from_secs(1))
+    } else {
+        (4000, Duration::from_secs(3))
+    };
+    // Replay runs at 80% of the input rate.
+    REPLAY_COST_NS.store(1_000_000_000 / (rate * 8 / 10), Ordering::Relaxed);
+    let limit = replay_max * 3 + Duration::from_secs(2);
+    let (mut bounded, mut replay, mut gap, mut downtime) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut unbounded_done = Vec::new();
+    for _ in 0..b.runs {
+        let threshold = Setup {
+            b,
+            strategy: Strategy::Ms2mThreshold,
+            delivery: Delivery::AtLeastOnce,
+            rate,
+            cutover: CutoverRule {
+                max_lag: None,
+                max_catch_up: None,
+                replay_max,
+            },
+            limit: Some(limit * 2),
+        };
+        let r = slow_migration(&threshold)
+            .await?
+            .ok_or("threshold migration did not finish")?;
+        eprintln!(
+            "  B7 threshold: total {:.0} ms, replay {:.0} ms, downtime {:.0} ms, final gap {}",
+            r.total_ms, r.replay_ms, r.downtime_ms, r.final_gap
+        );
+        bounded.push(r.total_ms);
+        replay.push(r.replay_ms);
+        gap.push(r.final_gap as f64);
+        downtime.push(r.downtime_ms);
+        // The MS2M rule without the threshold: cut over when the catch-up
+        // estimate lag / (mu - lambda) is small, which never holds while
+        // lambda >= mu. (A `max_lag` rule could fire at once, before the
+        // lag has grown.)
+        let unbounded = Setup {
+            strategy: Strategy::Ms2m,
+            cutover: CutoverRule {
+                max_lag: None,
+                max_catch_up: Some(Duration::from_millis(20)),
+                replay_max,
+            },
+            limit: Some(limit),
+            ..threshold
+        };
+        let u = slow_migration(&unbounded).await?;
+        eprintln!(
+            "  B7 unbounded: {}",
+            u.as_ref().map_or(format!("not finished after {limit:?}"), |r| format!(
+                "total {:.0} ms",
+                r.total_ms
+            ))
+        );
+        unbounded_done.push(u.map_or(crate::ms(limit), |r| r.total_ms));
+    }
+    let finished_never = unbounded_done.iter().all(|&t| t >= crate::ms(limit));
+    let mut row = Row::new(
+        "B7",
+        format!("total migration time, input {rate} msg/s, replay ≈ 0.8 × input"),
+        Stat::new(bounded, "ms"),
+        "unbounded replay (no cutoff)",
+        Some(Stat::new(unbounded_done, "ms")),
+        None,
+        format!("replay ≤ T_replay_max = {} ms", replay_max.as_millis()),
+        Goal::None,
+        format!(
+            "threshold cutoff: replay phase {:.0} ms, final gap {:.0} msgs replayed in a downtime of {:.0} ms; unbounded: {}",
+            median(&replay),
+            median(&gap),
+            median(&downtime),
+            if finished_never {
+                format!("never caught up, abandoned after {} ms (the number shown is a lower bound)", limit.as_millis())
+            } else {
+                "finished".into()
+            }
+        ),
+    );
+    // 250 ms: the target's progress interval, the cutoff's granularity.
+    row.met = Some(median(&replay) <= replay_max.as_secs_f64() * 1e3 + 250.0);
+    Ok(vec![row])
+}
+
+/// A [`SlowReplay`] migration with input at `s.rate`.
+async fn slow_migration(s: &Setup<'_>) -> Result<Option<MigrationReport>, BoxError> {
+    let b = s.b;
+    let service = b.unique("b7");
+    let (input, output) = (format!("{service}.in"), format!("{service}.out"));
+    let cluster = b.cluster.for_service(KafkaConfig::new(&service).input_topic(&input));
+    cluster.create_topic(&input, 4, &[]).await?;
+    cluster.create_topic(&output, 4, &[]).await?;
+    let source = Instance::<SlowReplay, _, _, _>::recover(
+        cluster.backends(s.delivery).await?,
+        instance_config("source", &output),
+        &*no_progress(),
+    )
+    .await?;
+    let control = Arc::new(cluster.control().await?);
+    let agent = SourceAgent::new(source, control.clone(), SourceOptions::default()).await?;
+    let (stop_source, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let source_task = tokio::spawn(agent.run(async move {
+        let _ = stop_rx.await;
+    }));
+    let running = Arc::new(AtomicBool::new(true));
+    let producer = bulk_producer(&cluster)?;
+    let topic = input.clone();
+    let input_task = paced(s.rate, running.clone(), move |first, n| {
+        for i in first..first + n {
+            let p = payload(i, 16);
+            send_retrying(
+                &producer,
+                BaseRecord::to(&topic).partition((i % 4) as i32).payload(&p[..]),
+            )?;
+        }
+        producer.poll(Duration::ZERO);
+        Ok(())
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let result = migrate::<SlowReplay, _>(s, &cluster, control, SlowReplay::NAME, &service, &output).await;
+    running.store(false, Ordering::Relaxed);
+    input_task.await??;
+    drop(stop_source);
+    let _ = with_timeout(source_task).await;
+    result
+}
+
+async fn with_timeout<F: Future>(f: F) -> Option<F::Output> {
+    tokio::time::timeout(Duration::from_secs(30), f).await.ok()
+}
