@@ -197,3 +197,101 @@ impl StatefulService for Nondeterministic {
         self.balances.apply(m, ctx).await
     }
 }
+
+/// Input topic of [`MemoryCluster`].
+pub const INPUT_TOPIC: &str = "deposits";
+/// Partitions of [`MemoryCluster`]'s input topic.
+pub const INPUT_PARTITIONS: i32 = 2;
+
+/// A whole in-memory deployment for protocol tests: the input log, a shared
+/// snapshot store, transactional outputs, the control channel, and a record
+/// of every deposit produced (for the reference fold). Clone to share.
+#[derive(Clone, Debug)]
+pub struct MemoryCluster {
+    /// The input log.
+    pub log: crate::memory::MemoryLog,
+    /// The snapshot store every instance shares.
+    pub store: crate::memory::MemorySnapshotStore,
+    /// The committed outputs.
+    pub outputs: crate::memory::MemoryOutputs,
+    /// The migration control channel.
+    pub control: std::sync::Arc<crate::memory::MemoryControl>,
+    /// Every deposit produced, as `(partition, offset, deposit)`.
+    pub input: std::sync::Arc<std::sync::Mutex<Vec<(i32, i64, Deposit)>>>,
+}
+
+impl Default for MemoryCluster {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryCluster {
+    /// An empty deployment.
+    pub fn new() -> Self {
+        Self {
+            log: crate::memory::MemoryLog::new(INPUT_TOPIC, INPUT_PARTITIONS),
+            store: crate::memory::MemorySnapshotStore::new(),
+            outputs: crate::memory::MemoryOutputs::new(),
+            control: std::sync::Arc::new(crate::memory::MemoryControl::new()),
+            input: std::sync::Arc::default(),
+        }
+    }
+
+    /// Fresh backends for one instance: its own log reader and sink, the shared store.
+    pub fn backends(
+        &self,
+    ) -> crate::Backends<crate::memory::MemoryLogReader, crate::memory::MemorySnapshotStore, crate::memory::MemorySink>
+    {
+        crate::Backends {
+            log: self.log.reader(),
+            store: std::sync::Arc::new(self.store.clone()),
+            sink: self.outputs.sink(),
+        }
+    }
+
+    /// Produces the next `n` deposits, round-robin over the partitions.
+    pub fn produce_now(&self, n: u64) {
+        let mut input = self.input.lock().unwrap_or_else(|p| p.into_inner());
+        for _ in 0..n {
+            let i = input.len() as u64;
+            let p = (i % INPUT_PARTITIONS as u64) as i32;
+            let o = self.log.append(INPUT_TOPIC, p, None, deposit_payload(i));
+            input.push((p, o, deposit(i)));
+        }
+    }
+
+    /// Produces `n` deposits in bursts of 20, one burst every `every`.
+    pub fn produce_steady(&self, n: u64, every: std::time::Duration) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut left = n;
+            while left > 0 {
+                let burst = left.min(20);
+                this.produce_now(burst);
+                left -= burst;
+                tokio::time::sleep(every).await;
+            }
+        })
+    }
+
+    /// Every deposit produced so far.
+    pub fn produced(&self) -> Vec<(i32, i64, Deposit)> {
+        self.input.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether any control message so far satisfies `f`.
+    pub fn has(&self, f: impl Fn(&crate::ControlMessage) -> bool) -> bool {
+        self.control.history().iter().any(f)
+    }
+
+    /// The committed [`BalanceChanged`] outputs on `topic`.
+    pub fn balance_outputs(&self, topic: &str) -> Vec<BalanceChanged> {
+        self.outputs
+            .committed()
+            .iter()
+            .filter(|o| &*o.topic == topic)
+            .map(|o| serde_json::from_slice(&o.payload).expect("balance outputs decode"))
+            .collect()
+    }
+}

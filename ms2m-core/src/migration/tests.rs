@@ -6,7 +6,7 @@
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -14,100 +14,37 @@ use async_trait::async_trait;
 use super::*;
 use crate::codec::{CodecError, Json};
 use crate::memory::*;
-use crate::runtime::{no_progress, Backends, Instance, InstanceConfig};
+use crate::runtime::{no_progress, Instance, InstanceConfig};
 use crate::state::{ServiceState, StateError};
 use crate::testkit::*;
 use crate::{ApplyContext, ControlMessage, Error, StatefulService};
 
 type Inst<S> = Instance<S, MemoryLogReader, MemorySnapshotStore, MemorySink>;
 
-#[derive(Clone)]
-struct Cluster {
-    log: MemoryLog,
-    store: MemorySnapshotStore,
-    outputs: MemoryOutputs,
-    control: Arc<MemoryControl>,
-    input: Arc<Mutex<Vec<(i32, i64, Deposit)>>>,
+type Cluster = MemoryCluster;
+
+const OUT: &str = "balances.out";
+
+async fn wait_for(cluster: &Cluster, what: &str, f: impl Fn(&ControlBody) -> bool) {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !cluster.has(|m| f(&m.body)) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
 }
 
-const PARTITIONS: i32 = 2;
-
-impl Cluster {
-    fn new() -> Self {
-        Self {
-            log: MemoryLog::new("deposits", PARTITIONS),
-            store: MemorySnapshotStore::new(),
-            outputs: MemoryOutputs::new(),
-            control: Arc::new(MemoryControl::new()),
-            input: Arc::default(),
-        }
-    }
-
-    fn backends(&self) -> Backends<MemoryLogReader, MemorySnapshotStore, MemorySink> {
-        Backends {
-            log: self.log.reader(),
-            store: Arc::new(self.store.clone()),
-            sink: self.outputs.sink(),
-        }
-    }
-
-    fn produce_now(&self, n: u64) {
-        let mut input = self.input.lock().unwrap();
-        for _ in 0..n {
-            let i = input.len() as u64;
-            let p = (i % PARTITIONS as u64) as i32;
-            let o = self.log.append("deposits", p, None, deposit_payload(i));
-            input.push((p, o, deposit(i)));
-        }
-    }
-
-    /// Produces `n` messages in bursts of 20 every `every`.
-    fn produce_steady(&self, n: u64, every: Duration) -> tokio::task::JoinHandle<()> {
-        let this = self.clone();
-        tokio::spawn(async move {
-            let mut left = n;
-            while left > 0 {
-                let burst = left.min(20);
-                this.produce_now(burst);
-                left -= burst;
-                tokio::time::sleep(every).await;
-            }
-        })
-    }
-
-    fn has(&self, f: impl Fn(&ControlBody) -> bool) -> bool {
-        self.control.history().iter().any(|m| f(&m.body))
-    }
-
-    async fn wait_for(&self, what: &str, f: impl Fn(&ControlBody) -> bool) {
-        tokio::time::timeout(Duration::from_secs(20), async {
-            while !self.has(&f) {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
-    }
-
-    fn outputs(&self) -> Vec<BalanceChanged> {
-        self.outputs
-            .committed()
-            .iter()
-            .map(|o| serde_json::from_slice(&o.payload).unwrap())
-            .collect()
-    }
-
-    /// The invariants every scenario ends with.
-    fn check(&self, final_state: &Balances) {
-        let input = self.input.lock().unwrap().clone();
-        assert_eq!(
-            final_state,
-            &reference_fold(&input).0,
-            "final state differs from the reference fold"
-        );
-        let (missing, duplicated) = output_exactly_once(&input, &self.outputs());
-        assert_eq!((missing, duplicated), (0, 0), "outputs lost or duplicated");
-    }
+/// The invariants every scenario ends with.
+fn check(cluster: &Cluster, final_state: &Balances) {
+    let input = cluster.produced();
+    assert_eq!(
+        final_state,
+        &reference_fold(&input).0,
+        "final state differs from the reference fold"
+    );
+    let (missing, duplicated) = output_exactly_once(&input, &cluster.balance_outputs(OUT));
+    assert_eq!((missing, duplicated), (0, 0), "outputs lost or duplicated");
 }
 
 fn config(id: &str) -> InstanceConfig {
@@ -115,7 +52,7 @@ fn config(id: &str) -> InstanceConfig {
         .snapshot_every(Some(500))
         .commit_every(50, Duration::from_millis(5))
         .poll(64, Duration::from_millis(5))
-        .output_topic("balances.out")
+        .output_topic(OUT)
 }
 
 fn fast() -> MigrationConfig {
@@ -197,7 +134,7 @@ async fn migrate_under_load(strategy: Strategy, config: MigrationConfig) -> Migr
     assert!(live.is_live());
     producer.await.unwrap();
     drain(&mut live, &cluster.log).await;
-    cluster.check(live.state());
+    check(&cluster, live.state());
     assert!(report.digest_match);
     assert_eq!(report.source_digest, report.target_digest);
     assert_eq!(report.strategy, strategy);
@@ -294,7 +231,7 @@ async fn threshold_cutoff_ends_a_replay_that_cannot_catch_up_and_loses_nothing()
     let mut live = target.await.unwrap().unwrap();
     producer.await.unwrap();
     drain(&mut live, &cluster.log).await;
-    cluster.check(&live.state().0);
+    check(&cluster, &live.state().0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -322,9 +259,10 @@ async fn nondeterministic_apply_is_caught_by_the_digest_check_and_rolled_back() 
     // The source resumed: it is the owner and processes everything exactly once.
     producer.await.unwrap();
     let end = cluster.log.end_position();
-    cluster
-        .wait_for("source to resume", |b| matches!(b, ControlBody::Resume { .. }))
-        .await;
+    wait_for(&cluster, "source to resume", |b| {
+        matches!(b, ControlBody::Resume { .. })
+    })
+    .await;
     tokio::time::timeout(Duration::from_secs(20), async {
         while !cluster.outputs.committed_position().is_some_and(|p| p.reaches(&end)) {
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -336,7 +274,7 @@ async fn nondeterministic_apply_is_caught_by_the_digest_check_and_rolled_back() 
     let SourceExit::Shutdown(src) = source.await.unwrap().unwrap() else {
         panic!("source should have been shut down, not released")
     };
-    cluster.check(&src.state().balances);
+    check(&cluster, &src.state().balances);
     let owner = current_owner(&*cluster.control, "balances").await.unwrap().unwrap();
     assert_eq!(owner.instance_id, "src");
 }
@@ -401,7 +339,7 @@ async fn kill_scenario(kill: Kill) {
                 "{err:?}"
             );
             assert!(target.take().unwrap().await.unwrap().is_err(), "the target died");
-            let resumed = cluster.has(|b| matches!(b, ControlBody::Resume { .. }));
+            let resumed = cluster.has(|m| matches!(m.body, ControlBody::Resume { .. }));
             match kill {
                 Kill::TargetDuringReplay => assert!(!resumed, "the source never stopped, nothing to resume"),
                 _ => assert!(resumed, "the stopped source is told to resume"),
@@ -426,9 +364,7 @@ async fn kill_scenario(kill: Kill) {
             );
         }
         Kill::CoordinatorAndTargetAtCutover => {
-            cluster
-                .wait_for("stopped", |b| matches!(b, ControlBody::Stopped { .. }))
-                .await;
+            wait_for(&cluster, "stopped", |b| matches!(b, ControlBody::Stopped { .. })).await;
             migration.abort();
             target.take().unwrap().abort();
             let done = coordinator.recover("balances", &plan.migration_id).await.unwrap();
@@ -436,9 +372,7 @@ async fn kill_scenario(kill: Kill) {
             cluster.control.set_fault(|_| PublishFault::Pass);
         }
         Kill::CoordinatorAfterLive => {
-            cluster
-                .wait_for("target live", |b| matches!(b, ControlBody::Live { .. }))
-                .await;
+            wait_for(&cluster, "target live", |b| matches!(b, ControlBody::Live { .. })).await;
             migration.abort();
             cluster.control.set_fault(|_| PublishFault::Pass);
             let done = coordinator.recover("balances", &plan.migration_id).await.unwrap();
@@ -473,7 +407,7 @@ async fn kill_scenario(kill: Kill) {
         };
         src.state().clone()
     };
-    cluster.check(&final_state);
+    check(&cluster, &final_state);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -532,7 +466,7 @@ async fn zombie_source_is_fenced_after_the_handover() {
     assert!(matches!(err, Error::Fenced { .. }));
     ensure_owner(&*cluster.control, "balances", "tgt").await.unwrap();
     drain(&mut live, &cluster.log).await;
-    cluster.check(live.state());
+    check(&cluster, live.state());
 }
 
 #[test]
@@ -582,9 +516,16 @@ async fn regression_seed_8_a_standby_never_snapshots() {
     producer.await.unwrap();
     let live = target.await.unwrap().unwrap();
     assert!(matches!(source.await.unwrap().unwrap(), SourceExit::Released(_)));
-    // Only the source's checkpoint exists: the standby wrote none while replaying.
+    // The standby wrote none while replaying: every stored snapshot is the
+    // source's (its checkpoint, and periodic ones if it crossed its cadence).
     assert_eq!(live.stats().snapshots, 0);
-    assert_eq!(crate::SnapshotStore::list(&cluster.store).await.unwrap().len(), 1);
+    let ids = crate::SnapshotStore::list(&cluster.store).await.unwrap();
+    assert!(!ids.is_empty(), "the source's checkpoint is stored");
+    for id in ids {
+        let bytes = crate::SnapshotStore::get(&cluster.store, id).await.unwrap();
+        let writer = crate::Snapshot::decode(bytes).unwrap().header.instance_id;
+        assert_eq!(writer, "src", "snapshot {id} was written by the standby");
+    }
 }
 
 /// Fault suite: a checkpoint that cannot be stored abandons the migration
@@ -620,5 +561,5 @@ async fn a_failed_checkpoint_abandons_the_migration_and_the_source_keeps_serving
     let SourceExit::Shutdown(src) = source.await.unwrap().unwrap() else {
         panic!("the source keeps ownership")
     };
-    cluster.check(src.state());
+    check(&cluster, src.state());
 }

@@ -4,32 +4,30 @@
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use ms2m_core::codec::{CodecError, Json};
 use ms2m_core::memory::PublishFault;
-use ms2m_core::memory::{MemoryControl, MemoryLog, MemoryLogReader, MemoryOutputs, MemorySink, MemorySnapshotStore};
+use ms2m_core::memory::{MemoryLog, MemoryLogReader, MemorySink, MemorySnapshotStore};
 use ms2m_core::migration::{
     current_owner, ensure_owner, run_target, Coordinator, CutoverRule, DigestPolicy, MigrationConfig, MigrationError,
     MigrationPlan, Recovered, SourceAgent, SourceExit, SourceOptions, TargetOptions,
 };
 use ms2m_core::store::load_newest_valid;
-use ms2m_core::testkit::{
-    deposit, deposit_payload, output_exactly_once, reference_fold, BalanceChanged, Balances, Deposit,
-};
+use ms2m_core::testkit::{output_exactly_once, reference_fold, Balances, Deposit};
 use ms2m_core::{
-    no_progress, ApplyContext, Backends, BadMessagePolicy, ControlBody, ControlMessage, Error, ErrorKind, Instance,
+    no_progress, ApplyContext, BadMessagePolicy, ControlBody, ControlMessage, Error, ErrorKind, Instance,
     InstanceConfig, Role, ServiceState, Snapshot, SnapshotStore, StateDigest, StateError, StatefulService,
     TopicPartition,
 };
 
 use super::{wait_until, Fault, Kind, Outcome, Phase, Scenario, Strategy, Trigger};
 
-const TOPIC: &str = "deposits";
-const PARTITIONS: i32 = 2;
+use ms2m_core::testkit::{MemoryCluster, INPUT_PARTITIONS as PARTITIONS, INPUT_TOPIC as TOPIC};
+
 const OUT: &str = "balances.out";
 const DLQ: &str = "balances.dlq";
 const SERVICE: &str = "balances";
@@ -93,82 +91,19 @@ impl Folds for Drifting {
     }
 }
 
-#[derive(Clone)]
-struct Mem {
-    log: MemoryLog,
-    store: MemorySnapshotStore,
-    outputs: MemoryOutputs,
-    control: Arc<MemoryControl>,
-    input: Arc<Mutex<Vec<(i32, i64, Deposit)>>>,
-}
+type Mem = MemoryCluster;
 
-impl Mem {
-    fn new() -> Self {
-        Self {
-            log: MemoryLog::new(TOPIC, PARTITIONS),
-            store: MemorySnapshotStore::new(),
-            outputs: MemoryOutputs::new(),
-            control: Arc::new(MemoryControl::new()),
-            input: Arc::default(),
-        }
-    }
-
-    fn backends(&self) -> Backends<MemoryLogReader, MemorySnapshotStore, MemorySink> {
-        Backends {
-            log: self.log.reader(),
-            store: Arc::new(self.store.clone()),
-            sink: self.outputs.sink(),
-        }
-    }
-
-    fn produce_now(&self, n: u64) {
-        let mut input = self.input.lock().unwrap();
-        for _ in 0..n {
-            let i = input.len() as u64;
-            let p = (i % PARTITIONS as u64) as i32;
-            let o = self.log.append(TOPIC, p, None, deposit_payload(i));
-            input.push((p, o, deposit(i)));
-        }
-    }
-
-    fn produce_steady(&self, n: u64) -> tokio::task::JoinHandle<()> {
-        let this = self.clone();
-        tokio::spawn(async move {
-            let mut left = n;
-            while left > 0 {
-                let burst = left.min(20);
-                this.produce_now(burst);
-                left -= burst;
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        })
-    }
-
-    fn has(&self, f: impl Fn(&ControlMessage) -> bool) -> bool {
-        self.control.history().iter().any(f)
-    }
-
-    fn outputs(&self) -> Vec<BalanceChanged> {
-        self.outputs
-            .committed()
-            .iter()
-            .filter(|o| &*o.topic == OUT)
-            .map(|o| serde_json::from_slice(&o.payload).expect("outputs decode"))
-            .collect()
-    }
-
-    /// Final state equals the reference fold of `input` (all of it unless
-    /// `expected` says otherwise); every output exactly once.
-    fn check(&self, state: &Balances, expected: Option<&[(i32, i64, Deposit)]>, o: &mut Outcome) {
-        let all = self.input.lock().unwrap().clone();
-        let input = expected.unwrap_or(&all);
-        let (fold, _) = reference_fold(input);
-        let (missing, duplicated) = output_exactly_once(input, &self.outputs());
-        o.lost += missing as u64;
-        o.duplicated_exactly_once += duplicated as u64;
-        assert_eq!(state, &fold, "final state differs from the reference fold");
-        assert_eq!((missing, duplicated), (0, 0), "outputs lost or duplicated");
-    }
+/// Final state equals the reference fold of `input` (all of it unless
+/// `expected` says otherwise); every output exactly once.
+fn check(m: &Mem, state: &Balances, expected: Option<&[(i32, i64, Deposit)]>, o: &mut Outcome) {
+    let all = m.produced();
+    let input = expected.unwrap_or(&all);
+    let (fold, _) = reference_fold(input);
+    let (missing, duplicated) = output_exactly_once(input, &m.balance_outputs(OUT));
+    o.lost += missing as u64;
+    o.duplicated_exactly_once += duplicated as u64;
+    assert_eq!(state, &fold, "final state differs from the reference fold");
+    assert_eq!((missing, duplicated), (0, 0), "outputs lost or duplicated");
 }
 
 fn config(id: &str, sc: &Scenario) -> InstanceConfig {
@@ -238,7 +173,7 @@ async fn recovery(sc: &Scenario) -> Outcome {
     let mut a: Inst<Balances> = recover(&m, config("a", sc)).await.unwrap();
     let crash_at = (sc.initial as f64 * sc.at) as i64;
     step_to(&mut a, crash_at).await;
-    let producer = m.produce_steady(sc.during);
+    let producer = m.produce_steady(sc.during, Duration::from_millis(2));
     match sc.phase {
         Phase::Checkpoint => {
             // The snapshot upload fails (store down), then the owner crashes.
@@ -274,7 +209,7 @@ async fn recovery(sc: &Scenario) -> Outcome {
     producer.await.unwrap();
     let mut c: Inst<Balances> = recover(&m, config("c", sc)).await.unwrap();
     drain(&mut c, &m.log).await;
-    m.check(c.state(), None, &mut o);
+    check(&m, c.state(), None, &mut o);
     o
 }
 
@@ -340,7 +275,7 @@ async fn snapshot_damage(sc: &Scenario) -> Outcome {
     }
     let mut b: Inst<Balances> = recover(&m, config("b", sc)).await.unwrap();
     drain(&mut b, &m.log).await;
-    m.check(b.state(), None, &mut o);
+    check(&m, b.state(), None, &mut o);
     o
 }
 
@@ -445,7 +380,7 @@ async fn bad_input(sc: &Scenario) -> Outcome {
     assert!(!header("ms2m.error").is_empty());
     assert_eq!(&dlq[0].payload[..], b"{not json");
     o.dead_lettered += 1;
-    m.check(c.state(), None, &mut o);
+    check(&m, c.state(), None, &mut o);
     o
 }
 
@@ -488,7 +423,7 @@ async fn tail_deleted(sc: &Scenario) -> Outcome {
     // Opting in to the gap: exactly the deleted messages are missing.
     let mut c: Inst<Balances> = recover(&m, config("c", sc).allow_log_gap(true)).await.unwrap();
     drain(&mut c, &m.log).await;
-    let all = m.input.lock().unwrap().clone();
+    let all = m.produced();
     let kept: Vec<_> = all
         .iter()
         .filter(|(p, off, _)| !(*p == 0 && *off >= needed && *off < deleted_to))
@@ -496,7 +431,7 @@ async fn tail_deleted(sc: &Scenario) -> Outcome {
         .collect();
     let (fold, _) = reference_fold(&kept);
     assert_eq!(c.state(), &fold, "state is the fold of what the log still holds");
-    let (_, dup) = output_exactly_once(&kept, &m.outputs());
+    let (_, dup) = output_exactly_once(&kept, &m.balance_outputs(OUT));
     assert_eq!(dup, 0);
     o
 }
@@ -674,7 +609,7 @@ async fn migration<S: Folds>(sc: &Scenario, strategy: Strategy) -> Outcome {
         DRIFT.store(true, Ordering::SeqCst);
         o.injected = true;
     }
-    let producer = m.produce_steady(sc.during);
+    let producer = m.produce_steady(sc.during, Duration::from_millis(2));
     let mconfig = MigrationConfig {
         cutover: CutoverRule {
             max_lag: Some(20),
@@ -914,12 +849,12 @@ async fn migration<S: Folds>(sc: &Scenario, strategy: Strategy) -> Outcome {
         final_state = state;
     }
     if sc.fault == Fault::Divergence && completed {
-        let all = m.input.lock().unwrap().clone();
+        let all = m.produced();
         if final_state != reference_fold(&all).0 {
             o.divergences_undetected += 1;
         }
     }
-    m.check(&final_state, None, &mut o);
+    check(&m, &final_state, None, &mut o);
     o
 }
 
