@@ -109,6 +109,21 @@ pub enum ControlBody {
         /// The source's state digest at Pf.
         digest: StateDigest,
     },
+    /// Target → all: the target takes over at `position` (Pf), digests
+    /// matched. The decisive record of a migration: the first of a
+    /// `Takeover` and a rollback (`Resume` or `Aborted`) on the channel
+    /// wins, and every party decides by that order (see
+    /// [`migration_outcome`](crate::migration::migration_outcome)). The
+    /// target claims the sink only after it has read its `Takeover` back
+    /// with no rollback before it.
+    Takeover {
+        /// Instance id of the new owner.
+        owner: String,
+        /// The owner epoch it takes.
+        epoch: u64,
+        /// Pf.
+        position: Position,
+    },
     /// Target → coordinator: live at `position`; `owner` now owns the service.
     Live {
         /// Instance id of the new owner.

@@ -416,6 +416,10 @@ pub enum PublishFault {
     Fail,
     /// Never return (the publisher hangs, e.g. until its task is aborted).
     Hang,
+    /// Never return, but the message is already in flight: it is appended
+    /// after the delay, whatever happens to the publisher (a record a
+    /// producer had enqueued before its process died).
+    Late(std::time::Duration),
 }
 
 type FaultHook = Box<dyn Fn(&ControlMessage) -> PublishFault + Send + Sync>;
@@ -477,6 +481,15 @@ impl ControlChannel for MemoryControl {
             PublishFault::Pass => {}
             PublishFault::Fail => return Err(MemoryError::Unavailable),
             PublishFault::Hang => std::future::pending::<()>().await,
+            PublishFault::Late(delay) => {
+                let (shared, message) = (self.shared.clone(), message.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    lock(&shared.messages).push(message);
+                    shared.published.notify_waiters();
+                });
+                std::future::pending::<()>().await
+            }
         }
         lock(&self.shared.messages).push(message.clone());
         self.shared.published.notify_waiters();

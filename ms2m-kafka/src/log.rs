@@ -29,7 +29,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::{Message, Offset, TopicPartitionList};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::broker::{partition_count, KafkaCluster};
 use crate::config::SetDefault;
@@ -242,10 +242,16 @@ impl MessageLog for KafkaLog {
             return Ok(out);
         }
         let consumer = self.consumer.clone();
-        let first = match tokio::time::timeout(timeout, consumer.recv()).await {
-            Err(_) => return Ok(out),
-            Ok(Err(e)) => return Err(self.consume_error(e)),
-            Ok(Ok(m)) => self.record_of(&m),
+        let deadline = tokio::time::Instant::now() + timeout;
+        let first = loop {
+            match tokio::time::timeout_at(deadline, consumer.recv()).await {
+                Err(_) => return Ok(out),
+                Ok(Err(e)) if is_transient(&e) => {
+                    warn!(error = %e, "input log: broker connection lost; librdkafka reconnects");
+                }
+                Ok(Err(e)) => return Err(self.consume_error(e)),
+                Ok(Ok(m)) => break self.record_of(&m),
+            }
         };
         out.push(first);
         while out.len() < max {
@@ -255,6 +261,7 @@ impl MessageLog for KafkaLog {
                     let r = self.record_of(&m);
                     out.push(r);
                 }
+                Some(Err(e)) if is_transient(&e) => break,
                 Some(Err(e)) => {
                     self.deferred = Some(self.consume_error(e));
                     break;
@@ -284,4 +291,22 @@ impl MessageLog for KafkaLog {
         })
         .await
     }
+}
+
+/// Connection-level consumer events: librdkafka reports them while it
+/// reconnects and resumes fetching on its own, so `poll` logs them and goes
+/// on waiting instead of failing the instance. Anything else (a truncated
+/// log, an unknown topic, authorization) is an error.
+fn is_transient(e: &RdKafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::NetworkException
+                | RDKafkaErrorCode::RequestTimedOut
+                | RDKafkaErrorCode::OperationTimedOut
+                | RDKafkaErrorCode::Resolve
+        )
+    )
 }

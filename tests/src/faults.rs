@@ -15,7 +15,7 @@
 //! * outputs: none missing; none duplicated on the in-memory backends
 //!   (`MemorySink` is a faithful transactional sink). On the embedded mock
 //!   and on tansu duplicates are counted and must stay within the
-//!   at-least-once window (`commit_every` messages per crash): the mock does
+//!   at-least-once window (`commit_every + batch - 1` outputs per crash): the mock does
 //!   not implement transactions and tansu has none, so exactly-once cannot
 //!   be shown there;
 //! * exactly one owner at the end (the control channel names the instance
@@ -284,15 +284,23 @@ impl Scenario {
                     &[Fault::BrokerRestart]
                 };
                 let roll = rng.gen_range(0..100);
-                if roll < 35 {
+                if roll < 22 {
                     s.kind = Kind::Recovery;
                     s.phase = [Phase::Checkpoint, Phase::Replay, Phase::Live][rng.gen_range(0..3)];
                     s.fault = Fault::CrashSource;
-                } else if roll < 55 {
+                } else if roll < 36 {
                     s.kind = Kind::Recovery;
                     s.phase = [Phase::Replay, Phase::Live][rng.gen_range(0..2)];
                     s.fault = broker_faults[rng.gen_range(0..broker_faults.len())];
-                } else if roll < 70 {
+                    if backend == Backend::Tansu {
+                        // tansu 0.6 panics its storage task when an idempotent
+                        // producer from before a restart produces again
+                        // (`idempotent_message_check`: "more or less than one
+                        // row"), so the instance is down while tansu restarts
+                        // and the next one recovers against the restarted broker.
+                        s.phase = Phase::Replay;
+                    }
+                } else if roll < 46 {
                     s.kind = Kind::Snapshot;
                     s.phase = Phase::Restore;
                     s.fault = [
@@ -301,28 +309,43 @@ impl Scenario {
                         Fault::MissingSnapshot,
                         Fault::UnknownSchema,
                     ][rng.gen_range(0..4)];
-                } else if roll < 82 {
+                } else if roll < 54 {
                     s.kind = Kind::BadInput;
                     s.phase = Phase::Live;
                     s.fault = [Fault::BadInputFail, Fault::BadInputDeadLetter][rng.gen_range(0..2)];
-                } else if roll < 86 && backend == Backend::Mock {
+                } else if roll < 57 && backend == Backend::Mock {
                     s.kind = Kind::TailDeleted;
                     s.phase = Phase::Restore;
                     s.fault = Fault::TailDeleted;
                 } else {
+                    // Migrations: a crash of any party, or a broker fault, at
+                    // every phase the strategy has.
                     let strategy = STRATEGIES[rng.gen_range(0..4)];
                     s.kind = Kind::Migration(strategy);
                     let phases = phases_of(strategy);
                     s.phase = phases[rng.gen_range(0..phases.len())];
-                    s.fault = if s.phase == Phase::Live {
-                        [Fault::ZombieSource, Fault::CrashTarget][rng.gen_range(0..2)]
+                    let crashes: &[Fault] = if s.phase == Phase::Live {
+                        &[Fault::ZombieSource, Fault::CrashTarget, Fault::CrashCoordinator]
                     } else {
-                        [Fault::CrashTarget, Fault::CrashCoordinator, Fault::CrashSource][rng.gen_range(0..3)]
+                        &[Fault::CrashTarget, Fault::CrashCoordinator, Fault::CrashSource]
+                    };
+                    // Broker faults during migrations on the mock only (the
+                    // tansu restart bug above would kill the broker).
+                    s.fault = if backend == Backend::Mock && rng.gen_range(0..3) == 0 {
+                        broker_faults[rng.gen_range(0..broker_faults.len())]
+                    } else {
+                        crashes[rng.gen_range(0..crashes.len())]
                     };
                 }
             }
         }
         s
+    }
+
+    /// Whether the fault hits the whole broker, so no other scenario may
+    /// run meanwhile (a tansu restart; each mock scenario has its own cluster).
+    pub fn runs_alone(&self) -> bool {
+        self.fault == Fault::BrokerRestart
     }
 
     /// The command that replays this seed.
@@ -514,63 +537,146 @@ pub fn seeds(default_count: u64) -> Vec<u64> {
     (base..base + count).collect()
 }
 
-/// Runs every seed with `run` (each under `limit`), collecting outcomes
-/// and failures (a panic or timeout is a failure naming the seed and the
-/// command to replay it).
-pub async fn run_seeds<F, Fut>(seeds: &[u64], backend: Backend, limit: Duration, mut run: F) -> Summary
+/// How many scenarios run at once: `MS2M_FAULT_JOBS`, else `default`.
+/// Kafka scenarios mostly wait on the broker, so they overlap well.
+pub fn jobs(default: usize) -> usize {
+    std::env::var("MS2M_FAULT_JOBS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(default)
+}
+
+/// Runs every seed with `run` (each under `limit`), `jobs` at a time,
+/// collecting outcomes and failures (a panic or timeout is a failure naming
+/// the seed and the command to replay it). A scenario whose fault hits the
+/// whole broker ([`Scenario::runs_alone`]) waits for the others and runs alone.
+pub async fn run_seeds<F, Fut>(seeds: &[u64], backend: Backend, limit: Duration, jobs: usize, mut run: F) -> Summary
 where
     F: FnMut(Scenario) -> Fut,
     Fut: std::future::Future<Output = Outcome> + Send + 'static,
 {
     let started = Instant::now();
     let mut summary = Summary::default();
+    let slots = Arc::new(tokio::sync::Semaphore::new(jobs.max(1)));
+    let gate = Arc::new(tokio::sync::RwLock::new(()));
+    let mut running = tokio::task::JoinSet::new();
     for &seed in seeds {
         let scenario = Scenario::generate(seed, backend);
-        let t = Instant::now();
-        let task = tokio::spawn(run(scenario.clone()));
-        let abort = task.abort_handle();
-        let result = tokio::time::timeout(limit, task).await;
-        let verdict = match result {
-            Ok(Ok(outcome)) => {
-                summary.add(&scenario, &outcome);
-                Ok(outcome)
-            }
-            Ok(Err(join)) => {
-                let msg = match join.try_into_panic() {
-                    Ok(p) => p
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_else(|| "panic".into()),
-                    Err(e) => e.to_string(),
-                };
-                Err(msg)
-            }
-            Err(_) => {
-                abort.abort();
-                Err(format!("timed out after {limit:?}"))
-            }
+        let slot = slots.clone().acquire_owned().await.expect("semaphore open");
+        let turn: Box<dyn Send + Sync> = if scenario.runs_alone() {
+            Box::new(gate.clone().write_owned().await)
+        } else {
+            Box::new(gate.clone().read_owned().await)
         };
-        match verdict {
-            Ok(o) => crate::report_line(&format!(
-                "ok   {scenario} ({:.2} s){}",
-                t.elapsed().as_secs_f64(),
-                if o.injected { "" } else { " [fault not reached]" }
-            )),
-            Err(msg) => {
-                let line = format!("FAIL {scenario}: {msg}\n       replay: {}", scenario.replay_command());
-                crate::report_line(&line);
-                summary.scenarios += 1;
-                *summary
-                    .per_backend
-                    .entry(format!("{:?}", scenario.backend))
-                    .or_default() += 1;
-                summary.failures.push(line);
-            }
+        let scenario_run = run(scenario.clone());
+        running.spawn(async move {
+            let _held = (slot, turn);
+            let t = Instant::now();
+            let verdict = run_one(scenario_run, limit).await;
+            (scenario, verdict, t.elapsed())
+        });
+        while let Some(done) = running.try_join_next() {
+            summary.record(done.expect("scenario runner"));
         }
+    }
+    while let Some(done) = running.join_next().await {
+        summary.record(done.expect("scenario runner"));
     }
     summary.elapsed = started.elapsed();
     summary
+}
+
+/// Runs one scenario in its own task: its outcome, or why it failed.
+async fn run_one<Fut>(scenario_run: Fut, limit: Duration) -> Result<Outcome, String>
+where
+    Fut: std::future::Future<Output = Outcome> + Send + 'static,
+{
+    let task = tokio::spawn(scenario_run);
+    let abort = task.abort_handle();
+    match tokio::time::timeout(limit, task).await {
+        Ok(Ok(outcome)) => Ok(outcome),
+        Ok(Err(join)) => Err(match join.try_into_panic() {
+            Ok(p) => p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panic".into()),
+            Err(e) => e.to_string(),
+        }),
+        Err(_) => {
+            abort.abort();
+            Err(format!("timed out after {limit:?}"))
+        }
+    }
+}
+
+impl Summary {
+    /// Adds one finished scenario and prints its line.
+    fn record(&mut self, (scenario, verdict, elapsed): (Scenario, Result<Outcome, String>, Duration)) {
+        match verdict {
+            Ok(o) => {
+                crate::report_line(&format!(
+                    "ok   {scenario} ({:.2} s){}",
+                    elapsed.as_secs_f64(),
+                    if o.injected { "" } else { " [fault not reached]" }
+                ));
+                self.add(&scenario, &o);
+            }
+            Err(msg) => {
+                let line = format!("FAIL {scenario}: {msg}\n       replay: {}", scenario.replay_command());
+                crate::report_line(&line);
+                self.scenarios += 1;
+                *self.per_backend.entry(format!("{:?}", scenario.backend)).or_default() += 1;
+                self.failures.push(line);
+            }
+        }
+    }
+}
+
+/// Whether the migration completed, by the control channel's order (first
+/// writer wins), after checking that the coordinator's own view agrees:
+/// success only if taken over, `TakenOverNotLive` only if taken over, any
+/// other error or a recovery's rollback only if rolled back.
+pub fn judge_migration(
+    history: &[ms2m_core::ControlMessage],
+    migration_id: &str,
+    result: Option<&ms2m_core::Result<ms2m_core::migration::MigrationReport>>,
+    recovered: Option<ms2m_core::migration::Recovered>,
+    o: &mut Outcome,
+) -> bool {
+    use ms2m_core::migration::{migration_outcome, MigrationError, MigrationOutcome, Recovered};
+    use ms2m_core::Error;
+    let completed = migration_outcome(history, migration_id) == Some(MigrationOutcome::TakenOver);
+    match (result, recovered) {
+        (Some(Ok(report)), _) => {
+            assert!(
+                completed,
+                "the coordinator reported success but the channel says otherwise"
+            );
+            assert!(report.digest_match, "completed with differing digests: {report:?}");
+            assert_eq!(report.source_digest, report.target_digest);
+        }
+        (Some(Err(e)), _) => {
+            if matches!(e, Error::Migration(MigrationError::DigestMismatch { .. })) {
+                o.divergences_detected += 1;
+            }
+            let decided_for_target = matches!(e, Error::Migration(MigrationError::TakenOverNotLive { .. }));
+            assert_eq!(
+                completed, decided_for_target,
+                "coordinator error vs channel order: {e:?}"
+            );
+            o.typed_errors += 1;
+        }
+        (None, Some(Recovered::Completed)) => assert!(completed, "recovery completed a rolled-back migration"),
+        (None, Some(Recovered::RolledBack | Recovered::Aborted)) => {
+            assert!(!completed, "recovery rolled back a taken-over migration")
+        }
+        _ => {}
+    }
+    o.migration_completed = completed;
+    o.migration_rolled_back = !completed;
+    completed
 }
 
 /// A flag a fault hook raises when its trigger is reached.

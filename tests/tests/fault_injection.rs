@@ -19,13 +19,19 @@
 
 use std::time::Duration;
 
-use ms2m_tests::faults::{run_kafka, run_memory, run_seeds, seeds, Backend, KafkaEnv, Summary};
+use ms2m_tests::faults::{jobs, run_kafka, run_memory, run_seeds, seeds, Backend, KafkaEnv, Summary};
 use ms2m_tests::report_line;
 
-/// Default seeds per CI run: in-memory (fast) and Kafka (slower).
+/// Default seeds per CI run: in-memory (fast), and on each broker.
 const MEMORY_SEEDS: u64 = 160;
-const MOCK_SEEDS: u64 = 40;
-const TANSU_SEEDS: u64 = 25;
+const MOCK_SEEDS: u64 = 150;
+const TANSU_SEEDS: u64 = 80;
+
+/// Scenarios at once (`MS2M_FAULT_JOBS` overrides): the in-memory ones
+/// share a process-wide drift switch, the Kafka ones mostly wait on I/O.
+const MEMORY_JOBS: usize = 1;
+const MOCK_JOBS: usize = 6;
+const TANSU_JOBS: usize = 4;
 
 fn finish(name: &str, summary: Summary) {
     report_line(&format!("{name}\n{summary}"));
@@ -43,50 +49,54 @@ async fn in_memory_scenarios() {
     }
     ms2m_tests::init_tracing();
     let seeds = seeds(MEMORY_SEEDS);
-    let summary = run_seeds(&seeds, Backend::Memory, Duration::from_secs(60), run_memory).await;
+    let summary = run_seeds(
+        &seeds,
+        Backend::Memory,
+        Duration::from_secs(60),
+        jobs(MEMORY_JOBS),
+        run_memory,
+    )
+    .await;
     finish("in-memory backends", summary);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_scenarios() {
-    let env = KafkaEnv::connect();
-    let backend = env.backend();
-    let default = if backend == Backend::Mock {
-        MOCK_SEEDS
-    } else {
-        TANSU_SEEDS
+    let backend = Backend::kafka();
+    let (default, parallel) = match backend {
+        Backend::Mock => (MOCK_SEEDS, MOCK_JOBS),
+        _ => (TANSU_SEEDS, TANSU_JOBS),
     };
-    let seeds = seeds(default);
-    let summary = run_seeds(&seeds, backend, Duration::from_secs(120), move |sc| {
-        run_kafka(env.clone(), sc)
-    })
-    .await;
+    let summary = run_kafka_seeds(&seeds(default), backend, jobs(parallel)).await;
     finish(&format!("{backend:?} broker"), summary);
+}
+
+/// Runs Kafka scenarios. On the mock each scenario gets its own embedded
+/// cluster, so its broker faults hit no other scenario; on tansu they share
+/// the broker (a restart runs alone).
+async fn run_kafka_seeds(seeds: &[u64], backend: Backend, jobs: usize) -> Summary {
+    let shared = (backend == Backend::Tansu).then(KafkaEnv::connect);
+    run_seeds(seeds, backend, Duration::from_secs(120), jobs, move |sc| {
+        run_kafka(shared.clone().unwrap_or_else(KafkaEnv::connect), sc)
+    })
+    .await
 }
 
 /// Mock seed 62 (found by a 100-seed mock run): the coordinator is killed
 /// just after it publishes `Stop`; the record is already enqueued and lands
 /// after the recovering coordinator read the history, decided "never
-/// stopped" and published `Aborted`. The target takes over on `Stopped`
-/// while the source resumes on `Aborted`. Sink fencing stops one of them,
-/// but the recorded owner can be wrong.
+/// stopped" and published `Aborted`. The target used to take over on
+/// `Stopped` while the source resumed on `Aborted`.
 ///
-/// Timing-dependent: it failed once in a 100-seed mock run and passes on
-/// most replays (a seed replays the fault, not thread timing), so a green
-/// run of this test proves nothing; loop it with `--ignored` to hunt.
-///
-/// Known bug: the fix is a first-writer-wins rule on the (single-partition,
-/// totally ordered) control log: the target publishes its takeover intent
-/// and goes live only if no `Resume`/`Aborted` precedes it; the source and
-/// a recovering coordinator decide by the same order.
+/// Fixed by deciding on channel order (first of the target's `Takeover` and
+/// a rollback wins; `ms2m_core::migration::migration_outcome`). The window
+/// is timing-dependent here; the in-memory regression test
+/// `regression_mock_seed_62_a_late_stop_and_a_rollback_are_decided_by_channel_order`
+/// (ms2m-core) replays each interleaving deterministically, and the
+/// in-memory suite injects in-flight `Stop`s (`PublishFault::Late`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known race: a late Stop from a dead coordinator vs the recovering coordinator's Aborted"]
 async fn regression_mock_seed_62_late_stop_from_a_dead_coordinator() {
-    let env = KafkaEnv::connect();
-    let backend = env.backend();
-    let summary = run_seeds(&[62], backend, Duration::from_secs(120), move |sc| {
-        run_kafka(env.clone(), sc)
-    })
-    .await;
-    finish("mock seed 62", summary);
+    let backend = Backend::kafka();
+    let summary = run_kafka_seeds(&[62], backend, 1).await;
+    finish(&format!("{backend:?} seed 62"), summary);
 }

@@ -9,8 +9,8 @@ use tokio::sync::mpsc::Receiver;
 use tracing::{info, info_span, warn, Instrument};
 
 use super::{
-    forward_control, message, ms, owner_from, publish, read_history, CutoverReason, MigrationConfig, MigrationError,
-    MigrationReport, Strategy,
+    forward_control, message, migration_outcome, ms, owner_from, publish, read_history, CutoverReason, MigrationConfig,
+    MigrationError, MigrationOutcome, MigrationReport, Strategy,
 };
 use crate::control::{ControlBody, ControlChannel, ControlMessage, Role};
 use crate::digest::StateDigest;
@@ -54,6 +54,7 @@ struct Facts {
     lag_at_cutover: u64,
     pf: Position,
     source_digest: Option<StateDigest>,
+    reason: Option<CutoverReason>,
 }
 
 impl<C: ControlChannel> Coordinator<C> {
@@ -77,22 +78,43 @@ impl<C: ControlChannel> Coordinator<C> {
             let result = self
                 .run(plan, epoch, &mut replies, listener, started, &mut facts, &mut stop_sent)
                 .await;
-            match result {
-                Ok(report) => Ok(report),
-                Err(e) => {
-                    let reason = crate::store::error_chain(&e);
-                    warn!(%reason, stopped = stop_sent.is_some(), "migration failed; rolling back");
-                    if stop_sent.is_some() {
-                        let body = ControlBody::Resume {
-                            owner: plan.source.clone(),
-                            epoch: epoch + 1,
-                        };
-                        self.send(plan, body).await?;
+            let e = match result {
+                Ok(report) => return Ok(report),
+                // Decided for the target: nothing to roll back.
+                Err(e @ Error::Migration(MigrationError::TakenOverNotLive { .. })) => return Err(e),
+                Err(e) => e,
+            };
+            let reason = crate::store::error_chain(&e);
+            warn!(%reason, stopped = stop_sent.is_some(), "migration failed; rolling back");
+            if stop_sent.is_some() {
+                let body = ControlBody::Resume {
+                    owner: plan.source.clone(),
+                    epoch: epoch + 1,
+                };
+                self.send(plan, body).await?;
+            }
+            self.send(plan, ControlBody::Aborted { reason }).await?;
+            if stop_sent.is_none() {
+                return Err(e);
+            }
+            // First writer wins: a takeover published before our rollback stands.
+            let history = read_history(&*self.control, plan.service).await?;
+            if migration_outcome(&history, &plan.migration_id) != Some(MigrationOutcome::TakenOver) {
+                return Err(e);
+            }
+            warn!("the target's takeover came before our rollback: it owns the service; completing");
+            if facts.source_digest.is_none() {
+                if let Some((pf, digest)) = history.iter().find_map(|m| match &m.body {
+                    ControlBody::Stopped { position, digest } if m.migration_id == plan.migration_id => {
+                        Some((position.clone(), *digest))
                     }
-                    self.send(plan, ControlBody::Aborted { reason }).await?;
-                    Err(e)
+                    _ => None,
+                }) {
+                    (facts.pf, facts.source_digest) = (pf, Some(digest));
                 }
             }
+            self.finish(plan, &mut replies, started, &mut facts, stop_sent, true)
+                .await
         }
         .instrument(span)
         .await
@@ -141,28 +163,57 @@ impl<C: ControlChannel> Coordinator<C> {
                 CutoverReason::StopFirst
             }
         };
-        let source_digest = facts.source_digest.expect("stop recorded the digest");
+        facts.reason = Some(reason);
+        listener.on_progress(&phase_only(ProgressPhase::Cutover));
+        self.finish(plan, replies, started, facts, *stop_sent, false).await
+    }
+
+    /// Waits for the target's `Takeover` (unless already known) and `Live`,
+    /// releases the source and publishes the report.
+    #[allow(clippy::too_many_arguments)]
+    async fn finish(
+        &self,
+        plan: &MigrationPlan,
+        replies: &mut Receiver<ControlMessage>,
+        started: Instant,
+        facts: &mut Facts,
+        stop_sent: Option<Instant>,
+        takeover_known: bool,
+    ) -> Result<MigrationReport> {
+        let source_digest = facts.source_digest.ok_or_else(|| {
+            Error::Migration(MigrationError::Aborted {
+                reason: "the source's digest at Pf is unknown".into(),
+            })
+        })?;
+        let reason = facts.reason.clone().unwrap_or(CutoverReason::StopFirst);
         // The target takes over on the source's Stopped; wait for it.
-        listener.on_progress(&Progress {
-            phase: ProgressPhase::Cutover,
-            applied: 0,
-            remaining: 0,
-            rate: 0.0,
-            eta: None,
-        });
+        if !takeover_known {
+            self.wait(plan, replies, Role::Target, "target takeover", |b| {
+                matches!(b, ControlBody::Takeover { .. }).then_some(())
+            })
+            .await?;
+        }
+        // Decided: from here on the target owns the service, whatever happens.
         let live = self.wait(plan, replies, Role::Target, "target live", |b| match b {
             ControlBody::Live { .. } => Some(b.clone()),
             _ => None,
         });
-        let ControlBody::Live {
-            digest,
-            digest_match,
-            replayed,
-            final_gap,
-            ..
-        } = live.await?
-        else {
-            unreachable!("wait only returns Live")
+        let (digest, digest_match, replayed, final_gap) = match live.await {
+            Ok(ControlBody::Live {
+                digest,
+                digest_match,
+                replayed,
+                final_gap,
+                ..
+            }) => (digest, digest_match, replayed, final_gap),
+            Ok(_) => unreachable!("wait only returns Live"),
+            Err(e) => {
+                warn!(error = %e, "the target took over but did not report live");
+                self.send(plan, ControlBody::Release).await?;
+                return Err(Error::Migration(MigrationError::TakenOverNotLive {
+                    target: plan.target.clone(),
+                }));
+            }
         };
         let live_at = Instant::now();
         let downtime = live_at - stop_sent.expect("every strategy stops the source");
@@ -380,83 +431,101 @@ impl<C: ControlChannel> Coordinator<C> {
 
     /// Finishes or rolls back a migration whose coordinator died, from the
     /// history on the control channel. Returns what it did.
+    ///
+    /// Decides by channel order like everyone else ([`migration_outcome`]):
+    /// if the target's `Takeover` is there first, the migration completes;
+    /// if the source may have stopped, the target gets the phase timeout to
+    /// take over; otherwise a rollback is published, and a `Takeover` that
+    /// still lands before it wins.
     pub async fn recover(&self, service: &'static str, migration_id: &str) -> Result<Recovered> {
-        let history: Vec<_> = read_history(&*self.control, service)
-            .await?
-            .into_iter()
-            .filter(|m| m.migration_id == migration_id)
-            .collect();
-        let has = |f: &dyn Fn(&ControlBody) -> bool| history.iter().any(|m| f(&m.body));
-        if has(&|b| matches!(b, ControlBody::Completed { .. } | ControlBody::Aborted { .. })) {
+        let history = self.history_of(service, migration_id).await?;
+        let has = |h: &[ControlMessage], f: &dyn Fn(&ControlBody) -> bool| h.iter().any(|m| f(&m.body));
+        if has(&history, &|b| matches!(b, ControlBody::Completed { .. })) {
             return Ok(Recovered::AlreadyFinished);
         }
-        let stopped = has(&|b| matches!(b, ControlBody::Stopped { .. }));
         let prepare = history.iter().find_map(|m| match &m.body {
             ControlBody::Prepare { source, target } => Some((source.clone(), target.clone())),
             _ => None,
         });
-        let plan = |strategy| MigrationPlan {
+        let plan = MigrationPlan {
             service,
             migration_id: migration_id.to_string(),
             source: prepare.as_ref().map(|p| p.0.clone()).unwrap_or_default(),
             target: prepare.as_ref().map(|p| p.1.clone()).unwrap_or_default(),
-            strategy,
+            strategy: Strategy::Ms2m,
         };
-        let plan = plan(Strategy::Ms2m);
-        let mut live = has(&|b| matches!(b, ControlBody::Live { .. }));
-        if stopped && !live {
-            // The target takes over on its own once the source stopped: give
-            // it the phase timeout before rolling back.
-            live = self.await_live(service, migration_id).await?;
-        }
-        if live {
-            self.send(&plan, ControlBody::Release).await?;
-            self.send(
-                &plan,
-                ControlBody::Completed {
-                    report_json: "{\"recovered\":true}".into(),
-                },
-            )
-            .await?;
-            return Ok(Recovered::Completed);
-        }
         let stop_epoch = history.iter().find_map(|m| match &m.body {
             ControlBody::Stop { next_epoch } => Some(*next_epoch),
             _ => None,
         });
-        let reason = "coordinator restarted before the target went live".to_string();
+        let mut outcome = migration_outcome(&history, migration_id);
+        if outcome.is_none() && stop_epoch.is_some() {
+            // The target takes over on its own once the source stopped: give
+            // it the phase timeout before rolling back.
+            outcome = self.await_decision(service, migration_id).await?;
+        }
+        match outcome {
+            Some(MigrationOutcome::TakenOver) => return self.complete_recovered(&plan).await,
+            Some(MigrationOutcome::RolledBack) => {
+                if has(&history, &|b| matches!(b, ControlBody::Aborted { .. })) {
+                    return Ok(Recovered::AlreadyFinished);
+                }
+                // Died between `Resume` and `Aborted`.
+                let reason = "coordinator restarted after the rollback".to_string();
+                self.send(&plan, ControlBody::Aborted { reason }).await?;
+                return Ok(Recovered::RolledBack);
+            }
+            None => {}
+        }
+        let reason = "coordinator restarted before the target took over".to_string();
         if let Some(epoch) = stop_epoch {
-            self.send(
-                &plan,
-                ControlBody::Resume {
-                    owner: plan.source.clone(),
-                    epoch: epoch + 1,
-                },
-            )
-            .await?;
-            self.send(&plan, ControlBody::Aborted { reason }).await?;
-            return Ok(Recovered::RolledBack);
+            let body = ControlBody::Resume {
+                owner: plan.source.clone(),
+                epoch: epoch + 1,
+            };
+            self.send(&plan, body).await?;
         }
         self.send(&plan, ControlBody::Aborted { reason }).await?;
-        Ok(Recovered::Aborted)
+        // A `Stop` still in flight from the dead coordinator may land after
+        // this read (fault-suite seed 62): the order decides, not the read.
+        let history = self.history_of(service, migration_id).await?;
+        match migration_outcome(&history, migration_id) {
+            Some(MigrationOutcome::TakenOver) => self.complete_recovered(&plan).await,
+            _ if stop_epoch.is_some() => Ok(Recovered::RolledBack),
+            _ => Ok(Recovered::Aborted),
+        }
+    }
+
+    async fn history_of(&self, service: &'static str, migration_id: &str) -> Result<Vec<ControlMessage>> {
+        let mut history = read_history(&*self.control, service).await?;
+        history.retain(|m| m.migration_id == migration_id);
+        Ok(history)
+    }
+
+    /// The target took over: release the source and close the migration.
+    async fn complete_recovered(&self, plan: &MigrationPlan) -> Result<Recovered> {
+        self.send(plan, ControlBody::Release).await?;
+        let body = ControlBody::Completed {
+            report_json: "{\"recovered\":true}".into(),
+        };
+        self.send(plan, body).await?;
+        Ok(Recovered::Completed)
     }
 }
 
 impl<C: ControlChannel> Coordinator<C> {
-    /// Whether the target of `migration_id` announces `Live` within the phase timeout.
-    async fn await_live(&self, service: &'static str, migration_id: &str) -> Result<bool> {
+    /// The decision of `migration_id` once one is on the channel, waiting at
+    /// most the phase timeout.
+    async fn await_decision(&self, service: &'static str, migration_id: &str) -> Result<Option<MigrationOutcome>> {
         let deadline = Instant::now() + self.config.phase_timeout;
         while Instant::now() < deadline {
-            let history = read_history(&*self.control, service).await?;
-            if history
-                .iter()
-                .any(|m| m.migration_id == migration_id && matches!(m.body, ControlBody::Live { .. }))
-            {
-                return Ok(true);
+            let history = self.history_of(service, migration_id).await?;
+            if let Some(outcome) = migration_outcome(&history, migration_id) {
+                return Ok(Some(outcome));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        Ok(false)
+        Ok(None)
     }
 }
 

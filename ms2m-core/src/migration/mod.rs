@@ -23,8 +23,13 @@
 //! # Failures
 //!
 //! * Before the source stops: the migration is aborted; the source never noticed.
-//! * After the stop, before the target is live: the source is told to
-//!   resume at Pf and re-claims the sink (fencing a late target).
+//! * After the stop: the target announces `Takeover` once it reached Pf
+//!   with equal digests; a coordinator that gives up announces a rollback
+//!   (`Resume`/`Aborted`). Whichever comes first on the (totally ordered)
+//!   channel wins, and every party decides by that order
+//!   ([`migration_outcome`]): the target claims the sink only after reading
+//!   its own `Takeover` with no rollback before it, the source resumes only
+//!   on a rollback with no `Takeover` before it. No timing assumption.
 //! * Every coordinator decision is a message on the control channel, so a
 //!   restarted coordinator can read the history and finish or roll back
 //!   ([`Coordinator::recover`]).
@@ -46,7 +51,7 @@ pub use coordinator::{Coordinator, MigrationPlan, Recovered};
 pub use source::{run_source, SourceAgent, SourceExit, SourceOptions};
 pub use target::{run_target, TargetOptions};
 
-use crate::control::{ControlBody, ControlChannel, ControlReader};
+use crate::control::{ControlBody, ControlChannel, ControlReader, Role};
 use crate::digest::StateDigest;
 use crate::error::{Component, Error};
 use crate::position::Position;
@@ -71,6 +76,15 @@ pub enum MigrationError {
     Timeout {
         /// What was awaited.
         waiting_for: &'static str,
+    },
+    /// The target took over (its `Takeover` decided the migration, so it
+    /// owns the service) but did not report `Live` in time: it crashed or
+    /// failed to claim the sink. The source was released; restart the
+    /// target's instance id as the owner ([`ensure_owner`] lets it).
+    #[error("target {target} took over but did not report live in time; restart it as the owner")]
+    TakenOverNotLive {
+        /// Instance id of the target, now the owner.
+        target: String,
     },
     /// A participant reported failure, or the migration was abandoned.
     #[error("migration aborted: {reason}")]
@@ -252,20 +266,74 @@ pub async fn read_history<C: ControlChannel>(control: &C, service: &str) -> Resu
     Ok(all.into_iter().filter(|m| m.service == service).collect())
 }
 
-/// The owner recorded by the latest handover (`Live`) or rollback (`Resume`).
+/// How a migration was decided on the control channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MigrationOutcome {
+    /// The target's `Takeover` came first: the target owns the service.
+    TakenOver,
+    /// A rollback (`Resume` or `Aborted`) came first: the source keeps it.
+    RolledBack,
+}
+
+/// The decision of `migration_id` in `history` (in channel order), if any.
+///
+/// First writer wins: the control channel is a single, totally ordered
+/// partition, so "which of the target's `Takeover` and the coordinator's
+/// rollback comes first" has one answer for every reader. The target goes
+/// live only after reading its own `Takeover` with no rollback before it;
+/// the source resumes only on a rollback with no `Takeover` before it; a
+/// restarted coordinator and [`current_owner`] read the same order. This
+/// closes the race of a late `Stop` from a dead coordinator landing after
+/// its successor rolled back (fault-suite mock seed 62).
+pub fn migration_outcome(history: &[crate::ControlMessage], migration_id: &str) -> Option<MigrationOutcome> {
+    history
+        .iter()
+        .filter(|m| m.migration_id == migration_id)
+        .find_map(|m| decision(m).map(|(outcome, _)| outcome))
+}
+
+/// Whether `m` decides its migration, and the owner it names (a rollback
+/// without `Resume` leaves the owner unchanged).
+fn decision(m: &crate::ControlMessage) -> Option<(MigrationOutcome, Option<Owner>)> {
+    let owner = |owner: &String, epoch: &u64| {
+        Some(Owner {
+            instance_id: owner.clone(),
+            epoch: *epoch,
+        })
+    };
+    match (&m.body, m.from) {
+        (ControlBody::Takeover { owner: o, epoch, .. } | ControlBody::Live { owner: o, epoch, .. }, Role::Target) => {
+            Some((MigrationOutcome::TakenOver, owner(o, epoch)))
+        }
+        (ControlBody::Resume { owner: o, epoch }, Role::Coordinator) => {
+            Some((MigrationOutcome::RolledBack, owner(o, epoch)))
+        }
+        (ControlBody::Aborted { .. }, Role::Coordinator) => Some((MigrationOutcome::RolledBack, None)),
+        _ => None,
+    }
+}
+
+/// The owner recorded on the control channel: named by the decisive record
+/// of the latest migration that moved or re-confirmed ownership (see
+/// [`migration_outcome`]). Records that lost the race are ignored.
 pub async fn current_owner<C: ControlChannel>(control: &C, service: &str) -> Result<Option<Owner>, Error> {
     let history = read_history(control, service).await?;
     Ok(owner_from(&history))
 }
 
 pub(crate) fn owner_from(history: &[crate::ControlMessage]) -> Option<Owner> {
-    history.iter().rev().find_map(|m| match &m.body {
-        ControlBody::Live { owner, epoch, .. } | ControlBody::Resume { owner, epoch } => Some(Owner {
-            instance_id: owner.clone(),
-            epoch: *epoch,
-        }),
-        _ => None,
-    })
+    let mut decided = std::collections::HashSet::new();
+    let mut owner = None;
+    for m in history {
+        if decided.contains(m.migration_id.as_str()) {
+            continue;
+        }
+        if let Some((_, named)) = decision(m) {
+            decided.insert(m.migration_id.as_str());
+            owner = named.or(owner);
+        }
+    }
+    owner
 }
 
 /// Fails with [`Error::Fenced`] if the control channel names another owner:

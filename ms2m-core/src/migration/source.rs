@@ -1,5 +1,6 @@
 //! The source side: an owner that keeps serving while it is migrated away.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -131,6 +132,9 @@ where
             let mut shutdown = std::pin::pin!(shutdown);
             instance.go_live_if_standby();
             let mut migration: Option<Migration> = None;
+            // Migrations decided (rolled back or handed over): a late command
+            // for one of them (a `Stop` from a dead coordinator) is ignored.
+            let mut decided = HashSet::new();
             loop {
                 if shutdown.as_mut().now_or_never().is_some() {
                     if migration.as_ref().is_some_and(|m| m.stopped) {
@@ -151,7 +155,7 @@ where
                     }
                 };
                 if let Some(m) = command {
-                    if handle(&mut instance, &*control, &mut migration, m).await? == Released::Yes {
+                    if handle(&mut instance, &*control, &mut migration, &mut decided, m).await? == Released::Yes {
                         return Ok(SourceExit::Released(instance));
                     }
                     continue;
@@ -161,7 +165,8 @@ where
                         // Stopped: wait for Release or Resume, applying nothing.
                         let wait = instance.config().poll_timeout();
                         if let Ok(Some(m)) = tokio::time::timeout(wait, commands.recv()).await {
-                            if handle(&mut instance, &*control, &mut migration, m).await? == Released::Yes {
+                            if handle(&mut instance, &*control, &mut migration, &mut decided, m).await? == Released::Yes
+                            {
                                 return Ok(SourceExit::Released(instance));
                             }
                         }
@@ -199,6 +204,7 @@ async fn handle<S, L, St, O, C>(
     instance: &mut Instance<S, L, St, O>,
     control: &C,
     migration: &mut Option<Migration>,
+    decided: &mut HashSet<String>,
     m: ControlMessage,
 ) -> Result<Released>
 where
@@ -208,11 +214,25 @@ where
     O: OutputSink,
     C: ControlChannel,
 {
-    if m.from != Role::Coordinator {
+    if decided.contains(&m.migration_id) {
         return Ok(Released::No);
     }
     let me = instance.config().instance_id().to_string();
     let ours = migration.as_ref().is_some_and(|mig| mig.id == m.migration_id);
+    let stopped = ours && migration.as_ref().is_some_and(|mig| mig.stopped);
+    if m.from == Role::Target {
+        // The target's takeover came before any rollback: it owns the service.
+        if let ControlBody::Takeover { owner, epoch, .. } = &m.body {
+            if stopped {
+                info!(migration = %m.migration_id, %owner, epoch, "released: the target took over");
+                return Ok(Released::Yes);
+            }
+        }
+        return Ok(Released::No);
+    }
+    if m.from != Role::Coordinator {
+        return Ok(Released::No);
+    }
     match m.body {
         ControlBody::Prepare { source, target } if source == me => {
             info!(migration = %m.migration_id, %target, "migration requested: taking checkpoint");
@@ -275,14 +295,18 @@ where
         ControlBody::Resume { owner, epoch } if owner == me => {
             warn!(migration = %m.migration_id, epoch, "migration rolled back: resuming as owner");
             instance.claim().await?;
+            decided.insert(m.migration_id);
             *migration = None;
         }
-        ControlBody::Aborted { reason } if ours => {
-            warn!(migration = %m.migration_id, %reason, "migration aborted");
-            if migration.as_ref().is_some_and(|mig| mig.stopped) {
-                instance.claim().await?;
+        ControlBody::Aborted { reason } => {
+            if ours {
+                warn!(migration = %m.migration_id, %reason, "migration aborted");
+                if stopped {
+                    instance.claim().await?;
+                }
+                *migration = None;
             }
-            *migration = None;
+            decided.insert(m.migration_id);
         }
         _ => {}
     }

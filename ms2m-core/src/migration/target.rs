@@ -69,11 +69,14 @@ where
         // Read from the start of the channel, so a standby that subscribes
         // after the coordinator spoke still sees its migration; migrations
         // that already finished are skipped.
-        let finished: std::collections::HashSet<String> = super::read_history(&*control, S::NAME)
-            .await?
-            .into_iter()
-            .filter(|m| matches!(m.body, ControlBody::Completed { .. } | ControlBody::Aborted { .. }))
-            .map(|m| m.migration_id)
+        let history = super::read_history(&*control, S::NAME).await?;
+        let finished: std::collections::HashSet<&str> = history
+            .iter()
+            .filter(|m| {
+                matches!(m.body, ControlBody::Completed { .. })
+                    || super::migration_outcome(&history, &m.migration_id).is_some()
+            })
+            .map(|m| m.migration_id.as_str())
             .collect();
         let mut commands = forward_control(&*control, S::NAME, true).await?;
         // 1. Wait for a migration naming us, then for its Restore command.
@@ -83,7 +86,7 @@ where
         let migration_id = loop {
             let m = commands.recv().await.ok_or_else(|| aborted("control channel closed"))?;
             if let ControlBody::Prepare { target, .. } = &m.body {
-                if *target == me && m.from == Role::Coordinator && !finished.contains(&m.migration_id) {
+                if *target == me && m.from == Role::Coordinator && !finished.contains(m.migration_id.as_str()) {
                     break m.migration_id;
                 }
             }
@@ -152,6 +155,7 @@ where
                 return cut_over(
                     instance,
                     &*control,
+                    &mut commands,
                     &migration_id,
                     &options,
                     listener,
@@ -329,6 +333,7 @@ impl Replay {
 async fn cut_over<S, L, St, O, C>(
     mut instance: Instance<S, L, St, O>,
     control: &C,
+    commands: &mut tokio::sync::mpsc::Receiver<ControlMessage>,
     migration_id: &str,
     options: &TargetOptions,
     listener: &dyn ProgressListener,
@@ -387,11 +392,23 @@ where
             }
         }
     }
+    // Announce the takeover and read the channel up to it: it stands only
+    // if no rollback precedes it (first writer wins, see `migration_outcome`).
+    let me = instance.config().instance_id().to_string();
+    let t = Instant::now();
+    let body = ControlBody::Takeover {
+        owner: me.clone(),
+        epoch,
+        position: pf.clone(),
+    };
+    publish(control, &message(S::NAME, migration_id, Role::Target, body)).await?;
+    confirm_takeover(commands, migration_id, &me, options.phase_timeout).await?;
+    let confirm_time = t.elapsed();
     let t = Instant::now();
     instance.claim().await?;
     let claim_time = t.elapsed();
     instance.go_live();
-    tracing::debug!(?replay_gap, ?digest_time, ?claim_time, "cutover steps");
+    tracing::debug!(?replay_gap, ?digest_time, ?confirm_time, ?claim_time, "cutover steps");
     let replayed = instance.stats().applied_replay;
     let final_gap = replayed - replay.replayed_at_stop.unwrap_or(replayed);
     info!(migration = %migration_id, position = %pf, %digest, replayed, final_gap, "live at the cutover position");
@@ -406,4 +423,25 @@ where
     };
     publish(control, &message(S::NAME, migration_id, Role::Target, body)).await?;
     Ok(instance)
+}
+
+/// Reads the control channel up to our own `Takeover`: the migration is ours
+/// only if no rollback (`Resume`/`Aborted`) of it comes first.
+async fn confirm_takeover(
+    commands: &mut tokio::sync::mpsc::Receiver<ControlMessage>,
+    migration_id: &str,
+    me: &str,
+    timeout: Duration,
+) -> Result<()> {
+    loop {
+        let m = next_for(commands, migration_id, timeout, "our takeover on the control channel").await?;
+        match (&m.body, m.from) {
+            (ControlBody::Takeover { owner, .. }, Role::Target) if owner == me => return Ok(()),
+            (ControlBody::Resume { .. } | ControlBody::Aborted { .. }, Role::Coordinator) => {
+                info!(migration = %migration_id, "a rollback came before our takeover: standing down");
+                return Err(aborted("the migration was rolled back before the takeover"));
+            }
+            _ => {}
+        }
+    }
 }

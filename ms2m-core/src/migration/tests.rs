@@ -286,12 +286,15 @@ async fn nondeterministic_apply_is_caught_by_the_digest_check_and_rolled_back() 
 enum Kill {
     /// The target dies instead of reporting its first replay progress.
     TargetDuringReplay,
-    /// The target dies after claiming the sink, instead of announcing `Live`.
+    /// The target dies at cutover, instead of announcing `Takeover`.
     TargetAtCutover,
+    /// The target dies after its `Takeover` decided the migration, instead
+    /// of announcing `Live`: it owns the service and is restarted as owner.
+    TargetAfterTakeover,
     /// The coordinator dies while publishing `Stop`: nothing was stopped.
     CoordinatorBeforeStop,
     /// The coordinator dies after the source stopped, and the target hangs
-    /// before announcing `Live`: a restarted coordinator rolls back.
+    /// before announcing `Takeover`: a restarted coordinator rolls back.
     CoordinatorAndTargetAtCutover,
     /// The coordinator dies after the target went live, before `Release`.
     CoordinatorAfterLive,
@@ -305,9 +308,10 @@ async fn kill_scenario(kill: Kill) {
     cluster.control.set_fault(move |m| {
         let hit = match kill {
             Kill::TargetDuringReplay => matches!(m.body, ControlBody::TargetProgress { .. }),
-            Kill::TargetAtCutover => matches!(m.body, ControlBody::Live { .. }),
+            Kill::TargetAtCutover => matches!(m.body, ControlBody::Takeover { .. }),
+            Kill::TargetAfterTakeover => matches!(m.body, ControlBody::Live { .. }),
             Kill::CoordinatorBeforeStop => matches!(m.body, ControlBody::Stop { .. }),
-            Kill::CoordinatorAndTargetAtCutover => matches!(m.body, ControlBody::Live { .. }),
+            Kill::CoordinatorAndTargetAtCutover => matches!(m.body, ControlBody::Takeover { .. }),
             Kill::CoordinatorAfterLive => matches!(m.body, ControlBody::Release),
         };
         if hit {
@@ -315,7 +319,7 @@ async fn kill_scenario(kill: Kill) {
         }
         match (hit, kill) {
             (false, _) => PublishFault::Pass,
-            (true, Kill::TargetDuringReplay | Kill::TargetAtCutover) => PublishFault::Fail,
+            (true, Kill::TargetDuringReplay | Kill::TargetAtCutover | Kill::TargetAfterTakeover) => PublishFault::Fail,
             (true, _) => PublishFault::Hang,
         }
     });
@@ -344,6 +348,26 @@ async fn kill_scenario(kill: Kill) {
                 Kill::TargetDuringReplay => assert!(!resumed, "the source never stopped, nothing to resume"),
                 _ => assert!(resumed, "the stopped source is told to resume"),
             }
+        }
+        Kill::TargetAfterTakeover => {
+            let err = migration.await.unwrap().unwrap_err();
+            assert!(
+                matches!(err, Error::Migration(MigrationError::TakenOverNotLive { .. })),
+                "{err:?}"
+            );
+            assert!(target.take().unwrap().await.unwrap().is_err(), "the target died");
+            assert!(!cluster.has(|m| matches!(m.body, ControlBody::Resume { .. })));
+            assert!(matches!(source.await.unwrap().unwrap(), SourceExit::Released(_)));
+            // The decided owner is restarted from the snapshot and the log.
+            producer.await.unwrap();
+            ensure_owner(&*cluster.control, "balances", "tgt").await.unwrap();
+            let backends = cluster.backends();
+            let mut owner = Instance::<Balances, _, _, _>::recover(backends, self::config("tgt"), &*no_progress())
+                .await
+                .unwrap();
+            drain(&mut owner, &cluster.log).await;
+            check(&cluster, owner.state());
+            return;
         }
         Kill::CoordinatorBeforeStop => {
             // Wait until the coordinator hangs publishing Stop, then kill it.
@@ -418,6 +442,11 @@ async fn target_crash_before_stop_aborts_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_crash_after_stop_hands_ownership_back() {
     kill_scenario(Kill::TargetAtCutover).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_crash_after_its_takeover_leaves_it_the_owner() {
+    kill_scenario(Kill::TargetAfterTakeover).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -562,4 +591,187 @@ async fn a_failed_checkpoint_abandons_the_migration_and_the_source_keeps_serving
         panic!("the source keeps ownership")
     };
     check(&cluster, src.state());
+}
+
+/// Publishes `body` as a coordinator of migration `id` would.
+async fn coordinator_says(cluster: &Cluster, id: &str, body: ControlBody) {
+    let m = message("balances", id, crate::Role::Coordinator, body);
+    cluster.control.publish(&m).await.unwrap();
+}
+
+/// How a dead coordinator's `Stop` and its successor's rollback interleave.
+#[derive(Clone, Copy, Debug)]
+enum LateStop {
+    /// The successor's `Aborted` lands first, the dead one's `Stop` after it.
+    AbortedThenStop,
+    /// `Stop` lands just before the successor's `Aborted`.
+    StopThenAborted,
+    /// The source already stopped when `Aborted` lands: it races the
+    /// target's `Takeover`.
+    AbortedRacesTakeover,
+    /// As above, with `Resume` (the successor saw the `Stop`).
+    ResumeRacesTakeover,
+}
+
+/// Fault-suite mock seed 62, made deterministic: the coordinator's messages
+/// are published by hand in each interleaving. Whatever the order, the
+/// source, the target and `current_owner` agree with `migration_outcome`:
+/// exactly one owner, nothing lost or duplicated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_mock_seed_62_a_late_stop_and_a_rollback_are_decided_by_channel_order() {
+    for case in [
+        LateStop::AbortedThenStop,
+        LateStop::StopThenAborted,
+        LateStop::AbortedRacesTakeover,
+        LateStop::ResumeRacesTakeover,
+    ] {
+        late_stop(case).await;
+    }
+}
+
+async fn late_stop(case: LateStop) {
+    let cluster = Cluster::new();
+    cluster.produce_now(300);
+    let (stop, stop_rx) = tokio::sync::oneshot::channel();
+    let (source, target) = start::<Balances>(&cluster, stop_rx).await;
+    let producer = cluster.produce_steady(300, Duration::from_millis(1));
+    let id = format!("m-late-{case:?}");
+    let prepare = ControlBody::Prepare {
+        source: "src".into(),
+        target: "tgt".into(),
+    };
+    coordinator_says(&cluster, &id, prepare).await;
+    wait_for(&cluster, "checkpoint", |b| {
+        matches!(b, ControlBody::CheckpointTaken { .. })
+    })
+    .await;
+    let history = read_history(&*cluster.control, "balances").await.unwrap();
+    let snapshot_id = history.iter().find_map(|m| match m.body {
+        ControlBody::CheckpointTaken { snapshot_id, .. } => Some(snapshot_id),
+        _ => None,
+    });
+    coordinator_says(&cluster, &id, ControlBody::Restore { snapshot_id }).await;
+    wait_for(&cluster, "restored", |b| matches!(b, ControlBody::Restored { .. })).await;
+    let stop_cmd = ControlBody::Stop { next_epoch: 1 };
+    let aborted = ControlBody::Aborted {
+        reason: "coordinator restarted before the target took over".into(),
+    };
+    match case {
+        LateStop::AbortedThenStop => {
+            coordinator_says(&cluster, &id, aborted).await;
+            coordinator_says(&cluster, &id, stop_cmd).await;
+        }
+        LateStop::StopThenAborted => {
+            coordinator_says(&cluster, &id, stop_cmd).await;
+            coordinator_says(&cluster, &id, aborted).await;
+        }
+        LateStop::AbortedRacesTakeover | LateStop::ResumeRacesTakeover => {
+            coordinator_says(&cluster, &id, stop_cmd).await;
+            wait_for(&cluster, "stopped", |b| matches!(b, ControlBody::Stopped { .. })).await;
+            if matches!(case, LateStop::ResumeRacesTakeover) {
+                let resume = ControlBody::Resume {
+                    owner: "src".into(),
+                    epoch: 2,
+                };
+                coordinator_says(&cluster, &id, resume).await;
+            }
+            coordinator_says(&cluster, &id, aborted).await;
+        }
+    }
+    // The target either goes live or stands down; either way it ends.
+    let target = tokio::time::timeout(Duration::from_secs(20), target)
+        .await
+        .expect("the target decides")
+        .unwrap();
+    let history = read_history(&*cluster.control, "balances").await.unwrap();
+    let outcome = migration_outcome(&history, &id);
+    let owner = owner_from(&history).map(|o| o.instance_id);
+    if matches!(case, LateStop::AbortedThenStop) {
+        assert_eq!(outcome, Some(MigrationOutcome::RolledBack));
+        assert!(
+            !cluster.has(|m| matches!(m.body, ControlBody::Stopped { .. })),
+            "a Stop after the rollback must not stop the source"
+        );
+    }
+    producer.await.unwrap();
+    let final_state = match target {
+        Ok(mut live) => {
+            assert_eq!(outcome, Some(MigrationOutcome::TakenOver), "{case:?}");
+            assert_eq!(owner.as_deref(), Some("tgt"), "{case:?}");
+            let exit = tokio::time::timeout(Duration::from_secs(20), source).await;
+            assert!(
+                matches!(exit, Ok(Ok(Ok(SourceExit::Released(_))))),
+                "{case:?}: the source must be released"
+            );
+            drain(&mut live, &cluster.log).await;
+            live.state().clone()
+        }
+        Err(e) => {
+            assert_eq!(outcome, Some(MigrationOutcome::RolledBack), "{case:?}: {e:?}");
+            assert_ne!(owner.as_deref(), Some("tgt"), "{case:?}");
+            let end = cluster.log.end_position();
+            tokio::time::timeout(Duration::from_secs(20), async {
+                while !cluster.outputs.committed_position().is_some_and(|p| p.reaches(&end)) {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("{case:?}: the source keeps serving"));
+            stop.send(()).unwrap();
+            let Ok(SourceExit::Shutdown(src)) = source.await.unwrap() else {
+                panic!("{case:?}: the source should still own the service")
+            };
+            src.state().clone()
+        }
+    };
+    check(&cluster, &final_state);
+}
+
+#[test]
+fn the_first_decisive_record_wins() {
+    let say = |from, body| message("svc", "m1", from, body);
+    let takeover = say(
+        crate::Role::Target,
+        ControlBody::Takeover {
+            owner: "tgt".into(),
+            epoch: 2,
+            position: Position::default(),
+        },
+    );
+    let resume = say(
+        crate::Role::Coordinator,
+        ControlBody::Resume {
+            owner: "src".into(),
+            epoch: 3,
+        },
+    );
+    let aborted = say(crate::Role::Coordinator, ControlBody::Aborted { reason: "x".into() });
+    let stop = say(crate::Role::Coordinator, ControlBody::Stop { next_epoch: 2 });
+    let earlier = ControlMessage {
+        migration_id: "m0".into(),
+        ..say(
+            crate::Role::Target,
+            ControlBody::Takeover {
+                owner: "src".into(),
+                epoch: 1,
+                position: Position::default(),
+            },
+        )
+    };
+    let h = |ms: &[&ControlMessage]| ms.iter().map(|m| (*m).clone()).collect::<Vec<_>>();
+    let owner = |ms: &[&ControlMessage]| owner_from(&h(ms)).map(|o| (o.instance_id, o.epoch));
+
+    assert_eq!(migration_outcome(&h(&[&stop]), "m1"), None);
+    let taken = [&earlier, &stop, &takeover, &resume, &aborted];
+    assert_eq!(migration_outcome(&h(&taken), "m1"), Some(MigrationOutcome::TakenOver));
+    assert_eq!(owner(&taken), Some(("tgt".into(), 2)), "a late Resume is ignored");
+    let rolled = [&earlier, &stop, &resume, &aborted, &takeover];
+    assert_eq!(migration_outcome(&h(&rolled), "m1"), Some(MigrationOutcome::RolledBack));
+    assert_eq!(owner(&rolled), Some(("src".into(), 3)));
+    let aborted_only = [&earlier, &aborted, &stop, &takeover];
+    assert_eq!(
+        migration_outcome(&h(&aborted_only), "m1"),
+        Some(MigrationOutcome::RolledBack)
+    );
+    assert_eq!(owner(&aborted_only), Some(("src".into(), 1)), "the owner is unchanged");
 }

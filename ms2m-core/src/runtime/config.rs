@@ -104,7 +104,8 @@ impl InstanceConfig {
     }
 
     /// Commit outputs and position after this many messages or this much time,
-    /// whichever comes first. This bounds the at-least-once duplicate window.
+    /// whichever comes first. Checked after each batch, so an at-least-once
+    /// crash re-emits at most `messages + batch - 1` outputs (see [`poll`](Self::poll)).
     pub fn commit_every(mut self, messages: u64, interval: Duration) -> Self {
         self.commit_every = messages.max(1);
         self.commit_interval = interval;
