@@ -405,8 +405,11 @@ pub(crate) fn message(
 
 pub(crate) async fn publish<C: ControlChannel>(control: &C, m: &crate::ControlMessage) -> Result<(), Error> {
     tracing::debug!(migration = %m.migration_id, from = ?m.from, body = ?m.body, "control message");
-    control
+    let t = std::time::Instant::now();
+    let r = control
         .publish(m)
         .await
-        .map_err(|e| Error::backend(Component::Control, "publish", e))
+        .map_err(|e| Error::backend(Component::Control, "publish", e));
+    tracing::trace!(elapsed = ?t.elapsed(), "control message acknowledged");
+    r
 }
