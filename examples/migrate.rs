@@ -242,11 +242,9 @@ async fn run_one(base: &KafkaCluster, args: &Args, strategy: StrategyArg, state_
     )
     .await?;
     let control = Arc::new(cluster.control().await?);
-    let agent = SourceAgent::new(source, control.clone(), SourceOptions::default()).await?;
-    let (stop_source, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let source_task = tokio::spawn(agent.run(async move {
-        let _ = stop_rx.await;
-    }));
+    let source = SourceAgent::new(source, control.clone(), SourceOptions::default())
+        .await?
+        .spawn();
 
     let running = Arc::new(AtomicBool::new(true));
     let producer_task = steady_producer(
@@ -311,11 +309,10 @@ async fn run_one(base: &KafkaCluster, args: &Args, strategy: StrategyArg, state_
     tokio::time::sleep(Duration::from_secs_f64(args.cooldown_secs)).await;
     running.store(false, Ordering::Relaxed);
     producer_task.await??;
-    match source_task.await?? {
+    match source.join().await? {
         SourceExit::Released(_) => {}
         SourceExit::Shutdown(_) => return Err("the source was not released".into()),
     }
-    drop(stop_source);
     let mut target = target_task.await??;
     let end = end_of(target.log_mut()).await?;
     pb.set_message("target draining");

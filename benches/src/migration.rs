@@ -141,11 +141,9 @@ async fn game_migration(
     )
     .await?;
     let control = Arc::new(cluster.control().await?);
-    let agent = SourceAgent::new(source, control.clone(), SourceOptions::default()).await?;
-    let (stop_source, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let source_task = tokio::spawn(agent.run(async move {
-        let _ = stop_rx.await;
-    }));
+    let source = SourceAgent::new(source, control.clone(), SourceOptions::default())
+        .await?
+        .spawn();
     let running = Arc::new(AtomicBool::new(true));
     let input_task = game_input(&cluster, &input, s.rate, running.clone())?;
     // Warm-up: the source applies the joins (builds the state) and serves.
@@ -160,8 +158,7 @@ async fn game_migration(
     }
     running.store(false, Ordering::Relaxed);
     input_task.await??;
-    drop(stop_source);
-    let _ = source_task.await?;
+    let _ = source.stop().await;
     Ok((result?, memory))
 }
 
@@ -476,11 +473,9 @@ async fn slow_migration(s: &Setup<'_>) -> Result<Option<MigrationReport>, BoxErr
     )
     .await?;
     let control = Arc::new(cluster.control().await?);
-    let agent = SourceAgent::new(source, control.clone(), SourceOptions::default()).await?;
-    let (stop_source, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let source_task = tokio::spawn(agent.run(async move {
-        let _ = stop_rx.await;
-    }));
+    let source = SourceAgent::new(source, control.clone(), SourceOptions::default())
+        .await?
+        .spawn();
     let running = Arc::new(AtomicBool::new(true));
     let producer = bulk_producer(&cluster)?;
     let topic = input.clone();
@@ -499,8 +494,7 @@ async fn slow_migration(s: &Setup<'_>) -> Result<Option<MigrationReport>, BoxErr
     let result = migrate::<SlowReplay, _>(s, &cluster, control, SlowReplay::NAME, &service, &output).await;
     running.store(false, Ordering::Relaxed);
     input_task.await??;
-    drop(stop_source);
-    let _ = with_timeout(source_task).await;
+    let _ = with_timeout(source.stop()).await;
     result
 }
 

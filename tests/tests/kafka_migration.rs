@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use ms2m_core::migration::{
     current_owner, run_target, Coordinator, CutoverReason, CutoverRule, DigestPolicy, MigrationConfig, MigrationError,
-    MigrationPlan, SourceAgent, SourceExit, SourceOptions, Strategy, TargetOptions,
+    MigrationPlan, SourceAgent, SourceExit, SourceHandle, SourceOptions, Strategy, TargetOptions,
 };
 use ms2m_core::testkit::{
     deposit, deposit_payload, output_exactly_once, reference_fold, BalanceChanged, Balances, Deposit, Nondeterministic,
@@ -86,9 +86,8 @@ fn instance_config(id: &str, output: &str) -> InstanceConfig {
 }
 
 struct Running<S: StatefulService> {
-    source: tokio::task::JoinHandle<ms2m_core::Result<SourceExit<Inst<S>>>>,
+    source: SourceHandle<Inst<S>>,
     target: tokio::task::JoinHandle<ms2m_core::Result<Inst<S>>>,
-    stop_source: tokio::sync::oneshot::Sender<()>,
 }
 
 async fn start<S: StatefulService>(setup: &Setup) -> Running<S> {
@@ -99,13 +98,10 @@ async fn start<S: StatefulService>(setup: &Setup) -> Running<S> {
     )
     .await
     .unwrap();
-    let agent = SourceAgent::new(source, setup.control.clone(), SourceOptions::default())
+    let source = SourceAgent::new(source, setup.control.clone(), SourceOptions::default())
         .await
-        .unwrap();
-    let (stop_source, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let source = tokio::spawn(agent.run(async move {
-        let _ = stop_rx.await;
-    }));
+        .unwrap()
+        .spawn();
     let backends = setup.cluster.backends(delivery()).await.unwrap();
     let (config, control) = (instance_config("target", &setup.output), setup.control.clone());
     let target = tokio::spawn(async move {
@@ -115,11 +111,7 @@ async fn start<S: StatefulService>(setup: &Setup) -> Running<S> {
         };
         run_target::<S, _, _, _, _>(backends, config, control, options, &*no_progress()).await
     });
-    Running {
-        source,
-        target,
-        stop_source,
-    }
+    Running { source, target }
 }
 
 /// Produces in bursts until `running` is cleared.
@@ -200,11 +192,7 @@ async fn every_strategy_hands_over_under_steady_input_without_loss_or_duplicates
         let report = coordinator.migrate(&plan(strategy), &*no_progress()).await.unwrap();
         live_input.store(false, Ordering::Relaxed);
         producer.await.unwrap();
-        assert!(matches!(
-            running.source.await.unwrap().unwrap(),
-            SourceExit::Released(_)
-        ));
-        drop(running.stop_source);
+        assert!(matches!(running.source.join().await.unwrap(), SourceExit::Released(_)));
         let mut target = running.target.await.unwrap().unwrap();
         drain(&mut target, &setup).await;
 
@@ -263,8 +251,7 @@ async fn a_nondeterministic_apply_is_caught_at_cutover_and_the_source_keeps_owne
     })
     .await
     .expect("the resumed source commits all input");
-    running.stop_source.send(()).unwrap();
-    let SourceExit::Shutdown(source) = running.source.await.unwrap().unwrap() else {
+    let SourceExit::Shutdown(source) = running.source.stop().await.unwrap() else {
         panic!("the source must not be released")
     };
     let input = setup.produced.lock().unwrap().clone();

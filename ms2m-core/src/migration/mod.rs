@@ -48,7 +48,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use coordinator::{Coordinator, MigrationPlan, Recovered};
-pub use source::{run_source, SourceAgent, SourceExit, SourceOptions};
+pub use source::{run_source, SourceAgent, SourceExit, SourceHandle, SourceOptions};
 pub use target::{run_target, TargetOptions};
 
 use crate::control::{ControlBody, ControlChannel, ControlReader, Role};

@@ -119,6 +119,16 @@ where
         })
     }
 
+    /// Runs the agent on its own task; the handle stops or joins it.
+    pub fn spawn(self) -> SourceHandle<Instance<S, L, St, O>> {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(self.run(async move {
+            // A dropped handle also stops the agent.
+            let _ = stopped.await;
+        }));
+        SourceHandle { task, stop }
+    }
+
     /// Serves live and answers migration commands until released or shut down.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<SourceExit<Instance<S, L, St, O>>> {
         let Self {
@@ -187,6 +197,52 @@ where
         }
         .instrument(span)
         .await
+    }
+}
+
+/// A [`SourceAgent`] running on its own task ([`SourceAgent::spawn`]).
+#[derive(Debug)]
+pub struct SourceHandle<I> {
+    task: tokio::task::JoinHandle<Result<SourceExit<I>>>,
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl<I: Send + 'static> SourceHandle<I> {
+    /// Asks the agent to shut down gracefully (unless a migration released
+    /// it already) and waits for it.
+    pub async fn stop(self) -> Result<SourceExit<I>> {
+        let _ = self.stop.send(());
+        join(self.task).await
+    }
+
+    /// Waits for the agent to end on its own: released to a migration's
+    /// target, or failed.
+    pub async fn join(self) -> Result<SourceExit<I>> {
+        let Self { task, stop } = self;
+        let result = join(task).await;
+        drop(stop);
+        result
+    }
+
+    /// Whether the agent's task has ended.
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Kills the agent's task at its next await point (a crash, for tests:
+    /// nothing is committed or snapshotted).
+    pub fn abort(&self) {
+        self.task.abort();
+    }
+}
+
+async fn join<I>(task: tokio::task::JoinHandle<Result<SourceExit<I>>>) -> Result<SourceExit<I>> {
+    match task.await {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Err(Error::Migration(super::MigrationError::Aborted {
+            reason: "the source agent's task was aborted".into(),
+        })),
     }
 }
 
