@@ -60,6 +60,9 @@ pub struct KafkaLog {
     /// An error met after records were already taken in the same poll;
     /// returned by the next poll so no record is lost.
     deferred: Option<KafkaError>,
+    /// When a connection event was last logged at `warn` (one per outage
+    /// burst; librdkafka reports each outage several times per client).
+    warned_at: Option<std::time::Instant>,
 }
 
 impl std::fmt::Debug for KafkaLog {
@@ -96,6 +99,7 @@ impl KafkaLog {
             topics: config.input_topics().iter().map(|t| Arc::from(t.as_str())).collect(),
             next: BTreeMap::new(),
             deferred: None,
+            warned_at: None,
         })
     }
 
@@ -247,7 +251,12 @@ impl MessageLog for KafkaLog {
             match tokio::time::timeout_at(deadline, consumer.recv()).await {
                 Err(_) => return Ok(out),
                 Ok(Err(e)) if is_transient(&e) => {
-                    warn!(error = %e, "input log: broker connection lost; librdkafka reconnects");
+                    if self.warned_at.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                        warn!(error = %e, "input log: broker connection lost; librdkafka reconnects");
+                        self.warned_at = Some(std::time::Instant::now());
+                    } else {
+                        debug!(error = %e, "input log: broker connection event");
+                    }
                 }
                 Ok(Err(e)) => return Err(self.consume_error(e)),
                 Ok(Ok(m)) => break self.record_of(&m),

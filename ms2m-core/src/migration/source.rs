@@ -303,10 +303,15 @@ where
             let info = match instance.checkpoint().await {
                 Ok(info) => info,
                 Err(e) => {
-                    // The migration fails; the owner keeps serving.
+                    // The migration fails; the owner keeps serving. Stopped
+                    // already (stop-and-copy), it waits for the coordinator's
+                    // rollback: resuming on its own would not be ordered
+                    // against the channel.
                     let reason = format!("checkpoint failed: {}", crate::store::error_chain(&e));
                     warn!(migration = %m.migration_id, %reason, "migration abandoned");
-                    *migration = None;
+                    if !stopped {
+                        *migration = None;
+                    }
                     let body = ControlBody::CutoverFailed {
                         reason,
                         digest_mismatch: None,
@@ -350,7 +355,12 @@ where
         }
         ControlBody::Resume { owner, epoch } if owner == me => {
             warn!(migration = %m.migration_id, epoch, "migration rolled back: resuming as owner");
-            instance.claim().await?;
+            // Re-claim only after a stop (fencing any stray producer): a
+            // serving owner never let go of the sink, and a claim would
+            // abort its uncommitted outputs (fault-suite seed 325).
+            if stopped {
+                instance.claim().await?;
+            }
             decided.insert(m.migration_id);
             *migration = None;
         }

@@ -634,7 +634,7 @@ async fn late_stop(case: LateStop) {
     cluster.produce_now(300);
     let (stop, stop_rx) = tokio::sync::oneshot::channel();
     let (source, target) = start::<Balances>(&cluster, stop_rx).await;
-    let producer = cluster.produce_steady(300, Duration::from_millis(1));
+    let producer = cluster.produce_steady(3_000, Duration::from_millis(2));
     let id = format!("m-late-{case:?}");
     let prepare = ControlBody::Prepare {
         source: "src".into(),
@@ -774,4 +774,68 @@ fn the_first_decisive_record_wins() {
         Some(MigrationOutcome::RolledBack)
     );
     assert_eq!(owner(&aborted_only), Some(("src".into(), 1)), "the owner is unchanged");
+}
+
+/// Fault-suite seed 325 (in-memory soak): stop-and-copy with the snapshot
+/// store down at the checkpoint. The stopped source abandoned the migration
+/// and resumed serving on its own; the coordinator's `Resume` then made it
+/// re-claim its sink, which aborted the outputs it had not committed yet,
+/// while its position stayed past them: outputs lost. Now a stopped source
+/// waits for the rollback, and only a stopped source re-claims.
+///
+/// The pause before `Resume` gives the old code time to serve; it cannot
+/// make the fixed code fail (the check is on outputs, not on timing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_seed_325_a_failed_stop_and_copy_checkpoint_loses_no_output() {
+    let cluster = Cluster::new();
+    cluster.produce_now(200);
+    // Commits only when idle: uncommitted outputs pile up while it serves.
+    let config = self::config("src").commit_every(100_000, Duration::from_secs(3600));
+    let source: Inst<Balances> = Instance::recover(cluster.backends(), config, &*no_progress())
+        .await
+        .unwrap();
+    let source = SourceAgent::new(source, cluster.control.clone(), SourceOptions::default())
+        .await
+        .unwrap()
+        .spawn();
+    let id = "m-325";
+    coordinator_says(&cluster, id, ControlBody::Stop { next_epoch: 1 }).await;
+    wait_for(&cluster, "stopped", |b| matches!(b, ControlBody::Stopped { .. })).await;
+    cluster.store.set_unavailable(true);
+    let prepare = ControlBody::Prepare {
+        source: "src".into(),
+        target: "tgt".into(),
+    };
+    coordinator_says(&cluster, id, prepare).await;
+    wait_for(&cluster, "failed checkpoint", |b| {
+        matches!(b, ControlBody::CutoverFailed { .. })
+    })
+    .await;
+    cluster.store.set_unavailable(false);
+    // Steady input keeps a serving source busy (never idle, so it commits
+    // nothing) when the `Resume` lands.
+    let producer = cluster.produce_steady(3_000, Duration::from_millis(2));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let resume = ControlBody::Resume {
+        owner: "src".into(),
+        epoch: 2,
+    };
+    coordinator_says(&cluster, id, resume).await;
+    let aborted = ControlBody::Aborted {
+        reason: "checkpoint failed".into(),
+    };
+    coordinator_says(&cluster, id, aborted).await;
+    producer.await.unwrap();
+    let end = cluster.log.end_position();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !cluster.outputs.committed_position().is_some_and(|p| p.reaches(&end)) {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+    .expect("the resumed source commits all input");
+    let SourceExit::Shutdown(src) = source.stop().await.unwrap() else {
+        panic!("the source should still own the service")
+    };
+    check(&cluster, src.state());
 }

@@ -239,6 +239,8 @@ where
     }
 
     /// Takes ownership of the output stream (fences any older owner).
+    /// Outputs sent but not yet committed are aborted with the old claim:
+    /// [`commit`](Self::commit) first if the instance has been serving.
     pub async fn claim(&mut self) -> Result<()> {
         self.sink
             .claim()

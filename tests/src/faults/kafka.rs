@@ -884,7 +884,7 @@ async fn migration(run: &mut Run, sc: &Scenario, strategy: Strategy) -> Outcome 
     } else {
         assert_ne!(owner.as_deref(), Some("tgt"));
         if let Some(t) = target_task.take() {
-            match tokio::time::timeout(timeout * 3, t).await {
+            match tokio::time::timeout(LIMIT, t).await {
                 Ok(r) => assert!(r.unwrap().is_err(), "an aborted target must not go live"),
                 Err(_) => panic!("the target neither gave up nor went live"),
             }
