@@ -161,6 +161,17 @@ pub struct Scenario {
     pub variant: bool,
 }
 
+/// Damage done to the newest snapshot before a recovery.
+const SNAPSHOT_FAULTS: [Fault; 4] = [
+    Fault::CorruptSnapshot,
+    Fault::TruncatedSnapshot,
+    Fault::MissingSnapshot,
+    Fault::UnknownSchema,
+];
+
+/// An undecodable input message under each policy.
+const BAD_INPUT_FAULTS: [Fault; 2] = [Fault::BadInputFail, Fault::BadInputDeadLetter];
+
 const STRATEGIES: [Strategy; 4] = [
     Strategy::Ms2m,
     Strategy::Ms2mThreshold,
@@ -259,16 +270,11 @@ impl Scenario {
                 } else if roll < 87 {
                     s.kind = Kind::Snapshot;
                     s.phase = Phase::Restore;
-                    s.fault = [
-                        Fault::CorruptSnapshot,
-                        Fault::TruncatedSnapshot,
-                        Fault::MissingSnapshot,
-                        Fault::UnknownSchema,
-                    ][rng.gen_range(0..4)];
+                    s.fault = SNAPSHOT_FAULTS[rng.gen_range(0..SNAPSHOT_FAULTS.len())];
                 } else if roll < 95 {
                     s.kind = Kind::BadInput;
                     s.phase = [Phase::Live, Phase::Replay][rng.gen_range(0..2)];
-                    s.fault = [Fault::BadInputFail, Fault::BadInputDeadLetter][rng.gen_range(0..2)];
+                    s.fault = BAD_INPUT_FAULTS[rng.gen_range(0..BAD_INPUT_FAULTS.len())];
                 } else {
                     s.kind = Kind::TailDeleted;
                     s.phase = Phase::Restore;
@@ -303,16 +309,11 @@ impl Scenario {
                 } else if roll < 46 {
                     s.kind = Kind::Snapshot;
                     s.phase = Phase::Restore;
-                    s.fault = [
-                        Fault::CorruptSnapshot,
-                        Fault::TruncatedSnapshot,
-                        Fault::MissingSnapshot,
-                        Fault::UnknownSchema,
-                    ][rng.gen_range(0..4)];
+                    s.fault = SNAPSHOT_FAULTS[rng.gen_range(0..SNAPSHOT_FAULTS.len())];
                 } else if roll < 54 {
                     s.kind = Kind::BadInput;
                     s.phase = Phase::Live;
-                    s.fault = [Fault::BadInputFail, Fault::BadInputDeadLetter][rng.gen_range(0..2)];
+                    s.fault = BAD_INPUT_FAULTS[rng.gen_range(0..BAD_INPUT_FAULTS.len())];
                 } else if roll < 57 && backend == Backend::Mock {
                     s.kind = Kind::TailDeleted;
                     s.phase = Phase::Restore;

@@ -308,6 +308,30 @@ pub fn report_line(line: &str) {
     let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
+/// Publishes a doctored manifest for `id` (a later manifest record wins).
+pub async fn doctor_manifest(
+    cluster: &KafkaCluster,
+    store: &ms2m_kafka::KafkaSnapshotStore,
+    id: u64,
+    f: impl FnOnce(&mut ms2m_kafka::Manifest),
+) {
+    let mut m = store.manifest(id).await.unwrap();
+    f(&mut m);
+    let payload = serde_json::to_vec(&m).unwrap();
+    let key = format!("{}/{id}/m", cluster.config().service());
+    producer(cluster)
+        .send(
+            rdkafka::producer::FutureRecord::to(store.topic())
+                .partition(0)
+                .key(&key)
+                .payload(&payload),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+}
+
 /// Restarts the tansu broker that `tests/broker.sh start` started, keeping
 /// its sqlite file and port (`tests/broker.sh restart`). Fails unless the
 /// script's broker is the one in `MS2M_TEST_BROKERS`.

@@ -11,7 +11,7 @@ use ms2m_core::store::{load_newest_valid, retain_newest};
 use ms2m_core::{
     BackendError, ErrorKind, Position, ServiceState, Snapshot, SnapshotStore, StatefulService, TopicPartition,
 };
-use ms2m_kafka::{KafkaCluster, KafkaSnapshotStore};
+use ms2m_kafka::KafkaSnapshotStore;
 use ms2m_tests::*;
 use rand::RngCore;
 
@@ -87,30 +87,6 @@ async fn big_snapshot_round_trip() {
     let store = cluster.snapshot_store().await.unwrap();
     let len = if on_mock() { 32 << 20 } else { 256 << 20 };
     round_trip(&store, len).await;
-}
-
-/// Publishes a doctored manifest for `id` (a later manifest record wins).
-async fn doctor_manifest(
-    cluster: &KafkaCluster,
-    store: &KafkaSnapshotStore,
-    id: u64,
-    f: impl FnOnce(&mut ms2m_kafka::Manifest),
-) {
-    let mut m = store.manifest(id).await.unwrap();
-    f(&mut m);
-    let payload = serde_json::to_vec(&m).unwrap();
-    let key = format!("{}/{id}/m", cluster.config().service());
-    producer(cluster)
-        .send(
-            rdkafka::producer::FutureRecord::to(store.topic())
-                .partition(0)
-                .key(&key)
-                .payload(&payload),
-            Duration::from_secs(10),
-        )
-        .await
-        .map_err(|(e, _)| e)
-        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -322,18 +322,30 @@ pub async fn current_owner<C: ControlChannel>(control: &C, service: &str) -> Res
 }
 
 pub(crate) fn owner_from(history: &[crate::ControlMessage]) -> Option<Owner> {
+    decisive_records(history).fold(None, |owner, (_, named)| named.or(owner))
+}
+
+/// The ids of the migrations `history` has decided (one pass).
+pub(crate) fn decided_migrations(history: &[crate::ControlMessage]) -> std::collections::HashSet<&str> {
+    decisive_records(history)
+        .map(|(m, _)| m.migration_id.as_str())
+        .collect()
+}
+
+/// The first decisive record of each migration, in channel order, with the
+/// owner it names; records after a migration's decision are skipped.
+fn decisive_records(
+    history: &[crate::ControlMessage],
+) -> impl Iterator<Item = (&crate::ControlMessage, Option<Owner>)> {
     let mut decided = std::collections::HashSet::new();
-    let mut owner = None;
-    for m in history {
+    history.iter().filter_map(move |m| {
         if decided.contains(m.migration_id.as_str()) {
-            continue;
+            return None;
         }
-        if let Some((_, named)) = decision(m) {
-            decided.insert(m.migration_id.as_str());
-            owner = named.or(owner);
-        }
-    }
-    owner
+        let (_, named) = decision(m)?;
+        decided.insert(m.migration_id.as_str());
+        Some((m, named))
+    })
 }
 
 /// Fails with [`Error::Fenced`] if the control channel names another owner:

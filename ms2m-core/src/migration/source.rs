@@ -218,10 +218,9 @@ impl<I: Send + 'static> SourceHandle<I> {
     /// Waits for the agent to end on its own: released to a migration's
     /// target, or failed.
     pub async fn join(self) -> Result<SourceExit<I>> {
-        let Self { task, stop } = self;
-        let result = join(task).await;
-        drop(stop);
-        result
+        // Hold the stop sender until the task ends: dropping it stops the agent.
+        let Self { task, stop: _keep } = self;
+        join(task).await
     }
 
     /// Whether the agent's task has ended.
@@ -275,6 +274,7 @@ where
     }
     let me = instance.config().instance_id().to_string();
     let ours = migration.as_ref().is_some_and(|mig| mig.id == m.migration_id);
+    // Stopped for this migration (not merely for some other one).
     let stopped = ours && migration.as_ref().is_some_and(|mig| mig.stopped);
     if m.from == Role::Target {
         // The target's takeover came before any rollback: it owns the service.
@@ -292,9 +292,6 @@ where
     match m.body {
         ControlBody::Prepare { source, target } if source == me => {
             info!(migration = %m.migration_id, %target, "migration requested: taking checkpoint");
-            let stopped = migration
-                .as_ref()
-                .is_some_and(|mig| mig.stopped && mig.id == m.migration_id);
             *migration = Some(Migration {
                 id: m.migration_id.clone(),
                 stopped,

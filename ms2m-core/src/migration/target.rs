@@ -70,14 +70,7 @@ where
         // after the coordinator spoke still sees its migration; migrations
         // that already finished are skipped.
         let history = super::read_history(&*control, S::NAME).await?;
-        let finished: std::collections::HashSet<&str> = history
-            .iter()
-            .filter(|m| {
-                matches!(m.body, ControlBody::Completed { .. })
-                    || super::migration_outcome(&history, &m.migration_id).is_some()
-            })
-            .map(|m| m.migration_id.as_str())
-            .collect();
+        let finished = super::decided_migrations(&history);
         let mut commands = forward_control(&*control, S::NAME, true).await?;
         // 1. Wait for a migration naming us, then for its Restore command.
         // Baselines stop the source before naming the target, so messages

@@ -30,7 +30,7 @@ use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
 use super::{judge_migration, Backend, Fault, Kind, Outcome, Phase, Scenario, Strategy};
-use crate::{config, end_position, produce, producer, read_outputs, reference_fold, unique, Summer};
+use crate::{config, doctor_manifest, end_position, produce, producer, read_outputs, reference_fold, unique, Summer};
 
 const PARTITIONS: i32 = 2;
 const LIMIT: Duration = Duration::from_secs(60);
@@ -424,25 +424,6 @@ mod futures_end {
     }
 }
 
-/// Republishes the manifest of `id` altered by `f` (a later record wins).
-async fn doctor_manifest(run: &Run, store: &KafkaSnapshotStore, id: u64, f: impl FnOnce(&mut ms2m_kafka::Manifest)) {
-    let mut m = store.manifest(id).await.unwrap();
-    f(&mut m);
-    let payload = serde_json::to_vec(&m).unwrap();
-    let key = format!("{}/{id}/m", run.cluster.config().service());
-    producer(&run.cluster)
-        .send(
-            rdkafka::producer::FutureRecord::to(store.topic())
-                .partition(0)
-                .key(&key)
-                .payload(&payload),
-            Duration::from_secs(10),
-        )
-        .await
-        .map_err(|(e, _)| e)
-        .unwrap();
-}
-
 async fn snapshot_damage(run: &mut Run, sc: &Scenario) -> Outcome {
     let mut o = Outcome {
         injected: true,
@@ -462,16 +443,16 @@ async fn snapshot_damage(run: &mut Run, sc: &Scenario) -> Outcome {
     assert!(ids.len() >= 2, "at least two snapshots: {ids:?}");
     let newest = *ids.last().unwrap();
     match sc.fault {
-        Fault::CorruptSnapshot => doctor_manifest(run, &store, newest, |m| m.chunks[0].3 ^= 1).await,
+        Fault::CorruptSnapshot => doctor_manifest(&run.cluster, &store, newest, |m| m.chunks[0].3 ^= 1).await,
         Fault::MissingSnapshot => {
-            doctor_manifest(run, &store, newest, |m| {
+            doctor_manifest(&run.cluster, &store, newest, |m| {
                 let last = m.chunks.len() - 1;
                 m.chunks[last].1 += 1_000_000;
             })
             .await
         }
         Fault::TruncatedSnapshot => {
-            doctor_manifest(run, &store, newest, |m| {
+            doctor_manifest(&run.cluster, &store, newest, |m| {
                 m.chunks.pop();
             })
             .await
