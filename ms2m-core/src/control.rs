@@ -39,18 +39,27 @@ pub struct ControlMessage {
     pub body: ControlBody,
 }
 
-/// The migration protocol's messages (see `DESIGN.md` §4).
+/// The migration protocol's records, in the order a migration publishes
+/// them (see the [`migration`](crate::migration) module docs for the phase
+/// table and [`migration::protocol`](crate::migration::protocol) for the
+/// state machines that send and read them).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum ControlBody {
-    /// Coordinator → source: a migration to `target` starts; take a
-    /// checkpoint and keep serving.
+    /// Coordinator → all: a migration from `source` to `target` starts (the
+    /// first record of every migration, whatever its strategy).
     Prepare {
         /// Instance id of the source.
         source: String,
         /// Instance id of the target.
         target: String,
+        /// What the target does if the digests differ at Pf.
+        #[serde(default)]
+        digest_policy: crate::migration::DigestPolicy,
     },
+    /// Coordinator → source: take a checkpoint now (serialize, upload in the
+    /// background, keep serving unless stopped) and report `CheckpointTaken`.
+    Checkpoint,
     /// Source → coordinator: the checkpoint is stored.
     CheckpointTaken {
         /// Snapshot to restore.

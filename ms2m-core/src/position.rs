@@ -37,7 +37,7 @@ impl fmt::Display for TopicPartition {
 ///
 /// A partition that is absent is at the start of its log (see
 /// [`StartFrom`](crate::StartFrom)).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(from = "Vec<PositionEntry>", into = "Vec<PositionEntry>")]
 pub struct Position {
     offsets: BTreeMap<TopicPartition, i64>,

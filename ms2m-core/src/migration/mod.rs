@@ -1,43 +1,71 @@
 //! Live migration (MS2M): moving a running service to another instance while
 //! the source keeps serving.
 //!
-//! # Protocol
+//! # Phases
 //!
-//! Three parties talk over a [`ControlChannel`]: the
-//! [`Coordinator`] (the paper's migration manager; runs anywhere), the
-//! source (an owner running [`run_source`]) and the target (a standby
-//! running [`run_target`]).
+//! Three parties talk over a [`ControlChannel`] (one totally ordered
+//! partition): the [`Coordinator`] (the paper's migration manager; runs
+//! anywhere), the source (the owner, running a [`SourceAgent`]) and the
+//! target (a standby running [`run_target`]).
 //!
 //! | phase | source | target |
 //! |---|---|---|
-//! | 1 checkpoint | snapshot at P0 (pause = serialization only), keeps serving | — |
+//! | 1 checkpoint | serializes its state (the only pause), uploads it in the background, keeps serving | — |
 //! | 2 transfer | keeps serving | fetches the snapshot |
 //! | 3 restore | keeps serving | verifies and restores it |
 //! | 4 replay | keeps serving, publishes its position | applies from P0 with outputs suppressed, never past the source |
-//! | 5 cutover | stops at a message boundary Pf, commits, publishes Pf + digest | replays to Pf, compares digests, claims the sink, goes live |
+//! | 5 cutover | stops at a message boundary Pf, commits, publishes Pf + digest | replays to Pf, compares digests, publishes `Takeover`, claims the sink once its `Takeover` decided the migration, goes live |
 //!
 //! Kafka's log is the replay buffer: the snapshot's position says exactly
 //! where replay starts and Pf exactly where it ends, so no message is applied
-//! twice or skipped, whatever rule triggers the cutover.
+//! twice or skipped, whatever rule triggers the cutover ([`CutoverRule`]).
 //!
-//! # Failures
+//! # The state machines
 //!
-//! * Before the source stops: the migration is aborted; the source never noticed.
-//! * After the stop: the target announces `Takeover` once it reached Pf
-//!   with equal digests; a coordinator that gives up announces a rollback
-//!   (`Resume`/`Aborted`). Whichever comes first on the (totally ordered)
-//!   channel wins, and every party decides by that order
-//!   ([`migration_outcome`]): the target claims the sink only after reading
-//!   its own `Takeover` with no rollback before it, the source resumes only
-//!   on a rollback with no `Takeover` before it. No timing assumption.
-//! * Every coordinator decision is a message on the control channel, so a
-//!   restarted coordinator can read the history and finish or roll back
-//!   ([`Coordinator::recover`]).
-//! * Ownership: [`current_owner`] reads the channel; an instance that is not
-//!   the owner must not start ([`ensure_owner`]). With an exactly-once sink
-//!   the target's claim also fences the source's producer.
+//! Each role is a state type plus a pure transition function in
+//! [`protocol`]: [`protocol::coordinator::CoordinatorMachine`],
+//! [`protocol::source::SourceMachine`], [`protocol::target::TargetMachine`].
+//! Their module docs draw each machine. The async drivers in this module
+//! (`Coordinator`, `SourceAgent`, `run_target`) only perform the actions
+//! they return over the backend traits and feed back what happened; the
+//! model checker in this crate's tests drives the same functions over
+//! models of the control log, input log, snapshot store and sink, with
+//! crashes at every step.
+//!
+//! The control records of one migration, in the order they are published:
+//!
+//! ```text
+//! coordinator: Prepare(source, target) ─ Checkpoint ─────────── Restore ─────────────────── Stop ─────────── Release ─ Completed
+//! source:                   CheckpointTaken(P0) ─ SourceProgress* ───────────── Stopped(Pf, digest)
+//! target:                                                 Restored ─ TargetProgress* ─────────── Takeover ─ Live
+//! ```
+//! (stop-and-copy: `Prepare`, `Stop`, `Checkpoint`, `Restore`; cold start:
+//! `Prepare`, `Stop`, `Restore(none)`.)
+//!
+//! # The decision rule
+//!
+//! Before the source stops, a failure simply aborts the migration: the
+//! source never noticed. After the stop, the target announces `Takeover`
+//! once it reached Pf with equal digests, and a coordinator that gives up
+//! announces a rollback (`Resume`/`Aborted`). **The first of the two on the
+//! channel wins**, and every party decides by that order through one fold,
+//! [`protocol::Decisions`]: the target claims the sink only after reading
+//! its own `Takeover` with no rollback before it; the source resumes only on
+//! a rollback with no `Takeover` before it, and is released by a
+//! `Takeover`; a restarted coordinator ([`Coordinator::recover`]) and
+//! [`current_owner`] read the same order. No timing assumption.
+//!
+//! # Ownership and fencing
+//!
+//! [`current_owner`] reads the channel; an instance that is not the owner
+//! must not start ([`ensure_owner`]). With an exactly-once sink the target's
+//! claim also fences the source's producer. A control record that does not
+//! decode is skipped by the backend (with a warning): it never decides.
 
 mod coordinator;
+#[cfg(test)]
+mod model;
+pub mod protocol;
 mod source;
 mod target;
 #[cfg(test)]
@@ -51,7 +79,7 @@ pub use coordinator::{Coordinator, MigrationPlan, Recovered};
 pub use source::{run_source, SourceAgent, SourceExit, SourceHandle, SourceOptions};
 pub use target::{run_target, TargetOptions};
 
-use crate::control::{ControlBody, ControlChannel, ControlReader, Role};
+use crate::control::{ControlBody, ControlChannel, ControlReader};
 use crate::digest::StateDigest;
 use crate::error::{Component, Error};
 use crate::position::Position;
@@ -95,7 +123,7 @@ pub enum MigrationError {
 }
 
 /// Which migration procedure to run. The baselines exist for comparison.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Strategy {
     /// MS2M: checkpoint, restore and replay while the source serves; cut over
     /// when the target is close (`max_lag` or the catch-up estimate).
@@ -121,8 +149,10 @@ impl std::fmt::Display for Strategy {
     }
 }
 
-/// What to do when the digests differ at cutover.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// What to do when the digests differ at cutover. Chosen by whoever starts
+/// the migration ([`MigrationConfig::digest_policy`]) and carried to the
+/// target in the migration's `Prepare` record.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum DigestPolicy {
     /// Do not go live; hand ownership back to the source (default).
     #[default]
@@ -132,14 +162,16 @@ pub enum DigestPolicy {
 }
 
 /// When the coordinator stops the source (MS2M strategies).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct CutoverRule {
     /// Cut over when the target is at most this many messages behind
-    /// (`None`: rule disabled).
+    /// (`None`: rule disabled). Default: 100, a few milliseconds of replay.
     pub max_lag: Option<u64>,
-    /// Cut over when the estimated catch-up time `lag / (mu - lambda)` is at most this.
+    /// Cut over when the estimated catch-up time `lag / (mu - lambda)` is at
+    /// most this. Default: 50 ms.
     pub max_catch_up: Option<Duration>,
-    /// `T_replay_max` of the threshold cutoff (used by [`Strategy::Ms2mThreshold`]).
+    /// `T_replay_max` of the threshold cutoff (used by
+    /// [`Strategy::Ms2mThreshold`]). Default: 10 s.
     pub replay_max: Duration,
 }
 
@@ -175,14 +207,15 @@ pub enum CutoverReason {
     StopFirst,
 }
 
-/// Tuning shared by the coordinator and the agents.
-#[derive(Clone, Debug)]
+/// How the coordinator runs a migration.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct MigrationConfig {
-    /// When to cut over.
+    /// When to cut over. Default: [`CutoverRule::default`].
     pub cutover: CutoverRule,
-    /// What to do on a digest mismatch.
+    /// What the target does on a digest mismatch (sent to it in `Prepare`).
+    /// Default: [`DigestPolicy::Abort`].
     pub digest_policy: DigestPolicy,
-    /// How long to wait for any one answer before giving up.
+    /// How long to wait for any one answer before rolling back. Default: 60 s.
     pub phase_timeout: Duration,
 }
 
@@ -249,7 +282,7 @@ pub struct MigrationReport {
 }
 
 /// The current owner of a service, as recorded on the control channel.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Owner {
     /// Instance id.
     pub instance_id: String,
@@ -267,7 +300,7 @@ pub async fn read_history<C: ControlChannel>(control: &C, service: &str) -> Resu
 }
 
 /// How a migration was decided on the control channel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum MigrationOutcome {
     /// The target's `Takeover` came first: the target owns the service.
     TakenOver,
@@ -275,77 +308,18 @@ pub enum MigrationOutcome {
     RolledBack,
 }
 
-/// The decision of `migration_id` in `history` (in channel order), if any.
-///
-/// First writer wins: the control channel is a single, totally ordered
-/// partition, so "which of the target's `Takeover` and the coordinator's
-/// rollback comes first" has one answer for every reader. The target goes
-/// live only after reading its own `Takeover` with no rollback before it;
-/// the source resumes only on a rollback with no `Takeover` before it; a
-/// restarted coordinator and [`current_owner`] read the same order. This
-/// closes the race of a late `Stop` from a dead coordinator landing after
-/// its successor rolled back (fault-suite mock seed 62).
+/// The decision of `migration_id` in `history` (in channel order), if any:
+/// the first decisive record wins (see [the decision rule](self#the-decision-rule)).
 pub fn migration_outcome(history: &[crate::ControlMessage], migration_id: &str) -> Option<MigrationOutcome> {
-    history
-        .iter()
-        .filter(|m| m.migration_id == migration_id)
-        .find_map(|m| decision(m).map(|(outcome, _)| outcome))
-}
-
-/// Whether `m` decides its migration, and the owner it names (a rollback
-/// without `Resume` leaves the owner unchanged).
-fn decision(m: &crate::ControlMessage) -> Option<(MigrationOutcome, Option<Owner>)> {
-    let owner = |owner: &String, epoch: &u64| {
-        Some(Owner {
-            instance_id: owner.clone(),
-            epoch: *epoch,
-        })
-    };
-    match (&m.body, m.from) {
-        (ControlBody::Takeover { owner: o, epoch, .. } | ControlBody::Live { owner: o, epoch, .. }, Role::Target) => {
-            Some((MigrationOutcome::TakenOver, owner(o, epoch)))
-        }
-        (ControlBody::Resume { owner: o, epoch }, Role::Coordinator) => {
-            Some((MigrationOutcome::RolledBack, owner(o, epoch)))
-        }
-        (ControlBody::Aborted { .. }, Role::Coordinator) => Some((MigrationOutcome::RolledBack, None)),
-        _ => None,
-    }
+    protocol::Decisions::from_history(history).outcome(migration_id)
 }
 
 /// The owner recorded on the control channel: named by the decisive record
-/// of the latest migration that moved or re-confirmed ownership (see
-/// [`migration_outcome`]). Records that lost the race are ignored.
+/// of the latest migration that moved or re-confirmed ownership. Records
+/// that lost the race are ignored.
 pub async fn current_owner<C: ControlChannel>(control: &C, service: &str) -> Result<Option<Owner>, Error> {
     let history = read_history(control, service).await?;
-    Ok(owner_from(&history))
-}
-
-pub(crate) fn owner_from(history: &[crate::ControlMessage]) -> Option<Owner> {
-    decisive_records(history).fold(None, |owner, (_, named)| named.or(owner))
-}
-
-/// The ids of the migrations `history` has decided (one pass).
-pub(crate) fn decided_migrations(history: &[crate::ControlMessage]) -> std::collections::HashSet<&str> {
-    decisive_records(history)
-        .map(|(m, _)| m.migration_id.as_str())
-        .collect()
-}
-
-/// The first decisive record of each migration, in channel order, with the
-/// owner it names; records after a migration's decision are skipped.
-fn decisive_records(
-    history: &[crate::ControlMessage],
-) -> impl Iterator<Item = (&crate::ControlMessage, Option<Owner>)> {
-    let mut decided = std::collections::HashSet::new();
-    history.iter().filter_map(move |m| {
-        if decided.contains(m.migration_id.as_str()) {
-            return None;
-        }
-        let (_, named) = decision(m)?;
-        decided.insert(m.migration_id.as_str());
-        Some((m, named))
-    })
+    Ok(protocol::Decisions::from_history(&history).owner().cloned())
 }
 
 /// Fails with [`Error::Fenced`] if the control channel names another owner:
@@ -365,7 +339,7 @@ pub async fn ensure_owner<C: ControlChannel>(control: &C, service: &str, instanc
 /// without cancelling reads.
 pub(crate) async fn forward_control<C: ControlChannel>(
     control: &C,
-    service: &'static str,
+    service: String,
     from_start: bool,
 ) -> Result<tokio::sync::mpsc::Receiver<crate::ControlMessage>, Error> {
     let mut reader = control

@@ -1,6 +1,9 @@
-//! The source side: an owner that keeps serving while it is migrated away.
+//! The source's driver: an owner that keeps serving while it is migrated
+//! away. It runs a [`SourceMachine`] (the protocol) around an [`Instance`]
+//! (the apply loop): records from the control channel, the background
+//! checkpoint's result and the progress timer go in; the machine's actions
+//! (checkpoint, publish, stop and commit, re-claim, release) come out.
 
-use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,11 +12,12 @@ use futures::FutureExt;
 use tokio::sync::mpsc::error::TryRecvError;
 use tracing::{info, info_span, warn, Instrument};
 
-use super::{forward_control, message, publish};
+use super::protocol::source::{SourceAction, SourceEvent, SourceMachine};
+use super::protocol::Decisions;
+use super::{forward_control, message, publish, read_history, MigrationError};
 use crate::control::{ControlBody, ControlChannel, ControlMessage, Role};
 use crate::error::{Error, Result};
 use crate::log::MessageLog;
-use crate::position::Position;
 use crate::runtime::Instance;
 use crate::service::StatefulService;
 use crate::sink::OutputSink;
@@ -46,12 +50,6 @@ pub enum SourceExit<I> {
     Shutdown(I),
 }
 
-struct Migration {
-    id: String,
-    stopped: bool,
-    last_progress: Instant,
-}
-
 /// Runs `instance` as the live owner, answering migration commands on
 /// `control` until it is released to a target or `shutdown` completes.
 /// Shorthand for [`SourceAgent::new`] + [`SourceAgent::run`].
@@ -72,7 +70,7 @@ where
 }
 
 /// An owner subscribed to the control channel: once [`new`](Self::new)
-/// returns, no command published afterwards is missed.
+/// returns, no command is missed.
 pub struct SourceAgent<S, L, St, O, C>
 where
     S: StatefulService,
@@ -84,6 +82,7 @@ where
     control: Arc<C>,
     options: SourceOptions,
     commands: tokio::sync::mpsc::Receiver<ControlMessage>,
+    machine: SourceMachine,
 }
 
 impl<S, L, St, O, C> std::fmt::Debug for SourceAgent<S, L, St, O, C>
@@ -96,8 +95,16 @@ where
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SourceAgent")
             .field("instance", &self.instance)
+            .field("machine", &self.machine)
             .finish_non_exhaustive()
     }
+}
+
+/// Whether the agent goes on.
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Released,
 }
 
 impl<S, L, St, O, C> SourceAgent<S, L, St, O, C>
@@ -109,13 +116,26 @@ where
     C: ControlChannel,
 {
     /// Subscribes to `control` for commands addressed to this instance.
+    ///
+    /// The channel is read from its start: migrations decided in the past
+    /// are skipped, and an undecided one that stopped this instance before
+    /// it restarted keeps it stopped until it is decided. Fails with
+    /// [`Error::Fenced`] if the channel names another owner.
     pub async fn new(instance: Instance<S, L, St, O>, control: Arc<C>, options: SourceOptions) -> Result<Self> {
-        let commands = forward_control(&*control, S::NAME, false).await?;
+        let me = instance.config().instance_id().to_string();
+        let decisions = Decisions::from_history(&read_history(&*control, S::NAME).await?);
+        if let Some(owner) = decisions.owner().filter(|o| o.instance_id != me) {
+            return Err(Error::Fenced {
+                current_epoch: owner.epoch,
+            });
+        }
+        let commands = forward_control(&*control, S::NAME.to_string(), true).await?;
         Ok(Self {
             instance,
             control,
             options,
             commands,
+            machine: SourceMachine::new(me, decisions),
         })
     }
 
@@ -130,74 +150,151 @@ where
     }
 
     /// Serves live and answers migration commands until released or shut down.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<SourceExit<Instance<S, L, St, O>>> {
-        let Self {
-            mut instance,
-            control,
-            options,
-            mut commands,
-        } = self;
-        let span = info_span!("source", service = S::NAME, instance = %instance.config().instance_id());
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<SourceExit<Instance<S, L, St, O>>> {
+        let span = info_span!("source", service = S::NAME, instance = %self.instance.config().instance_id());
         async move {
             let mut shutdown = std::pin::pin!(shutdown);
-            instance.go_live_if_standby();
-            let mut migration: Option<Migration> = None;
-            // Migrations decided (rolled back or handed over): a late command
-            // for one of them (a `Stop` from a dead coordinator) is ignored.
-            let mut decided = HashSet::new();
+            self.instance.go_live_if_standby();
+            let mut last_progress = Instant::now();
             loop {
                 if shutdown.as_mut().now_or_never().is_some() {
-                    if migration.as_ref().is_some_and(|m| m.stopped) {
-                        // Stopped at Pf for a handover: outputs are committed; a
-                        // final snapshot would only race the new owner.
-                        return Ok(SourceExit::Shutdown(instance));
-                    }
-                    instance.shutdown().await?;
-                    return Ok(SourceExit::Shutdown(instance));
+                    return self.shut_down().await;
                 }
-                let command = match commands.try_recv() {
-                    Ok(m) => Some(m),
-                    Err(TryRecvError::Empty) => None,
-                    Err(TryRecvError::Disconnected) => {
-                        return Err(Error::Migration(super::MigrationError::Aborted {
-                            reason: "control channel reader stopped".into(),
-                        }))
-                    }
-                };
-                if let Some(m) = command {
-                    if handle(&mut instance, &*control, &mut migration, &mut decided, m).await? == Released::Yes {
-                        return Ok(SourceExit::Released(instance));
-                    }
-                    continue;
-                }
-                match &mut migration {
-                    Some(m) if m.stopped => {
-                        // Stopped: wait for Release or Resume, applying nothing.
-                        let wait = instance.config().poll_timeout();
-                        if let Ok(Some(m)) = tokio::time::timeout(wait, commands.recv()).await {
-                            if handle(&mut instance, &*control, &mut migration, &mut decided, m).await? == Released::Yes
-                            {
-                                return Ok(SourceExit::Released(instance));
-                            }
-                        }
-                    }
-                    Some(m) => {
-                        instance.step().await?;
-                        if m.last_progress.elapsed() >= options.progress_interval {
-                            m.last_progress = Instant::now();
-                            let id = m.id.clone();
-                            publish_progress(S::NAME, instance.position().clone(), &*control, &id).await?;
-                        }
-                    }
-                    None => {
-                        instance.step().await?;
-                    }
+                if self.turn(&mut last_progress).await? == Flow::Released {
+                    return Ok(SourceExit::Released(self.instance));
                 }
             }
         }
         .instrument(span)
         .await
     }
+
+    /// One turn of the loop: control records, the checkpoint, progress, and
+    /// one step of the apply loop (or a wait, while stopped).
+    async fn turn(&mut self, last_progress: &mut Instant) -> Result<Flow> {
+        loop {
+            match self.commands.try_recv() {
+                Ok(m) => self.feed(SourceEvent::Record(m)).await?,
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return Err(control_reader_stopped()),
+            };
+            if self.machine.is_released() {
+                return Ok(Flow::Released);
+            }
+        }
+        if let Some(result) = self.instance.poll_checkpoint().await {
+            self.feed(checkpoint_event(result)).await?;
+        }
+        if last_progress.elapsed() >= self.options.progress_interval {
+            *last_progress = Instant::now();
+            self.feed(SourceEvent::ProgressDue).await?;
+        }
+        if self.machine.may_apply() {
+            self.instance.step().await?;
+        } else if !self.machine.is_released() {
+            self.wait_while_stopped().await?;
+        }
+        Ok(if self.machine.is_released() {
+            Flow::Released
+        } else {
+            Flow::Continue
+        })
+    }
+
+    /// Stopped at Pf: applies nothing; waits for the decision (or the
+    /// checkpoint a stop-and-copy takes after the stop).
+    async fn wait_while_stopped(&mut self) -> Result<()> {
+        let wait = self.instance.config().poll_timeout();
+        let checkpoint = async {
+            match self.instance.wait_checkpoint().await {
+                Some(result) => result,
+                None => std::future::pending().await,
+            }
+        };
+        let event = tokio::select! {
+            m = self.commands.recv() => match m {
+                Some(m) => SourceEvent::Record(m),
+                None => return Err(control_reader_stopped()),
+            },
+            result = checkpoint => checkpoint_event(result),
+            () = tokio::time::sleep(wait) => return Ok(()),
+        };
+        self.feed(event).await
+    }
+
+    /// Runs the machine on `event` and performs its actions (and those of
+    /// the events the actions cause).
+    async fn feed(&mut self, event: SourceEvent) -> Result<()> {
+        let mut events = std::collections::VecDeque::from([event]);
+        while let Some(event) = events.pop_front() {
+            for action in self.machine.handle(event) {
+                if let Some(next) = self.perform(action).await? {
+                    events.push_back(next);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn perform(&mut self, action: SourceAction) -> Result<Option<SourceEvent>> {
+        match action {
+            SourceAction::StartCheckpoint => {
+                info!(migration = ?self.machine.migration(), "migration checkpoint: serializing, uploading in the background");
+                if let Err(e) = self.instance.start_checkpoint().await {
+                    return Ok(Some(SourceEvent::CheckpointFailed(crate::store::error_chain(&e))));
+                }
+            }
+            SourceAction::Publish { migration, body } => {
+                publish_as_source::<S, C>(&self.control, &migration, body).await?
+            }
+            SourceAction::PublishProgress { migration } => {
+                let position = self.instance.position().clone();
+                publish_as_source::<S, C>(&self.control, &migration, ControlBody::SourceProgress { position }).await?;
+            }
+            SourceAction::CommitAndPublishStopped { migration } => {
+                self.instance.commit().await?;
+                let (position, digest) = (self.instance.position().clone(), self.instance.digest());
+                info!(%migration, %position, %digest, "stopped for cutover");
+                publish_as_source::<S, C>(&self.control, &migration, ControlBody::Stopped { position, digest }).await?;
+            }
+            SourceAction::Claim => {
+                warn!("migration rolled back after the stop: resuming as owner");
+                self.instance.claim().await?;
+            }
+            SourceAction::Release => info!("released: another instance owns the service now"),
+        }
+        Ok(None)
+    }
+
+    async fn shut_down(mut self) -> Result<SourceExit<Instance<S, L, St, O>>> {
+        if self.machine.may_apply() {
+            self.instance.shutdown().await?;
+        }
+        // Otherwise stopped at Pf for a handover: outputs are committed, and a
+        // final snapshot would only race the new owner.
+        Ok(SourceExit::Shutdown(self.instance))
+    }
+}
+
+async fn publish_as_source<S: StatefulService, C: ControlChannel>(
+    control: &C,
+    migration: &str,
+    body: ControlBody,
+) -> Result<()> {
+    publish(control, &message(S::NAME, migration, Role::Source, body)).await
+}
+
+fn checkpoint_event(result: Result<crate::runtime::CheckpointInfo>) -> SourceEvent {
+    match result {
+        Ok(info) => SourceEvent::CheckpointStored(info),
+        Err(e) => SourceEvent::CheckpointFailed(crate::store::error_chain(&e)),
+    }
+}
+
+fn control_reader_stopped() -> Error {
+    Error::Migration(MigrationError::Aborted {
+        reason: "control channel reader stopped".into(),
+    })
 }
 
 /// A [`SourceAgent`] running on its own task ([`SourceAgent::spawn`]).
@@ -239,146 +336,8 @@ async fn join<I>(task: tokio::task::JoinHandle<Result<SourceExit<I>>>) -> Result
     match task.await {
         Ok(result) => result,
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(_) => Err(Error::Migration(super::MigrationError::Aborted {
+        Err(_) => Err(Error::Migration(MigrationError::Aborted {
             reason: "the source agent's task was aborted".into(),
         })),
     }
-}
-
-async fn publish_progress<C: ControlChannel>(
-    service: &str,
-    position: Position,
-    control: &C,
-    migration_id: &str,
-) -> Result<()> {
-    let body = ControlBody::SourceProgress { position };
-    publish(control, &message(service, migration_id, Role::Source, body)).await
-}
-
-async fn handle<S, L, St, O, C>(
-    instance: &mut Instance<S, L, St, O>,
-    control: &C,
-    migration: &mut Option<Migration>,
-    decided: &mut HashSet<String>,
-    m: ControlMessage,
-) -> Result<Released>
-where
-    S: StatefulService,
-    L: MessageLog,
-    St: SnapshotStore,
-    O: OutputSink,
-    C: ControlChannel,
-{
-    if decided.contains(&m.migration_id) {
-        return Ok(Released::No);
-    }
-    let me = instance.config().instance_id().to_string();
-    let ours = migration.as_ref().is_some_and(|mig| mig.id == m.migration_id);
-    // Stopped for this migration (not merely for some other one).
-    let stopped = ours && migration.as_ref().is_some_and(|mig| mig.stopped);
-    if m.from == Role::Target {
-        // The target's takeover came before any rollback: it owns the service.
-        if let ControlBody::Takeover { owner, epoch, .. } = &m.body {
-            if stopped {
-                info!(migration = %m.migration_id, %owner, epoch, "released: the target took over");
-                return Ok(Released::Yes);
-            }
-        }
-        return Ok(Released::No);
-    }
-    if m.from != Role::Coordinator {
-        return Ok(Released::No);
-    }
-    match m.body {
-        ControlBody::Prepare { source, target } if source == me => {
-            info!(migration = %m.migration_id, %target, "migration requested: taking checkpoint");
-            *migration = Some(Migration {
-                id: m.migration_id.clone(),
-                stopped,
-                last_progress: Instant::now(),
-            });
-            let info = match instance.checkpoint().await {
-                Ok(info) => info,
-                Err(e) => {
-                    // The migration fails; the owner keeps serving. Stopped
-                    // already (stop-and-copy), it waits for the coordinator's
-                    // rollback: resuming on its own would not be ordered
-                    // against the channel.
-                    let reason = format!("checkpoint failed: {}", crate::store::error_chain(&e));
-                    warn!(migration = %m.migration_id, %reason, "migration abandoned");
-                    if !stopped {
-                        *migration = None;
-                    }
-                    let body = ControlBody::CutoverFailed {
-                        reason,
-                        digest_mismatch: None,
-                    };
-                    publish(control, &message(S::NAME, &m.migration_id, Role::Source, body)).await?;
-                    return Ok(Released::No);
-                }
-            };
-            let body = ControlBody::CheckpointTaken {
-                snapshot_id: info.id,
-                position: info.position,
-                bytes: info.bytes,
-                pause_us: info.pause.as_micros() as u64,
-            };
-            publish(control, &message(S::NAME, &m.migration_id, Role::Source, body)).await?;
-            publish_progress(S::NAME, instance.position().clone(), control, &m.migration_id).await?;
-        }
-        ControlBody::Stop { next_epoch } if ours || migration.is_none() => {
-            // Stop-and-copy stops before any Prepare, so Stop may open a migration.
-            let mig = migration.get_or_insert_with(|| Migration {
-                id: m.migration_id.clone(),
-                stopped: false,
-                last_progress: Instant::now(),
-            });
-            if mig.id != m.migration_id {
-                return Ok(Released::No);
-            }
-            instance.commit().await?;
-            mig.stopped = true;
-            let digest = instance.digest();
-            info!(migration = %m.migration_id, position = %instance.position(), %digest, next_epoch, "stopped for cutover");
-            let body = ControlBody::Stopped {
-                position: instance.position().clone(),
-                digest,
-            };
-            publish(control, &message(S::NAME, &m.migration_id, Role::Source, body)).await?;
-        }
-        ControlBody::Release if ours => {
-            info!(migration = %m.migration_id, "released: the target owns the service now");
-            return Ok(Released::Yes);
-        }
-        ControlBody::Resume { owner, epoch } if owner == me => {
-            warn!(migration = %m.migration_id, epoch, "migration rolled back: resuming as owner");
-            // Re-claim only after a stop (fencing any stray producer): a
-            // serving owner never let go of the sink, and a claim would
-            // abort its uncommitted outputs (fault-suite seed 325).
-            if stopped {
-                instance.claim().await?;
-            }
-            decided.insert(m.migration_id);
-            *migration = None;
-        }
-        ControlBody::Aborted { reason } => {
-            if ours {
-                warn!(migration = %m.migration_id, %reason, "migration aborted");
-                if stopped {
-                    instance.claim().await?;
-                }
-                *migration = None;
-            }
-            decided.insert(m.migration_id);
-        }
-        _ => {}
-    }
-    Ok(Released::No)
-}
-
-/// Whether a command released the instance to the target.
-#[derive(Debug, PartialEq, Eq)]
-enum Released {
-    Yes,
-    No,
 }

@@ -69,7 +69,7 @@ fn fast() -> MigrationConfig {
 
 fn plan(strategy: Strategy) -> MigrationPlan {
     MigrationPlan {
-        service: "balances",
+        service: "balances".into(),
         migration_id: format!("m-{strategy:?}"),
         source: "src".into(),
         target: "tgt".into(),
@@ -639,8 +639,10 @@ async fn late_stop(case: LateStop) {
     let prepare = ControlBody::Prepare {
         source: "src".into(),
         target: "tgt".into(),
+        digest_policy: DigestPolicy::Abort,
     };
     coordinator_says(&cluster, &id, prepare).await;
+    coordinator_says(&cluster, &id, ControlBody::Checkpoint).await;
     wait_for(&cluster, "checkpoint", |b| {
         matches!(b, ControlBody::CheckpointTaken { .. })
     })
@@ -685,7 +687,10 @@ async fn late_stop(case: LateStop) {
         .unwrap();
     let history = read_history(&*cluster.control, "balances").await.unwrap();
     let outcome = migration_outcome(&history, &id);
-    let owner = owner_from(&history).map(|o| o.instance_id);
+    let owner = protocol::Decisions::from_history(&history)
+        .owner()
+        .cloned()
+        .map(|o| o.instance_id);
     if matches!(case, LateStop::AbortedThenStop) {
         assert_eq!(outcome, Some(MigrationOutcome::RolledBack));
         assert!(
@@ -759,7 +764,12 @@ fn the_first_decisive_record_wins() {
         )
     };
     let h = |ms: &[&ControlMessage]| ms.iter().map(|m| (*m).clone()).collect::<Vec<_>>();
-    let owner = |ms: &[&ControlMessage]| owner_from(&h(ms)).map(|o| (o.instance_id, o.epoch));
+    let owner = |ms: &[&ControlMessage]| {
+        protocol::Decisions::from_history(h(ms).iter())
+            .owner()
+            .cloned()
+            .map(|o| (o.instance_id, o.epoch))
+    };
 
     assert_eq!(migration_outcome(&h(&[&stop]), "m1"), None);
     let taken = [&earlier, &stop, &takeover, &resume, &aborted];
@@ -799,14 +809,16 @@ async fn regression_seed_325_a_failed_stop_and_copy_checkpoint_loses_no_output()
         .unwrap()
         .spawn();
     let id = "m-325";
-    coordinator_says(&cluster, id, ControlBody::Stop { next_epoch: 1 }).await;
-    wait_for(&cluster, "stopped", |b| matches!(b, ControlBody::Stopped { .. })).await;
-    cluster.store.set_unavailable(true);
     let prepare = ControlBody::Prepare {
         source: "src".into(),
         target: "tgt".into(),
+        digest_policy: DigestPolicy::Abort,
     };
     coordinator_says(&cluster, id, prepare).await;
+    coordinator_says(&cluster, id, ControlBody::Stop { next_epoch: 1 }).await;
+    wait_for(&cluster, "stopped", |b| matches!(b, ControlBody::Stopped { .. })).await;
+    cluster.store.set_unavailable(true);
+    coordinator_says(&cluster, id, ControlBody::Checkpoint).await;
     wait_for(&cluster, "failed checkpoint", |b| {
         matches!(b, ControlBody::CutoverFailed { .. })
     })
@@ -836,6 +848,68 @@ async fn regression_seed_325_a_failed_stop_and_copy_checkpoint_loses_no_output()
     .expect("the resumed source commits all input");
     let SourceExit::Shutdown(src) = source.stop().await.unwrap() else {
         panic!("the source should still own the service")
+    };
+    check(&cluster, src.state());
+}
+
+/// A coordinator restarted in the middle of a cold start (or a stop-and-copy
+/// before its checkpoint) must hand ownership back to the real source. The
+/// baselines used to name the source only in a `Prepare` sent after the stop
+/// (cold start: never), so the restarted coordinator published
+/// `Resume { owner: "" }`: `current_owner` then named nobody real and the
+/// stopped source never resumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_coordinator_restarted_mid_cold_start_resumes_the_real_source() {
+    let cluster = Cluster::new();
+    cluster.produce_now(200);
+    let source: Inst<Balances> = Instance::recover(cluster.backends(), config("src"), &*no_progress())
+        .await
+        .unwrap();
+    let source = SourceAgent::new(source, cluster.control.clone(), SourceOptions::default())
+        .await
+        .unwrap()
+        .spawn();
+    // No target runs: the coordinator waits for its restore until it dies.
+    let config = MigrationConfig {
+        phase_timeout: Duration::from_millis(300),
+        ..fast()
+    };
+    let coordinator = Coordinator::new(cluster.control.clone(), config.clone());
+    let dying = tokio::spawn(async move { coordinator.migrate(&plan(Strategy::ColdStart), &*no_progress()).await });
+    wait_for(&cluster, "the cold start's restore command", |b| {
+        matches!(b, ControlBody::Restore { .. })
+    })
+    .await;
+    dying.abort();
+    let recovered = Coordinator::new(cluster.control.clone(), config)
+        .recover("balances", "m-ColdStart")
+        .await
+        .unwrap();
+    assert_eq!(recovered, Recovered::RolledBack);
+    let owner = current_owner(&*cluster.control, "balances").await.unwrap();
+    assert_eq!(
+        owner.map(|o| o.instance_id).as_deref(),
+        Some("src"),
+        "the source owns the service again"
+    );
+    ensure_owner(&*cluster.control, "balances", "src").await.unwrap();
+    let end = cluster.log.end_position();
+    cluster.produce_now(100);
+    let end_after = cluster.log.end_position();
+    assert!(!end.reaches(&end_after));
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !cluster
+            .outputs
+            .committed_position()
+            .is_some_and(|p| p.reaches(&end_after))
+        {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the resumed source serves the new input");
+    let SourceExit::Shutdown(src) = source.stop().await.unwrap() else {
+        panic!("the source should own the service")
     };
     check(&cluster, src.state());
 }

@@ -131,8 +131,11 @@ where
     since_snapshot: u64,
     last_commit: Instant,
     last_snapshot: Instant,
-    /// At most one snapshot upload runs in the background.
+    /// At most one periodic snapshot upload runs in the background.
     upload: Option<Upload>,
+    /// A requested checkpoint (a migration's) uploading in the background,
+    /// beside any periodic one, so the request never waits for it.
+    requested: Option<Upload>,
     stats: InstanceStats,
 }
 
@@ -234,6 +237,7 @@ where
             last_commit: now,
             last_snapshot: now,
             upload: None,
+            requested: None,
             stats: InstanceStats::default(),
         })
     }
@@ -570,6 +574,13 @@ where
 
     /// Serializes the state on this task and starts the upload in the background.
     async fn start_snapshot(&mut self) -> Result<()> {
+        self.upload = Some(self.spawn_upload().await?);
+        Ok(())
+    }
+
+    /// Commits, serializes the state on this task (the only pause of the
+    /// apply loop) and spawns the sealing, encoding and upload.
+    async fn spawn_upload(&mut self) -> Result<Upload> {
         // Outputs up to the snapshot position must be committed first, so a
         // snapshot never reflects messages whose outputs could still be lost.
         self.commit().await?;
@@ -583,7 +594,7 @@ where
         let keep = self.config.keep_snapshots;
         self.since_snapshot = 0;
         self.last_snapshot = Instant::now();
-        self.upload = Some(tokio::spawn(
+        Ok(tokio::spawn(
             async move {
                 // Checksumming and encoding run here, off the apply loop.
                 let snapshot = Snapshot::seal(S::NAME, S::SCHEMA_VERSION, position.clone(), instance_id, state);
@@ -601,18 +612,59 @@ where
                 })
             }
             .in_current_span(),
-        ));
+        ))
+    }
+
+    /// Starts a checkpoint that the caller collects with
+    /// [`poll_checkpoint`](Self::poll_checkpoint) or
+    /// [`wait_checkpoint`](Self::wait_checkpoint): commits, serializes the
+    /// state now and uploads it in the background while the instance keeps
+    /// applying (migration phase 1). A checkpoint still uploading from an
+    /// earlier request is abandoned.
+    pub async fn start_checkpoint(&mut self) -> Result<()> {
+        if let Some(old) = self.requested.take() {
+            old.abort();
+        }
+        self.requested = Some(self.spawn_upload().await?);
         Ok(())
     }
 
-    /// Collects a finished upload (or waits for it with `wait`).
+    /// The result of the checkpoint started by
+    /// [`start_checkpoint`](Self::start_checkpoint), once its upload ended;
+    /// `None` while it runs or when none was started.
+    pub async fn poll_checkpoint(&mut self) -> Option<Result<CheckpointInfo>> {
+        if !self.requested.as_ref().is_some_and(|u| u.is_finished()) {
+            return None;
+        }
+        self.wait_checkpoint().await
+    }
+
+    /// Waits for the checkpoint started by
+    /// [`start_checkpoint`](Self::start_checkpoint); `None` when none was
+    /// started. Cancel-safe: dropping the future leaves the upload running.
+    pub async fn wait_checkpoint(&mut self) -> Option<Result<CheckpointInfo>> {
+        let upload = self.requested.as_mut()?;
+        let joined = upload.await;
+        self.requested = None;
+        Some(self.record_upload(joined))
+    }
+
+    /// Collects a finished periodic upload (or waits for it with `wait`).
     async fn reap_upload(&mut self, wait: bool) -> Option<Result<CheckpointInfo>> {
         let finished = self.upload.as_ref().is_some_and(|u| u.is_finished());
         if !(finished || wait && self.upload.is_some()) {
             return None;
         }
-        let handle = self.upload.take()?;
-        let result = handle.await.unwrap_or_else(|join| {
+        let joined = self.upload.take()?.await;
+        Some(self.record_upload(joined))
+    }
+
+    /// Logs and counts how an upload ended.
+    fn record_upload(
+        &mut self,
+        joined: std::result::Result<Result<CheckpointInfo>, tokio::task::JoinError>,
+    ) -> Result<CheckpointInfo> {
+        let result = joined.unwrap_or_else(|join| {
             Err(Error::Backend {
                 component: Component::SnapshotStore,
                 operation: "upload snapshot",
@@ -631,14 +683,22 @@ where
                 self.stats.snapshot_failures += 1;
             }
         }
-        Some(result)
+        result
     }
 
-    /// Takes a snapshot now and waits until it is stored (migration phase 1).
+    /// Takes a snapshot now and waits until it is stored (the apply loop
+    /// waits too; a migration uses [`start_checkpoint`](Self::start_checkpoint)).
     pub async fn checkpoint(&mut self) -> Result<CheckpointInfo> {
-        self.reap_upload(true).await;
-        self.start_snapshot().await?;
-        self.reap_upload(true).await.expect("an upload was just started")
+        self.start_checkpoint().await?;
+        match self.wait_checkpoint().await {
+            Some(result) => result,
+            None => Err(Error::Backend {
+                component: Component::SnapshotStore,
+                operation: "upload snapshot",
+                kind: ErrorKind::Other,
+                source: "the checkpoint upload vanished".into(),
+            }),
+        }
     }
 
     /// Commits, takes a final snapshot and waits for it: the graceful end of
@@ -646,12 +706,11 @@ where
     /// position and older snapshots still recover everything).
     pub async fn shutdown(&mut self) -> Result<()> {
         self.commit().await?;
+        self.reap_upload(true).await;
         if self.since_snapshot > 0 {
             if let Err(e) = self.checkpoint().await {
                 warn!(error = %crate::store::error_chain(&e), "final snapshot failed");
             }
-        } else {
-            self.reap_upload(true).await;
         }
         info!(position = %self.position, "instance stopped");
         Ok(())
@@ -660,7 +719,7 @@ where
     /// Stops without committing or snapshotting and hands back the parts
     /// (used when a migration hands ownership away, and in crash tests).
     pub fn into_parts(self) -> (S, Position, Backends<L, St, O>) {
-        if let Some(upload) = self.upload {
+        for upload in [self.upload, self.requested].into_iter().flatten() {
             upload.abort();
         }
         (

@@ -1,0 +1,166 @@
+//! The migration protocol without I/O: each role is a state type plus a
+//! transition function `handle(&mut self, event) -> Vec<Action>`. No
+//! sockets, no clock reads, no tokio: time arrives as an event (or as the
+//! `now` argument of the coordinator), and every effect is an action for the
+//! async driver around it ([`super::Coordinator`], [`super::SourceAgent`],
+//! [`super::run_target`]) to perform over the backend traits. The model
+//! checker in this crate's tests drives these same functions.
+//!
+//! # The decision rule
+//!
+//! A migration is decided by the first *decisive* record of it on the
+//! control channel, which is a single, totally ordered partition:
+//!
+//! * the target's `Takeover` (or its `Live`, which follows a `Takeover`)
+//!   decides [`MigrationOutcome::TakenOver`]: the target owns the service;
+//! * the coordinator's `Resume` or `Aborted` decides
+//!   [`MigrationOutcome::RolledBack`]: the source keeps it.
+//!
+//! Records of a migration after its decision never change it. Every party
+//! folds the channel through one [`Decisions`] value, so the target, the
+//! source, a running or restarted coordinator and
+//! [`current_owner`](super::current_owner) always agree, with no timing
+//! assumption.
+
+pub mod coordinator;
+pub mod source;
+pub mod target;
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+
+use super::{MigrationError, MigrationOutcome, Owner};
+use crate::control::{ControlBody, ControlMessage, Role};
+use crate::digest::StateDigest;
+
+/// The decisions found so far on the control channel, folded in channel order.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Decisions {
+    decided: BTreeMap<String, MigrationOutcome>,
+    owner: Option<Owner>,
+}
+
+/// What one record means for its migration's decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Observed {
+    /// The migration is not decided (the record is not decisive).
+    Open,
+    /// This record decides the migration.
+    Decides(MigrationOutcome),
+    /// The migration was decided by an earlier record; this one changes nothing.
+    AfterDecision(MigrationOutcome),
+}
+
+impl Decisions {
+    /// The decisions of a whole history (in channel order).
+    pub fn from_history<'a>(history: impl IntoIterator<Item = &'a ControlMessage>) -> Self {
+        let mut decisions = Self::default();
+        for m in history {
+            decisions.observe(m);
+        }
+        decisions
+    }
+
+    /// Folds the next record of the channel in.
+    pub fn observe(&mut self, m: &ControlMessage) -> Observed {
+        if let Some(outcome) = self.decided.get(&m.migration_id) {
+            return Observed::AfterDecision(*outcome);
+        }
+        let Some((outcome, owner)) = decision(m) else {
+            return Observed::Open;
+        };
+        self.decided.insert(m.migration_id.clone(), outcome);
+        if owner.is_some() {
+            self.owner = owner;
+        }
+        Observed::Decides(outcome)
+    }
+
+    /// How `migration_id` was decided, if it was.
+    pub fn outcome(&self, migration_id: &str) -> Option<MigrationOutcome> {
+        self.decided.get(migration_id).copied()
+    }
+
+    /// The owner named by the latest decision that named one.
+    pub fn owner(&self) -> Option<&Owner> {
+        self.owner.as_ref()
+    }
+
+    /// Whether `migration_id` is decided.
+    pub fn is_decided(&self, migration_id: &str) -> bool {
+        self.decided.contains_key(migration_id)
+    }
+}
+
+/// Whether `m` decides its migration, and the owner it names (an `Aborted`
+/// leaves the owner unchanged).
+fn decision(m: &ControlMessage) -> Option<(MigrationOutcome, Option<Owner>)> {
+    let owner = |instance_id: &String, epoch: &u64| {
+        Some(Owner {
+            instance_id: instance_id.clone(),
+            epoch: *epoch,
+        })
+    };
+    match (&m.body, m.from) {
+        (ControlBody::Takeover { owner: o, epoch, .. } | ControlBody::Live { owner: o, epoch, .. }, Role::Target) => {
+            Some((MigrationOutcome::TakenOver, owner(o, epoch)))
+        }
+        (ControlBody::Resume { owner: o, epoch }, Role::Coordinator) => {
+            Some((MigrationOutcome::RolledBack, owner(o, epoch)))
+        }
+        (ControlBody::Aborted { .. }, Role::Coordinator) => Some((MigrationOutcome::RolledBack, None)),
+        _ => None,
+    }
+}
+
+/// A measurement carried beside protocol state (durations, sizes, rates):
+/// it never influences a transition, so it takes no part in equality or
+/// hashing, and the model checker does not tell states apart by it.
+#[derive(Clone, Debug, Default)]
+pub struct Measured<T>(pub T);
+
+impl<T> PartialEq for Measured<T> {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl<T> Eq for Measured<T> {}
+
+impl<T> Hash for Measured<T> {
+    fn hash<H: Hasher>(&self, _: &mut H) {}
+}
+
+/// Why a role gave up on a migration: a [`MigrationError`] that can be
+/// compared and kept in protocol state.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum MigrationFailure {
+    /// See [`MigrationError::DigestMismatch`] (source, target).
+    DigestMismatch(StateDigest, StateDigest),
+    /// See [`MigrationError::Timeout`].
+    Timeout(&'static str),
+    /// See [`MigrationError::TakenOverNotLive`].
+    TakenOverNotLive(String),
+    /// See [`MigrationError::Aborted`].
+    Aborted(String),
+}
+
+impl From<MigrationFailure> for MigrationError {
+    fn from(f: MigrationFailure) -> Self {
+        match f {
+            MigrationFailure::DigestMismatch(source_digest, target_digest) => MigrationError::DigestMismatch {
+                source_digest,
+                target_digest,
+            },
+            MigrationFailure::Timeout(waiting_for) => MigrationError::Timeout { waiting_for },
+            MigrationFailure::TakenOverNotLive(target) => MigrationError::TakenOverNotLive { target },
+            MigrationFailure::Aborted(reason) => MigrationError::Aborted { reason },
+        }
+    }
+}
+
+impl std::fmt::Display for MigrationFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&MigrationError::from(self.clone()), f)
+    }
+}
