@@ -2,12 +2,53 @@
 # The test command of README.md: every test of the workspace on the embedded
 # broker (librdkafka's mock cluster), then the integration suite again on a
 # real broker, tansu 0.6.0, which tests/broker.sh installs if missing,
-# starts on loopback and stops on exit.
+# starts on loopback and stops on exit. Tests of the mock's own behaviour
+# (names ending in `_on_mock`) run in the first pass only. At the end it
+# lists what did not run: `#[ignore = "reason"]`ed tests, and the mock-only
+# tests left out of the real-broker pass.
 #
 #   bash tests/run.sh
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+
+# `file:line  name: reason` for every #[ignore]d test of the workspace.
+ignored_tests() {
+    find . -path ./target -prune -o -path ./.git -prune -o -name '*.rs' -print | sort |
+        xargs awk '
+            FNR == 1 { reason = "" }
+            /^[[:space:]]*#\[ignore/ {
+                reason = $0
+                if (!sub(/^[^"]*"/, "", reason) || !sub(/"\][[:space:]]*$/, "", reason)) reason = "(no reason given)"
+                where = FILENAME ":" FNR
+                next
+            }
+            reason != "" && match($0, /fn [A-Za-z0-9_]+/) {
+                printf "  %s  %s: %s\n", substr(where, 3), substr($0, RSTART + 3, RLENGTH - 3), reason
+                reason = ""
+            }'
+}
+
+# `file:line  name` for every test of tests/tests that runs on the mock only.
+mock_only_tests() {
+    grep -n -E 'fn [A-Za-z0-9_]+_on_mock\(' tests/tests/*.rs |
+        sed -E 's/^([^:]+:[0-9]+):.*fn ([A-Za-z0-9_]+)\(.*/  \1  \2/'
+}
+
+summary() {
+    echo
+    echo "== skipped tests (ignored, with reasons)"
+    local ignored
+    ignored="$(ignored_tests)"
+    if [[ -n "$ignored" ]]; then
+        echo "$ignored"
+        echo "  (run one with: cargo test -p <crate> --test <file> <name> -- --ignored, after setting what it needs)"
+    else
+        echo "  none"
+    fi
+    echo "== skipped in the real-broker pass (mock-only; they ran in the embedded pass)"
+    mock_only_tests
+}
 
 echo "== all tests on the embedded broker"
 env -u MS2M_TEST_BROKERS cargo test --workspace
@@ -18,4 +59,6 @@ trap 'bash tests/broker.sh stop' EXIT
 brokers="$(bash tests/broker.sh start)"
 export "${brokers?}"
 echo "using $MS2M_TEST_BROKERS"
-cargo test -p ms2m-tests
+cargo test -p ms2m-tests -- --skip _on_mock
+
+summary

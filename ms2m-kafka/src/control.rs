@@ -5,8 +5,26 @@
 //! [`ControlMessage::to_bytes`] (JSON). `publish` returns once the broker
 //! acknowledged the message, so a restarted coordinator reading the topic
 //! from the start sees every message that was published.
+//!
+//! # Undecodable records
+//!
+//! A record whose value does not decode as a [`ControlMessage`] (garbage
+//! written by another tool, or a [`ControlBody`](ms2m_core::ControlBody)
+//! variant added by a newer version during a rolling upgrade) is skipped by
+//! [`history`](ControlChannel::history) and by every reader: the records
+//! around it are returned in order and the read does not fail. Such a record
+//! never decides anything (no migration outcome, no owner), because no
+//! party that cannot decode it ever sees it; a newer version must therefore
+//! not rely on a new variant for a decision older parties have to see until
+//! every party is upgraded. Each skipped record is logged once per channel,
+//! at `warn`, with its topic, partition, offset and decode error
+//! ([`KafkaError::ControlDecode`]), and counted once:
+//! [`KafkaControl::skipped_records`] is shared by the channel and its
+//! readers. Records without a value (tombstones) are skipped silently.
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -16,6 +34,7 @@ use rdkafka::error::KafkaError as RdKafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use rdkafka::{Message, Offset, TopicPartitionList};
+use tracing::warn;
 
 use crate::broker::KafkaCluster;
 use crate::config::SetDefault;
@@ -27,6 +46,7 @@ pub struct KafkaControl {
     topic: String,
     service: String,
     producer: FutureProducer,
+    skipped: Arc<Skipped>,
 }
 
 impl std::fmt::Debug for KafkaControl {
@@ -34,7 +54,48 @@ impl std::fmt::Debug for KafkaControl {
         f.debug_struct("KafkaControl")
             .field("topic", &self.topic)
             .field("service", &self.service)
+            .field("skipped_records", &self.skipped_records())
             .finish_non_exhaustive()
+    }
+}
+
+/// The undecodable records a channel and its readers have skipped, by
+/// `(partition, offset)`: each is logged and counted once, however often
+/// it is read.
+#[derive(Debug, Default)]
+struct Skipped {
+    seen: Mutex<BTreeSet<(i32, i64)>>,
+    count: AtomicU64,
+}
+
+impl Skipped {
+    /// Notes an undecodable record; warns the first time it is seen.
+    fn record(&self, topic: &str, partition: i32, offset: i64, source: serde_json::Error) {
+        let first = self
+            .seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert((partition, offset));
+        if !first {
+            return;
+        }
+        let total = self.count.fetch_add(1, Ordering::Relaxed) + 1;
+        let cause = source.to_string();
+        let error = KafkaError::ControlDecode {
+            topic: topic.to_string(),
+            partition,
+            offset,
+            source,
+        };
+        warn!(
+            topic,
+            partition,
+            offset,
+            error = %error,
+            cause = %cause,
+            skipped_total = total,
+            "control channel: skipping an undecodable record (garbage, or a message from a newer version)"
+        );
     }
 }
 
@@ -55,6 +116,7 @@ impl KafkaControl {
             topic,
             service: config.service().to_string(),
             producer,
+            skipped: Arc::default(),
         })
     }
 
@@ -62,12 +124,20 @@ impl KafkaControl {
     pub fn topic(&self) -> &str {
         &self.topic
     }
+
+    /// How many distinct undecodable records this channel and its readers
+    /// have skipped so far (see [the module docs](self)). Non-zero means
+    /// another tool or a newer version writes to the control topic.
+    pub fn skipped_records(&self) -> u64 {
+        self.skipped.count.load(Ordering::Relaxed)
+    }
 }
 
 /// Reads a [`KafkaControl`] topic in order.
 pub struct KafkaControlReader {
     consumer: Arc<StreamConsumer>,
     topic: String,
+    skipped: Arc<Skipped>,
 }
 
 impl std::fmt::Debug for KafkaControlReader {
@@ -107,6 +177,7 @@ impl ControlChannel for KafkaControl {
         let consumer: BaseConsumer = cc.create().map_err(KafkaError::kafka("create a control reader"))?;
         let topic = self.topic.clone();
         let timeout = self.cluster.config().timeout();
+        let skipped = self.skipped.clone();
         blocking(move || {
             let (low, high) = consumer
                 .fetch_watermarks(&topic, 0, timeout)
@@ -140,14 +211,10 @@ impl ControlChannel for KafkaControl {
                             break;
                         }
                         let Some(payload) = m.payload() else { continue };
-                        out.push(
-                            ControlMessage::from_bytes(payload).map_err(|source| KafkaError::ControlDecode {
-                                topic: topic.clone(),
-                                partition: 0,
-                                offset: m.offset(),
-                                source,
-                            })?,
-                        );
+                        match ControlMessage::from_bytes(payload) {
+                            Ok(message) => out.push(message),
+                            Err(source) => skipped.record(&topic, m.partition(), m.offset(), source),
+                        }
                     }
                 }
             }
@@ -188,6 +255,7 @@ impl ControlChannel for KafkaControl {
         Ok(KafkaControlReader {
             consumer,
             topic: self.topic.clone(),
+            skipped: self.skipped.clone(),
         })
     }
 }
@@ -198,20 +266,18 @@ impl ControlReader for KafkaControlReader {
 
     async fn next(&mut self, timeout: Duration) -> Result<Option<ControlMessage>> {
         let deadline = tokio::time::Instant::now() + timeout;
-        // Tombstones (from a cleanup) carry no message: skip them.
+        // Tombstones (from a cleanup) carry no message and undecodable
+        // records are not ours to interpret: skip both (module docs).
         loop {
             let m = match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
                 Err(_) => return Ok(None),
                 Ok(r) => r.map_err(KafkaError::kafka("read the control topic"))?,
             };
             let Some(payload) = m.payload() else { continue };
-            let message = ControlMessage::from_bytes(payload).map_err(|source| KafkaError::ControlDecode {
-                topic: self.topic.clone(),
-                partition: m.partition(),
-                offset: m.offset(),
-                source,
-            })?;
-            return Ok(Some(message));
+            match ControlMessage::from_bytes(payload) {
+                Ok(message) => return Ok(Some(message)),
+                Err(source) => self.skipped.record(&self.topic, m.partition(), m.offset(), source),
+            }
         }
     }
 }

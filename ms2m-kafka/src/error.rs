@@ -55,7 +55,9 @@ pub enum KafkaError {
         /// The partition, when librdkafka reported it.
         tp: TopicPartition,
     },
-    /// A control message did not decode.
+    /// A control message did not decode. The control channel logs it and
+    /// skips the record instead of failing the read (see
+    /// [`control`](crate::control#undecodable-records)).
     #[error("control message at {topic}/{partition}@{offset} did not decode")]
     ControlDecode {
         /// The control topic.

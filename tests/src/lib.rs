@@ -64,6 +64,25 @@ pub fn config(service: &str) -> KafkaConfig {
     }
 }
 
+/// A service configuration on an embedded mock cluster of the test's own,
+/// whatever `MS2M_TEST_BROKERS` says: for tests of the mock's behaviour.
+/// Their names end in `_on_mock`, and `tests/run.sh` skips them (with
+/// `--skip _on_mock`) in its real-broker pass.
+pub fn mock_config(service: &str) -> KafkaConfig {
+    KafkaConfig::new(service).operation_timeout(Duration::from_secs(20))
+}
+
+/// The value of the environment variable `name`, for an `#[ignore]`d test
+/// that needs something the default run has not (a broker with
+/// transactions, ...): run with `--ignored` without it, the test fails
+/// loudly instead of passing without having run.
+pub fn required_env(name: &str, needed_for: &str) -> String {
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => v,
+        _ => panic!("{name} is not set: this test needs {needed_for}; set it or do not run ignored tests"),
+    }
+}
+
 /// Connects (starting an embedded mock cluster when no broker is set).
 pub fn connect(config: KafkaConfig) -> KafkaCluster {
     init_tracing();

@@ -38,3 +38,101 @@ async fn publish_read_and_history() {
     assert_eq!(from_now.next(Duration::from_millis(300)).await.unwrap(), None);
     assert_eq!(control.history().await.unwrap(), vec![first, second]);
 }
+
+/// One undecodable record (garbage, or a `ControlBody` variant written by a
+/// newer version during a rolling upgrade) once made `history()` and every
+/// reader fail for every party. It is skipped, logged and counted; the
+/// valid records around it are read in order and still decide ownership.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_control_records_are_skipped_and_counted() {
+    let service = unique("ctl-bad");
+    let cluster = connect(config(&service));
+    let control = cluster.control().await.unwrap();
+    assert_eq!(control.skipped_records(), 0);
+
+    let position: ms2m_core::Position = [(ms2m_core::TopicPartition::new("in", 0), 7)].into_iter().collect();
+    let resume = ControlMessage {
+        service: "svc".into(),
+        migration_id: "m1".into(),
+        from: Role::Coordinator,
+        sent_at_ms: 1,
+        body: ControlBody::Resume {
+            owner: "a".into(),
+            epoch: 1,
+        },
+    };
+    let prepare = ControlMessage {
+        service: "svc".into(),
+        migration_id: "m2".into(),
+        from: Role::Coordinator,
+        sent_at_ms: 2,
+        body: ControlBody::Prepare {
+            source: "a".into(),
+            target: "b".into(),
+        },
+    };
+    let takeover = ControlMessage {
+        service: "svc".into(),
+        migration_id: "m2".into(),
+        from: Role::Target,
+        sent_at_ms: 3,
+        body: ControlBody::Takeover {
+            owner: "b".into(),
+            epoch: 2,
+            position,
+        },
+    };
+    // Valid JSON, but a body variant this version does not know.
+    let mut newer = serde_json::to_value(&prepare).unwrap();
+    newer["body"] = serde_json::json!({ "Handback": { "owner": "c", "epoch": 9 } });
+    let newer = serde_json::to_vec(&newer).unwrap();
+    assert!(
+        ControlMessage::from_bytes(&newer).is_err(),
+        "the test record must not decode"
+    );
+
+    // One record at a time, each acknowledged before the next: the order on
+    // the partition is the order below.
+    let raw = producer(&cluster);
+    let produce_raw = |payload: Vec<u8>| {
+        let raw = &raw;
+        let topic = control.topic().to_string();
+        async move {
+            raw.send(
+                rdkafka::producer::FutureRecord::to(&topic)
+                    .partition(0)
+                    .key("svc/raw")
+                    .payload(&payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .expect("produce a raw control record");
+        }
+    };
+    control.publish(&resume).await.unwrap();
+    produce_raw(b"\x00not json {".to_vec()).await;
+    control.publish(&prepare).await.unwrap();
+    produce_raw(newer).await;
+    control.publish(&takeover).await.unwrap();
+    let valid = vec![resume, prepare, takeover];
+
+    assert_eq!(control.history().await.unwrap(), valid);
+    assert_eq!(control.skipped_records(), 2);
+
+    let mut from_start = control.reader(true).await.unwrap();
+    let t = Duration::from_secs(10);
+    for expected in &valid {
+        assert_eq!(from_start.next(t).await.unwrap().as_ref(), Some(expected));
+    }
+    assert_eq!(from_start.next(Duration::from_millis(300)).await.unwrap(), None);
+
+    let owner = ms2m_core::migration::current_owner(&control, "svc")
+        .await
+        .unwrap()
+        .expect("the takeover names an owner");
+    assert_eq!((owner.instance_id.as_str(), owner.epoch), ("b", 2));
+
+    // The same two records, read three times: counted once each.
+    assert_eq!(control.skipped_records(), 2);
+}

@@ -156,14 +156,10 @@ async fn half_written_snapshot_is_never_listed() {
 /// On the mock, a snapshot larger than a partition can hold loses its
 /// first chunks to eviction: detected as corrupt, never returned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn evicted_chunks_are_detected_on_the_mock() {
-    if !on_mock() {
-        eprintln!("mock-only: eviction is a property of the embedded broker");
-        return;
-    }
+async fn evicted_chunks_are_detected_on_mock() {
     let service = unique("evict");
     // Two partitions: manifests in 0, every chunk in 1 (~5 MiB limit).
-    let cluster = connect(config(&service).snapshot_partitions(2));
+    let cluster = connect(mock_config(&service).snapshot_partitions(2));
     let store = cluster.snapshot_store().await.unwrap();
     let id = store.put(&encoded(random_bytes(8 << 20), 1)).await.unwrap();
     let err = store.get(id).await.unwrap_err();

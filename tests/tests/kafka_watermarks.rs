@@ -114,48 +114,57 @@ async fn explicit_partition_subset() {
     assert!(got.iter().all(|r| r.partition == 1));
 }
 
-/// Makes partition 0 of `topic` start above offset 0: on the mock by
-/// overflowing its ~5 MiB per-partition limit, on a real broker with
-/// DeleteRecords. `None` if the broker cannot do either.
-async fn truncate_partition0(cluster: &ms2m_kafka::KafkaCluster, topic: &str) -> Option<i64> {
-    if on_mock() {
-        let big = "x".repeat(700 * 1024);
-        let producer = producer(cluster);
-        for i in 0..12 {
-            let key = format!("big{i}");
-            producer
-                .send(
-                    rdkafka::producer::FutureRecord::to(topic)
-                        .partition(0)
-                        .key(&key)
-                        .payload(&big),
-                    Duration::from_secs(10),
-                )
+/// How a test truncates the input log below a snapshot's position.
+#[derive(Clone, Copy, Debug)]
+enum Truncation {
+    /// Overflow the embedded mock's ~5 MiB per-partition limit.
+    Eviction,
+    /// DeleteRecords on the real broker in `MS2M_TEST_BROKERS`.
+    DeleteRecords,
+}
+
+/// Makes partition 0 of `topic` start above offset 0; its new low watermark.
+async fn truncate_partition0(cluster: &ms2m_kafka::KafkaCluster, topic: &str, how: Truncation) -> i64 {
+    match how {
+        Truncation::Eviction => {
+            let big = "x".repeat(700 * 1024);
+            let producer = producer(cluster);
+            for i in 0..12 {
+                let key = format!("big{i}");
+                producer
+                    .send(
+                        rdkafka::producer::FutureRecord::to(topic)
+                            .partition(0)
+                            .key(&key)
+                            .payload(&big),
+                        Duration::from_secs(10),
+                    )
+                    .await
+                    .map_err(|(e, _)| e)
+                    .unwrap();
+            }
+        }
+        Truncation::DeleteRecords => {
+            let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+                rdkafka::ClientConfig::new()
+                    .set("bootstrap.servers", cluster.bootstrap_servers())
+                    .create()
+                    .unwrap();
+            let mut tpl = rdkafka::TopicPartitionList::new();
+            tpl.add_partition_offset(topic, 0, rdkafka::Offset::Offset(2)).unwrap();
+            let r = admin
+                .delete_records(&tpl, &rdkafka::admin::AdminOptions::new())
                 .await
-                .map_err(|(e, _)| e)
-                .unwrap();
+                .expect("delete records");
+            assert!(r.elements().iter().all(|e| e.error().is_ok()), "{r:?}");
         }
-    } else {
-        // tansu 0.6.0's sqlite engine panics on DeleteRecords (`todo!()`),
-        // which kills its storage task: only ask a broker known to support it.
-        if std::env::var("MS2M_TEST_DELETE_RECORDS").is_err() {
-            eprintln!("truncation on a real broker needs DeleteRecords: set MS2M_TEST_DELETE_RECORDS=1 (not tansu 0.6.0); skipped");
-            return None;
-        }
-        let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", cluster.bootstrap_servers())
-            .create()
-            .unwrap();
-        let mut tpl = rdkafka::TopicPartitionList::new();
-        tpl.add_partition_offset(topic, 0, rdkafka::Offset::Offset(2)).unwrap();
-        let r = admin
-            .delete_records(&tpl, &rdkafka::admin::AdminOptions::new())
-            .await
-            .expect("delete records");
-        assert!(r.elements().iter().all(|e| e.error().is_ok()), "{r:?}");
     }
     let low = end_low(cluster, topic).await;
-    (low > 0).then_some(low)
+    assert!(
+        low > 1,
+        "{how:?} left the log starting at {low}: the test needs offset 1 gone"
+    );
+    low
 }
 
 async fn end_low(cluster: &ms2m_kafka::KafkaCluster, topic: &str) -> i64 {
@@ -168,17 +177,36 @@ async fn end_low(cluster: &ms2m_kafka::KafkaCluster, topic: &str) -> i64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn truncated_log_fails_recovery_loudly() {
+async fn truncated_log_fails_recovery_loudly_on_mock() {
+    truncated_log_fails_recovery_loudly(Truncation::Eviction).await;
+}
+
+/// tansu 0.6.0's sqlite engine panics on DeleteRecords (`todo!()`), which
+/// kills its storage task: only for a broker known to support it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a broker with DeleteRecords (not tansu 0.6.0): MS2M_TEST_BROKERS=host:port MS2M_TEST_DELETE_RECORDS=1"]
+async fn truncated_log_fails_recovery_loudly_with_delete_records() {
+    required_env(BROKERS_ENV, "a real broker that supports DeleteRecords (host:port)");
+    required_env(
+        "MS2M_TEST_DELETE_RECORDS",
+        "confirmation (=1) that the broker supports DeleteRecords",
+    );
+    truncated_log_fails_recovery_loudly(Truncation::DeleteRecords).await;
+}
+
+async fn truncated_log_fails_recovery_loudly(how: Truncation) {
     let service = unique("trunc");
     let input = unique("trunc-in");
     let output = unique("trunc-out");
-    let cluster = connect(config(&service).input_topic(&input));
+    let base = match how {
+        Truncation::Eviction => mock_config(&service),
+        Truncation::DeleteRecords => config(&service),
+    };
+    let cluster = connect(base.input_topic(&input));
     cluster.create_topic(&input, 1, &[]).await.unwrap();
     cluster.create_topic(&output, 1, &[]).await.unwrap();
     produce(&cluster, &input, &[(0, 1), (0, 2), (0, 3), (0, 4)]).await;
-    let Some(low) = truncate_partition0(&cluster, &input).await else {
-        return;
-    };
+    let low = truncate_partition0(&cluster, &input, how).await;
 
     // A snapshot that needs offset 1, which is gone.
     let backends = cluster.backends(Delivery::AtLeastOnce).await.unwrap();
