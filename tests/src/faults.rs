@@ -1,6 +1,18 @@
-//! The seeded fault-injection harness (issue 8): a scenario generator, the
-//! runners for the in-memory and Kafka backends, the invariant checks of
-//! DESIGN.md §5, and the summary printed at the end of a run.
+//! The seeded fault-injection harness: a scenario generator, one set of
+//! scenario bodies run on every backend, the invariant checks, and the
+//! summary printed at the end of a run.
+//!
+//! # Why one harness
+//!
+//! The guarantees under test (no input lost, outputs exactly once where the
+//! sink is transactional, one owner, divergence caught) are properties of
+//! the runtime and the migration protocol, which run on the core's backend
+//! traits. So the scenarios are written once ([`scenarios`], [`migration`])
+//! against a small [`Deployment`] trait, and each backend only says how to
+//! produce input, read what was committed, damage storage and inject the
+//! faults it has ([`memory`]: ms2m-core's in-memory backends; [`kafka`]:
+//! the embedded mock cluster or tansu). A fault a backend cannot inject is
+//! not generated for it.
 //!
 //! Every scenario is a pure function of its seed (which kind, which fault,
 //! at which phase, message counts, commit and snapshot intervals), so a
@@ -18,16 +30,17 @@
 //!   at-least-once window (`commit_every + batch - 1` outputs per crash): the mock does
 //!   not implement transactions and tansu has none, so exactly-once cannot
 //!   be shown there;
-//! * exactly one owner at the end (the control channel names the instance
-//!   that finished, and refuses the other one);
+//! * exactly one owner at the end: the control channel's order decides a
+//!   migration (`migration_outcome`), `current_owner` names that instance,
+//!   and `ensure_owner` refuses the other one;
 //! * digests: a migration reported as complete has equal digests; an
 //!   injected divergence must be detected (`DigestMismatch`) and rolled back;
 //! * every bad input is answered by a typed error or the documented policy.
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -35,11 +48,31 @@ use rand::{Rng, SeedableRng};
 
 pub use ms2m_core::migration::Strategy;
 
+mod deployment;
+mod drift;
 mod kafka;
 mod memory;
+mod migration;
+mod scenarios;
 
-pub use kafka::{run_kafka, KafkaEnv};
-pub use memory::run_memory;
+pub use deployment::{Deployment, Guarantee, Timing};
+pub use kafka::{KafkaDeployment, KafkaEnv};
+pub use memory::MemoryDeployment;
+pub use scenarios::run_scenario;
+
+/// Partitions of every scenario's input topic.
+pub const INPUT_PARTITIONS: i32 = 2;
+
+/// Runs one scenario on a fresh in-memory cluster.
+pub async fn run_memory(sc: Scenario) -> Outcome {
+    run_scenario(MemoryDeployment::new(), sc).await
+}
+
+/// Runs one scenario on fresh topics of the test broker.
+pub async fn run_kafka(env: KafkaEnv, sc: Scenario) -> Outcome {
+    let deployment = KafkaDeployment::new(&env, &sc).await;
+    run_scenario(deployment, sc).await
+}
 
 /// Where a scenario runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -63,7 +96,10 @@ impl Backend {
     }
 }
 
-/// The phase a fault hits (DESIGN.md §4, plus `Live` for an owner serving).
+/// The phase a fault hits: the migration's phases in protocol order
+/// (checkpoint on the source, transfer of the snapshot, restore on the
+/// target, replay behind the source, cutover), plus `Live` for an owner
+/// serving (before a recovery, or after a migration).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Phase {
     Checkpoint,
@@ -124,6 +160,16 @@ pub enum Fault {
     ZombieSource,
     /// The target's `apply` diverges in replay: must be caught by the digest.
     Divergence,
+}
+
+impl Fault {
+    /// Whether the fault hits the broker (every party at once).
+    pub fn is_broker_fault(self) -> bool {
+        matches!(
+            self,
+            Fault::BrokerDown | Fault::RequestErrors | Fault::Latency | Fault::BrokerRestart
+        )
+    }
 }
 
 /// What a scenario exercises.
@@ -693,34 +739,3 @@ impl Trigger {
         self.0.load(Ordering::SeqCst)
     }
 }
-
-/// A counter shared with background tasks.
-#[derive(Clone, Debug, Default)]
-pub struct Counter(Arc<AtomicU64>);
-
-impl Counter {
-    pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::SeqCst);
-    }
-
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::SeqCst)
-    }
-}
-
-/// Waits for `cond`, polling every 2 ms, up to `timeout`; returns whether it held.
-pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
-/// Notes shared across tasks of one scenario.
-pub type Notes = Arc<Mutex<Vec<String>>>;
