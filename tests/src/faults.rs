@@ -241,6 +241,55 @@ pub fn phases_of(strategy: Strategy) -> &'static [Phase] {
     }
 }
 
+/// The faults an in-memory migration draws at `phase`.
+fn in_memory_migration_faults(phase: Phase) -> &'static [Fault] {
+    const CRASHES: [Fault; 3] = [Fault::CrashSource, Fault::CrashTarget, Fault::CrashCoordinator];
+    match phase {
+        Phase::Live => &[
+            Fault::CrashSource,
+            Fault::CrashTarget,
+            Fault::CrashCoordinator,
+            Fault::ZombieSource,
+        ],
+        Phase::Checkpoint => &[
+            Fault::CrashSource,
+            Fault::CrashTarget,
+            Fault::CrashCoordinator,
+            Fault::StoreUnavailable,
+        ],
+        Phase::Transfer => &[
+            Fault::CrashSource,
+            Fault::CrashTarget,
+            Fault::CrashCoordinator,
+            Fault::StoreUnavailable,
+            Fault::CorruptSnapshot,
+            Fault::TruncatedSnapshot,
+            Fault::MissingSnapshot,
+        ],
+        Phase::Replay => &[
+            Fault::CrashSource,
+            Fault::CrashTarget,
+            Fault::CrashCoordinator,
+            Fault::Divergence,
+        ],
+        _ => &CRASHES,
+    }
+}
+
+/// The broker faults a backend can inject.
+fn broker_faults(backend: Backend) -> &'static [Fault] {
+    match backend {
+        Backend::Mock => &[Fault::BrokerDown, Fault::RequestErrors, Fault::Latency],
+        Backend::Tansu => &[Fault::BrokerRestart],
+        Backend::Memory => &[],
+    }
+}
+
+/// One of `xs`, uniformly.
+fn pick<T: Copy>(rng: &mut StdRng, xs: &[T]) -> T {
+    xs[rng.gen_range(0..xs.len())]
+}
+
 impl Scenario {
     /// The scenario of `seed` on `backend`.
     pub fn generate(seed: u64, backend: Backend) -> Self {
@@ -259,134 +308,106 @@ impl Scenario {
             variant: rng.gen(),
         };
         match backend {
-            Backend::Memory => {
-                s.initial = rng.gen_range(200..1_200);
-                s.during = rng.gen_range(100..800);
-                let roll = rng.gen_range(0..100);
-                if roll < 55 {
-                    let strategy = STRATEGIES[rng.gen_range(0..4)];
-                    s.kind = Kind::Migration(strategy);
-                    let phases = phases_of(strategy);
-                    s.phase = phases[rng.gen_range(0..phases.len())];
-                    let faults: &[Fault] = match s.phase {
-                        Phase::Live => &[
-                            Fault::CrashSource,
-                            Fault::CrashTarget,
-                            Fault::CrashCoordinator,
-                            Fault::ZombieSource,
-                        ],
-                        Phase::Checkpoint => &[
-                            Fault::CrashSource,
-                            Fault::CrashTarget,
-                            Fault::CrashCoordinator,
-                            Fault::StoreUnavailable,
-                        ],
-                        Phase::Transfer => &[
-                            Fault::CrashSource,
-                            Fault::CrashTarget,
-                            Fault::CrashCoordinator,
-                            Fault::StoreUnavailable,
-                            Fault::CorruptSnapshot,
-                            Fault::TruncatedSnapshot,
-                            Fault::MissingSnapshot,
-                        ],
-                        Phase::Replay => &[
-                            Fault::CrashSource,
-                            Fault::CrashTarget,
-                            Fault::CrashCoordinator,
-                            Fault::Divergence,
-                        ],
-                        _ => &[Fault::CrashSource, Fault::CrashTarget, Fault::CrashCoordinator],
-                    };
-                    s.fault = faults[rng.gen_range(0..faults.len())];
-                    if matches!(
-                        s.fault,
-                        Fault::CorruptSnapshot | Fault::TruncatedSnapshot | Fault::MissingSnapshot
-                    ) && strategy == Strategy::ColdStart
-                    {
-                        s.fault = Fault::CrashTarget;
-                    }
-                    if rng.gen_range(0..20) == 0 {
-                        s.fault = Fault::None;
-                    }
-                } else if roll < 75 {
-                    s.kind = Kind::Recovery;
-                    s.phase = [Phase::Checkpoint, Phase::Restore, Phase::Replay, Phase::Live][rng.gen_range(0..4)];
-                    s.fault = Fault::CrashSource;
-                } else if roll < 87 {
-                    s.kind = Kind::Snapshot;
-                    s.phase = Phase::Restore;
-                    s.fault = SNAPSHOT_FAULTS[rng.gen_range(0..SNAPSHOT_FAULTS.len())];
-                } else if roll < 95 {
-                    s.kind = Kind::BadInput;
-                    s.phase = [Phase::Live, Phase::Replay][rng.gen_range(0..2)];
-                    s.fault = BAD_INPUT_FAULTS[rng.gen_range(0..BAD_INPUT_FAULTS.len())];
-                } else {
-                    s.kind = Kind::TailDeleted;
-                    s.phase = Phase::Restore;
-                    s.fault = Fault::TailDeleted;
-                }
-            }
-            Backend::Mock | Backend::Tansu => {
-                s.initial = rng.gen_range(60..250);
-                s.during = rng.gen_range(30..150);
-                let broker_faults: &[Fault] = if backend == Backend::Mock {
-                    &[Fault::BrokerDown, Fault::RequestErrors, Fault::Latency]
-                } else {
-                    &[Fault::BrokerRestart]
-                };
-                let roll = rng.gen_range(0..100);
-                if roll < 22 {
-                    s.kind = Kind::Recovery;
-                    s.phase = [Phase::Checkpoint, Phase::Replay, Phase::Live][rng.gen_range(0..3)];
-                    s.fault = Fault::CrashSource;
-                } else if roll < 36 {
-                    s.kind = Kind::Recovery;
-                    s.phase = [Phase::Replay, Phase::Live][rng.gen_range(0..2)];
-                    s.fault = broker_faults[rng.gen_range(0..broker_faults.len())];
-                    if backend == Backend::Tansu {
-                        // tansu 0.6 panics its storage task when an idempotent
-                        // producer from before a restart produces again
-                        // (`idempotent_message_check`: "more or less than one
-                        // row"), so the instance is down while tansu restarts
-                        // and the next one recovers against the restarted broker.
-                        s.phase = Phase::Replay;
-                    }
-                } else if roll < 46 {
-                    s.kind = Kind::Snapshot;
-                    s.phase = Phase::Restore;
-                    s.fault = SNAPSHOT_FAULTS[rng.gen_range(0..SNAPSHOT_FAULTS.len())];
-                } else if roll < 54 {
-                    s.kind = Kind::BadInput;
-                    s.phase = Phase::Live;
-                    s.fault = BAD_INPUT_FAULTS[rng.gen_range(0..BAD_INPUT_FAULTS.len())];
-                } else if roll < 57 && backend == Backend::Mock {
-                    s.kind = Kind::TailDeleted;
-                    s.phase = Phase::Restore;
-                    s.fault = Fault::TailDeleted;
-                } else {
-                    // Migrations: a crash of any party, or a broker fault, at
-                    // every phase the strategy has.
-                    let strategy = STRATEGIES[rng.gen_range(0..4)];
-                    s.kind = Kind::Migration(strategy);
-                    let phases = phases_of(strategy);
-                    s.phase = phases[rng.gen_range(0..phases.len())];
-                    let crashes: &[Fault] = if s.phase == Phase::Live {
-                        &[Fault::ZombieSource, Fault::CrashTarget, Fault::CrashCoordinator]
-                    } else {
-                        &[Fault::CrashTarget, Fault::CrashCoordinator, Fault::CrashSource]
-                    };
-                    // Broker faults during migrations on the mock only (the
-                    // tansu restart bug above would kill the broker).
-                    s.fault = if backend == Backend::Mock && rng.gen_range(0..3) == 0 {
-                        broker_faults[rng.gen_range(0..broker_faults.len())]
-                    } else {
-                        crashes[rng.gen_range(0..crashes.len())]
-                    };
-                }
-            }
+            Backend::Memory => s.draw_in_memory(&mut rng),
+            Backend::Mock | Backend::Tansu => s.draw_on_broker(&mut rng),
         }
         s
+    }
+
+    /// In memory: mostly migrations (crashes at exact protocol steps, store
+    /// outages, damaged migration snapshots, divergence), then recovery,
+    /// snapshot damage, bad input and a deleted log tail.
+    fn draw_in_memory(&mut self, rng: &mut StdRng) {
+        self.initial = rng.gen_range(200..1_200);
+        self.during = rng.gen_range(100..800);
+        let roll = rng.gen_range(0..100);
+        let (kind, phase, fault) = if roll < 55 {
+            return self.draw_in_memory_migration(rng);
+        } else if roll < 75 {
+            let phases = [Phase::Checkpoint, Phase::Restore, Phase::Replay, Phase::Live];
+            (Kind::Recovery, pick(rng, &phases), Fault::CrashSource)
+        } else if roll < 87 {
+            (Kind::Snapshot, Phase::Restore, pick(rng, &SNAPSHOT_FAULTS))
+        } else if roll < 95 {
+            let phase = pick(rng, &[Phase::Live, Phase::Replay]);
+            (Kind::BadInput, phase, pick(rng, &BAD_INPUT_FAULTS))
+        } else {
+            (Kind::TailDeleted, Phase::Restore, Fault::TailDeleted)
+        };
+        (self.kind, self.phase, self.fault) = (kind, phase, fault);
+    }
+
+    fn draw_in_memory_migration(&mut self, rng: &mut StdRng) {
+        let strategy = pick(rng, &STRATEGIES);
+        self.kind = Kind::Migration(strategy);
+        self.phase = pick(rng, phases_of(strategy));
+        self.fault = pick(rng, in_memory_migration_faults(self.phase));
+        let damages_snapshot = matches!(
+            self.fault,
+            Fault::CorruptSnapshot | Fault::TruncatedSnapshot | Fault::MissingSnapshot
+        );
+        if damages_snapshot && strategy == Strategy::ColdStart {
+            // Cold start transfers no snapshot.
+            self.fault = Fault::CrashTarget;
+        }
+        if rng.gen_range(0..20) == 0 {
+            self.fault = Fault::None;
+        }
+    }
+
+    /// On a broker: recovery after a crash or a broker fault, snapshot
+    /// damage, bad input, a deleted log tail (mock), and migrations.
+    fn draw_on_broker(&mut self, rng: &mut StdRng) {
+        self.initial = rng.gen_range(60..250);
+        self.during = rng.gen_range(30..150);
+        let broker_faults = broker_faults(self.backend);
+        let roll = rng.gen_range(0..100);
+        let (kind, phase, fault) = if roll < 22 {
+            let phase = pick(rng, &[Phase::Checkpoint, Phase::Replay, Phase::Live]);
+            (Kind::Recovery, phase, Fault::CrashSource)
+        } else if roll < 36 {
+            let phase = pick(rng, &[Phase::Replay, Phase::Live]);
+            let fault = pick(rng, broker_faults);
+            // tansu 0.6 panics its storage task when an idempotent producer
+            // from before a restart produces again (`idempotent_message_check`:
+            // "more or less than one row"), so the instance is down while
+            // tansu restarts and the next one recovers against the restarted broker.
+            let phase = if self.backend == Backend::Tansu {
+                Phase::Replay
+            } else {
+                phase
+            };
+            (Kind::Recovery, phase, fault)
+        } else if roll < 46 {
+            (Kind::Snapshot, Phase::Restore, pick(rng, &SNAPSHOT_FAULTS))
+        } else if roll < 54 {
+            (Kind::BadInput, Phase::Live, pick(rng, &BAD_INPUT_FAULTS))
+        } else if roll < 57 && self.backend == Backend::Mock {
+            (Kind::TailDeleted, Phase::Restore, Fault::TailDeleted)
+        } else {
+            return self.draw_broker_migration(rng, broker_faults);
+        };
+        (self.kind, self.phase, self.fault) = (kind, phase, fault);
+    }
+
+    /// A crash of any party, or (on the mock) a broker fault, at every
+    /// phase the strategy has.
+    fn draw_broker_migration(&mut self, rng: &mut StdRng, broker_faults: &[Fault]) {
+        let strategy = pick(rng, &STRATEGIES);
+        self.kind = Kind::Migration(strategy);
+        self.phase = pick(rng, phases_of(strategy));
+        let crashes: &[Fault] = if self.phase == Phase::Live {
+            &[Fault::ZombieSource, Fault::CrashTarget, Fault::CrashCoordinator]
+        } else {
+            &[Fault::CrashTarget, Fault::CrashCoordinator, Fault::CrashSource]
+        };
+        // Broker faults during migrations on the mock only (the tansu
+        // restart bug above would kill the broker).
+        self.fault = if self.backend == Backend::Mock && rng.gen_range(0..3) == 0 {
+            pick(rng, broker_faults)
+        } else {
+            pick(rng, crashes)
+        };
     }
 
     /// Whether the fault hits the whole broker, so no other scenario may

@@ -32,10 +32,11 @@ use crate::Summer;
 const SOURCE: &str = "src";
 const TARGET: &str = "tgt";
 
-/// The plan of one migration (the one place a plan is built).
+/// The plan of one migration (the one place a plan is built; when
+/// `MigrationPlan::service` becomes a `String`, append `.into()` below).
 fn migration_plan(migration_id: &str, strategy: Strategy) -> MigrationPlan {
     MigrationPlan {
-        service: Summer::NAME.into(),
+        service: Summer::NAME,
         migration_id: migration_id.into(),
         source: SOURCE.into(),
         target: TARGET.into(),
