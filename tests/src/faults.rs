@@ -702,51 +702,6 @@ impl Summary {
     }
 }
 
-/// Whether the migration completed, by the control channel's order (first
-/// writer wins), after checking that the coordinator's own view agrees:
-/// success only if taken over, `TakenOverNotLive` only if taken over, any
-/// other error or a recovery's rollback only if rolled back.
-pub fn judge_migration(
-    history: &[ms2m_core::ControlMessage],
-    migration_id: &str,
-    result: Option<&ms2m_core::Result<ms2m_core::migration::MigrationReport>>,
-    recovered: Option<ms2m_core::migration::Recovered>,
-    o: &mut Outcome,
-) -> bool {
-    use ms2m_core::migration::{migration_outcome, MigrationError, MigrationOutcome, Recovered};
-    use ms2m_core::Error;
-    let completed = migration_outcome(history, migration_id) == Some(MigrationOutcome::TakenOver);
-    match (result, recovered) {
-        (Some(Ok(report)), _) => {
-            assert!(
-                completed,
-                "the coordinator reported success but the channel says otherwise"
-            );
-            assert!(report.digest_match, "completed with differing digests: {report:?}");
-            assert_eq!(report.source_digest, report.target_digest);
-        }
-        (Some(Err(e)), _) => {
-            if matches!(e, Error::Migration(MigrationError::DigestMismatch { .. })) {
-                o.divergences_detected += 1;
-            }
-            let decided_for_target = matches!(e, Error::Migration(MigrationError::TakenOverNotLive { .. }));
-            assert_eq!(
-                completed, decided_for_target,
-                "coordinator error vs channel order: {e:?}"
-            );
-            o.typed_errors += 1;
-        }
-        (None, Some(Recovered::Completed)) => assert!(completed, "recovery completed a rolled-back migration"),
-        (None, Some(Recovered::RolledBack | Recovered::Aborted)) => {
-            assert!(!completed, "recovery rolled back a taken-over migration")
-        }
-        _ => {}
-    }
-    o.migration_completed = completed;
-    o.migration_rolled_back = !completed;
-    completed
-}
-
 /// A flag a fault hook raises when its trigger is reached.
 #[derive(Clone, Debug, Default)]
 pub struct Trigger(Arc<AtomicBool>);

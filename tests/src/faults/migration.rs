@@ -26,7 +26,7 @@ use ms2m_core::{no_progress, ControlBody, ControlMessage, Error, ErrorKind, Role
 use super::deployment::{Act, Deployment, Guarantee, Interception};
 use super::drift::{set_drift, Folds};
 use super::scenarios::{Inst, Run};
-use super::{judge_migration, Fault, Phase, Strategy, Trigger};
+use super::{Fault, Outcome, Phase, Strategy, Trigger};
 use crate::Summer;
 
 const SOURCE: &str = "src";
@@ -114,6 +114,50 @@ pub async fn migration<D: Deployment, S: Folds>(run: &mut Run<D>, strategy: Stra
         run.outcome.divergences_undetected += 1;
     }
     run.check(&state, &[]).await;
+}
+
+/// Whether the migration completed, by the control channel's order (first
+/// writer wins), after checking that the coordinator's own view agrees:
+/// success only if taken over, `TakenOverNotLive` only if taken over, any
+/// other error or a recovery's rollback only if rolled back.
+fn judge_migration(
+    history: &[ControlMessage],
+    migration_id: &str,
+    result: Option<&ms2m_core::Result<MigrationReport>>,
+    recovered: Option<Recovered>,
+    o: &mut Outcome,
+) -> bool {
+    use ms2m_core::migration::MigrationOutcome;
+    let completed = migration_outcome(history, migration_id) == Some(MigrationOutcome::TakenOver);
+    match (result, recovered) {
+        (Some(Ok(report)), _) => {
+            assert!(
+                completed,
+                "the coordinator reported success but the channel says otherwise"
+            );
+            assert!(report.digest_match, "completed with differing digests: {report:?}");
+            assert_eq!(report.source_digest, report.target_digest);
+        }
+        (Some(Err(e)), _) => {
+            if matches!(e, Error::Migration(MigrationError::DigestMismatch { .. })) {
+                o.divergences_detected += 1;
+            }
+            let decided_for_target = matches!(e, Error::Migration(MigrationError::TakenOverNotLive { .. }));
+            assert_eq!(
+                completed, decided_for_target,
+                "coordinator error vs channel order: {e:?}"
+            );
+            o.typed_errors += 1;
+        }
+        (None, Some(Recovered::Completed)) => assert!(completed, "recovery completed a rolled-back migration"),
+        (None, Some(Recovered::RolledBack | Recovered::Aborted)) => {
+            assert!(!completed, "recovery rolled back a taken-over migration")
+        }
+        _ => {}
+    }
+    o.migration_completed = completed;
+    o.migration_rolled_back = !completed;
+    completed
 }
 
 /// The source (the owner, serving) and a standby target.
