@@ -14,7 +14,7 @@
 //! message is on the channel.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use ms2m_core::migration::{
     current_owner, ensure_owner, migration_outcome, read_history, run_target, Coordinator, CutoverRule, DigestPolicy,
@@ -625,7 +625,7 @@ async fn source_still_serving<D: Deployment, S: Folds>(
         if run.d.committed_through(&end).await {
             return Some(source);
         }
-        tokio::time::sleep(D::TIMING.retry.max(Duration::from_millis(2))).await;
+        tokio::time::sleep(D::TIMING.retry).await;
     }
     assert!(source.is_finished(), "the (resumed) source commits all input");
     let e = source
