@@ -1,6 +1,18 @@
-//! The seeded fault-injection harness (issue 8): a scenario generator, the
-//! runners for the in-memory and Kafka backends, the invariant checks of
-//! DESIGN.md §5, and the summary printed at the end of a run.
+//! The seeded fault-injection harness: a scenario generator, one set of
+//! scenario bodies run on every backend, the invariant checks, and the
+//! summary printed at the end of a run.
+//!
+//! # Why one harness
+//!
+//! The guarantees under test (no input lost, outputs exactly once where the
+//! sink is transactional, one owner, divergence caught) are properties of
+//! the runtime and the migration protocol, which run on the core's backend
+//! traits. So the scenarios are written once ([`scenarios`], [`migration`])
+//! against a small [`Deployment`] trait, and each backend only says how to
+//! produce input, read what was committed, damage storage and inject the
+//! faults it has ([`memory`]: ms2m-core's in-memory backends; [`kafka`]:
+//! the embedded mock cluster or tansu). A fault a backend cannot inject is
+//! not generated for it.
 //!
 //! Every scenario is a pure function of its seed (which kind, which fault,
 //! at which phase, message counts, commit and snapshot intervals), so a
@@ -18,16 +30,17 @@
 //!   at-least-once window (`commit_every + batch - 1` outputs per crash): the mock does
 //!   not implement transactions and tansu has none, so exactly-once cannot
 //!   be shown there;
-//! * exactly one owner at the end (the control channel names the instance
-//!   that finished, and refuses the other one);
+//! * exactly one owner at the end: the control channel's order decides a
+//!   migration (`migration_outcome`), `current_owner` names that instance,
+//!   and `ensure_owner` refuses the other one;
 //! * digests: a migration reported as complete has equal digests; an
 //!   injected divergence must be detected (`DigestMismatch`) and rolled back;
 //! * every bad input is answered by a typed error or the documented policy.
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -35,11 +48,31 @@ use rand::{Rng, SeedableRng};
 
 pub use ms2m_core::migration::Strategy;
 
+mod deployment;
+mod drift;
 mod kafka;
 mod memory;
+mod migration;
+mod scenarios;
 
-pub use kafka::{run_kafka, KafkaEnv};
-pub use memory::run_memory;
+pub use deployment::{Deployment, Guarantee, Timing};
+pub use kafka::{KafkaDeployment, KafkaEnv};
+pub use memory::MemoryDeployment;
+pub use scenarios::run_scenario;
+
+/// Partitions of every scenario's input topic.
+pub const INPUT_PARTITIONS: i32 = 2;
+
+/// Runs one scenario on a fresh in-memory cluster.
+pub async fn run_memory(sc: Scenario) -> Outcome {
+    run_scenario(MemoryDeployment::new(), sc).await
+}
+
+/// Runs one scenario on fresh topics of the test broker.
+pub async fn run_kafka(env: KafkaEnv, sc: Scenario) -> Outcome {
+    let deployment = KafkaDeployment::new(&env, &sc).await;
+    run_scenario(deployment, sc).await
+}
 
 /// Where a scenario runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -63,7 +96,10 @@ impl Backend {
     }
 }
 
-/// The phase a fault hits (DESIGN.md §4, plus `Live` for an owner serving).
+/// The phase a fault hits: the migration's phases in protocol order
+/// (checkpoint on the source, transfer of the snapshot, restore on the
+/// target, replay behind the source, cutover), plus `Live` for an owner
+/// serving (before a recovery, or after a migration).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Phase {
     Checkpoint,
@@ -124,6 +160,16 @@ pub enum Fault {
     ZombieSource,
     /// The target's `apply` diverges in replay: must be caught by the digest.
     Divergence,
+}
+
+impl Fault {
+    /// Whether the fault hits the broker (every party at once).
+    pub fn is_broker_fault(self) -> bool {
+        matches!(
+            self,
+            Fault::BrokerDown | Fault::RequestErrors | Fault::Latency | Fault::BrokerRestart
+        )
+    }
 }
 
 /// What a scenario exercises.
@@ -195,6 +241,55 @@ pub fn phases_of(strategy: Strategy) -> &'static [Phase] {
     }
 }
 
+/// The faults an in-memory migration draws at `phase`.
+fn in_memory_migration_faults(phase: Phase) -> &'static [Fault] {
+    const CRASHES: [Fault; 3] = [Fault::CrashSource, Fault::CrashTarget, Fault::CrashCoordinator];
+    match phase {
+        Phase::Live => &[
+            Fault::CrashSource,
+            Fault::CrashTarget,
+            Fault::CrashCoordinator,
+            Fault::ZombieSource,
+        ],
+        Phase::Checkpoint => &[
+            Fault::CrashSource,
+            Fault::CrashTarget,
+            Fault::CrashCoordinator,
+            Fault::StoreUnavailable,
+        ],
+        Phase::Transfer => &[
+            Fault::CrashSource,
+            Fault::CrashTarget,
+            Fault::CrashCoordinator,
+            Fault::StoreUnavailable,
+            Fault::CorruptSnapshot,
+            Fault::TruncatedSnapshot,
+            Fault::MissingSnapshot,
+        ],
+        Phase::Replay => &[
+            Fault::CrashSource,
+            Fault::CrashTarget,
+            Fault::CrashCoordinator,
+            Fault::Divergence,
+        ],
+        _ => &CRASHES,
+    }
+}
+
+/// The broker faults a backend can inject.
+fn broker_faults(backend: Backend) -> &'static [Fault] {
+    match backend {
+        Backend::Mock => &[Fault::BrokerDown, Fault::RequestErrors, Fault::Latency],
+        Backend::Tansu => &[Fault::BrokerRestart],
+        Backend::Memory => &[],
+    }
+}
+
+/// One of `xs`, uniformly.
+fn pick<T: Copy>(rng: &mut StdRng, xs: &[T]) -> T {
+    xs[rng.gen_range(0..xs.len())]
+}
+
 impl Scenario {
     /// The scenario of `seed` on `backend`.
     pub fn generate(seed: u64, backend: Backend) -> Self {
@@ -213,134 +308,106 @@ impl Scenario {
             variant: rng.gen(),
         };
         match backend {
-            Backend::Memory => {
-                s.initial = rng.gen_range(200..1_200);
-                s.during = rng.gen_range(100..800);
-                let roll = rng.gen_range(0..100);
-                if roll < 55 {
-                    let strategy = STRATEGIES[rng.gen_range(0..4)];
-                    s.kind = Kind::Migration(strategy);
-                    let phases = phases_of(strategy);
-                    s.phase = phases[rng.gen_range(0..phases.len())];
-                    let faults: &[Fault] = match s.phase {
-                        Phase::Live => &[
-                            Fault::CrashSource,
-                            Fault::CrashTarget,
-                            Fault::CrashCoordinator,
-                            Fault::ZombieSource,
-                        ],
-                        Phase::Checkpoint => &[
-                            Fault::CrashSource,
-                            Fault::CrashTarget,
-                            Fault::CrashCoordinator,
-                            Fault::StoreUnavailable,
-                        ],
-                        Phase::Transfer => &[
-                            Fault::CrashSource,
-                            Fault::CrashTarget,
-                            Fault::CrashCoordinator,
-                            Fault::StoreUnavailable,
-                            Fault::CorruptSnapshot,
-                            Fault::TruncatedSnapshot,
-                            Fault::MissingSnapshot,
-                        ],
-                        Phase::Replay => &[
-                            Fault::CrashSource,
-                            Fault::CrashTarget,
-                            Fault::CrashCoordinator,
-                            Fault::Divergence,
-                        ],
-                        _ => &[Fault::CrashSource, Fault::CrashTarget, Fault::CrashCoordinator],
-                    };
-                    s.fault = faults[rng.gen_range(0..faults.len())];
-                    if matches!(
-                        s.fault,
-                        Fault::CorruptSnapshot | Fault::TruncatedSnapshot | Fault::MissingSnapshot
-                    ) && strategy == Strategy::ColdStart
-                    {
-                        s.fault = Fault::CrashTarget;
-                    }
-                    if rng.gen_range(0..20) == 0 {
-                        s.fault = Fault::None;
-                    }
-                } else if roll < 75 {
-                    s.kind = Kind::Recovery;
-                    s.phase = [Phase::Checkpoint, Phase::Restore, Phase::Replay, Phase::Live][rng.gen_range(0..4)];
-                    s.fault = Fault::CrashSource;
-                } else if roll < 87 {
-                    s.kind = Kind::Snapshot;
-                    s.phase = Phase::Restore;
-                    s.fault = SNAPSHOT_FAULTS[rng.gen_range(0..SNAPSHOT_FAULTS.len())];
-                } else if roll < 95 {
-                    s.kind = Kind::BadInput;
-                    s.phase = [Phase::Live, Phase::Replay][rng.gen_range(0..2)];
-                    s.fault = BAD_INPUT_FAULTS[rng.gen_range(0..BAD_INPUT_FAULTS.len())];
-                } else {
-                    s.kind = Kind::TailDeleted;
-                    s.phase = Phase::Restore;
-                    s.fault = Fault::TailDeleted;
-                }
-            }
-            Backend::Mock | Backend::Tansu => {
-                s.initial = rng.gen_range(60..250);
-                s.during = rng.gen_range(30..150);
-                let broker_faults: &[Fault] = if backend == Backend::Mock {
-                    &[Fault::BrokerDown, Fault::RequestErrors, Fault::Latency]
-                } else {
-                    &[Fault::BrokerRestart]
-                };
-                let roll = rng.gen_range(0..100);
-                if roll < 22 {
-                    s.kind = Kind::Recovery;
-                    s.phase = [Phase::Checkpoint, Phase::Replay, Phase::Live][rng.gen_range(0..3)];
-                    s.fault = Fault::CrashSource;
-                } else if roll < 36 {
-                    s.kind = Kind::Recovery;
-                    s.phase = [Phase::Replay, Phase::Live][rng.gen_range(0..2)];
-                    s.fault = broker_faults[rng.gen_range(0..broker_faults.len())];
-                    if backend == Backend::Tansu {
-                        // tansu 0.6 panics its storage task when an idempotent
-                        // producer from before a restart produces again
-                        // (`idempotent_message_check`: "more or less than one
-                        // row"), so the instance is down while tansu restarts
-                        // and the next one recovers against the restarted broker.
-                        s.phase = Phase::Replay;
-                    }
-                } else if roll < 46 {
-                    s.kind = Kind::Snapshot;
-                    s.phase = Phase::Restore;
-                    s.fault = SNAPSHOT_FAULTS[rng.gen_range(0..SNAPSHOT_FAULTS.len())];
-                } else if roll < 54 {
-                    s.kind = Kind::BadInput;
-                    s.phase = Phase::Live;
-                    s.fault = BAD_INPUT_FAULTS[rng.gen_range(0..BAD_INPUT_FAULTS.len())];
-                } else if roll < 57 && backend == Backend::Mock {
-                    s.kind = Kind::TailDeleted;
-                    s.phase = Phase::Restore;
-                    s.fault = Fault::TailDeleted;
-                } else {
-                    // Migrations: a crash of any party, or a broker fault, at
-                    // every phase the strategy has.
-                    let strategy = STRATEGIES[rng.gen_range(0..4)];
-                    s.kind = Kind::Migration(strategy);
-                    let phases = phases_of(strategy);
-                    s.phase = phases[rng.gen_range(0..phases.len())];
-                    let crashes: &[Fault] = if s.phase == Phase::Live {
-                        &[Fault::ZombieSource, Fault::CrashTarget, Fault::CrashCoordinator]
-                    } else {
-                        &[Fault::CrashTarget, Fault::CrashCoordinator, Fault::CrashSource]
-                    };
-                    // Broker faults during migrations on the mock only (the
-                    // tansu restart bug above would kill the broker).
-                    s.fault = if backend == Backend::Mock && rng.gen_range(0..3) == 0 {
-                        broker_faults[rng.gen_range(0..broker_faults.len())]
-                    } else {
-                        crashes[rng.gen_range(0..crashes.len())]
-                    };
-                }
-            }
+            Backend::Memory => s.draw_in_memory(&mut rng),
+            Backend::Mock | Backend::Tansu => s.draw_on_broker(&mut rng),
         }
         s
+    }
+
+    /// In memory: mostly migrations (crashes at exact protocol steps, store
+    /// outages, damaged migration snapshots, divergence), then recovery,
+    /// snapshot damage, bad input and a deleted log tail.
+    fn draw_in_memory(&mut self, rng: &mut StdRng) {
+        self.initial = rng.gen_range(200..1_200);
+        self.during = rng.gen_range(100..800);
+        let roll = rng.gen_range(0..100);
+        let (kind, phase, fault) = if roll < 55 {
+            return self.draw_in_memory_migration(rng);
+        } else if roll < 75 {
+            let phases = [Phase::Checkpoint, Phase::Restore, Phase::Replay, Phase::Live];
+            (Kind::Recovery, pick(rng, &phases), Fault::CrashSource)
+        } else if roll < 87 {
+            (Kind::Snapshot, Phase::Restore, pick(rng, &SNAPSHOT_FAULTS))
+        } else if roll < 95 {
+            let phase = pick(rng, &[Phase::Live, Phase::Replay]);
+            (Kind::BadInput, phase, pick(rng, &BAD_INPUT_FAULTS))
+        } else {
+            (Kind::TailDeleted, Phase::Restore, Fault::TailDeleted)
+        };
+        (self.kind, self.phase, self.fault) = (kind, phase, fault);
+    }
+
+    fn draw_in_memory_migration(&mut self, rng: &mut StdRng) {
+        let strategy = pick(rng, &STRATEGIES);
+        self.kind = Kind::Migration(strategy);
+        self.phase = pick(rng, phases_of(strategy));
+        self.fault = pick(rng, in_memory_migration_faults(self.phase));
+        let damages_snapshot = matches!(
+            self.fault,
+            Fault::CorruptSnapshot | Fault::TruncatedSnapshot | Fault::MissingSnapshot
+        );
+        if damages_snapshot && strategy == Strategy::ColdStart {
+            // Cold start transfers no snapshot.
+            self.fault = Fault::CrashTarget;
+        }
+        if rng.gen_range(0..20) == 0 {
+            self.fault = Fault::None;
+        }
+    }
+
+    /// On a broker: recovery after a crash or a broker fault, snapshot
+    /// damage, bad input, a deleted log tail (mock), and migrations.
+    fn draw_on_broker(&mut self, rng: &mut StdRng) {
+        self.initial = rng.gen_range(60..250);
+        self.during = rng.gen_range(30..150);
+        let broker_faults = broker_faults(self.backend);
+        let roll = rng.gen_range(0..100);
+        let (kind, phase, fault) = if roll < 22 {
+            let phase = pick(rng, &[Phase::Checkpoint, Phase::Replay, Phase::Live]);
+            (Kind::Recovery, phase, Fault::CrashSource)
+        } else if roll < 36 {
+            let phase = pick(rng, &[Phase::Replay, Phase::Live]);
+            let fault = pick(rng, broker_faults);
+            // tansu 0.6 panics its storage task when an idempotent producer
+            // from before a restart produces again (`idempotent_message_check`:
+            // "more or less than one row"), so the instance is down while
+            // tansu restarts and the next one recovers against the restarted broker.
+            let phase = if self.backend == Backend::Tansu {
+                Phase::Replay
+            } else {
+                phase
+            };
+            (Kind::Recovery, phase, fault)
+        } else if roll < 46 {
+            (Kind::Snapshot, Phase::Restore, pick(rng, &SNAPSHOT_FAULTS))
+        } else if roll < 54 {
+            (Kind::BadInput, Phase::Live, pick(rng, &BAD_INPUT_FAULTS))
+        } else if roll < 57 && self.backend == Backend::Mock {
+            (Kind::TailDeleted, Phase::Restore, Fault::TailDeleted)
+        } else {
+            return self.draw_broker_migration(rng, broker_faults);
+        };
+        (self.kind, self.phase, self.fault) = (kind, phase, fault);
+    }
+
+    /// A crash of any party, or (on the mock) a broker fault, at every
+    /// phase the strategy has.
+    fn draw_broker_migration(&mut self, rng: &mut StdRng, broker_faults: &[Fault]) {
+        let strategy = pick(rng, &STRATEGIES);
+        self.kind = Kind::Migration(strategy);
+        self.phase = pick(rng, phases_of(strategy));
+        let crashes: &[Fault] = if self.phase == Phase::Live {
+            &[Fault::ZombieSource, Fault::CrashTarget, Fault::CrashCoordinator]
+        } else {
+            &[Fault::CrashTarget, Fault::CrashCoordinator, Fault::CrashSource]
+        };
+        // Broker faults during migrations on the mock only (the tansu
+        // restart bug above would kill the broker).
+        self.fault = if self.backend == Backend::Mock && rng.gen_range(0..3) == 0 {
+            pick(rng, broker_faults)
+        } else {
+            pick(rng, crashes)
+        };
     }
 
     /// Whether the fault hits the whole broker, so no other scenario may
@@ -635,51 +702,6 @@ impl Summary {
     }
 }
 
-/// Whether the migration completed, by the control channel's order (first
-/// writer wins), after checking that the coordinator's own view agrees:
-/// success only if taken over, `TakenOverNotLive` only if taken over, any
-/// other error or a recovery's rollback only if rolled back.
-pub fn judge_migration(
-    history: &[ms2m_core::ControlMessage],
-    migration_id: &str,
-    result: Option<&ms2m_core::Result<ms2m_core::migration::MigrationReport>>,
-    recovered: Option<ms2m_core::migration::Recovered>,
-    o: &mut Outcome,
-) -> bool {
-    use ms2m_core::migration::{migration_outcome, MigrationError, MigrationOutcome, Recovered};
-    use ms2m_core::Error;
-    let completed = migration_outcome(history, migration_id) == Some(MigrationOutcome::TakenOver);
-    match (result, recovered) {
-        (Some(Ok(report)), _) => {
-            assert!(
-                completed,
-                "the coordinator reported success but the channel says otherwise"
-            );
-            assert!(report.digest_match, "completed with differing digests: {report:?}");
-            assert_eq!(report.source_digest, report.target_digest);
-        }
-        (Some(Err(e)), _) => {
-            if matches!(e, Error::Migration(MigrationError::DigestMismatch { .. })) {
-                o.divergences_detected += 1;
-            }
-            let decided_for_target = matches!(e, Error::Migration(MigrationError::TakenOverNotLive { .. }));
-            assert_eq!(
-                completed, decided_for_target,
-                "coordinator error vs channel order: {e:?}"
-            );
-            o.typed_errors += 1;
-        }
-        (None, Some(Recovered::Completed)) => assert!(completed, "recovery completed a rolled-back migration"),
-        (None, Some(Recovered::RolledBack | Recovered::Aborted)) => {
-            assert!(!completed, "recovery rolled back a taken-over migration")
-        }
-        _ => {}
-    }
-    o.migration_completed = completed;
-    o.migration_rolled_back = !completed;
-    completed
-}
-
 /// A flag a fault hook raises when its trigger is reached.
 #[derive(Clone, Debug, Default)]
 pub struct Trigger(Arc<AtomicBool>);
@@ -693,34 +715,3 @@ impl Trigger {
         self.0.load(Ordering::SeqCst)
     }
 }
-
-/// A counter shared with background tasks.
-#[derive(Clone, Debug, Default)]
-pub struct Counter(Arc<AtomicU64>);
-
-impl Counter {
-    pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::SeqCst);
-    }
-
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::SeqCst)
-    }
-}
-
-/// Waits for `cond`, polling every 2 ms, up to `timeout`; returns whether it held.
-pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
-/// Notes shared across tasks of one scenario.
-pub type Notes = Arc<Mutex<Vec<String>>>;

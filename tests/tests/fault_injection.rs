@@ -1,4 +1,6 @@
-//! The seeded fault-injection suite (DESIGN.md §5 after every run).
+//! The seeded fault-injection suite: every scenario ends with the
+//! invariant checks of `ms2m_tests::faults` (nothing lost, no duplicates
+//! where exactly-once holds, one owner, divergence detected).
 //!
 //! * `in_memory_scenarios`: recovery and migration (all four strategies,
 //!   faults at every phase) on ms2m-core's in-memory backends, whose sink is
