@@ -69,6 +69,7 @@ async fn undecodable_control_records_are_skipped_and_counted() {
         body: ControlBody::Prepare {
             source: "a".into(),
             target: "b".into(),
+            digest_policy: Default::default(),
         },
     };
     let takeover = ControlMessage {

@@ -147,7 +147,7 @@ async fn drain<S: StatefulService>(instance: &mut Inst<S>, setup: &Setup) {
 
 fn plan(strategy: Strategy) -> MigrationPlan {
     MigrationPlan {
-        service: "balances",
+        service: "balances".into(),
         migration_id: unique("m"),
         source: "source".into(),
         target: "target".into(),

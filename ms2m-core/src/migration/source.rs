@@ -115,28 +115,38 @@ where
     O: OutputSink,
     C: ControlChannel,
 {
-    /// Subscribes to `control` for commands addressed to this instance.
+    /// Subscribes to `control` for commands addressed to this instance, and
+    /// catches up with the channel's history before it returns.
     ///
-    /// The channel is read from its start: migrations decided in the past
-    /// are skipped, and an undecided one that stopped this instance before
-    /// it restarted keeps it stopped until it is decided. Fails with
+    /// Migrations decided in the past are skipped; an undecided one that
+    /// stopped this instance before it restarted is taken up again (it
+    /// stays stopped at the position it committed, and says so again) before
+    /// the instance applies anything: serving first would let it move past
+    /// the Pf a target may already be taking over at. Fails with
     /// [`Error::Fenced`] if the channel names another owner.
     pub async fn new(instance: Instance<S, L, St, O>, control: Arc<C>, options: SourceOptions) -> Result<Self> {
         let me = instance.config().instance_id().to_string();
-        let decisions = Decisions::from_history(&read_history(&*control, S::NAME).await?);
+        // Subscribe before reading the history: a record published in
+        // between arrives twice, which the machine ignores.
+        let commands = forward_control(&*control, S::NAME.to_string(), false).await?;
+        let history = read_history(&*control, S::NAME).await?;
+        let decisions = Decisions::from_history(&history);
         if let Some(owner) = decisions.owner().filter(|o| o.instance_id != me) {
             return Err(Error::Fenced {
                 current_epoch: owner.epoch,
             });
         }
-        let commands = forward_control(&*control, S::NAME.to_string(), true).await?;
-        Ok(Self {
+        let mut agent = Self {
             instance,
             control,
             options,
             commands,
             machine: SourceMachine::new(me, decisions),
-        })
+        };
+        for m in history {
+            agent.feed(SourceEvent::Record(m)).await?;
+        }
+        Ok(agent)
     }
 
     /// Runs the agent on its own task; the handle stops or joins it.

@@ -125,7 +125,7 @@ async fn migrate_under_load(strategy: Strategy, config: MigrationConfig) -> Migr
     let (_stop, stop_rx) = tokio::sync::oneshot::channel();
     let (source, target) = start::<Balances>(&cluster, stop_rx).await;
     let producer = cluster.produce_steady(3_000, Duration::from_millis(2));
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    await_committed(&cluster, 2_010).await;
     let coordinator = Coordinator::new(cluster.control.clone(), config);
     let report = coordinator.migrate(&plan(strategy), &*no_progress()).await.unwrap();
     let released = source.await.unwrap().unwrap();
@@ -171,17 +171,22 @@ async fn stop_and_copy_and_cold_start_baselines_are_correct() {
     }
 }
 
-/// Balances whose replay is slow (CPU-bound apply): the input outruns it.
-#[derive(Default)]
-struct SlowReplay(Balances);
+/// Opens the replay of [`GatedReplay`]; closed until a test opens it.
+static REPLAY_GATE: std::sync::LazyLock<tokio::sync::watch::Sender<bool>> =
+    std::sync::LazyLock::new(|| tokio::sync::watch::Sender::new(false));
 
-impl ServiceState for SlowReplay {
+/// Balances whose replay cannot move until [`REPLAY_GATE`] opens: a target
+/// that cannot catch up, whatever the machine's speed.
+#[derive(Default)]
+struct GatedReplay(Balances);
+
+impl ServiceState for GatedReplay {
     const SCHEMA_VERSION: u32 = 1;
     fn snapshot(&self) -> Result<Vec<u8>, CodecError> {
         self.0.snapshot()
     }
     fn restore(v: u32, b: &[u8]) -> Result<Self, StateError> {
-        Balances::restore(v, b).map(SlowReplay)
+        Balances::restore(v, b).map(GatedReplay)
     }
     fn digest(&self) -> crate::StateDigest {
         self.0.digest()
@@ -189,36 +194,56 @@ impl ServiceState for SlowReplay {
 }
 
 #[async_trait]
-impl StatefulService for SlowReplay {
+impl StatefulService for GatedReplay {
     const NAME: &'static str = "balances";
     type Message = Deposit;
     type Format = Json;
     type Error = Infallible;
     async fn apply(&mut self, m: Deposit, ctx: &mut ApplyContext<'_>) -> Result<(), Infallible> {
         if ctx.is_replaying() {
-            std::thread::sleep(Duration::from_micros(400));
+            let mut gate = REPLAY_GATE.subscribe();
+            let _ = gate.wait_for(|open| *open).await;
         }
         self.0.apply(m, ctx).await
     }
 }
 
+/// Waits until the owner has committed outputs for `n` inputs: it serves.
+async fn await_committed(cluster: &Cluster, n: i64) {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !cluster.outputs.committed_position().is_some_and(|p| p.total() >= n) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the owner did not commit {n} inputs"));
+}
+
+/// The target's replay is held still, so it can never catch up: with the
+/// other rules off, only the threshold cutoff can end the replay (on the
+/// coordinator's clock, with no progress arriving), and the whole gap left
+/// at the cutoff is replayed once the target can move.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn threshold_cutoff_ends_a_replay_that_cannot_catch_up_and_loses_nothing() {
     let cluster = Cluster::new();
     cluster.produce_now(500);
     let (_stop, stop_rx) = tokio::sync::oneshot::channel();
-    let (source, target) = start::<SlowReplay>(&cluster, stop_rx).await;
-    // ~10k msg/s of input against at most ~2.5k msg/s of replay.
-    let producer = cluster.produce_steady(6_000, Duration::from_millis(2));
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    let (source, target) = start::<GatedReplay>(&cluster, stop_rx).await;
+    let producer = cluster.produce_steady(2_000, Duration::from_millis(2));
+    await_committed(&cluster, 600).await;
     let mut config = fast();
     config.cutover.max_lag = None;
     config.cutover.max_catch_up = None;
+    config.cutover.replay_max = Duration::from_secs(1);
     let coordinator = Coordinator::new(cluster.control.clone(), config.clone());
-    let report = coordinator
-        .migrate(&plan(Strategy::Ms2mThreshold), &*no_progress())
-        .await
-        .unwrap();
+    let migration = tokio::spawn(async move {
+        coordinator
+            .migrate(&plan(Strategy::Ms2mThreshold), &*no_progress())
+            .await
+    });
+    wait_for(&cluster, "the cutoff's stop", |b| matches!(b, ControlBody::Stop { .. })).await;
+    REPLAY_GATE.send_replace(true);
+    let report = migration.await.unwrap().unwrap();
     match report.cutover_reason {
         CutoverReason::ThresholdCutoff { cutoff_seconds } => {
             assert!(cutoff_seconds <= config.cutover.replay_max.as_secs_f64());
@@ -226,7 +251,10 @@ async fn threshold_cutoff_ends_a_replay_that_cannot_catch_up_and_loses_nothing()
         }
         other => panic!("expected the threshold cutoff to fire, got {other:?}"),
     }
-    assert!(report.final_gap > 0, "the gap left at cutoff is replayed, not dropped");
+    assert!(
+        report.final_gap > 0,
+        "the gap left at cutoff is replayed, not dropped: {report:?}"
+    );
     assert!(matches!(source.await.unwrap().unwrap(), SourceExit::Released(_)));
     let mut live = target.await.unwrap().unwrap();
     producer.await.unwrap();
@@ -241,7 +269,7 @@ async fn nondeterministic_apply_is_caught_by_the_digest_check_and_rolled_back() 
     let (stop, stop_rx) = tokio::sync::oneshot::channel();
     let (source, target) = start::<Nondeterministic>(&cluster, stop_rx).await;
     let producer = cluster.produce_steady(2_000, Duration::from_millis(2));
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    await_committed(&cluster, 310).await;
     let coordinator = Coordinator::new(cluster.control.clone(), fast());
     let err = coordinator
         .migrate(&plan(Strategy::Ms2m), &*no_progress())
@@ -793,8 +821,9 @@ fn the_first_decisive_record_wins() {
 /// while its position stayed past them: outputs lost. Now a stopped source
 /// waits for the rollback, and only a stopped source re-claims.
 ///
-/// The pause before `Resume` gives the old code time to serve; it cannot
-/// make the fixed code fail (the check is on outputs, not on timing).
+/// `Resume` lands once new input is waiting, so a source that (wrongly)
+/// served while stopped has uncommitted outputs to lose; the check is on
+/// outputs, not on timing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn regression_seed_325_a_failed_stop_and_copy_checkpoint_loses_no_output() {
     let cluster = Cluster::new();
@@ -827,7 +856,13 @@ async fn regression_seed_325_a_failed_stop_and_copy_checkpoint_loses_no_output()
     // Steady input keeps a serving source busy (never idle, so it commits
     // nothing) when the `Resume` lands.
     let producer = cluster.produce_steady(3_000, Duration::from_millis(2));
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while cluster.log.end_position().total() < 250 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("new input waits while the source is stopped");
     let resume = ControlBody::Resume {
         owner: "src".into(),
         epoch: 2,
@@ -910,6 +945,85 @@ async fn regression_a_coordinator_restarted_mid_cold_start_resumes_the_real_sour
     .expect("the resumed source serves the new input");
     let SourceExit::Shutdown(src) = source.stop().await.unwrap() else {
         panic!("the source should own the service")
+    };
+    check(&cluster, src.state());
+}
+
+/// Found by the model checker (`model.rs`): a source restarted while a
+/// migration had it stopped served input before it read that `Stop` back
+/// from the channel's history, then stopped again further on and published
+/// a second `Stopped` with a later Pf. A target taking over at the first Pf
+/// re-emitted every output in between. A restarted source now catches up
+/// with the history before it applies anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_model_a_source_restarted_while_stopped_stays_at_its_pf() {
+    let cluster = Cluster::new();
+    cluster.produce_now(200);
+    let spawn_source = |cluster: &Cluster| {
+        let (backends, control) = (cluster.backends(), cluster.control.clone());
+        async move {
+            let source: Inst<Balances> = Instance::recover(backends, config("src"), &*no_progress())
+                .await
+                .unwrap();
+            SourceAgent::new(source, control, SourceOptions::default())
+                .await
+                .unwrap()
+                .spawn()
+        }
+    };
+    let first = spawn_source(&cluster).await;
+    await_committed(&cluster, 200).await;
+    let id = "m-restart";
+    let prepare = ControlBody::Prepare {
+        source: "src".into(),
+        target: "tgt".into(),
+        digest_policy: DigestPolicy::Abort,
+    };
+    coordinator_says(&cluster, id, prepare).await;
+    coordinator_says(&cluster, id, ControlBody::Stop { next_epoch: 1 }).await;
+    wait_for(&cluster, "stopped", |b| matches!(b, ControlBody::Stopped { .. })).await;
+    first.abort();
+    let stopped_at = |cluster: &Cluster| -> Vec<Position> {
+        cluster
+            .control
+            .history()
+            .into_iter()
+            .filter_map(|m| match m.body {
+                ControlBody::Stopped { position, .. } => Some(position),
+                _ => None,
+            })
+            .collect()
+    };
+    let pf = stopped_at(&cluster)[0].clone();
+    // New input waits; the source restarts with the migration undecided.
+    cluster.produce_now(300);
+    let second = spawn_source(&cluster).await;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while stopped_at(&cluster).len() < 2 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the restarted source says again where it stopped");
+    assert_eq!(
+        stopped_at(&cluster),
+        vec![pf.clone(), pf.clone()],
+        "stopped twice at different positions"
+    );
+    assert_eq!(
+        cluster.outputs.committed_position(),
+        Some(pf),
+        "served past Pf while stopped"
+    );
+    // Rolled back: the source serves everything, exactly once.
+    let resume = ControlBody::Resume {
+        owner: "src".into(),
+        epoch: 2,
+    };
+    coordinator_says(&cluster, id, resume).await;
+    await_committed(&cluster, 500).await;
+    let SourceExit::Shutdown(src) = second.stop().await.unwrap() else {
+        panic!("the source owns the service again")
     };
     check(&cluster, src.state());
 }

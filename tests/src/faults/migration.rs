@@ -36,7 +36,7 @@ const TARGET: &str = "tgt";
 /// `MigrationPlan::service` becomes a `String`, append `.into()` below).
 fn migration_plan(migration_id: &str, strategy: Strategy) -> MigrationPlan {
     MigrationPlan {
-        service: Summer::NAME,
+        service: Summer::NAME.into(),
         migration_id: migration_id.into(),
         source: SOURCE.into(),
         target: TARGET.into(),
@@ -62,7 +62,6 @@ fn migration_config<D: Deployment>() -> MigrationConfig {
 fn target_options<D: Deployment>() -> TargetOptions {
     TargetOptions {
         phase_timeout: D::TIMING.phase_timeout,
-        digest_policy: DigestPolicy::Abort,
         ..TargetOptions::default()
     }
 }
@@ -189,6 +188,7 @@ fn start_coordinator<D: Deployment>(parties: &Parties<D, impl Folds>, strategy: 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Msg {
     Prepare,
+    Checkpoint,
     CheckpointTaken,
     Restore,
     Restored,
@@ -204,6 +204,7 @@ impl Msg {
     fn matches(self, m: &ControlMessage) -> bool {
         let (sender, ok) = match (&m.body, self) {
             (ControlBody::Prepare { .. }, Msg::Prepare) => (Role::Coordinator, true),
+            (ControlBody::Checkpoint, Msg::Checkpoint) => (Role::Coordinator, true),
             (ControlBody::CheckpointTaken { .. }, Msg::CheckpointTaken) => (Role::Source, true),
             (ControlBody::Restore { .. }, Msg::Restore) => (Role::Coordinator, true),
             (ControlBody::Restored { .. }, Msg::Restored) => (Role::Target, true),
@@ -284,7 +285,7 @@ fn interception_point(fault: Fault, phase: Phase, variant: bool, at: f64) -> Opt
         (Fault::CrashTarget, Phase::Cutover) => crash(Live, Act::Hang, Victim::Target),
         (Fault::CrashTarget, p) => crash(phase_message(p), Act::Hang, Victim::Target),
         (Fault::CrashCoordinator, p) => coordinator_interception(p, variant, at),
-        (Fault::StoreUnavailable, Phase::Checkpoint) => crash(Prepare, Act::Observe, Victim::Nobody),
+        (Fault::StoreUnavailable, Phase::Checkpoint) => crash(Checkpoint, Act::Observe, Victim::Nobody),
         (Fault::StoreUnavailable, _) => crash(Restore, Act::Observe, Victim::Nobody),
         (Fault::CorruptSnapshot | Fault::TruncatedSnapshot | Fault::MissingSnapshot, _) => {
             crash(CheckpointTaken, Act::Observe, Victim::Nobody)
@@ -308,7 +309,7 @@ fn phase_message(phase: Phase) -> Msg {
 /// Where the coordinator dies when its publishes can be intercepted.
 fn coordinator_interception(phase: Phase, variant: bool, at: f64) -> Option<(Msg, Act, Victim)> {
     let (msg, act) = match phase {
-        Phase::Checkpoint => (Msg::Prepare, Act::Hang),
+        Phase::Checkpoint => (Msg::Checkpoint, Act::Hang),
         Phase::Transfer => (Msg::Restore, Act::Hang),
         // It dies with its Stop in flight (mock seed 62): the Stop may land
         // after the successor's rollback.
@@ -325,7 +326,7 @@ fn coordinator_interception(phase: Phase, variant: bool, at: f64) -> Option<(Msg
 /// message that opens the phase is.
 fn observation_point(fault: Fault, phase: Phase) -> Option<(Msg, Victim)> {
     let opening = |p| match p {
-        Phase::Checkpoint => Msg::Prepare,
+        Phase::Checkpoint => Msg::Checkpoint,
         Phase::Transfer => Msg::CheckpointTaken,
         Phase::Restore => Msg::Restore,
         Phase::Replay => Msg::Restored,

@@ -48,6 +48,11 @@ pub struct CoordinatorMachine {
     rollback: Option<MigrationFailure>,
     /// When the current phase times out (the driver's clock).
     deadline: Duration,
+    /// Replay (MS2M) started at this time (the threshold cutoff's clock).
+    replay_started: Duration,
+    /// `mu / lambda` of the latest progress, in thousandths, capped at 1000
+    /// (the threshold cutoff is `T_replay_max` times this).
+    replay_ratio_permille: u32,
     facts: Measured<Facts>,
 }
 
@@ -81,7 +86,6 @@ struct Facts {
     checkpoint: Duration,
     transfer: Duration,
     restore: Duration,
-    replay_started: Duration,
     replay: Duration,
     lag_at_cutover: u64,
     stop_sent_at: Duration,
@@ -129,6 +133,8 @@ impl CoordinatorMachine {
             stop_sent: false,
             recovering: false,
             rollback: None,
+            replay_started: Duration::ZERO,
+            replay_ratio_permille: 1000,
             facts: Measured::default(),
         }
     }
@@ -259,8 +265,9 @@ impl CoordinatorMachine {
         self.facts.0.restore = Duration::from_micros(*restore_us);
         match self.plan.strategy {
             Strategy::Ms2m | Strategy::Ms2mThreshold => {
+                self.replay_started = now;
                 self.enter(now, CoordinatorPhase::Replaying);
-                self.facts.0.replay_started = now;
+                self.deadline = self.deadline.min(self.threshold_deadline());
             }
             Strategy::StopAndCopy | Strategy::ColdStart => self.await_takeover(now),
         }
@@ -283,8 +290,13 @@ impl CoordinatorMachine {
         else {
             return Vec::new();
         };
-        self.deadline = now + self.config.phase_timeout;
         let (lag, mu, lambda) = (*lag, *apply_rate, *input_rate);
+        self.replay_ratio_permille = if lambda > 0.0 && mu < lambda {
+            (mu / lambda * 1000.0) as u32
+        } else {
+            1000
+        };
+        self.deadline = (now + self.config.phase_timeout).min(self.threshold_deadline());
         let mut actions = vec![CoordinatorAction::Progress(Progress {
             phase: ProgressPhase::MigrationReplay,
             applied: 0,
@@ -293,13 +305,26 @@ impl CoordinatorMachine {
             eta: eta(lag, (mu - lambda).max(0.0)),
         })];
         self.facts.0.lag_at_cutover = lag;
-        let replaying_for = now.saturating_sub(self.facts.0.replay_started);
+        let replaying_for = now.saturating_sub(self.replay_started);
         if let Some(reason) = cutover_reason(&self.config, self.plan.strategy, lag, mu, lambda, replaying_for) {
-            self.facts.0.replay = replaying_for;
-            self.facts.0.reason = Some(reason);
-            actions.extend(self.enter_stop(now));
+            actions.extend(self.cut_over(now, reason));
         }
         actions
+    }
+
+    /// When the threshold cutoff fires, even if no progress arrives (never,
+    /// for the other strategies).
+    fn threshold_deadline(&self) -> Duration {
+        if self.plan.strategy != Strategy::Ms2mThreshold {
+            return Duration::MAX;
+        }
+        self.replay_started + self.config.cutover.replay_max * self.replay_ratio_permille / 1000
+    }
+
+    fn cut_over(&mut self, now: Duration, reason: CutoverReason) -> Vec<CoordinatorAction> {
+        self.facts.0.replay = now.saturating_sub(self.replay_started);
+        self.facts.0.reason = Some(reason);
+        self.enter_stop(now)
     }
 
     fn on_stopped(&mut self, now: Duration, body: &ControlBody) -> Vec<CoordinatorAction> {
@@ -371,6 +396,13 @@ impl CoordinatorMachine {
         let waiting_for = match self.phase {
             CoordinatorPhase::Checkpointing => "source checkpoint",
             CoordinatorPhase::Restoring => "target restore",
+            CoordinatorPhase::Replaying if now >= self.threshold_deadline() => {
+                let cutoff = self.threshold_deadline().saturating_sub(self.replay_started);
+                let reason = CutoverReason::ThresholdCutoff {
+                    cutoff_seconds: cutoff.as_secs_f64(),
+                };
+                return self.cut_over(now, reason);
+            }
             CoordinatorPhase::Replaying => "target progress",
             CoordinatorPhase::Stopping => "source stop",
             CoordinatorPhase::AwaitingTakeover => "target takeover",

@@ -152,7 +152,9 @@ impl SourceMachine {
     /// it until decided; an unstopped one is superseded (its coordinator
     /// can no longer stop this source and will roll it back).
     fn open(&mut self, id: &str) -> Vec<SourceAction> {
-        if self.migration.as_ref().is_some_and(|m| m.stopped) {
+        if self.migration.as_ref().is_some_and(|m| m.stopped || m.id == id) {
+            // Stopped: kept until decided. The same migration (a record
+            // read twice): nothing new.
             return Vec::new();
         }
         self.migration = Some(OpenMigration {
