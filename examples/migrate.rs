@@ -294,7 +294,7 @@ async fn run_one(base: &KafkaCluster, args: &Args, strategy: StrategyArg, state_
         },
     );
     let plan = MigrationPlan {
-        service: GameSessions::NAME,
+        service: GameSessions::NAME.into(),
         migration_id: format!("{service}-1"),
         source: "source".into(),
         target: "target".into(),

@@ -197,7 +197,7 @@ where
         },
     );
     let plan = MigrationPlan {
-        service: name,
+        service: name.to_string(),
         migration_id: format!("{service}-m"),
         source: "source".into(),
         target: "target".into(),

@@ -187,7 +187,6 @@ fn start_coordinator<D: Deployment>(parties: &Parties<D, impl Folds>, strategy: 
 /// A control message, by body and sender.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Msg {
-    Prepare,
     Checkpoint,
     CheckpointTaken,
     Restore,
@@ -203,7 +202,6 @@ enum Msg {
 impl Msg {
     fn matches(self, m: &ControlMessage) -> bool {
         let (sender, ok) = match (&m.body, self) {
-            (ControlBody::Prepare { .. }, Msg::Prepare) => (Role::Coordinator, true),
             (ControlBody::Checkpoint, Msg::Checkpoint) => (Role::Coordinator, true),
             (ControlBody::CheckpointTaken { .. }, Msg::CheckpointTaken) => (Role::Source, true),
             (ControlBody::Restore { .. }, Msg::Restore) => (Role::Coordinator, true),
