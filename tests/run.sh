@@ -29,9 +29,10 @@ ignored_tests() {
             }'
 }
 
-# `file:line  name` for every test of tests/tests that runs on the mock only.
+# `file:line  name` for every test of tests/tests that runs in the embedded
+# pass only: on the mock (`_on_mock`) or on no broker at all (`_in_memory`).
 mock_only_tests() {
-    grep -n -E 'fn [A-Za-z0-9_]+_on_mock\(' tests/tests/*.rs |
+    grep -n -E 'fn [A-Za-z0-9_]+_(on_mock|in_memory)\(' tests/tests/*.rs |
         sed -E 's/^([^:]+:[0-9]+):.*fn ([A-Za-z0-9_]+)\(.*/  \1  \2/'
 }
 
@@ -46,7 +47,7 @@ summary() {
     else
         echo "  none"
     fi
-    echo "== skipped in the real-broker pass (mock-only; they ran in the embedded pass)"
+    echo "== skipped in the real-broker pass (mock-only or broker-free; they ran in the embedded pass)"
     mock_only_tests
 }
 
@@ -59,6 +60,6 @@ trap 'bash tests/broker.sh stop' EXIT
 brokers="$(bash tests/broker.sh start)"
 export "${brokers?}"
 echo "using $MS2M_TEST_BROKERS"
-cargo test -p ms2m-tests -- --skip _on_mock
+cargo test -p ms2m-tests -- --skip _on_mock --skip _in_memory
 
 summary

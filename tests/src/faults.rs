@@ -7,10 +7,10 @@
 //! The guarantees under test (no input lost, outputs exactly once where the
 //! sink is transactional, one owner, divergence caught) are properties of
 //! the runtime and the migration protocol, which run on the core's backend
-//! traits. So the scenarios are written once ([`scenarios`], [`migration`])
+//! traits. So the scenarios are written once (`scenarios`, `migration`)
 //! against a small [`Deployment`] trait, and each backend only says how to
 //! produce input, read what was committed, damage storage and inject the
-//! faults it has ([`memory`]: ms2m-core's in-memory backends; [`kafka`]:
+//! faults it has (`memory`: ms2m-core's in-memory backends; `kafka`:
 //! the embedded mock cluster or tansu). A fault a backend cannot inject is
 //! not generated for it.
 //!
@@ -419,7 +419,7 @@ impl Scenario {
     /// The command that replays this seed.
     pub fn replay_command(&self) -> String {
         let (test, env) = match self.backend {
-            Backend::Memory => ("in_memory_scenarios", ""),
+            Backend::Memory => ("fault_scenarios_in_memory", ""),
             Backend::Mock => ("kafka_scenarios", "env -u MS2M_TEST_BROKERS "),
             Backend::Tansu => ("kafka_scenarios", "MS2M_TEST_BROKERS=<tansu address> "),
         };

@@ -2,10 +2,11 @@
 //! invariant checks of `ms2m_tests::faults` (nothing lost, no duplicates
 //! where exactly-once holds, one owner, divergence detected).
 //!
-//! * `in_memory_scenarios`: recovery and migration (all four strategies,
-//!   faults at every phase) on ms2m-core's in-memory backends, whose sink is
-//!   transactional: 0 duplicated outputs is checked there. Runs only in the
-//!   embedded-broker pass (it needs no broker).
+//! * `fault_scenarios_in_memory`: recovery and migration (all four
+//!   strategies, faults at every phase) on ms2m-core's in-memory backends,
+//!   whose sink is transactional: 0 duplicated outputs is checked there. It
+//!   needs no broker, so `tests/run.sh` runs it in the embedded-broker pass
+//!   and skips it (by its `_in_memory` suffix, listed) in the tansu pass.
 //! * `kafka_scenarios`: the same families on the test broker — the embedded
 //!   mock cluster (plus broker down/up, request errors, latency) or tansu
 //!   (plus a process restart on its sqlite file). Duplicates are counted
@@ -44,11 +45,7 @@ fn finish(name: &str, summary: Summary) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn in_memory_scenarios() {
-    if !ms2m_tests::on_mock() && std::env::var("MS2M_FAULT_SEED").is_err() {
-        report_line("in-memory fault scenarios run in the embedded-broker pass; skipped");
-        return;
-    }
+async fn fault_scenarios_in_memory() {
     ms2m_tests::init_tracing();
     let seeds = seeds(MEMORY_SEEDS);
     let summary = run_seeds(

@@ -55,7 +55,7 @@ pub enum Recovered {
 
 /// How a machine run ended.
 enum Ended {
-    Completed(MigrationReport),
+    Completed(Box<MigrationReport>),
     Recovered(Recovered),
 }
 
@@ -79,6 +79,7 @@ impl<C: ControlChannel> Coordinator<C> {
             let first = machine.handle(started.elapsed(), CoordinatorEvent::Start);
             match self.drive(&mut machine, first, &mut replies, started, listener).await? {
                 Ended::Completed(report) => {
+                    let report = *report;
                     info!(
                         downtime_ms = report.downtime_ms,
                         total_ms = report.total_ms,
@@ -136,7 +137,7 @@ impl<C: ControlChannel> Coordinator<C> {
                         publish(&*self.control, &m).await?;
                     }
                     CoordinatorAction::Progress(p) => listener.on_progress(&p),
-                    CoordinatorAction::Completed(report) => return Ok(Ended::Completed(*report)),
+                    CoordinatorAction::Completed(report) => return Ok(Ended::Completed(report)),
                     CoordinatorAction::Recovered(r) => return Ok(Ended::Recovered(r)),
                     CoordinatorAction::Failed(f) => return Err(Error::Migration(MigrationError::from(f))),
                 }

@@ -17,10 +17,19 @@
 //!   else's uncommitted outputs; a fenced commit stops that instance.
 //!
 //! Every step is one party handling one event (and performing the actions
-//! its machine returns); crashes and restarts of each party may happen
-//! between any two steps, a coordinator or target may time out at any
-//! point (no timing assumption), and a restarted instance recovers like
-//! `Instance::recover` + `SourceAgent::new` / `run_target` do.
+//! its machine returns). Faults (a crash of any party, a failed checkpoint
+//! upload, a target's timeout) may happen between any two steps, up to a
+//! budget; a crashed or failed instance is restarted like a supervisor
+//! would, and recovers like `Instance::recover` + `SourceAgent::new` (the
+//! owner) or `run_target` (anyone else) do; the coordinator may time out at
+//! any point where it waits (no timing assumption), and a dead one is
+//! replaced by `Coordinator::recover`.
+//!
+//! Reductions that keep every distinct outcome: the coordinator reads each
+//! record as it lands (reading late is the same as its own commands landing
+//! late, which the outbox explores); a party skips records that change
+//! nothing for it; a party crashes right after one of its own steps (a
+//! crash after others' steps reaches the same states).
 //!
 //! Properties:
 //! * *single writer, exactly once*: the committed outputs are exactly one
@@ -232,11 +241,13 @@ impl Step {
     }
 }
 
-/// The model: one migration of `strategy` under crashes.
+/// The model: one migration of `strategy` under faults.
 #[derive(Clone, Debug)]
 pub(super) struct MigrationModel {
     pub(super) strategy: Strategy,
+    /// Input messages in the log.
     pub(super) input: u64,
+    /// Fault budget: crashes, failed uploads and target timeouts.
     pub(super) crashes: u8,
 }
 
@@ -799,7 +810,7 @@ impl Model for MigrationModel {
             Property::always("single writer, exactly once", |_, w| exactly_once(w)),
             Property::always("owner views agree", |_, w| owner_views_agree(w)),
             Property::eventually("migration decides", |_, w: &World| w.decided()),
-            Property::eventually("all input committed", |m, w| all_committed(m, w)),
+            Property::eventually("all input committed", all_committed),
             Property::sometimes("sometimes taken over", |_, w: &World| w.owner() == Some(TGT)),
             Property::sometimes("sometimes rolled back", |_, w: &World| {
                 w.decided() && w.owner() != Some(TGT)
