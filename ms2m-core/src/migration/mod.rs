@@ -389,6 +389,16 @@ pub(crate) fn message(
     }
 }
 
+/// Publishes `body` as `from` in `migration` of service `S`.
+pub(crate) async fn publish_as<S: crate::StatefulService, C: ControlChannel>(
+    control: &C,
+    migration: &str,
+    from: crate::Role,
+    body: ControlBody,
+) -> Result<(), Error> {
+    publish(control, &message(S::NAME, migration, from, body)).await
+}
+
 pub(crate) async fn publish<C: ControlChannel>(control: &C, m: &crate::ControlMessage) -> Result<(), Error> {
     tracing::debug!(migration = %m.migration_id, from = ?m.from, body = ?m.body, "control message");
     let t = std::time::Instant::now();

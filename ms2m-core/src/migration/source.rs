@@ -14,7 +14,7 @@ use tracing::{info, info_span, warn, Instrument};
 
 use super::protocol::source::{SourceAction, SourceEvent, SourceMachine};
 use super::protocol::Decisions;
-use super::{forward_control, message, publish, read_history, MigrationError};
+use super::{forward_control, publish_as, read_history, MigrationError};
 use crate::control::{ControlBody, ControlChannel, ControlMessage, Role};
 use crate::error::{Error, Result};
 use crate::log::MessageLog;
@@ -255,17 +255,29 @@ where
                 }
             }
             SourceAction::Publish { migration, body } => {
-                publish_as_source::<S, C>(&self.control, &migration, body).await?
+                publish_as::<S, C>(&self.control, &migration, Role::Source, body).await?
             }
             SourceAction::PublishProgress { migration } => {
                 let position = self.instance.position().clone();
-                publish_as_source::<S, C>(&self.control, &migration, ControlBody::SourceProgress { position }).await?;
+                publish_as::<S, C>(
+                    &self.control,
+                    &migration,
+                    Role::Source,
+                    ControlBody::SourceProgress { position },
+                )
+                .await?;
             }
             SourceAction::CommitAndPublishStopped { migration } => {
                 self.instance.commit().await?;
                 let (position, digest) = (self.instance.position().clone(), self.instance.digest());
                 info!(%migration, %position, %digest, "stopped for cutover");
-                publish_as_source::<S, C>(&self.control, &migration, ControlBody::Stopped { position, digest }).await?;
+                publish_as::<S, C>(
+                    &self.control,
+                    &migration,
+                    Role::Source,
+                    ControlBody::Stopped { position, digest },
+                )
+                .await?;
             }
             SourceAction::Claim => {
                 warn!("migration rolled back after the stop: resuming as owner");
@@ -284,14 +296,6 @@ where
         // final snapshot would only race the new owner.
         Ok(SourceExit::Shutdown(self.instance))
     }
-}
-
-async fn publish_as_source<S: StatefulService, C: ControlChannel>(
-    control: &C,
-    migration: &str,
-    body: ControlBody,
-) -> Result<()> {
-    publish(control, &message(S::NAME, migration, Role::Source, body)).await
 }
 
 fn checkpoint_event(result: Result<crate::runtime::CheckpointInfo>) -> SourceEvent {

@@ -11,7 +11,7 @@ use tracing::{info, info_span, warn, Instrument};
 
 use super::protocol::target::{TargetAction, TargetEvent, TargetMachine, TargetPhase};
 use super::protocol::Decisions;
-use super::{forward_control, message, publish, read_history, MigrationError};
+use super::{forward_control, publish_as, read_history, MigrationError};
 use crate::control::{ControlBody, ControlChannel, ControlMessage, Role};
 use crate::error::{Component, Error, Result};
 use crate::log::MessageLog;
@@ -338,7 +338,7 @@ where
     fn publish(&self, body: ControlBody) -> impl std::future::Future<Output = Result<()>> + Send + 'static {
         let migration = self.machine.migration().unwrap_or_default().to_string();
         let control = self.control.clone();
-        async move { publish_as_target::<S, C>(&control, &migration, body).await }
+        async move { publish_as::<S, C>(&control, &migration, Role::Target, body).await }
     }
 
     fn instance_mut(&mut self) -> Result<&mut Instance<S, L, St, O>> {
@@ -355,14 +355,6 @@ enum Performed {
     Done,
     Next(TargetEvent),
     Live,
-}
-
-async fn publish_as_target<S: StatefulService, C: ControlChannel>(
-    control: &C,
-    migration: &str,
-    body: ControlBody,
-) -> Result<()> {
-    publish(control, &message(S::NAME, migration, Role::Target, body)).await
 }
 
 fn closed() -> Error {

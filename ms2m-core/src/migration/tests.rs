@@ -208,6 +208,29 @@ impl StatefulService for GatedReplay {
     }
 }
 
+/// Recovers `Balances` as the owner and runs its source agent.
+async fn spawn_owner(cluster: &Cluster, config: InstanceConfig) -> SourceHandle<Inst<Balances>> {
+    let source: Inst<Balances> = Instance::recover(cluster.backends(), config, &*no_progress())
+        .await
+        .unwrap();
+    SourceAgent::new(source, cluster.control.clone(), SourceOptions::default())
+        .await
+        .unwrap()
+        .spawn()
+}
+
+/// Waits until every input produced so far is committed: the owner serves it.
+async fn await_all_committed(cluster: &Cluster, what: &str) {
+    let end = cluster.log.end_position();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !cluster.outputs.committed_position().is_some_and(|p| p.reaches(&end)) {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out: {what}"));
+}
+
 /// Waits until the owner has committed outputs for `n` inputs: it serves.
 async fn await_committed(cluster: &Cluster, n: i64) {
     tokio::time::timeout(Duration::from_secs(20), async {
@@ -289,18 +312,11 @@ async fn nondeterministic_apply_is_caught_by_the_digest_check_and_rolled_back() 
     ));
     // The source resumed: it is the owner and processes everything exactly once.
     producer.await.unwrap();
-    let end = cluster.log.end_position();
     wait_for(&cluster, "source to resume", |b| {
         matches!(b, ControlBody::Resume { .. })
     })
     .await;
-    tokio::time::timeout(Duration::from_secs(20), async {
-        while !cluster.outputs.committed_position().is_some_and(|p| p.reaches(&end)) {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    })
-    .await
-    .expect("the resumed source commits all input");
+    await_all_committed(&cluster, "the resumed source commits all input").await;
     stop.send(()).unwrap();
     let SourceExit::Shutdown(src) = source.await.unwrap().unwrap() else {
         panic!("source should have been shut down, not released")
@@ -448,14 +464,11 @@ async fn kill_scenario(kill: Kill) {
         live.state().clone()
     } else {
         assert_ne!(owner.as_deref(), Some("tgt"));
-        let end = cluster.log.end_position();
-        tokio::time::timeout(Duration::from_secs(20), async {
-            while !cluster.outputs.committed_position().is_some_and(|p| p.reaches(&end)) {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        })
-        .await
-        .expect("the source keeps (or resumes) ownership and commits all input");
+        await_all_committed(
+            &cluster,
+            "the source keeps (or resumes) ownership and commits all input",
+        )
+        .await;
         stop.send(()).unwrap();
         let SourceExit::Shutdown(src) = source.await.unwrap().unwrap() else {
             panic!("source should still own the service")
@@ -609,14 +622,7 @@ async fn a_failed_checkpoint_abandons_the_migration_and_the_source_keeps_serving
     assert!(target.await.unwrap().is_err());
     cluster.store.set_unavailable(false);
     cluster.produce_now(100);
-    let end = cluster.log.end_position();
-    tokio::time::timeout(Duration::from_secs(20), async {
-        while !cluster.outputs.committed_position().is_some_and(|p| p.reaches(&end)) {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    })
-    .await
-    .expect("the source keeps serving");
+    await_all_committed(&cluster, "the source keeps serving").await;
     stop.send(()).unwrap();
     let SourceExit::Shutdown(src) = source.await.unwrap().unwrap() else {
         panic!("the source keeps ownership")
@@ -745,14 +751,7 @@ async fn late_stop(case: LateStop) {
         Err(e) => {
             assert_eq!(outcome, Some(MigrationOutcome::RolledBack), "{case:?}: {e:?}");
             assert_ne!(owner.as_deref(), Some("tgt"), "{case:?}");
-            let end = cluster.log.end_position();
-            tokio::time::timeout(Duration::from_secs(20), async {
-                while !cluster.outputs.committed_position().is_some_and(|p| p.reaches(&end)) {
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            })
-            .await
-            .unwrap_or_else(|_| panic!("{case:?}: the source keeps serving"));
+            await_all_committed(&cluster, &format!("{case:?}: the source keeps serving")).await;
             stop.send(()).unwrap();
             let Ok(SourceExit::Shutdown(src)) = source.await.unwrap() else {
                 panic!("{case:?}: the source should still own the service")
@@ -833,13 +832,7 @@ async fn regression_seed_325_a_failed_stop_and_copy_checkpoint_loses_no_output()
     cluster.produce_now(200);
     // Commits only when idle: uncommitted outputs pile up while it serves.
     let config = self::config("src").commit_every(100_000, Duration::from_secs(3600));
-    let source: Inst<Balances> = Instance::recover(cluster.backends(), config, &*no_progress())
-        .await
-        .unwrap();
-    let source = SourceAgent::new(source, cluster.control.clone(), SourceOptions::default())
-        .await
-        .unwrap()
-        .spawn();
+    let source = spawn_owner(&cluster, config).await;
     let id = "m-325";
     let prepare = ControlBody::Prepare {
         source: "src".into(),
@@ -876,14 +869,7 @@ async fn regression_seed_325_a_failed_stop_and_copy_checkpoint_loses_no_output()
     };
     coordinator_says(&cluster, id, aborted).await;
     producer.await.unwrap();
-    let end = cluster.log.end_position();
-    tokio::time::timeout(Duration::from_secs(20), async {
-        while !cluster.outputs.committed_position().is_some_and(|p| p.reaches(&end)) {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    })
-    .await
-    .expect("the resumed source commits all input");
+    await_all_committed(&cluster, "the resumed source commits all input").await;
     let SourceExit::Shutdown(src) = source.stop().await.unwrap() else {
         panic!("the source should still own the service")
     };
@@ -900,13 +886,7 @@ async fn regression_seed_325_a_failed_stop_and_copy_checkpoint_loses_no_output()
 async fn regression_a_coordinator_restarted_mid_cold_start_resumes_the_real_source() {
     let cluster = Cluster::new();
     cluster.produce_now(200);
-    let source: Inst<Balances> = Instance::recover(cluster.backends(), config("src"), &*no_progress())
-        .await
-        .unwrap();
-    let source = SourceAgent::new(source, cluster.control.clone(), SourceOptions::default())
-        .await
-        .unwrap()
-        .spawn();
+    let source = spawn_owner(&cluster, config("src")).await;
     // No target runs: the coordinator waits for its restore until it dies.
     let config = MigrationConfig {
         phase_timeout: Duration::from_millis(300),
@@ -931,21 +911,8 @@ async fn regression_a_coordinator_restarted_mid_cold_start_resumes_the_real_sour
         "the source owns the service again"
     );
     ensure_owner(&*cluster.control, "balances", "src").await.unwrap();
-    let end = cluster.log.end_position();
     cluster.produce_now(100);
-    let end_after = cluster.log.end_position();
-    assert!(!end.reaches(&end_after));
-    tokio::time::timeout(Duration::from_secs(20), async {
-        while !cluster
-            .outputs
-            .committed_position()
-            .is_some_and(|p| p.reaches(&end_after))
-        {
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .expect("the resumed source serves the new input");
+    await_all_committed(&cluster, "the resumed source serves the new input").await;
     let SourceExit::Shutdown(src) = source.stop().await.unwrap() else {
         panic!("the source should own the service")
     };
@@ -962,19 +929,7 @@ async fn regression_a_coordinator_restarted_mid_cold_start_resumes_the_real_sour
 async fn regression_model_a_source_restarted_while_stopped_stays_at_its_pf() {
     let cluster = Cluster::new();
     cluster.produce_now(200);
-    let spawn_source = |cluster: &Cluster| {
-        let (backends, control) = (cluster.backends(), cluster.control.clone());
-        async move {
-            let source: Inst<Balances> = Instance::recover(backends, config("src"), &*no_progress())
-                .await
-                .unwrap();
-            SourceAgent::new(source, control, SourceOptions::default())
-                .await
-                .unwrap()
-                .spawn()
-        }
-    };
-    let first = spawn_source(&cluster).await;
+    let first = spawn_owner(&cluster, config("src")).await;
     await_committed(&cluster, 200).await;
     let id = "m-restart";
     let prepare = ControlBody::Prepare {
@@ -1000,7 +955,7 @@ async fn regression_model_a_source_restarted_while_stopped_stays_at_its_pf() {
     let pf = stopped_at(&cluster)[0].clone();
     // New input waits; the source restarts with the migration undecided.
     cluster.produce_now(300);
-    let second = spawn_source(&cluster).await;
+    let second = spawn_owner(&cluster, config("src")).await;
     tokio::time::timeout(Duration::from_secs(20), async {
         while stopped_at(&cluster).len() < 2 {
             tokio::time::sleep(Duration::from_millis(1)).await;
