@@ -47,7 +47,7 @@ pub enum Recovered {
     AlreadyFinished,
     /// The target had taken over: the source was released.
     Completed,
-    /// The source had stopped: it was told to resume.
+    /// `Stop` had been sent: the source was told to resume.
     RolledBack,
     /// The source had not stopped: the migration was abandoned.
     Aborted,

@@ -136,6 +136,10 @@ where
                     Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {}
                 }
                 if self.replay.progress_due(self.options.progress_interval) {
+                    // Restart the interval whether or not the machine reports:
+                    // before the source's first position it does not, and the
+                    // loop must go on to replay and to its timeout.
+                    self.replay.last_report = Some(Instant::now());
                     return Ok(TargetEvent::ProgressDue);
                 }
                 if self.replay_step().await? > 0 {
@@ -179,14 +183,10 @@ where
     async fn feed(&mut self, event: TargetEvent) -> Result<Option<Instance<S, L, St, O>>> {
         let mut events = std::collections::VecDeque::from([event]);
         while let Some(event) = events.pop_front() {
-            if matches!(event, TargetEvent::Record(_)) {
-                // A selected migration starts its phase clock when named.
-            } else if self.machine.phase() == TargetPhase::Standby {
-                self.last_heard = Instant::now();
-            }
             let selected_before = self.machine.migration().is_some();
             let actions = self.machine.handle(event);
             if !selected_before && self.machine.migration().is_some() {
+                // The phase clock starts when a migration names this target.
                 info!(migration = ?self.machine.migration(), "selected as migration target");
                 self.last_heard = Instant::now();
             }
@@ -248,7 +248,6 @@ where
         let Some((backends, config)) = self.parts.take() else {
             return Ok(TargetEvent::RestoreFailed("restored twice".into()));
         };
-        let started = Instant::now();
         let (loaded, transfer, restore) = match snapshot_id {
             Some(id) => match fetch_and_restore::<S, St>(&*backends.store, id).await {
                 Ok((loaded, transfer, restore)) => (Some(loaded), transfer, restore),
@@ -256,7 +255,6 @@ where
             },
             None => (None, Duration::ZERO, Duration::ZERO),
         };
-        let _ = started;
         let instance = Instance::<S, L, St, O>::restore(backends, config, loaded).await?;
         let position = instance.position().clone();
         self.replay = Replay::starting_at(&position);

@@ -10,7 +10,7 @@
 //! | cold start | `Prepare`, `Stop` → `Restore(none)` → await `Takeover`, `Live` |
 //!
 //! A failure reported by a party (`CutoverFailed`) or a phase timeout rolls
-//! the migration back: `Resume` (if the source was stopped) and `Aborted`.
+//! the migration back: `Resume` (if `Stop` was sent) and `Aborted`.
 //! The rollback is a bid, not a verdict: the coordinator then reads the
 //! channel, and a target's `Takeover` that came first wins
 //! ([`super::Decisions`]). After the decision for the target it waits for
@@ -184,7 +184,7 @@ impl CoordinatorMachine {
 
     fn enter(&mut self, now: Duration, phase: CoordinatorPhase) {
         self.phase = phase;
-        self.deadline = now + self.config.phase_timeout;
+        self.deadline = now.saturating_add(self.config.phase_timeout);
     }
 
     fn enter_checkpoint(&mut self, now: Duration) -> Vec<CoordinatorAction> {
@@ -296,7 +296,9 @@ impl CoordinatorMachine {
         } else {
             1000
         };
-        self.deadline = (now + self.config.phase_timeout).min(self.threshold_deadline());
+        self.deadline = now
+            .saturating_add(self.config.phase_timeout)
+            .min(self.threshold_deadline());
         let mut actions = vec![CoordinatorAction::Progress(Progress {
             phase: ProgressPhase::MigrationReplay,
             applied: 0,
@@ -318,7 +320,12 @@ impl CoordinatorMachine {
         if self.plan.strategy != Strategy::Ms2mThreshold {
             return Duration::MAX;
         }
-        self.replay_started + self.config.cutover.replay_max * self.replay_ratio_permille / 1000
+        let cutoff = self
+            .config
+            .cutover
+            .replay_max
+            .mul_f64(f64::from(self.replay_ratio_permille) / 1000.0);
+        self.replay_started.saturating_add(cutoff)
     }
 
     fn cut_over(&mut self, now: Duration, reason: CutoverReason) -> Vec<CoordinatorAction> {

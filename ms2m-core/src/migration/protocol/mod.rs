@@ -16,7 +16,9 @@
 //! * the coordinator's `Resume` or `Aborted` decides
 //!   [`MigrationOutcome::RolledBack`]: the source keeps it.
 //!
-//! Records of a migration after its decision never change it. Every party
+//! Records of a migration after its decision never change it. The owner is
+//! the one the latest `Takeover` named; a rollback's `Resume` re-confirms
+//! the owner it names but never moves ownership. Every party
 //! folds the channel through one [`Decisions`] value, so the target, the
 //! source, a running or restarted coordinator and
 //! [`current_owner`](super::current_owner) always agree, with no timing
@@ -70,8 +72,17 @@ impl Decisions {
             return Observed::Open;
         };
         self.decided.insert(m.migration_id.clone(), outcome);
-        if owner.is_some() {
-            self.owner = owner;
+        match (outcome, owner) {
+            (MigrationOutcome::TakenOver, Some(owner)) => self.owner = Some(owner),
+            // A rollback re-confirms the owner it names; it never moves
+            // ownership: a late `Resume` of a superseded migration must not
+            // hand the service back to a source another migration released.
+            (MigrationOutcome::RolledBack, Some(owner))
+                if self.owner.as_ref().is_none_or(|o| o.instance_id == owner.instance_id) =>
+            {
+                self.owner = Some(owner)
+            }
+            _ => {}
         }
         Observed::Decides(outcome)
     }
@@ -162,5 +173,63 @@ impl From<MigrationFailure> for MigrationError {
 impl std::fmt::Display for MigrationFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         std::fmt::Display::fmt(&MigrationError::from(self.clone()), f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(migration: &str, from: Role, body: ControlBody) -> ControlMessage {
+        ControlMessage {
+            service: "s".into(),
+            migration_id: migration.into(),
+            from,
+            sent_at_ms: 0,
+            body,
+        }
+    }
+
+    /// Review finding: migration B superseded A and its target took over;
+    /// A's coordinator then gave up and published `Resume` for the old
+    /// source. That late rollback decides A, but must not name the released
+    /// source as the owner again.
+    #[test]
+    fn a_late_resume_of_a_superseded_migration_does_not_move_ownership() {
+        let takeover = ControlBody::Takeover {
+            owner: "tgt".into(),
+            epoch: 1,
+            position: Default::default(),
+        };
+        let resume = ControlBody::Resume {
+            owner: "src".into(),
+            epoch: 2,
+        };
+        let history = [
+            record("B", Role::Target, takeover),
+            record("A", Role::Coordinator, resume),
+        ];
+        let decisions = Decisions::from_history(&history);
+        assert_eq!(decisions.outcome("A"), Some(MigrationOutcome::RolledBack));
+        assert_eq!(decisions.owner().map(|o| o.instance_id.as_str()), Some("tgt"));
+    }
+
+    #[test]
+    fn a_resume_names_the_first_owner_and_reconfirms_the_current_one() {
+        let resume = |epoch| ControlBody::Resume {
+            owner: "src".into(),
+            epoch,
+        };
+        let mut decisions = Decisions::default();
+        decisions.observe(&record("A", Role::Coordinator, resume(2)));
+        assert_eq!(
+            decisions.owner().map(|o| (o.instance_id.as_str(), o.epoch)),
+            Some(("src", 2))
+        );
+        decisions.observe(&record("B", Role::Coordinator, resume(3)));
+        assert_eq!(
+            decisions.owner().map(|o| (o.instance_id.as_str(), o.epoch)),
+            Some(("src", 3))
+        );
     }
 }

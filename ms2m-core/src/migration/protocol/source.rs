@@ -166,7 +166,9 @@ impl SourceMachine {
     }
 
     fn start_checkpoint(&mut self) -> Vec<SourceAction> {
-        let Some(m) = &mut self.migration else {
+        let Some(m) = self.migration.as_mut().filter(|m| !m.uploading) else {
+            // No migration, or its checkpoint is uploading already (the
+            // command read twice).
             return Vec::new();
         };
         m.uploading = true;
