@@ -429,6 +429,9 @@ struct ControlShared {
     messages: Mutex<Vec<ControlMessage>>,
     published: Notify,
     fault: Mutex<Option<FaultHook>>,
+    /// Readers deliver nothing while set (a slow consumer); `history()` is
+    /// not affected.
+    readers_held: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for ControlShared {
@@ -452,6 +455,16 @@ impl MemoryControl {
     /// Every message published so far.
     pub fn history(&self) -> Vec<ControlMessage> {
         lock(&self.shared.messages).clone()
+    }
+
+    /// Holds (`true`) or releases every reader: while held, `next` delivers
+    /// nothing, as a control consumer that lags behind would. Releasing
+    /// wakes them.
+    pub fn hold_readers(&self, hold: bool) {
+        self.shared
+            .readers_held
+            .store(hold, std::sync::atomic::Ordering::SeqCst);
+        self.shared.published.notify_waiters();
     }
 
     /// Installs a fault hook consulted on every publish (crash injection at
@@ -521,7 +534,8 @@ impl ControlReader for MemoryControlReader {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let notified = self.shared.published.notified();
-            if let Some(m) = lock(&self.shared.messages).get(self.next).cloned() {
+            let held = self.shared.readers_held.load(std::sync::atomic::Ordering::SeqCst);
+            if let Some(m) = lock(&self.shared.messages).get(self.next).cloned().filter(|_| !held) {
                 self.next += 1;
                 return Ok(Some(m));
             }
