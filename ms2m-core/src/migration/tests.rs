@@ -219,6 +219,15 @@ async fn spawn_owner(cluster: &Cluster, config: InstanceConfig) -> SourceHandle<
         .spawn()
 }
 
+/// Shuts the owner down (it must still own the service) and checks the
+/// invariants on its final state.
+async fn stop_owner_and_check(cluster: &Cluster, owner: SourceHandle<Inst<Balances>>) {
+    let SourceExit::Shutdown(src) = owner.stop().await.unwrap() else {
+        panic!("the source should still own the service")
+    };
+    check(cluster, src.state());
+}
+
 /// Waits until every input produced so far is committed: the owner serves it.
 async fn await_all_committed(cluster: &Cluster, what: &str) {
     let end = cluster.log.end_position();
@@ -870,10 +879,7 @@ async fn regression_seed_325_a_failed_stop_and_copy_checkpoint_loses_no_output()
     coordinator_says(&cluster, id, aborted).await;
     producer.await.unwrap();
     await_all_committed(&cluster, "the resumed source commits all input").await;
-    let SourceExit::Shutdown(src) = source.stop().await.unwrap() else {
-        panic!("the source should still own the service")
-    };
-    check(&cluster, src.state());
+    stop_owner_and_check(&cluster, source).await;
 }
 
 /// A coordinator restarted in the middle of a cold start (or a stop-and-copy
@@ -913,10 +919,7 @@ async fn regression_a_coordinator_restarted_mid_cold_start_resumes_the_real_sour
     ensure_owner(&*cluster.control, "balances", "src").await.unwrap();
     cluster.produce_now(100);
     await_all_committed(&cluster, "the resumed source serves the new input").await;
-    let SourceExit::Shutdown(src) = source.stop().await.unwrap() else {
-        panic!("the source should own the service")
-    };
-    check(&cluster, src.state());
+    stop_owner_and_check(&cluster, source).await;
 }
 
 /// Found by the model checker (`model.rs`): a source restarted while a
@@ -978,8 +981,5 @@ async fn regression_model_a_source_restarted_while_stopped_stays_at_its_pf() {
     };
     coordinator_says(&cluster, id, resume).await;
     await_committed(&cluster, 500).await;
-    let SourceExit::Shutdown(src) = second.stop().await.unwrap() else {
-        panic!("the source owns the service again")
-    };
-    check(&cluster, src.state());
+    stop_owner_and_check(&cluster, second).await;
 }
