@@ -5,11 +5,23 @@
 //! paper's evaluation); `Flap` and `Tick` move the bird with integer
 //! physics; passing a pipe scores a point and emits a `ScoreChanged`
 //! output; hitting the ground ends the session.
+//!
+//! # Two ways to hold the same state
+//!
+//! [`GameSessions`] keeps its sessions in a persistent map
+//! (`imbl::HashMap`) and each level in shared bytes (`bytes::Bytes`), and
+//! derives `#[state(freeze)]`: a snapshot clones the state in O(1) and
+//! encodes the clone on another thread, so the apply loop pauses for
+//! microseconds whatever the state's size. [`PlainGameSessions`] is the same
+//! game over a `std::collections::HashMap` and `Vec<u8>` levels: its
+//! snapshots encode on the apply loop, a pause that grows with the state
+//! (the benchmark harness compares the two). Both digest alike.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use ms2m_core::codec::Json;
 use ms2m_core::{ApplyContext, ServiceState, StatefulService};
 use serde::{Deserialize, Serialize};
@@ -63,27 +75,66 @@ pub struct Session {
     pub score: u64,
     /// Whether the bird is still flying.
     pub alive: bool,
-    /// Level data (deterministic bytes derived from the player id). Stored
-    /// as bytes, not as a sequence of numbers: encoding and digesting copy
-    /// and hash it in bulk.
-    #[serde(with = "serde_bytes")]
-    pub board: Vec<u8>,
+    /// Level data (deterministic bytes derived from the player id), never
+    /// changed after the join: shared, so cloning a session is O(1).
+    /// Stored as bytes, not as a sequence of numbers: encoding and
+    /// digesting copy and hash it in bulk.
+    pub board: Bytes,
 }
 
-/// The service state: every session.
+/// The service state: every session, in a persistent map that freezes in
+/// O(1) for snapshots (see the module docs).
+#[derive(Clone, Debug, Default, PartialEq, Eq, ServiceState)]
+#[state(version = 1, freeze)]
+pub struct GameSessions {
+    /// Sessions by player id.
+    pub sessions: imbl::HashMap<u64, Session>,
+    /// Events applied.
+    pub events: u64,
+}
+
+/// The same game over plain `std` collections: snapshots serialize on the
+/// apply loop (see the module docs). Same name, snapshots and digests as
+/// [`GameSessions`].
 #[derive(Debug, Default, PartialEq, Eq, ServiceState)]
 #[state(version = 1)]
-pub struct GameSessions {
+pub struct PlainGameSessions {
     /// Sessions by player id.
     pub sessions: HashMap<u64, Session>,
     /// Events applied.
     pub events: u64,
 }
 
+/// The sessions map of either state.
+pub trait SessionMap {
+    /// The player's session, to change.
+    fn session_mut(&mut self, player: u64) -> Option<&mut Session>;
+    /// Opens (or replaces) the player's session.
+    fn open(&mut self, player: u64, session: Session);
+}
+
+impl SessionMap for HashMap<u64, Session> {
+    fn session_mut(&mut self, player: u64) -> Option<&mut Session> {
+        self.get_mut(&player)
+    }
+    fn open(&mut self, player: u64, session: Session) {
+        self.insert(player, session);
+    }
+}
+
+impl SessionMap for imbl::HashMap<u64, Session> {
+    fn session_mut(&mut self, player: u64) -> Option<&mut Session> {
+        self.get_mut(&player)
+    }
+    fn open(&mut self, player: u64, session: Session) {
+        self.insert(player, session);
+    }
+}
+
 const PIPE_EVERY: u64 = 8;
 const CEILING: i32 = 100;
 
-fn board(player: u64, bytes: u32) -> Vec<u8> {
+fn board(player: u64, bytes: u32) -> Bytes {
     // xorshift: deterministic, cheap, not compressible.
     let mut s = player.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..bytes)
@@ -93,15 +144,16 @@ fn board(player: u64, bytes: u32) -> Vec<u8> {
             s ^= s << 17;
             s as u8
         })
-        .collect()
+        .collect::<Vec<u8>>()
+        .into()
 }
 
 /// What one event does to the sessions; returns the new score when it changed.
 /// Shared by the service and the reference fold: it is the game's rules.
-pub fn play(sessions: &mut HashMap<u64, Session>, event: &GameEvent) -> Option<(u64, u64)> {
+pub fn play(sessions: &mut impl SessionMap, event: &GameEvent) -> Option<(u64, u64)> {
     match *event {
         GameEvent::Join { player, board_bytes } => {
-            sessions.insert(
+            sessions.open(
                 player,
                 Session {
                     y: 50,
@@ -113,12 +165,12 @@ pub fn play(sessions: &mut HashMap<u64, Session>, event: &GameEvent) -> Option<(
             None
         }
         GameEvent::Flap { player } => {
-            let s = sessions.get_mut(&player).filter(|s| s.alive)?;
+            let s = sessions.session_mut(player).filter(|s| s.alive)?;
             s.vy = 6;
             None
         }
         GameEvent::Tick { player } => {
-            let s = sessions.get_mut(&player).filter(|s| s.alive)?;
+            let s = sessions.session_mut(player).filter(|s| s.alive)?;
             s.y = (s.y + s.vy).min(CEILING);
             s.vy -= 1;
             s.x += 1;
@@ -135,27 +187,35 @@ pub fn play(sessions: &mut HashMap<u64, Session>, event: &GameEvent) -> Option<(
     }
 }
 
-#[async_trait]
-impl StatefulService for GameSessions {
-    const NAME: &'static str = "game-sessions";
-    type Message = GameEvent;
-    type Format = Json;
-    type Error = Infallible;
+/// The service over either state (the game's rules are [`play`]).
+macro_rules! game_service {
+    ($state:ty) => {
+        #[async_trait]
+        impl StatefulService for $state {
+            const NAME: &'static str = "game-sessions";
+            type Message = GameEvent;
+            type Format = Json;
+            type Error = Infallible;
 
-    async fn apply(&mut self, event: GameEvent, ctx: &mut ApplyContext<'_>) -> Result<(), Infallible> {
-        self.events += 1;
-        if let Some((player, score)) = play(&mut self.sessions, &event) {
-            let out = ScoreChanged {
-                player,
-                score,
-                partition: ctx.partition(),
-                offset: ctx.offset(),
-            };
-            ctx.emit_keyed(player.to_be_bytes(), &out);
+            async fn apply(&mut self, event: GameEvent, ctx: &mut ApplyContext<'_>) -> Result<(), Infallible> {
+                self.events += 1;
+                if let Some((player, score)) = play(&mut self.sessions, &event) {
+                    let out = ScoreChanged {
+                        player,
+                        score,
+                        partition: ctx.partition(),
+                        offset: ctx.offset(),
+                    };
+                    ctx.emit_keyed(player.to_be_bytes(), &out);
+                }
+                Ok(())
+            }
         }
-        Ok(())
-    }
+    };
 }
+
+game_service!(GameSessions);
+game_service!(PlainGameSessions);
 
 /// Deterministic workload: event `i` of a run with `players` players.
 /// Events of one player always go to the same partition (keyed by player),
@@ -215,6 +275,28 @@ mod tests {
             play(&mut sessions, &GameEvent::Tick { player: 1 });
         }
         assert!(!sessions[&1].alive);
+    }
+
+    #[test]
+    fn persistent_and_plain_states_snapshot_and_digest_alike() {
+        let (mut persistent, mut plain) = (GameSessions::default(), PlainGameSessions::default());
+        for i in 0..500 {
+            let e = if i < 10 {
+                GameEvent::Join {
+                    player: i,
+                    board_bytes: 64,
+                }
+            } else {
+                event(i, 10)
+            };
+            play(&mut persistent.sessions, &e);
+            play(&mut plain.sessions, &e);
+        }
+        assert_eq!(persistent.digest(), plain.digest());
+        let from_plain = GameSessions::restore(1, &plain.snapshot().unwrap()).unwrap();
+        assert_eq!(from_plain, persistent);
+        let frozen = persistent.freeze().expect("GameSessions freezes");
+        assert_eq!(frozen.digest(), plain.digest());
     }
 
     #[test]

@@ -117,6 +117,11 @@ pub enum ControlBody {
         position: Position,
         /// The source's state digest at Pf.
         digest: StateDigest,
+        /// The longest time the source's apply loop stood still between the
+        /// migration's start and the stop (serialization, commits, its own
+        /// protocol work), in µs: clients saw it as downtime too.
+        #[serde(default)]
+        longest_stall_us: u64,
     },
     /// Target → all: the target takes over at `position` (Pf), digests
     /// matched. The decisive record of a migration: the first of a

@@ -108,7 +108,7 @@ pub use runtime::{
 pub use service::{ApplyContext, Mode, StatefulService};
 pub use sink::{Delivery, OutputSink};
 pub use snapshot::{Snapshot, SnapshotError, SnapshotHeader};
-pub use state::{ServiceState, StateError};
+pub use state::{Frozen, ServiceState, StateError};
 pub use store::{SnapshotId, SnapshotStore};
 
 /// `#[derive(ServiceState)]`: snapshot, restore and digest for a state struct.

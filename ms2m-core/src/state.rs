@@ -16,7 +16,8 @@ pub trait ServiceState: Sized + Send + 'static {
     /// The schema version written into every snapshot of this state.
     const SCHEMA_VERSION: u32;
 
-    /// Encodes the state. Called on the apply task while input is paused,
+    /// Encodes the state. Called on the apply task while input is paused
+    /// (unless [`freeze`](Self::freeze) gives a copy to encode elsewhere),
     /// so it should do nothing but encode.
     fn snapshot(&self) -> Result<Vec<u8>, CodecError>;
 
@@ -26,6 +27,70 @@ pub trait ServiceState: Sized + Send + 'static {
     /// A digest that is equal for equal states, whatever the iteration order
     /// of maps and sets inside. Compared at migration cutover.
     fn digest(&self) -> StateDigest;
+
+    /// A frozen copy of the state, for snapshots that leave the apply loop
+    /// (see [`Frozen`]); `None`, the default, serializes on the apply loop.
+    ///
+    /// `#[derive(ServiceState)]` with `#[state(freeze)]` implements this as
+    /// `Some(Frozen::new(self.clone()))`. That is only worth it when `clone` is
+    /// much cheaper than [`snapshot`](Self::snapshot): a state built from
+    /// persistent collections (`imbl::HashMap`, `imbl::Vector`, `rpds`) and
+    /// shared immutable blobs (`bytes::Bytes`, `Arc<[u8]>`) clones in O(1).
+    fn freeze(&self) -> Option<Frozen> {
+        None
+    }
+}
+
+/// A state frozen at one position, serialized and digested away from the
+/// apply loop (on a blocking thread) while the live state moves on. Made by
+/// [`ServiceState::freeze`], usually as `Frozen::new(self.clone())`.
+///
+/// # What each choice costs
+///
+/// | state | apply-loop pause per snapshot | extra memory while a snapshot is written |
+/// |---|---|---|
+/// | plain (`freeze` returns `None`) | the whole serialization, O(state) | the encoded bytes |
+/// | `#[state(freeze)]` with persistent collections | the clone, O(1) | the encoded bytes, plus copies of the parts changed meanwhile (copy-on-write) |
+/// | `#[state(freeze)]` with plain collections | the clone, O(state) (a memory copy, cheaper than encoding) | a full copy of the state, plus the encoded bytes |
+pub struct Frozen(Box<dyn FrozenState>);
+
+/// What [`Frozen`] needs of the copy (every `Sync` [`ServiceState`]).
+trait FrozenState: Send + Sync + 'static {
+    fn encode(&self) -> Result<Vec<u8>, CodecError>;
+    fn digest_of(&self) -> StateDigest;
+}
+
+impl<T: ServiceState + Sync> FrozenState for T {
+    fn encode(&self) -> Result<Vec<u8>, CodecError> {
+        self.snapshot()
+    }
+
+    fn digest_of(&self) -> StateDigest {
+        self.digest()
+    }
+}
+
+impl Frozen {
+    /// Freezes `copy`, a copy of the state that nothing changes any more.
+    pub fn new<S: ServiceState + Sync>(copy: S) -> Self {
+        Self(Box::new(copy))
+    }
+
+    /// Encodes the frozen state (the bytes [`ServiceState::snapshot`] gives).
+    pub fn snapshot(&self) -> Result<Vec<u8>, CodecError> {
+        self.0.encode()
+    }
+
+    /// The frozen state's digest (as [`ServiceState::digest`]).
+    pub fn digest(&self) -> StateDigest {
+        self.0.digest_of()
+    }
+}
+
+impl std::fmt::Debug for Frozen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Frozen")
+    }
 }
 
 /// State bytes could not be restored.

@@ -14,6 +14,8 @@ pub(crate) struct Input<'a> {
     pub(crate) krate: Path,
     pub(crate) version: u32,
     pub(crate) upgrades: Vec<Upgrade>,
+    /// `#[state(freeze)]`: the span to report a missing `Clone` at.
+    pub(crate) freeze: Option<proc_macro2::Span>,
     pub(crate) body: Body<'a>,
 }
 
@@ -107,6 +109,7 @@ impl<'a> Input<'a> {
             krate: container.krate.unwrap_or_else(|| syn::parse_quote!(::ms2m_core)),
             version: container.version.unwrap_or(0),
             upgrades: container.upgrades,
+            freeze: container.freeze,
             body,
         }
     }

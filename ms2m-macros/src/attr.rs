@@ -44,6 +44,9 @@ pub(crate) struct Container {
     pub(crate) version_seen: bool,
     pub(crate) upgrades: Vec<Upgrade>,
     pub(crate) krate: Option<Path>,
+    /// Span of `freeze`: snapshots clone the state and encode the clone
+    /// off the apply loop.
+    pub(crate) freeze: Option<Span>,
 }
 
 /// `upgrade(from = M, via = OldType)`.
@@ -144,6 +147,13 @@ pub(crate) fn container(cx: &mut Ctxt, attrs: &[Attribute], self_ident: &syn::Id
                         }
                     }
                 }
+                "freeze" => {
+                    if out.freeze.is_some() {
+                        cx.error_spanned(&meta.path, "duplicate `freeze`");
+                    } else {
+                        out.freeze = Some(meta.path.span());
+                    }
+                }
                 "crate" => {
                     let value = meta.value()?;
                     let path = if value.peek(LitStr) {
@@ -160,7 +170,9 @@ pub(crate) fn container(cx: &mut Ctxt, attrs: &[Attribute], self_ident: &syn::Id
                 other => {
                     cx.error_spanned(
                         &meta.path,
-                        format_args!("unknown `state` attribute `{other}`; expected `version`, `upgrade` or `crate`"),
+                        format_args!(
+                            "unknown `state` attribute `{other}`; expected `version`, `upgrade`, `freeze` or `crate`"
+                        ),
                     );
                     skip_item(meta.input)?;
                 }

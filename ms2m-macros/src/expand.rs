@@ -69,6 +69,15 @@ fn expand(input: &Input<'_>) -> TokenStream {
             }
         }
     });
+    let freeze = input.freeze.map(|span| {
+        // Spanned at `freeze`, so a state without `Clone` is reported there.
+        let clone = quote_spanned! {span=> <Self as ::core::clone::Clone>::clone(self)};
+        quote! {
+            fn freeze(&self) -> ::core::option::Option<#krate::Frozen> {
+                ::core::option::Option::Some(#krate::Frozen::new(#clone))
+            }
+        }
+    });
     let mut froms: Vec<u32> = input.upgrades.iter().map(|u| u.from).collect();
     froms.sort_unstable();
 
@@ -113,6 +122,8 @@ fn expand(input: &Input<'_>) -> TokenStream {
                 fn digest(&self) -> #krate::StateDigest {
                     #digest
                 }
+
+                #freeze
             }
         };
     }

@@ -69,6 +69,14 @@ use proc_macro::TokenStream;
 ///   `from = 1` and `from = 2`), and otherwise through its
 ///   `serde::Deserialize` (fields in the old order; leave out fields the old
 ///   version skipped).
+/// * `#[state(freeze)]`: snapshots clone the state (the type must be
+///   `Clone`) and encode the clone on a blocking thread, so the apply loop
+///   pauses only for the clone (`ServiceState::freeze`). Worth it when the
+///   clone is cheap: persistent collections (`imbl::HashMap`,
+///   `imbl::Vector`, `rpds`) and shared blobs (`bytes::Bytes`) clone in
+///   O(1); plain `std` collections clone in O(state), a memory copy that is
+///   still cheaper than encoding but doubles the memory while a snapshot is
+///   written.
 /// * `#[state(crate = "path")]`: where `ms2m_core` is, for users who renamed
 ///   the dependency (default `::ms2m_core`).
 ///

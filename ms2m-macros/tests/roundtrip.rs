@@ -426,3 +426,75 @@ fn failed_upgrade_is_an_upgrade_error() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A state of persistent collections and shared blobs: `freeze` is O(1).
+#[derive(Debug, Clone, PartialEq, ServiceState)]
+#[state(version = 1, freeze)]
+struct Persistent {
+    sessions: imbl::HashMap<u64, (u32, bytes::Bytes)>,
+    tags: imbl::HashSet<String>,
+    events: u64,
+}
+
+#[test]
+fn a_frozen_state_encodes_and_digests_as_it_was_when_frozen() {
+    let mut live = Persistent {
+        sessions: (0..100u64)
+            .map(|p| (p, (0, bytes::Bytes::from(vec![p as u8; 64]))))
+            .collect(),
+        tags: ["a", "b"].into_iter().map(String::from).collect(),
+        events: 100,
+    };
+    let at_freeze = live.clone();
+    let frozen = live.freeze().expect("#[state(freeze)] freezes");
+    // The live state moves on; the frozen copy does not.
+    live.sessions.insert(7, (1, bytes::Bytes::from_static(b"changed")));
+    live.tags.insert("c".into());
+    live.events += 1;
+    assert_eq!(frozen.snapshot().unwrap(), at_freeze.snapshot().unwrap());
+    assert_eq!(frozen.digest(), at_freeze.digest());
+    assert_ne!(frozen.digest(), live.digest());
+    let back = Persistent::restore(1, &frozen.snapshot().unwrap()).unwrap();
+    assert_eq!(back, at_freeze);
+}
+
+#[test]
+fn persistent_and_std_maps_digest_alike() {
+    #[derive(ServiceState)]
+    #[state(version = 1)]
+    struct Std {
+        sessions: HashMap<u64, u32>,
+        tags: HashSet<String>,
+    }
+    #[derive(Clone, ServiceState)]
+    #[state(version = 1, freeze)]
+    struct Imbl {
+        sessions: imbl::HashMap<u64, u32>,
+        tags: imbl::HashSet<String>,
+    }
+    let std = Std {
+        sessions: (0..50).map(|i| (i, i as u32 * 3)).collect(),
+        tags: ["x", "y", "z"].into_iter().map(String::from).collect(),
+    };
+    let imbl = Imbl {
+        sessions: std.sessions.iter().map(|(k, v)| (*k, *v)).collect(),
+        tags: std.tags.iter().cloned().collect(),
+    };
+    assert_eq!(std.digest(), imbl.digest());
+    assert_eq!(imbl.freeze().unwrap().digest(), std.digest());
+}
+
+#[test]
+fn plain_states_do_not_freeze() {
+    let ledger = Ledger {
+        accounts: HashMap::new(),
+        history: BTreeMap::new(),
+        tags: HashSet::new(),
+        sorted: BTreeSet::new(),
+        tier: Tier::Free,
+        note: None,
+        cache: HashMap::new(),
+        entries: 0,
+    };
+    assert!(ledger.freeze().is_none());
+}

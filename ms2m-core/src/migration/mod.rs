@@ -242,8 +242,9 @@ pub struct MigrationReport {
     pub source: String,
     /// Target instance.
     pub target: String,
-    /// Time during which no instance processed new input: from the stop
-    /// request to the target being live.
+    /// The longest time no instance processed new input: the cutover (stop
+    /// request to target live) or the source's longest stall before it,
+    /// whichever is longer. What a client sees as the largest gap.
     pub downtime_ms: f64,
     /// From the request to the target being live.
     pub total_ms: f64,
@@ -255,8 +256,12 @@ pub struct MigrationReport {
     pub restore_ms: f64,
     /// Phase 4: replay while the source served.
     pub replay_ms: f64,
-    /// Phase 5: stop to live (equals the downtime).
+    /// Phase 5: stop request to target live.
     pub cutover_ms: f64,
+    /// The longest stall of the source's apply loop between the migration's
+    /// start and the stop: a commit, the checkpoint's serialization or
+    /// freeze, the agent's own protocol work.
+    pub source_stall_ms: f64,
     /// Encoded snapshot size.
     pub snapshot_bytes: u64,
     /// How long the source paused to serialize its state.

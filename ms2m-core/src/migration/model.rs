@@ -387,6 +387,7 @@ impl MigrationModel {
                     let body = ControlBody::Stopped {
                         position: pos(n),
                         digest: digest(n),
+                        longest_stall_us: 0,
                     };
                     w.nodes[i].outbox.push_back(Rec::new(Role::Source, body));
                 }

@@ -83,6 +83,43 @@ where
     options: SourceOptions,
     commands: tokio::sync::mpsc::Receiver<ControlMessage>,
     machine: SourceMachine,
+    stalls: StallMeter,
+}
+
+/// The longest stall of the apply loop during a migration: the longest gap
+/// between two steps of the loop (the agent's own protocol work, a
+/// checkpoint's serialization) or inside one (a commit), measured from the
+/// migration's first record to the stop.
+#[derive(Debug, Default)]
+struct StallMeter {
+    /// The migration being measured.
+    migration: Option<String>,
+    /// When the last step of the apply loop ended.
+    last_step_end: Option<Instant>,
+    longest: Duration,
+}
+
+impl StallMeter {
+    /// Starts measuring anew when the machine entered another migration.
+    fn follow(&mut self, migration: Option<&str>) -> bool {
+        if self.migration.as_deref() == migration {
+            return false;
+        }
+        self.migration = migration.map(str::to_string);
+        self.longest = Duration::ZERO;
+        true
+    }
+
+    fn step_started(&mut self) {
+        if let Some(end) = self.last_step_end {
+            self.longest = self.longest.max(end.elapsed());
+        }
+    }
+
+    fn step_ended(&mut self, inside: Duration) {
+        self.longest = self.longest.max(inside);
+        self.last_step_end = Some(Instant::now());
+    }
 }
 
 impl<S, L, St, O, C> std::fmt::Debug for SourceAgent<S, L, St, O, C>
@@ -142,6 +179,7 @@ where
             options,
             commands,
             machine: SourceMachine::new(me, decisions),
+            stalls: StallMeter::default(),
         };
         for m in history {
             agent.feed(SourceEvent::Record(m)).await?;
@@ -200,7 +238,10 @@ where
             self.feed(SourceEvent::ProgressDue).await?;
         }
         if self.machine.may_apply() {
+            self.stalls.step_started();
             self.instance.step().await?;
+            let inside = self.instance.take_longest_stall();
+            self.stalls.step_ended(inside);
         } else if !self.machine.is_released() {
             self.wait_while_stopped().await?;
         }
@@ -237,7 +278,12 @@ where
     async fn feed(&mut self, event: SourceEvent) -> Result<()> {
         let mut events = std::collections::VecDeque::from([event]);
         while let Some(event) = events.pop_front() {
-            for action in self.machine.handle(event) {
+            let actions = self.machine.handle(event);
+            if self.stalls.follow(self.machine.migration()) {
+                // Pauses before this migration are not its downtime.
+                self.instance.take_longest_stall();
+            }
+            for action in actions {
                 if let Some(next) = self.perform(action).await? {
                     events.push_back(next);
                 }
@@ -268,14 +314,21 @@ where
                 .await?;
             }
             SourceAction::CommitAndPublishStopped { migration } => {
+                self.stalls.step_started();
                 self.instance.commit().await?;
                 let (position, digest) = (self.instance.position().clone(), self.instance.digest());
-                info!(%migration, %position, %digest, "stopped for cutover");
+                let longest_stall = self.stalls.longest;
+                info!(%migration, %position, %digest, ?longest_stall, "stopped for cutover");
+                let longest_stall_us = u64::try_from(longest_stall.as_micros()).unwrap_or(u64::MAX);
                 publish_as::<S, C>(
                     &self.control,
                     &migration,
                     Role::Source,
-                    ControlBody::Stopped { position, digest },
+                    ControlBody::Stopped {
+                        position,
+                        digest,
+                        longest_stall_us,
+                    },
                 )
                 .await?;
             }

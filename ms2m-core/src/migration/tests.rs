@@ -163,12 +163,73 @@ async fn stop_and_copy_and_cold_start_baselines_are_correct() {
     for strategy in [Strategy::StopAndCopy, Strategy::ColdStart] {
         let report = migrate_under_load(strategy, fast()).await;
         assert_eq!(report.cutover_reason, CutoverReason::StopFirst);
-        assert_eq!(report.downtime_ms, report.cutover_ms);
+        assert_eq!(report.downtime_ms, report.cutover_ms.max(report.source_stall_ms));
         if strategy == Strategy::ColdStart {
             assert_eq!(report.snapshot_bytes, 0);
             assert!(report.messages_replayed >= 2_000, "cold start replays the whole log");
         }
     }
+}
+
+/// Balances whose serialization takes [`SLOW_SNAPSHOT`] on the apply loop.
+#[derive(Default)]
+struct SlowSnapshot(Balances);
+
+const SLOW_SNAPSHOT: Duration = Duration::from_millis(150);
+
+impl ServiceState for SlowSnapshot {
+    const SCHEMA_VERSION: u32 = 1;
+    fn snapshot(&self) -> Result<Vec<u8>, CodecError> {
+        std::thread::sleep(SLOW_SNAPSHOT);
+        self.0.snapshot()
+    }
+    fn restore(v: u32, b: &[u8]) -> Result<Self, StateError> {
+        Balances::restore(v, b).map(SlowSnapshot)
+    }
+    fn digest(&self) -> crate::StateDigest {
+        self.0.digest()
+    }
+}
+
+#[async_trait]
+impl StatefulService for SlowSnapshot {
+    const NAME: &'static str = "balances";
+    type Message = Deposit;
+    type Format = Json;
+    type Error = Infallible;
+    async fn apply(&mut self, m: Deposit, ctx: &mut ApplyContext<'_>) -> Result<(), Infallible> {
+        self.0.apply(m, ctx).await
+    }
+}
+
+/// The source's checkpoint serialization stalls its apply loop: clients see
+/// that as downtime, so the report counts it even though it happens long
+/// before the stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_source_serialization_pause_is_reported_as_downtime() {
+    let cluster = Cluster::new();
+    cluster.produce_now(1_000);
+    let (_stop, stop_rx) = tokio::sync::oneshot::channel();
+    let (source, target) = start::<SlowSnapshot>(&cluster, stop_rx).await;
+    let producer = cluster.produce_steady(1_000, Duration::from_millis(2));
+    await_committed(&cluster, 1_010).await;
+    let coordinator = Coordinator::new(cluster.control.clone(), fast());
+    let report = coordinator
+        .migrate(&plan(Strategy::Ms2m), &*no_progress())
+        .await
+        .unwrap();
+    assert!(matches!(source.await.unwrap().unwrap(), SourceExit::Released(_)));
+    let mut live = target.await.unwrap().unwrap();
+    producer.await.unwrap();
+    drain(&mut live, &cluster.log).await;
+    check(&cluster, &live.state().0);
+    let slow = SLOW_SNAPSHOT.as_secs_f64() * 1000.0;
+    assert!(
+        report.source_stall_ms >= slow,
+        "stall {} ms < {slow} ms",
+        report.source_stall_ms
+    );
+    assert_eq!(report.downtime_ms, report.cutover_ms.max(report.source_stall_ms));
 }
 
 /// Opens the replay of [`GatedReplay`]; closed until a test opens it.

@@ -43,6 +43,7 @@ use crate::record::{OutputRecord, Record};
 use crate::service::{ApplyContext, Mode, OutputBuffer, StatefulService};
 use crate::sink::OutputSink;
 use crate::snapshot::Snapshot;
+use crate::state::Frozen;
 use crate::store::{self, LoadedSnapshot, SnapshotId, SnapshotStore};
 
 /// The backends an instance runs on.
@@ -106,6 +107,31 @@ enum OutputMode {
 
 type Upload = JoinHandle<Result<CheckpointInfo>>;
 
+/// A snapshot's state as taken on the apply loop.
+enum StateBytes {
+    /// Serialized there (plain states).
+    Encoded(Bytes),
+    /// Frozen there, serialized by the upload on a blocking thread.
+    Frozen(Frozen),
+}
+
+impl StateBytes {
+    async fn encode(self) -> Result<Bytes> {
+        match self {
+            StateBytes::Encoded(bytes) => Ok(bytes),
+            StateBytes::Frozen(frozen) => match tokio::task::spawn_blocking(move || frozen.snapshot()).await {
+                Ok(encoded) => Ok(Bytes::from(encoded?)),
+                Err(join) => Err(Error::Backend {
+                    component: Component::SnapshotStore,
+                    operation: "encode a frozen state",
+                    kind: ErrorKind::Other,
+                    source: Box::new(join),
+                }),
+            },
+        }
+    }
+}
+
 /// One running instance of service `S`.
 pub struct Instance<S, L, St, O>
 where
@@ -136,6 +162,10 @@ where
     /// A requested checkpoint (a migration's) uploading in the background,
     /// beside any periodic one, so the request never waits for it.
     requested: Option<Upload>,
+    /// The longest time the apply loop spent on something other than
+    /// polling and applying (commits, snapshot serialization) since
+    /// [`take_longest_stall`](Instance::take_longest_stall).
+    longest_stall: Duration,
     stats: InstanceStats,
 }
 
@@ -238,6 +268,7 @@ where
             last_snapshot: now,
             upload: None,
             requested: None,
+            longest_stall: Duration::ZERO,
             stats: InstanceStats::default(),
         })
     }
@@ -559,6 +590,7 @@ where
         if self.live_since_commit == 0 {
             return Ok(());
         }
+        let started = Instant::now();
         self.sink.commit(&self.position).await.map_err(|e| match e.kind() {
             ErrorKind::Fenced => {
                 warn!("output sink fenced: another instance owns this service now");
@@ -569,7 +601,20 @@ where
         self.live_since_commit = 0;
         self.last_commit = Instant::now();
         self.stats.commits += 1;
+        self.note_stall(started.elapsed());
         Ok(())
+    }
+
+    fn note_stall(&mut self, stall: Duration) {
+        self.longest_stall = self.longest_stall.max(stall);
+    }
+
+    /// The longest single pause of the apply loop for its own work (a
+    /// commit, a snapshot's serialization or freeze) since the last call,
+    /// and starts measuring anew. A migration source reports it, because a
+    /// client sees such a pause as downtime just like the cutover.
+    pub fn take_longest_stall(&mut self) -> Duration {
+        std::mem::take(&mut self.longest_stall)
     }
 
     /// Serializes the state on this task and starts the upload in the background.
@@ -578,17 +623,22 @@ where
         Ok(())
     }
 
-    /// Commits, serializes the state on this task (the only pause of the
-    /// apply loop) and spawns the sealing, encoding and upload.
+    /// Commits, serializes the state (or freezes it, see
+    /// [`ServiceState::freeze`]) on this task, the only pause of the apply
+    /// loop, and spawns the encoding, sealing and upload.
     async fn spawn_upload(&mut self) -> Result<Upload> {
         // Outputs up to the snapshot position must be committed first, so a
         // snapshot never reflects messages whose outputs could still be lost.
         self.commit().await?;
         let started = Instant::now();
-        let state = Bytes::from(self.state.snapshot()?);
+        let state = match self.state.freeze() {
+            Some(frozen) => StateBytes::Frozen(frozen),
+            None => StateBytes::Encoded(Bytes::from(self.state.snapshot()?)),
+        };
         let pause = started.elapsed();
+        self.note_stall(pause);
         let position = self.position.clone();
-        debug!(bytes = state.len(), ?pause, %position, "snapshot serialized");
+        debug!(?pause, frozen = matches!(state, StateBytes::Frozen(_)), %position, "snapshot taken");
         let store = self.store.clone();
         let instance_id = self.config.instance_id.clone();
         let keep = self.config.keep_snapshots;
@@ -596,7 +646,9 @@ where
         self.last_snapshot = Instant::now();
         Ok(tokio::spawn(
             async move {
-                // Checksumming and encoding run here, off the apply loop.
+                // Encoding (of a frozen state), checksumming and sealing run
+                // here, off the apply loop.
+                let state = state.encode().await?;
                 let snapshot = Snapshot::seal(S::NAME, S::SCHEMA_VERSION, position.clone(), instance_id, state);
                 let encoded = snapshot.encode()?;
                 let id = store

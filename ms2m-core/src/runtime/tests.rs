@@ -378,3 +378,86 @@ async fn a_fenced_sink_stops_the_old_owner() {
     let err = drain(&mut old, &world.log).await.and(old.commit().await).unwrap_err();
     assert_eq!(err.backend_kind(), Some(ErrorKind::Fenced), "{err:?}");
 }
+
+/// [`Balances`] whose snapshots freeze and encode only once [`FREEZE_GATE`]
+/// opens, so a test can hold an upload mid-encode.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct FrozenBalances(Balances);
+
+static FREEZE_GATE: std::sync::LazyLock<(std::sync::Mutex<bool>, std::sync::Condvar)> =
+    std::sync::LazyLock::new(Default::default);
+
+fn set_freeze_gate(open: bool) {
+    *FREEZE_GATE.0.lock().unwrap() = open;
+    FREEZE_GATE.1.notify_all();
+}
+
+impl crate::ServiceState for FrozenBalances {
+    const SCHEMA_VERSION: u32 = 1;
+
+    fn snapshot(&self) -> std::result::Result<Vec<u8>, crate::codec::CodecError> {
+        let open = FREEZE_GATE.0.lock().unwrap();
+        drop(FREEZE_GATE.1.wait_while(open, |open| !*open).unwrap());
+        crate::ServiceState::snapshot(&self.0)
+    }
+
+    fn restore(schema_version: u32, bytes: &[u8]) -> std::result::Result<Self, crate::StateError> {
+        <Balances as crate::ServiceState>::restore(schema_version, bytes).map(Self)
+    }
+
+    fn digest(&self) -> StateDigest {
+        crate::ServiceState::digest(&self.0)
+    }
+
+    fn freeze(&self) -> Option<crate::Frozen> {
+        Some(crate::Frozen::new(self.clone()))
+    }
+}
+
+#[async_trait::async_trait]
+impl StatefulService for FrozenBalances {
+    const NAME: &'static str = Balances::NAME;
+    type Message = Deposit;
+    type Format = crate::codec::Json;
+    type Error = std::convert::Infallible;
+
+    async fn apply(&mut self, m: Deposit, ctx: &mut ApplyContext<'_>) -> std::result::Result<(), Self::Error> {
+        self.0.apply(m, ctx).await
+    }
+}
+
+/// With a frozen state the apply loop goes on while the snapshot encodes,
+/// and the snapshot holds the state as it was at the freeze.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_snapshot_encodes_off_the_apply_loop() {
+    let mut world = World::new(2);
+    world.produce(100, 2);
+    let mut instance: Instance<FrozenBalances, _, _, _> =
+        Instance::recover(world.backends(), config(1_000_000), &*no_progress())
+            .await
+            .unwrap();
+    while instance.position().total() < 100 {
+        instance.step().await.unwrap();
+    }
+    set_freeze_gate(false);
+    instance.start_checkpoint().await.unwrap();
+    let frozen_at = instance.position().clone();
+
+    // The encoding is held at the gate; the instance keeps applying.
+    world.produce(50, 2);
+    while instance.position().total() < 150 {
+        instance.step().await.unwrap();
+    }
+    assert!(
+        instance.poll_checkpoint().await.is_none(),
+        "the upload waits at the gate"
+    );
+
+    set_freeze_gate(true);
+    let info = instance.wait_checkpoint().await.unwrap().unwrap();
+    assert_eq!(info.position, frozen_at);
+    let stored = Snapshot::decode(world.store.get(info.id).await.unwrap()).unwrap();
+    let restored = <Balances as crate::ServiceState>::restore(1, &stored.state).unwrap();
+    assert_eq!(restored, reference_fold(&world.input[..100]).0);
+    assert_eq!(instance.state().0, reference_fold(&world.input).0);
+}

@@ -91,6 +91,8 @@ struct Facts {
     stop_sent_at: Duration,
     pf: Position,
     source_digest: Option<StateDigest>,
+    /// The source's longest stall before the stop.
+    source_stall: Duration,
     reason: Option<CutoverReason>,
 }
 
@@ -335,10 +337,16 @@ impl CoordinatorMachine {
     }
 
     fn on_stopped(&mut self, now: Duration, body: &ControlBody) -> Vec<CoordinatorAction> {
-        let ControlBody::Stopped { position, digest } = body else {
+        let ControlBody::Stopped {
+            position,
+            digest,
+            longest_stall_us,
+        } = body
+        else {
             return Vec::new();
         };
         (self.facts.0.pf, self.facts.0.source_digest) = (position.clone(), Some(*digest));
+        self.facts.0.source_stall = Duration::from_micros(*longest_stall_us);
         match self.plan.strategy {
             Strategy::Ms2m | Strategy::Ms2mThreshold => {
                 self.await_takeover(now);
@@ -473,7 +481,8 @@ impl CoordinatorMachine {
         final_gap: u64,
     ) -> MigrationReport {
         let facts = &self.facts.0;
-        let downtime = now.saturating_sub(facts.stop_sent_at);
+        let cutover = now.saturating_sub(facts.stop_sent_at);
+        let downtime = cutover.max(facts.source_stall);
         MigrationReport {
             strategy: self.plan.strategy,
             service: self.plan.service.clone(),
@@ -486,7 +495,8 @@ impl CoordinatorMachine {
             transfer_ms: ms(facts.transfer),
             restore_ms: ms(facts.restore),
             replay_ms: ms(facts.replay),
-            cutover_ms: ms(downtime),
+            cutover_ms: ms(cutover),
+            source_stall_ms: ms(facts.source_stall),
             snapshot_bytes: facts.snapshot_bytes,
             snapshot_pause_ms: ms(facts.snapshot_pause),
             messages_replayed: replayed,

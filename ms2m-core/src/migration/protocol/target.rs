@@ -230,7 +230,7 @@ impl TargetMachine {
                     Vec::new()
                 }
             }
-            (ControlBody::Stopped { position, digest }, Role::Source) if sel.stopped.is_none() => {
+            (ControlBody::Stopped { position, digest, .. }, Role::Source) if sel.stopped.is_none() => {
                 sel.stopped = Some((position, digest));
                 if replaying {
                     self.cut_over()
