@@ -86,6 +86,16 @@ pub enum ControlBody {
         /// Time to verify and restore it.
         restore_us: u64,
     },
+    /// Source → target and coordinator: the source's state digest at Pd, a
+    /// position it applied while serving (taken when the target restored).
+    /// The target replays exactly to Pd and compares its own digest there,
+    /// before the stop, so the cutover needs no digest.
+    DigestAt {
+        /// Pd.
+        position: Position,
+        /// The source's state digest at Pd.
+        digest: StateDigest,
+    },
     /// Source → target: the source's applied position (the target never
     /// replays past it while the source is live).
     SourceProgress {
@@ -115,8 +125,9 @@ pub enum ControlBody {
     Stopped {
         /// Pf.
         position: Position,
-        /// The source's state digest at Pf.
-        digest: StateDigest,
+        /// The source's state digest at Pf; `None` when it published
+        /// `DigestAt` for this migration (the digests are compared there).
+        digest: Option<StateDigest>,
         /// The longest time the source's apply loop stood still between the
         /// migration's start and the stop (serialization, commits, its own
         /// protocol work), in µs: clients saw it as downtime too.

@@ -278,9 +278,13 @@ pub struct MigrationReport {
     pub p0: Position,
     /// Position of the handover.
     pub pf: Position,
-    /// Source's digest at Pf.
+    /// Where source and target compared digests: Pd, the source's position
+    /// when the target restored (before the stop, off the cutover's path),
+    /// or Pf when the source stopped before it took a digest point.
+    pub digest_position: Position,
+    /// Source's digest at `digest_position`.
     pub source_digest: StateDigest,
-    /// Target's digest at Pf.
+    /// Target's digest at `digest_position`.
     pub target_digest: StateDigest,
     /// Whether they matched.
     pub digest_match: bool,

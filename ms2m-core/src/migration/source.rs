@@ -84,7 +84,11 @@ where
     commands: tokio::sync::mpsc::Receiver<ControlMessage>,
     machine: SourceMachine,
     stalls: StallMeter,
+    /// The digest point of a frozen state, computed on a blocking thread.
+    digest_task: Option<DigestTask>,
 }
+
+type DigestTask = tokio::task::JoinHandle<(crate::position::Position, crate::digest::StateDigest)>;
 
 /// The longest stall of the apply loop during a migration: the longest gap
 /// between two steps of the loop (the agent's own protocol work, a
@@ -180,6 +184,7 @@ where
             commands,
             machine: SourceMachine::new(me, decisions),
             stalls: StallMeter::default(),
+            digest_task: None,
         };
         for m in history {
             agent.feed(SourceEvent::Record(m)).await?;
@@ -232,6 +237,9 @@ where
         }
         if let Some(result) = self.instance.poll_checkpoint().await {
             self.feed(checkpoint_event(result)).await?;
+        }
+        if let Some(event) = self.poll_digest().await {
+            self.feed(event).await?;
         }
         if last_progress.elapsed() >= self.options.progress_interval {
             *last_progress = Instant::now();
@@ -303,6 +311,7 @@ where
             SourceAction::Publish { migration, body } => {
                 publish_as::<S, C>(&self.control, &migration, Role::Source, body).await?
             }
+            SourceAction::TakeDigest => return Ok(self.take_digest()),
             SourceAction::PublishProgress { migration } => {
                 let position = self.instance.position().clone();
                 publish_as::<S, C>(
@@ -313,12 +322,14 @@ where
                 )
                 .await?;
             }
-            SourceAction::CommitAndPublishStopped { migration } => {
+            SourceAction::CommitAndPublishStopped { migration, digest } => {
                 self.stalls.step_started();
                 self.instance.commit().await?;
-                let (position, digest) = (self.instance.position().clone(), self.instance.digest());
+                let position = self.instance.position().clone();
+                // Without a digest point, the digest at Pf (on the cutover's path).
+                let digest = digest.then(|| self.instance.digest());
                 let longest_stall = self.stalls.longest;
-                info!(%migration, %position, %digest, ?longest_stall, "stopped for cutover");
+                info!(%migration, %position, ?digest, ?longest_stall, "stopped for cutover");
                 let longest_stall_us = u64::try_from(longest_stall.as_micros()).unwrap_or(u64::MAX);
                 publish_as::<S, C>(
                     &self.control,
@@ -339,6 +350,36 @@ where
             SourceAction::Release => info!("released: another instance owns the service now"),
         }
         Ok(None)
+    }
+
+    /// Takes the digest point: of a frozen copy on a blocking thread (the
+    /// apply loop pauses only for the freeze), or on the apply loop for a
+    /// state that does not freeze.
+    fn take_digest(&mut self) -> Option<SourceEvent> {
+        let position = self.instance.position().clone();
+        match self.instance.state().freeze() {
+            Some(frozen) => {
+                let task = tokio::task::spawn_blocking(move || (position, frozen.digest()));
+                self.digest_task = Some(task);
+                None
+            }
+            None => Some(SourceEvent::DigestTaken {
+                position,
+                digest: self.instance.digest(),
+            }),
+        }
+    }
+
+    async fn poll_digest(&mut self) -> Option<SourceEvent> {
+        if !self.digest_task.as_ref().is_some_and(|t| t.is_finished()) {
+            return None;
+        }
+        match self.digest_task.take()?.await {
+            Ok((position, digest)) => Some(SourceEvent::DigestTaken { position, digest }),
+            Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+            // Aborted: only when the agent is dropped.
+            Err(_) => None,
+        }
     }
 
     async fn shut_down(mut self) -> Result<SourceExit<Instance<S, L, St, O>>> {

@@ -135,6 +135,9 @@ where
                     Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => return Err(closed()),
                     Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {}
                 }
+                if let Some(event) = self.at_digest_point() {
+                    return Ok(event);
+                }
                 if self.replay.progress_due(self.options.progress_interval) {
                     // Restart the interval whether or not the machine reports:
                     // before the source's first position it does not, and the
@@ -167,6 +170,23 @@ where
             self.last_heard = Instant::now();
         }
         TargetEvent::Record(m)
+    }
+
+    /// The digest point's event once replay is there (the ceiling holds it
+    /// there): the digest, taken on the replay loop (the source serves
+    /// meanwhile), or the position if replay had gone past it.
+    fn at_digest_point(&mut self) -> Option<TargetEvent> {
+        let (point, instance) = (self.replay.digest_point.as_ref()?, self.instance.as_ref()?);
+        let position = instance.position();
+        let event = if !point.reaches(position) {
+            TargetEvent::PastDigestPoint(position.clone())
+        } else if position.reaches(point) {
+            TargetEvent::ReachedDigestPoint(instance.digest())
+        } else {
+            return None;
+        };
+        self.replay.digest_point = None;
+        Some(event)
     }
 
     async fn replay_step(&mut self) -> Result<usize> {
@@ -209,7 +229,11 @@ where
                 self.replay.source_position = position;
                 Performed::Done
             }
-            TargetAction::ReplayTo(pf) => Performed::Next(self.replay_to(pf).await?),
+            TargetAction::CheckDigestAt(position) => {
+                self.replay.digest_point = Some(position);
+                Performed::Done
+            }
+            TargetAction::ReplayTo { pf, digest } => Performed::Next(self.replay_to(pf, digest).await?),
             TargetAction::Publish(body) => {
                 self.publish(body).await?;
                 Performed::Done
@@ -266,7 +290,7 @@ where
         })
     }
 
-    async fn replay_to(&mut self, pf: Position) -> Result<TargetEvent> {
+    async fn replay_to(&mut self, pf: Position, with_digest: bool) -> Result<TargetEvent> {
         let listener = self.listener;
         let instance = self.instance_mut()?;
         if !pf.reaches(instance.position()) {
@@ -275,8 +299,8 @@ where
         let replayed_at_stop = instance.stats().applied_replay;
         let t = Instant::now();
         instance.replay_to(&pf, ProgressPhase::Cutover, listener).await?;
-        let digest = instance.digest();
-        tracing::debug!(replay_gap = ?t.elapsed(), "final gap replayed, digest computed");
+        let digest = with_digest.then(|| instance.digest());
+        tracing::debug!(replay_gap = ?t.elapsed(), ?digest, "final gap replayed");
         self.replay.replayed_at_stop = Some(replayed_at_stop);
         Ok(TargetEvent::ReachedPf(digest))
     }
@@ -393,6 +417,8 @@ struct Replay {
     last_report: Option<Instant>,
     /// Replay-mode messages applied when the final gap began.
     replayed_at_stop: Option<u64>,
+    /// The digest point to report reaching (`CheckDigestAt`).
+    digest_point: Option<Position>,
 }
 
 impl Replay {

@@ -91,6 +91,8 @@ struct Facts {
     stop_sent_at: Duration,
     pf: Position,
     source_digest: Option<StateDigest>,
+    /// Where the digests are compared (Pd, or Pf without a digest point).
+    digest_position: Option<Position>,
     /// The source's longest stall before the stop.
     source_stall: Duration,
     reason: Option<CutoverReason>,
@@ -227,6 +229,10 @@ impl CoordinatorMachine {
             };
             return self.fail(now, failure);
         }
+        if let (ControlBody::DigestAt { position, digest }, Role::Source) = (&m.body, m.from) {
+            (self.facts.0.source_digest, self.facts.0.digest_position) = (Some(*digest), Some(position.clone()));
+            return Vec::new();
+        }
         match (self.phase, m.from) {
             (CoordinatorPhase::Checkpointing, Role::Source) => self.on_checkpoint_taken(now, &m.body),
             (CoordinatorPhase::Restoring, Role::Target) => self.on_restored(now, &m.body),
@@ -345,7 +351,11 @@ impl CoordinatorMachine {
         else {
             return Vec::new();
         };
-        (self.facts.0.pf, self.facts.0.source_digest) = (position.clone(), Some(*digest));
+        self.facts.0.pf = position.clone();
+        if let Some(digest) = digest {
+            // No digest point: the digests are compared at Pf.
+            (self.facts.0.source_digest, self.facts.0.digest_position) = (Some(*digest), Some(position.clone()));
+        }
         self.facts.0.source_stall = Duration::from_micros(*longest_stall_us);
         match self.plan.strategy {
             Strategy::Ms2m | Strategy::Ms2mThreshold => {
@@ -505,6 +515,7 @@ impl CoordinatorMachine {
             cutover_reason: facts.reason.clone().unwrap_or(CutoverReason::StopFirst),
             p0: facts.p0.clone(),
             pf: facts.pf.clone(),
+            digest_position: facts.digest_position.clone().unwrap_or_else(|| facts.pf.clone()),
             source_digest: facts.source_digest.unwrap_or(digest),
             target_digest: digest,
             digest_match,

@@ -179,6 +179,7 @@ impl std::fmt::Display for MigrationFailure {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::position::Position;
 
     fn record(migration: &str, from: Role, body: ControlBody) -> ControlMessage {
         ControlMessage {
@@ -231,5 +232,176 @@ mod tests {
             decisions.owner().map(|o| (o.instance_id.as_str(), o.epoch)),
             Some(("src", 3))
         );
+    }
+
+    fn at(offset: i64) -> Position {
+        let mut p = Position::new();
+        p.set(crate::position::TopicPartition::new("in", 0), offset);
+        p
+    }
+
+    fn prepare() -> ControlMessage {
+        let body = ControlBody::Prepare {
+            source: "src".into(),
+            target: "tgt".into(),
+            digest_policy: crate::migration::DigestPolicy::Abort,
+        };
+        record("m", Role::Coordinator, body)
+    }
+
+    fn restored() -> ControlMessage {
+        let body = ControlBody::Restored {
+            position: at(10),
+            transfer_us: 0,
+            restore_us: 0,
+        };
+        record("m", Role::Target, body)
+    }
+
+    /// The source holds its progress while it takes the digest point, and a
+    /// digest that comes back after the stop changes nothing (`Stopped`
+    /// then carries the digest at Pf).
+    #[test]
+    fn the_source_holds_progress_for_the_digest_point_and_digests_at_pf_if_stopped_first() {
+        use source::{SourceAction, SourceEvent, SourceMachine};
+        let mut source = SourceMachine::new("src", Decisions::default());
+        source.handle(SourceEvent::Record(prepare()));
+        assert_eq!(
+            source.handle(SourceEvent::Record(restored())),
+            vec![SourceAction::TakeDigest]
+        );
+        assert_eq!(source.handle(SourceEvent::ProgressDue), vec![]);
+        let stop = record("m", Role::Coordinator, ControlBody::Stop { next_epoch: 1 });
+        assert_eq!(
+            source.handle(SourceEvent::Record(stop)),
+            vec![SourceAction::CommitAndPublishStopped {
+                migration: "m".into(),
+                digest: true
+            }]
+        );
+        let late = SourceEvent::DigestTaken {
+            position: at(20),
+            digest: StateDigest(1),
+        };
+        assert_eq!(source.handle(late), vec![]);
+    }
+
+    #[test]
+    fn after_the_digest_point_the_source_stops_without_a_digest() {
+        use source::{SourceAction, SourceEvent, SourceMachine};
+        let mut source = SourceMachine::new("src", Decisions::default());
+        source.handle(SourceEvent::Record(prepare()));
+        source.handle(SourceEvent::Record(restored()));
+        let taken = SourceEvent::DigestTaken {
+            position: at(20),
+            digest: StateDigest(1),
+        };
+        let actions = source.handle(taken);
+        assert!(matches!(
+            &actions[0],
+            SourceAction::Publish {
+                body: ControlBody::DigestAt {
+                    digest: StateDigest(1),
+                    ..
+                },
+                ..
+            }
+        ));
+        let stop = record("m", Role::Coordinator, ControlBody::Stop { next_epoch: 1 });
+        assert_eq!(
+            source.handle(SourceEvent::Record(stop)),
+            vec![SourceAction::CommitAndPublishStopped {
+                migration: "m".into(),
+                digest: false
+            }]
+        );
+    }
+
+    /// The target's ceiling stays at Pd until it compared digests there;
+    /// a `Stopped` that arrives meanwhile waits for the comparison.
+    #[test]
+    fn the_target_compares_at_the_digest_point_before_it_cuts_over() {
+        use target::{TargetAction, TargetEvent, TargetMachine};
+        let mut target = TargetMachine::new("tgt", Decisions::default());
+        target.handle(TargetEvent::Record(prepare()));
+        let restore = record("m", Role::Coordinator, ControlBody::Restore { snapshot_id: Some(0) });
+        target.handle(TargetEvent::Record(restore));
+        target.handle(TargetEvent::Restored {
+            position: at(10),
+            transfer_us: 0,
+            restore_us: 0,
+        });
+        let digest_at = ControlBody::DigestAt {
+            position: at(20),
+            digest: StateDigest(7),
+        };
+        assert_eq!(
+            target.handle(TargetEvent::Record(record("m", Role::Source, digest_at))),
+            vec![TargetAction::SetCeiling(at(20)), TargetAction::CheckDigestAt(at(20))]
+        );
+        let progress = ControlBody::SourceProgress { position: at(30) };
+        assert_eq!(
+            target.handle(TargetEvent::Record(record("m", Role::Source, progress))),
+            vec![]
+        );
+        target.handle(TargetEvent::Record(record(
+            "m",
+            Role::Coordinator,
+            ControlBody::Stop { next_epoch: 1 },
+        )));
+        let stopped = ControlBody::Stopped {
+            position: at(40),
+            digest: None,
+            longest_stall_us: 0,
+        };
+        assert_eq!(
+            target.handle(TargetEvent::Record(record("m", Role::Source, stopped))),
+            vec![]
+        );
+        assert_eq!(
+            target.handle(TargetEvent::ReachedDigestPoint(StateDigest(7))),
+            vec![
+                TargetAction::SetCeiling(at(40)),
+                TargetAction::ReplayTo {
+                    pf: at(40),
+                    digest: false
+                }
+            ]
+        );
+        let actions = target.handle(TargetEvent::ReachedPf(None));
+        assert!(matches!(
+            &actions[..],
+            [TargetAction::Publish(ControlBody::Takeover { .. })]
+        ));
+    }
+
+    #[test]
+    fn a_digest_mismatch_at_the_digest_point_fails_before_the_stop() {
+        use target::{TargetAction, TargetEvent, TargetMachine};
+        let mut target = TargetMachine::new("tgt", Decisions::default());
+        target.handle(TargetEvent::Record(prepare()));
+        let restore = record("m", Role::Coordinator, ControlBody::Restore { snapshot_id: Some(0) });
+        target.handle(TargetEvent::Record(restore));
+        target.handle(TargetEvent::Restored {
+            position: at(10),
+            transfer_us: 0,
+            restore_us: 0,
+        });
+        let digest_at = ControlBody::DigestAt {
+            position: at(20),
+            digest: StateDigest(7),
+        };
+        target.handle(TargetEvent::Record(record("m", Role::Source, digest_at)));
+        let actions = target.handle(TargetEvent::ReachedDigestPoint(StateDigest(8)));
+        assert!(matches!(
+            &actions[..],
+            [
+                TargetAction::Publish(ControlBody::CutoverFailed {
+                    digest_mismatch: Some(_),
+                    ..
+                }),
+                TargetAction::Fail(MigrationFailure::DigestMismatch(..))
+            ]
+        ));
     }
 }

@@ -12,6 +12,16 @@
 //!                                                           Released
 //! ```
 //!
+//! # The digest point
+//!
+//! When the target reports `Restored`, the source takes its digest at its
+//! current position Pd (the driver freezes the state and digests the copy
+//! off the apply loop where the state can freeze) and publishes `DigestAt`.
+//! Until then it publishes no progress, so the target's replay ceiling
+//! stays at or below Pd and the target can compare its own digest there
+//! before it goes live. The cutover then needs no digest: `Stopped` carries
+//! one only when no `DigestAt` went out for the migration.
+//!
 //! The source applies input unless it is stopped or released
 //! ([`SourceMachine::may_apply`]). It never decides anything: it learns the
 //! decision from the channel like every other party ([`super::Decisions`]).
@@ -38,6 +48,19 @@ struct OpenMigration {
     stopped: bool,
     /// A checkpoint upload for this migration is under way.
     uploading: bool,
+    /// Where the digest point is.
+    digest: DigestStep,
+}
+
+/// The source's part of the digest point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum DigestStep {
+    /// Not asked for yet (no `Restored` seen).
+    NotTaken,
+    /// Being computed; no progress goes out meanwhile.
+    Taking,
+    /// `DigestAt` published: the cutover needs no digest.
+    Published,
 }
 
 /// What happened to the source.
@@ -51,6 +74,13 @@ pub enum SourceEvent {
     CheckpointFailed(String),
     /// The progress interval elapsed.
     ProgressDue,
+    /// The digest asked for by [`SourceAction::TakeDigest`].
+    DigestTaken {
+        /// The position it was taken at (Pd).
+        position: crate::position::Position,
+        /// The state's digest there.
+        digest: crate::digest::StateDigest,
+    },
 }
 
 /// What the source's driver must do.
@@ -66,16 +96,21 @@ pub enum SourceAction {
         /// The record.
         body: ControlBody,
     },
+    /// Take the state's digest at the current position (off the apply loop
+    /// if the state freezes) and report [`SourceEvent::DigestTaken`].
+    TakeDigest,
     /// Publish the applied position as `SourceProgress`.
     PublishProgress {
         /// The migration.
         migration: String,
     },
-    /// Commit every output, then publish `Stopped` with the position and
-    /// digest reached (Pf).
+    /// Commit every output, then publish `Stopped` with the position
+    /// reached (Pf) and, with `digest`, the state's digest there.
     CommitAndPublishStopped {
         /// The migration.
         migration: String,
+        /// Whether `Stopped` carries a digest (no `DigestAt` went out).
+        digest: bool,
     },
     /// Re-claim the output sink (fencing any stray producer) before serving
     /// again after a stop.
@@ -120,11 +155,45 @@ impl SourceMachine {
             SourceEvent::CheckpointStored(info) => self.on_checkpoint(Ok(info)),
             SourceEvent::CheckpointFailed(reason) => self.on_checkpoint(Err(reason)),
             SourceEvent::ProgressDue => match &self.migration {
-                Some(m) if !m.stopped => vec![SourceAction::PublishProgress {
+                // No progress while the digest point is taken: the target's
+                // ceiling must not pass Pd before it learns Pd.
+                Some(m) if !m.stopped && m.digest != DigestStep::Taking => vec![SourceAction::PublishProgress {
                     migration: m.id.clone(),
                 }],
                 _ => Vec::new(),
             },
+            SourceEvent::DigestTaken { position, digest } => self.on_digest_taken(position, digest),
+        }
+    }
+
+    /// The target restored: take the digest point (once, while serving).
+    fn take_digest(&mut self) -> Vec<SourceAction> {
+        match self.migration.as_mut() {
+            Some(m) if !m.stopped && m.digest == DigestStep::NotTaken => {
+                m.digest = DigestStep::Taking;
+                vec![SourceAction::TakeDigest]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn on_digest_taken(
+        &mut self,
+        position: crate::position::Position,
+        digest: crate::digest::StateDigest,
+    ) -> Vec<SourceAction> {
+        match self.migration.as_mut() {
+            // Stopped meanwhile: `Stopped` carried the digest at Pf instead.
+            Some(m) if !m.stopped && m.digest == DigestStep::Taking => {
+                m.digest = DigestStep::Published;
+                let migration = m.id.clone();
+                let body = ControlBody::DigestAt { position, digest };
+                let progress = SourceAction::PublishProgress {
+                    migration: migration.clone(),
+                };
+                vec![SourceAction::Publish { migration, body }, progress]
+            }
+            _ => Vec::new(),
         }
     }
 
@@ -136,10 +205,13 @@ impl SourceMachine {
             Observed::AfterDecision(_) => return Vec::new(),
             Observed::Open => {}
         }
+        let ours = self.migration.as_ref().is_some_and(|o| o.id == m.migration_id);
+        if m.from == Role::Target && ours && matches!(m.body, ControlBody::Restored { .. }) {
+            return self.take_digest();
+        }
         if m.from != Role::Coordinator {
             return Vec::new();
         }
-        let ours = self.migration.as_ref().is_some_and(|o| o.id == m.migration_id);
         match &m.body {
             ControlBody::Prepare { source, .. } if *source == self.me => self.open(&m.migration_id),
             ControlBody::Checkpoint if ours => self.start_checkpoint(),
@@ -161,6 +233,7 @@ impl SourceMachine {
             id: id.to_string(),
             stopped: false,
             uploading: false,
+            digest: DigestStep::NotTaken,
         });
         Vec::new()
     }
@@ -185,6 +258,7 @@ impl SourceMachine {
         m.stopped = true;
         vec![SourceAction::CommitAndPublishStopped {
             migration: m.id.clone(),
+            digest: m.digest != DigestStep::Published,
         }]
     }
 

@@ -13,6 +13,13 @@
 //!                      decides          publish Takeover
 //! ```
 //!
+//! While replaying, the source's `DigestAt` names a digest point Pd: the
+//! target holds its ceiling at Pd, compares its digest there with the
+//! source's (a mismatch under `DigestPolicy::Abort` fails the migration
+//! before the source ever stops), then replays on. The cutover itself then
+//! replays the final gap and needs no digest; without a digest point (the
+//! source stopped first) the digests are compared at Pf.
+//!
 //! The target claims the sink only after reading its own `Takeover` back as
 //! the decision of the migration ([`super::Decisions`]): a rollback that
 //! came first makes it stand down instead. Any failure publishes
@@ -66,10 +73,38 @@ struct Selected {
     epoch: Option<u64>,
     /// The source's latest published position (the replay ceiling).
     source_position: Option<Position>,
-    /// Pf and the source's digest there, once it stopped.
-    stopped: Option<(Position, StateDigest)>,
-    /// This target's digest at Pf, once it got there.
+    /// Pf and the source's digest there (`None`: compared at the digest
+    /// point), once it stopped.
+    stopped: Option<(Position, Option<StateDigest>)>,
+    /// The digest point the source published.
+    digest_point: Option<DigestPoint>,
+    /// This target's digest at Pf, when one is compared there.
     digest_at_pf: Option<StateDigest>,
+}
+
+/// Pd, where source and target compare digests before the stop.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct DigestPoint {
+    position: Position,
+    source: StateDigest,
+    /// Ours, once replay reached Pd.
+    target: Option<StateDigest>,
+}
+
+impl Selected {
+    /// Whether replay must still stop at the digest point.
+    fn digest_point_pending(&self) -> bool {
+        self.digest_point.as_ref().is_some_and(|d| d.target.is_none())
+    }
+
+    /// The source's and this target's digests, where they were compared.
+    fn digests(&self) -> Option<(StateDigest, StateDigest)> {
+        match &self.stopped {
+            Some((_, Some(source))) => Some((*source, self.digest_at_pf?)),
+            Some((_, None)) => self.digest_point.as_ref().and_then(|d| Some((d.source, d.target?))),
+            None => None,
+        }
+    }
 }
 
 /// What happened to the target.
@@ -88,8 +123,12 @@ pub enum TargetEvent {
     },
     /// The checkpoint could not be fetched or restored.
     RestoreFailed(String),
-    /// Replay reached Pf; the state's digest there.
-    ReachedPf(StateDigest),
+    /// Replay reached the digest point; the state's digest there.
+    ReachedDigestPoint(StateDigest),
+    /// The target had already applied past the digest point (its position).
+    PastDigestPoint(Position),
+    /// Replay reached Pf; the state's digest there, if asked for.
+    ReachedPf(Option<StateDigest>),
     /// The target had already applied past Pf (its position).
     PastPf(Position),
     /// The sink is claimed.
@@ -108,8 +147,17 @@ pub enum TargetAction {
     Restore(Option<SnapshotId>),
     /// Never apply past this position (the source's).
     SetCeiling(Position),
-    /// Replay up to `Pf` and report [`TargetEvent::ReachedPf`] or `PastPf`.
-    ReplayTo(Position),
+    /// Replay up to the digest point (the ceiling holds there) and report
+    /// [`TargetEvent::ReachedDigestPoint`] or `PastDigestPoint`.
+    CheckDigestAt(Position),
+    /// Replay up to `pf` and report [`TargetEvent::ReachedPf`] (with the
+    /// digest there if `digest`) or `PastPf`.
+    ReplayTo {
+        /// Pf.
+        pf: Position,
+        /// Whether to take the digest at Pf.
+        digest: bool,
+    },
     /// Publish `body` for the migration.
     Publish(ControlBody),
     /// Publish `TargetProgress` (lag and rates are the driver's measurements).
@@ -171,6 +219,10 @@ impl TargetMachine {
                 restore_us,
             } => self.on_restored(position, transfer_us, restore_us),
             TargetEvent::RestoreFailed(reason) => self.fail_loudly(format!("restore failed: {reason}")),
+            TargetEvent::ReachedDigestPoint(digest) => self.on_reached_digest_point(digest),
+            TargetEvent::PastDigestPoint(position) => {
+                self.fail_loudly(format!("target is past the digest point: {position}"))
+            }
             TargetEvent::ReachedPf(digest) => self.on_reached_pf(digest),
             TargetEvent::PastPf(position) => self.on_past_pf(position),
             TargetEvent::Claimed => self.on_claimed(),
@@ -200,6 +252,7 @@ impl TargetMachine {
                     epoch: None,
                     source_position: None,
                     stopped: None,
+                    digest_point: None,
                     digest_at_pf: None,
                 });
                 Vec::new()
@@ -222,9 +275,26 @@ impl TargetMachine {
                 sel.epoch = Some(next_epoch);
                 Vec::new()
             }
+            (ControlBody::DigestAt { position, digest }, Role::Source)
+                if sel.stopped.is_none() && sel.digest_point.is_none() =>
+            {
+                sel.digest_point = Some(DigestPoint {
+                    position: position.clone(),
+                    source: digest,
+                    target: None,
+                });
+                if replaying {
+                    vec![
+                        TargetAction::SetCeiling(position.clone()),
+                        TargetAction::CheckDigestAt(position),
+                    ]
+                } else {
+                    Vec::new()
+                }
+            }
             (ControlBody::SourceProgress { position }, Role::Source) if sel.stopped.is_none() => {
                 sel.source_position = Some(position.clone());
-                if replaying {
+                if replaying && !sel.digest_point_pending() {
                     vec![TargetAction::SetCeiling(position)]
                 } else {
                     Vec::new()
@@ -232,7 +302,7 @@ impl TargetMachine {
             }
             (ControlBody::Stopped { position, digest, .. }, Role::Source) if sel.stopped.is_none() => {
                 sel.stopped = Some((position, digest));
-                if replaying {
+                if replaying && !sel.digest_point_pending() {
                     self.cut_over()
                 } else {
                     Vec::new()
@@ -247,52 +317,101 @@ impl TargetMachine {
             return Vec::new();
         };
         self.phase = TargetPhase::Replaying;
-        let ceiling = sel.source_position.clone().unwrap_or_else(|| position.clone());
+        let pending = sel.digest_point.as_ref().filter(|_| sel.digest_point_pending());
+        let ceiling = match pending {
+            Some(point) => point.position.clone(),
+            None => sel.source_position.clone().unwrap_or_else(|| position.clone()),
+        };
+        let check = pending.map(|point| TargetAction::CheckDigestAt(point.position.clone()));
         let body = ControlBody::Restored {
             position,
             transfer_us,
             restore_us,
         };
         let mut actions = vec![TargetAction::SetCeiling(ceiling), TargetAction::Publish(body)];
-        if sel.stopped.is_some() {
+        actions.extend(check);
+        if sel.stopped.is_some() && !sel.digest_point_pending() {
             actions.extend(self.cut_over());
         }
         actions
     }
 
+    /// Replay reached Pd: compare, then replay on (or cut over, if the
+    /// source stopped meanwhile).
+    fn on_reached_digest_point(&mut self, digest: StateDigest) -> Vec<TargetAction> {
+        let replaying = self.phase == TargetPhase::Replaying;
+        let Some(sel) = self
+            .migration
+            .as_mut()
+            .filter(|s| replaying && s.digest_point_pending())
+        else {
+            return Vec::new();
+        };
+        let Some(point) = sel.digest_point.as_mut() else {
+            return Vec::new();
+        };
+        point.target = Some(digest);
+        let (source, pd) = (point.source, point.position.clone());
+        if digest != source && sel.digest_policy == DigestPolicy::Abort {
+            return self.digest_mismatch(source, digest);
+        }
+        if sel.stopped.is_some() {
+            return self.cut_over();
+        }
+        let ceiling = sel.source_position.clone().filter(|p| p.reaches(&pd)).unwrap_or(pd);
+        vec![TargetAction::SetCeiling(ceiling)]
+    }
+
+    /// Digests differ under `DigestPolicy::Abort`: the migration fails.
+    fn digest_mismatch(&mut self, source_digest: StateDigest, target_digest: StateDigest) -> Vec<TargetAction> {
+        let error = MigrationError::DigestMismatch {
+            source_digest,
+            target_digest,
+        };
+        self.phase = TargetPhase::Failed;
+        let body = ControlBody::CutoverFailed {
+            reason: error.to_string(),
+            digest_mismatch: Some((source_digest, target_digest)),
+        };
+        let failure = MigrationFailure::DigestMismatch(source_digest, target_digest);
+        vec![TargetAction::Publish(body), TargetAction::Fail(failure)]
+    }
+
     /// The source stopped at Pf: replay the final gap.
     fn cut_over(&mut self) -> Vec<TargetAction> {
-        let Some((pf, _)) = self.migration.as_ref().and_then(|s| s.stopped.clone()) else {
+        let Some((pf, at_pf)) = self.migration.as_ref().and_then(|s| s.stopped.clone()) else {
             return Vec::new();
         };
         if self.migration.as_ref().is_some_and(|s| s.epoch.is_none()) {
             return self.fail_loudly("the source stopped without a stop command".into());
         }
+        if at_pf.is_none() && self.migration.as_ref().is_some_and(|s| s.digest_point.is_none()) {
+            return self.fail_loudly("the source compared digests at a point this target never saw".into());
+        }
         self.phase = TargetPhase::CuttingOver;
-        vec![TargetAction::SetCeiling(pf.clone()), TargetAction::ReplayTo(pf)]
+        vec![
+            TargetAction::SetCeiling(pf.clone()),
+            TargetAction::ReplayTo {
+                pf,
+                digest: at_pf.is_some(),
+            },
+        ]
     }
 
-    fn on_reached_pf(&mut self, digest: StateDigest) -> Vec<TargetAction> {
+    fn on_reached_pf(&mut self, digest: Option<StateDigest>) -> Vec<TargetAction> {
         let cutting_over = self.phase == TargetPhase::CuttingOver;
         let Some(sel) = self.migration.as_mut().filter(|_| cutting_over) else {
             return Vec::new();
         };
-        sel.digest_at_pf = Some(digest);
-        let (Some((pf, source_digest)), Some(epoch)) = (sel.stopped.clone(), sel.epoch) else {
+        sel.digest_at_pf = digest;
+        let (Some((pf, _)), Some(epoch)) = (sel.stopped.clone(), sel.epoch) else {
             return Vec::new();
         };
-        if digest != source_digest && sel.digest_policy == DigestPolicy::Abort {
-            let error = MigrationError::DigestMismatch {
-                source_digest,
-                target_digest: digest,
-            };
-            self.phase = TargetPhase::Failed;
-            let body = ControlBody::CutoverFailed {
-                reason: error.to_string(),
-                digest_mismatch: Some((source_digest, digest)),
-            };
-            let failure = MigrationFailure::DigestMismatch(source_digest, digest);
-            return vec![TargetAction::Publish(body), TargetAction::Fail(failure)];
+        let Some((source_digest, target_digest)) = sel.digests() else {
+            return self.fail_loudly("no digest to compare at the cutover".into());
+        };
+        if target_digest != source_digest && sel.digest_policy == DigestPolicy::Abort {
+            return self.digest_mismatch(source_digest, target_digest);
         }
         self.phase = TargetPhase::TakingOver;
         let body = ControlBody::Takeover {
@@ -336,7 +455,8 @@ impl TargetMachine {
         let Some(sel) = self.migration.as_ref().filter(|_| self.phase == TargetPhase::Claiming) else {
             return Vec::new();
         };
-        let (Some((pf, source_digest)), Some(epoch), Some(digest)) = (sel.stopped.clone(), sel.epoch, sel.digest_at_pf)
+        let (Some((pf, _)), Some(epoch), Some((source_digest, digest))) =
+            (sel.stopped.clone(), sel.epoch, sel.digests())
         else {
             return Vec::new();
         };
