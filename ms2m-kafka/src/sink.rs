@@ -297,14 +297,18 @@ impl OutputSink for KafkaSink {
                 let timeout = self.timeout();
                 let offsets = tpl.clone();
                 let result = blocking(move || {
+                    let started = std::time::Instant::now();
                     if offsets.count() > 0 {
                         producer
                             .send_offsets_to_transaction(&offsets, &cgm, timeout)
                             .map_err(KafkaError::kafka("add the input position to the transaction"))?;
                     }
+                    let offsets_sent = started.elapsed();
                     producer
                         .commit_transaction(timeout)
-                        .map_err(KafkaError::kafka("commit the transaction"))
+                        .map_err(KafkaError::kafka("commit the transaction"))?;
+                    debug!(?offsets_sent, committed = ?started.elapsed(), "transaction committed");
+                    Ok(())
                 })
                 .await;
                 if let Err(e) = result {

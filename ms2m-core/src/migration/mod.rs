@@ -10,11 +10,18 @@
 //!
 //! | phase | source | target |
 //! |---|---|---|
-//! | 1 checkpoint | serializes its state (the only pause), uploads it in the background, keeps serving | — |
+//! | 1 checkpoint | freezes its state (a clone, O(1) with persistent collections; a plain state serializes here, the pause), encodes and uploads it in the background, keeps serving | — |
 //! | 2 transfer | keeps serving | fetches the snapshot |
 //! | 3 restore | keeps serving | verifies and restores it |
-//! | 4 replay | keeps serving, publishes its position | applies from P0 with outputs suppressed, never past the source |
-//! | 5 cutover | stops at a message boundary Pf, commits, publishes Pf + digest | replays to Pf, compares digests, publishes `Takeover`, claims the sink once its `Takeover` decided the migration, goes live |
+//! | 4 replay | keeps serving, publishes its position; once the target restored, publishes its digest at Pd (computed off the apply loop from a frozen copy) | applies from P0 with outputs suppressed, never past the source; holds at Pd and compares digests there |
+//! | 5 cutover | stops at a message boundary Pf, commits, publishes Pf | replays the final gap to Pf, publishes `Takeover`, claims the sink once its `Takeover` decided the migration, goes live |
+//!
+//! The digests are compared at Pd, before the stop, so the cutover does no
+//! O(state) work and a non-deterministic `apply` fails the migration while
+//! the source still serves. Messages between Pd and Pf are not covered by
+//! the comparison. A source that stops before its digest point (a stop that
+//! overtakes it, stop-and-copy, cold start) publishes its digest at Pf in
+//! `Stopped`, and the target compares there.
 //!
 //! Kafka's log is the replay buffer: the snapshot's position says exactly
 //! where replay starts and Pf exactly where it ends, so no message is applied
@@ -35,9 +42,9 @@
 //! The control records of one migration, in the order they are published:
 //!
 //! ```text
-//! coordinator: Prepare(source, target) ─ Checkpoint ─────────── Restore ─────────────────── Stop ─────────── Release ─ Completed
-//! source:                   CheckpointTaken(P0) ─ SourceProgress* ───────────── Stopped(Pf, digest)
-//! target:                                                 Restored ─ TargetProgress* ─────────── Takeover ─ Live
+//! coordinator: Prepare(source, target) ─ Checkpoint ─────────── Restore ───────────────────────────────── Stop ─────────── Release ─ Completed
+//! source:                   CheckpointTaken(P0) ─ SourceProgress* ───── DigestAt(Pd) ─ SourceProgress* ──── Stopped(Pf)
+//! target:                                                 Restored ─ TargetProgress* ───────────────────────────────── Takeover ─ Live
 //! ```
 //! (stop-and-copy: `Prepare`, `Stop`, `Checkpoint`, `Restore`; cold start:
 //! `Prepare`, `Stop`, `Restore(none)`.)
@@ -46,7 +53,7 @@
 //!
 //! Before the source stops, a failure simply aborts the migration: the
 //! source never noticed. After the stop, the target announces `Takeover`
-//! once it reached Pf with equal digests, and a coordinator that gives up
+//! once it reached Pf with digests equal (at Pd, or at Pf), and a coordinator that gives up
 //! announces a rollback (`Resume`/`Aborted`). **The first of the two on the
 //! channel wins**, and every party decides by that order through one fold,
 //! [`protocol::Decisions`]: the target claims the sink only after reading
