@@ -109,8 +109,9 @@ impl fmt::Debug for KafkaConfig {
 }
 
 impl KafkaConfig {
-    /// A configuration for `service` with no broker configured (the embedded
-    /// mock cluster is used unless [`bootstrap_servers`](Self::bootstrap_servers) is set).
+    /// A configuration for `service` with no broker configured:
+    /// [`KafkaCluster::connect`](crate::KafkaCluster::connect) refuses it
+    /// until [`bootstrap_servers`](Self::bootstrap_servers) is set.
     pub fn new(service: impl Into<String>) -> Self {
         Self {
             service: service.into(),
