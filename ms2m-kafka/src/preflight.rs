@@ -60,7 +60,7 @@
 
 use std::collections::BTreeMap;
 
-use ms2m_core::{BackendError, ErrorKind};
+use ms2m_core::ErrorKind;
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -70,7 +70,7 @@ use tracing::{debug, info, warn};
 
 use crate::broker::KafkaCluster;
 use crate::config::SetDefault;
-use crate::error::{blocking, KafkaError, Result};
+use crate::error::{blocking, kind_of_code, KafkaError, Result};
 
 /// How librdkafka's mock cluster names itself (`rdkafka_mock.c`:
 /// `"mockCluster%lx"`).
@@ -144,7 +144,7 @@ pub(crate) async fn check_exactly_once(cluster: &KafkaCluster) -> Result<()> {
     probe_transaction(cluster, &topic).await?;
     info!(
         bootstrap = cluster.bootstrap_servers(),
-        "broker passed the transaction probe"
+        "the broker accepts transactions (probe passed; that it fences zombies is not proven by the probe)"
     );
     Ok(())
 }
@@ -190,19 +190,15 @@ async fn probe_transaction(cluster: &KafkaCluster, topic: &str) -> Result<()> {
         .map_err(unsupported("abort (EndTxn)"))
 }
 
-/// A failed probe step: the broker is unreachable (kept as such), or it
-/// refused the transactional protocol.
+/// A failed probe step: the broker is unreachable (kept as such, not a
+/// verdict on transactions), or it refused the transactional protocol.
 fn refusal(bootstrap: String, step: &'static str, source: RdKafkaError) -> KafkaError {
-    let as_kafka = KafkaError::Kafka {
-        operation: "probe transactions",
-        source,
-    };
-    if as_kafka.kind() == ErrorKind::Unavailable {
-        return as_kafka;
+    if source.rdkafka_error_code().map(kind_of_code) == Some(ErrorKind::Unavailable) {
+        return KafkaError::Kafka {
+            operation: "probe transactions",
+            source,
+        };
     }
-    let KafkaError::Kafka { source, .. } = as_kafka else {
-        unreachable!("built as KafkaError::Kafka above")
-    };
     KafkaError::TransactionsUnsupported {
         bootstrap,
         step,
