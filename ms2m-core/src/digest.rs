@@ -44,6 +44,13 @@ use xxhash_rust::xxh3::{xxh3_128_with_seed, Xxh3};
 /// (`serde_json::to_value` fails on one above 2⁶⁴). Compact formats
 /// (bincode...) get the `u128`. Deserializing from a human-readable format
 /// also accepts an integer that fits the format's numbers.
+///
+/// Compatibility: control records written by builds before this encoding
+/// carried the digest as a JSON number. serde_json reads numbers above
+/// 2⁶⁴ (almost every digest) only as lossy floats, so such a number is
+/// rejected, never misread: the old record no longer decodes and is skipped
+/// like any undecodable control record. Run every party of a migration on
+/// the same version.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct StateDigest(pub u128);
 
@@ -627,6 +634,11 @@ mod tests {
             "\"00000000000000000000000000000007\""
         );
         assert_eq!(serde_json::from_str::<StateDigest>("7").unwrap(), small);
+        let old_json_number = u128::MAX.to_string();
+        assert!(
+            serde_json::from_str::<StateDigest>(&old_json_number).is_err(),
+            "a number serde_json can only read as a float is rejected, not rounded"
+        );
         let config = bincode::config::standard();
         let bytes = bincode::serde::encode_to_vec(digest, config).unwrap();
         let (back, _): (StateDigest, usize) = bincode::serde::decode_from_slice(&bytes, config).unwrap();
