@@ -39,8 +39,9 @@ impl StatefulService for WordCount {
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     ms2m_examples::support::init_logging();
-    // No bootstrap servers configured: the embedded broker starts.
-    let cluster = KafkaCluster::connect(KafkaConfig::new("word-count").input_topic("words"))?;
+    // The embedded test broker, by explicit opt-in (a real cluster:
+    // `KafkaCluster::connect` with `KafkaConfig::bootstrap_servers`).
+    let cluster = KafkaCluster::embedded(KafkaConfig::new("word-count").input_topic("words"))?;
     cluster.create_topic("words", 2, &[]).await?;
     cluster.create_topic("word-counts", 2, &[]).await?;
     let text = "the quick brown fox jumps over the lazy dog the end";

@@ -22,7 +22,7 @@ const EVENTS: u64 = 20_000;
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     ms2m_examples::support::init_logging();
-    let cluster = KafkaCluster::connect(KafkaConfig::new("game-sessions").input_topic("game-events"))?;
+    let cluster = KafkaCluster::embedded(KafkaConfig::new("game-sessions").input_topic("game-events"))?;
     cluster.create_topic("game-events", 4, &[]).await?;
     cluster.create_topic("game-scores", 4, &[]).await?;
     let key = |p: u64| p.to_be_bytes().to_vec();

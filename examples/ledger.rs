@@ -24,7 +24,7 @@ const TRANSACTIONS: u64 = 2_000;
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     ms2m_examples::support::init_logging();
-    let cluster = KafkaCluster::connect(KafkaConfig::new("ledger").input_topic("transactions"))?;
+    let cluster = KafkaCluster::embedded(KafkaConfig::new("ledger").input_topic("transactions"))?;
     cluster.create_topic("transactions", 3, &[]).await?;
     cluster.create_topic("ledger-events", 3, &[]).await?;
     let txs = (0..TRANSACTIONS)

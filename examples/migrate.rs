@@ -441,11 +441,11 @@ fn print_table(runs: &[Run]) {
 async fn main() -> Result<(), BoxError> {
     ms2m_examples::support::init_logging();
     let args = Args::parse();
-    let mut config = KafkaConfig::new("ms2m-demo");
-    if let Some(brokers) = &args.brokers {
-        config = config.bootstrap_servers(brokers);
-    }
-    let cluster = KafkaCluster::connect(config)?;
+    let config = KafkaConfig::new("ms2m-demo");
+    let cluster = match &args.brokers {
+        Some(brokers) => KafkaCluster::connect(config.bootstrap_servers(brokers))?,
+        None => KafkaCluster::embedded(config)?,
+    };
     println!(
         "ms2m migration demo on {} ({}), input {} msg/s over {} partitions, {} players",
         if cluster.is_embedded() {

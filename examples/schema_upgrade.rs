@@ -119,7 +119,7 @@ impl StatefulService for Loyalty {
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     ms2m_examples::support::init_logging();
-    let cluster = KafkaCluster::connect(KafkaConfig::new("loyalty").input_topic("purchases"))?;
+    let cluster = KafkaCluster::embedded(KafkaConfig::new("loyalty").input_topic("purchases"))?;
     cluster.create_topic("purchases", 1, &[]).await?;
     let purchases = |range: std::ops::Range<u64>| {
         range

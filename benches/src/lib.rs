@@ -55,11 +55,11 @@ pub struct Bench {
 impl Bench {
     /// Connects to `brokers`, or starts the embedded mock cluster.
     pub fn connect(brokers: Option<&str>, quick: bool, runs: usize) -> Result<Self, BoxError> {
-        let mut config = KafkaConfig::new("ms2m-bench");
-        if let Some(b) = brokers {
-            config = config.bootstrap_servers(b);
-        }
-        let cluster = KafkaCluster::connect(config)?;
+        let config = KafkaConfig::new("ms2m-bench");
+        let cluster = match brokers {
+            Some(b) => KafkaCluster::connect(config.bootstrap_servers(b))?,
+            None => KafkaCluster::embedded(config)?,
+        };
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() % 100_000)

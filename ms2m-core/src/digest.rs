@@ -37,8 +37,85 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{xxh3_128_with_seed, Xxh3};
 
 /// A 128-bit digest of a state.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+///
+/// Displayed, parsed ([`FromStr`](std::str::FromStr)) and serialized in
+/// human-readable formats (JSON, YAML, TOML...) as 32 lowercase hex
+/// digits: many of those formats have no 128-bit integers
+/// (`serde_json::to_value` fails on one above 2⁶⁴). Compact formats
+/// (bincode...) get the `u128`. Deserializing from a human-readable format
+/// also accepts an integer that fits the format's numbers.
+///
+/// Compatibility: control records written by builds before this encoding
+/// carried the digest as a JSON number. serde_json reads numbers above
+/// 2⁶⁴ (almost every digest) only as lossy floats, so such a number is
+/// rejected, never misread: the old record no longer decodes and is skipped
+/// like any undecodable control record. Run every party of a migration on
+/// the same version.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct StateDigest(pub u128);
+
+/// The length of a [`StateDigest`] in hex digits.
+const DIGEST_HEX_DIGITS: usize = 32;
+
+/// A string that is not a [`StateDigest`]: 32 hex digits.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("a state digest is {DIGEST_HEX_DIGITS} hex digits, got `{0}`")]
+pub struct ParseDigestError(String);
+
+impl std::str::FromStr for StateDigest {
+    type Err = ParseDigestError;
+
+    fn from_str(s: &str) -> Result<Self, ParseDigestError> {
+        let hex = s.len() == DIGEST_HEX_DIGITS && s.bytes().all(|b| b.is_ascii_hexdigit());
+        match hex.then(|| u128::from_str_radix(s, 16)) {
+            Some(Ok(n)) => Ok(StateDigest(n)),
+            _ => Err(ParseDigestError(s.to_string())),
+        }
+    }
+}
+
+impl Serialize for StateDigest {
+    fn serialize<S: ser::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            serializer.collect_str(self)
+        } else {
+            serializer.serialize_u128(self.0)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for StateDigest {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        if deserializer.is_human_readable() {
+            deserializer.deserialize_any(DigestVisitor)
+        } else {
+            u128::deserialize(deserializer).map(StateDigest)
+        }
+    }
+}
+
+/// Reads a [`StateDigest`] from hex digits or an integer.
+struct DigestVisitor;
+
+impl serde::de::Visitor<'_> for DigestVisitor {
+    type Value = StateDigest;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "a state digest: {DIGEST_HEX_DIGITS} hex digits")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<StateDigest, E> {
+        s.parse().map_err(E::custom)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<StateDigest, E> {
+        Ok(StateDigest(n.into()))
+    }
+
+    fn visit_u128<E: serde::de::Error>(self, n: u128) -> Result<StateDigest, E> {
+        Ok(StateDigest(n))
+    }
+}
 
 impl fmt::Debug for StateDigest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -544,6 +621,47 @@ mod tests {
     use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
     use proptest::prelude::*;
+
+    #[test]
+    fn a_digest_is_32_hex_digits_in_json_and_a_u128_in_bincode() {
+        let digest = StateDigest(u128::MAX - 0xfe);
+        let value = serde_json::to_value(digest).expect("to a JSON value");
+        assert_eq!(value, serde_json::json!("ffffffffffffffffffffffffffffff01"));
+        assert_eq!(serde_json::from_value::<StateDigest>(value).unwrap(), digest);
+        let small = StateDigest(7);
+        assert_eq!(
+            serde_json::to_string(&small).unwrap(),
+            "\"00000000000000000000000000000007\""
+        );
+        assert_eq!(serde_json::from_str::<StateDigest>("7").unwrap(), small);
+        let old_json_number = u128::MAX.to_string();
+        assert!(
+            serde_json::from_str::<StateDigest>(&old_json_number).is_err(),
+            "a number serde_json can only read as a float is rejected, not rounded"
+        );
+        let config = bincode::config::standard();
+        let bytes = bincode::serde::encode_to_vec(digest, config).unwrap();
+        let (back, _): (StateDigest, usize) = bincode::serde::decode_from_slice(&bytes, config).unwrap();
+        assert_eq!(back, digest);
+    }
+
+    #[test]
+    fn only_32_hex_digits_parse_as_a_digest() {
+        for bad in [
+            "",
+            "ff",
+            "+fffffffffffffffffffffffffffff01",
+            "gfffffffffffffffffffffffffffff01",
+        ] {
+            assert!(bad.parse::<StateDigest>().is_err(), "{bad:?}");
+            assert!(
+                serde_json::from_value::<StateDigest>(serde_json::json!(bad)).is_err(),
+                "{bad:?}"
+            );
+        }
+        let digest = StateDigest(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef);
+        assert_eq!(digest.to_string().parse::<StateDigest>().unwrap(), digest);
+    }
 
     #[test]
     fn hash_map_order_does_not_matter() {

@@ -1,23 +1,41 @@
 //! Brokers: the embedded mock cluster, and [`KafkaCluster`], the handle
 //! every backend is built from.
 //!
+//! # Choosing the broker is explicit
+//!
+//! [`KafkaCluster::connect`] needs `bootstrap.servers`
+//! ([`KafkaConfig::bootstrap_servers`]); without it, it fails with
+//! [`KafkaError::NoBrokerConfigured`]. It used to fall back to an
+//! in-process mock broker, which turned a missing setting in production into
+//! outputs "committed" into memory. The embedded broker is only started by
+//! [`KafkaCluster::embedded`], for tests, demos and benchmarks.
+//!
 //! # The embedded broker and its limits
 //!
-//! With no `bootstrap.servers` configured, [`KafkaCluster::connect`] starts
-//! librdkafka's in-process mock cluster ([`EmbeddedBroker`]) and logs so.
-//! It needs no install and is what the demo and most tests use, but it is a
-//! test double, not Kafka:
+//! [`KafkaCluster::embedded`] starts librdkafka's in-process mock cluster
+//! ([`EmbeddedBroker`]) and logs so ([`EMBEDDED_NOTICE`]). It needs no
+//! install, but it is a test double, not Kafka:
 //!
 //! * each partition keeps at most ~5 MiB or 100,000 message sets; older data
 //!   is evicted silently (the snapshot store spreads chunks over many
 //!   partitions because of this, and detects eviction on read);
-//! * no CreateTopics API (topics are created through the mock's own API);
-//! * transactions are accepted but not enforced: a second producer with the
-//!   same `transactional.id` is not fenced, aborted records stay visible to
-//!   `read_committed` consumers, and transactional offset commits
-//!   (`send_offsets_to_transaction`) are not stored. The exactly-once sink
-//!   therefore also commits the position with a plain offset commit after
-//!   each transaction on the embedded broker (see [`KafkaSink`]).
+//! * no CreateTopics or DescribeConfigs API (topics are created through the
+//!   mock's own API, and topic settings are neither set nor checked);
+//! * transactions are accepted but **not enforced**: a second producer with
+//!   the same `transactional.id` gets a new producer id instead of fencing
+//!   the first, aborted records stay visible to `read_committed` consumers,
+//!   and transactional offset commits (`send_offsets_to_transaction`) are
+//!   not stored. The exactly-once sink therefore also commits the position
+//!   with a plain offset commit after each transaction on the embedded
+//!   broker (see [`KafkaSink`]), and `Delivery::ExactlyOnce` there is
+//!   at-least-once in effect: allowed, because tests and benchmarks run the
+//!   transactional code path on it, but no evidence of exactly-once.
+//!
+//! The same mock reached **by address** from another process is refused for
+//! `Delivery::ExactlyOnce` ([`KafkaError::ExactlyOnceOnMockCluster`], see
+//! [`preflight`](crate::preflight)): that process cannot apply the mock's
+//! workaround, so recovery would find no committed position and re-emit
+//! every output since the last snapshot.
 
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
@@ -32,7 +50,7 @@ use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::ClientConfig;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::config::KafkaConfig;
 use crate::control::KafkaControl;
@@ -226,31 +244,51 @@ pub struct KafkaCluster {
     config: Arc<KafkaConfig>,
 }
 
-/// The message logged when no broker is configured.
-pub const EMBEDDED_NOTICE: &str = "no bootstrap.servers configured: using the embedded librdkafka mock cluster";
+/// The message logged when [`KafkaCluster::embedded`] starts the mock cluster.
+pub const EMBEDDED_NOTICE: &str =
+    "using the embedded librdkafka mock cluster (a test broker: data in memory, transactions not enforced)";
 
 impl KafkaCluster {
-    /// Connects to the configured `bootstrap.servers`, or, when none is
-    /// configured, starts the embedded mock cluster (and logs that it does).
+    /// Connects to the configured `bootstrap.servers`.
     ///
     /// No network round trip happens here; clients connect lazily.
+    ///
+    /// # Errors
+    ///
+    /// [`KafkaError::NoBrokerConfigured`] when `config` names no broker:
+    /// set [`KafkaConfig::bootstrap_servers`], or call
+    /// [`embedded`](Self::embedded) to opt into the in-process test broker.
     pub fn connect(config: KafkaConfig) -> Result<Self> {
-        let broker = match config.configured_bootstrap_servers() {
-            Some(servers) => {
-                debug!(bootstrap = servers, "using configured bootstrap.servers");
-                Broker {
-                    bootstrap: servers.to_string(),
-                    embedded: None,
-                }
-            }
-            None => {
-                let embedded = EmbeddedBroker::start(1)?;
-                info!(bootstrap = embedded.bootstrap_servers(), "{EMBEDDED_NOTICE}");
-                Broker {
-                    bootstrap: embedded.bootstrap_servers().to_string(),
-                    embedded: Some(embedded),
-                }
-            }
+        let servers = config
+            .configured_bootstrap_servers()
+            .ok_or(KafkaError::NoBrokerConfigured)?;
+        debug!(bootstrap = servers, "using configured bootstrap.servers");
+        let broker = Broker {
+            bootstrap: servers.to_string(),
+            embedded: None,
+        };
+        Ok(Self {
+            broker: Arc::new(broker),
+            config: Arc::new(config),
+        })
+    }
+
+    /// Starts librdkafka's in-process mock cluster (one broker) and
+    /// connects to it: the explicit opt-in to the test broker, with the
+    /// limits listed in [the module docs](self). `config`'s own
+    /// `bootstrap.servers`, if any, is ignored (and a warning logged).
+    pub fn embedded(config: KafkaConfig) -> Result<Self> {
+        if let Some(servers) = config.configured_bootstrap_servers() {
+            warn!(
+                ignored = servers,
+                "KafkaCluster::embedded ignores the configured bootstrap.servers"
+            );
+        }
+        let embedded = EmbeddedBroker::start(1)?;
+        info!(bootstrap = embedded.bootstrap_servers(), "{EMBEDDED_NOTICE}");
+        let broker = Broker {
+            bootstrap: embedded.bootstrap_servers().to_string(),
+            embedded: Some(embedded),
         };
         Ok(Self {
             broker: Arc::new(broker),
@@ -277,12 +315,13 @@ impl KafkaCluster {
         &self.broker.bootstrap
     }
 
-    /// The embedded broker, if this cluster is the mock.
-    pub fn embedded(&self) -> Option<&EmbeddedBroker> {
+    /// The embedded broker, if this cluster is the in-process mock.
+    pub fn embedded_broker(&self) -> Option<&EmbeddedBroker> {
         self.broker.embedded.as_ref()
     }
 
-    /// Whether this is the embedded mock cluster.
+    /// Whether this is the in-process embedded mock cluster (not a mock
+    /// reached by address: see [`preflight`](crate::preflight)).
     pub fn is_embedded(&self) -> bool {
         self.broker.embedded.is_some()
     }
@@ -312,7 +351,7 @@ impl KafkaCluster {
     /// On the embedded broker topic settings are ignored (the mock has no
     /// topic configuration).
     pub async fn create_topic(&self, topic: &str, partitions: i32, settings: &[(&str, &str)]) -> Result<bool> {
-        let created = match self.embedded() {
+        let created = match self.embedded_broker() {
             Some(embedded) => embedded.create_topic(topic, partitions)?,
             None => {
                 let admin: AdminClient<DefaultClientContext> = self
@@ -380,11 +419,16 @@ impl KafkaCluster {
 
     /// Log, snapshot store and sink, ready for
     /// [`Instance::recover`](ms2m_core::Instance::recover).
+    ///
+    /// The sink is built first, so that a broker that cannot give
+    /// `delivery` is refused before anything else is set up (see
+    /// [`preflight`](crate::preflight)).
     pub async fn backends(&self, delivery: Delivery) -> Result<Backends<KafkaLog, KafkaSnapshotStore, KafkaSink>> {
+        let sink = self.sink(delivery).await?;
         Ok(Backends {
             log: self.log().await?,
             store: Arc::new(self.snapshot_store().await?),
-            sink: self.sink(delivery).await?,
+            sink,
         })
     }
 }
@@ -401,4 +445,32 @@ pub(crate) fn partition_count(consumer: &impl Consumer, topic: &str, timeout: Du
             Some(t.partitions().len() as i32)
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_without_a_broker_names_the_setting() {
+        let error = KafkaCluster::connect(KafkaConfig::new("svc")).unwrap_err();
+        assert!(matches!(error, KafkaError::NoBrokerConfigured), "{error:?}");
+        let message = error.to_string();
+        assert!(
+            message.contains("bootstrap.servers") && message.contains("KafkaCluster::embedded"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn embedded_is_an_explicit_opt_in() {
+        let cluster = KafkaCluster::embedded(KafkaConfig::new("svc")).unwrap();
+        assert!(cluster.is_embedded());
+        assert_eq!(
+            cluster.bootstrap_servers(),
+            cluster.embedded_broker().unwrap().bootstrap_servers()
+        );
+        let configured = KafkaCluster::connect(KafkaConfig::new("svc").bootstrap_servers("h:9092")).unwrap();
+        assert!(!configured.is_embedded());
+    }
 }

@@ -47,7 +47,18 @@ pub const DEFAULT_SNAPSHOT_PARTITIONS: i32 = 8;
 /// | snapshot topic | `{service}.snapshots` |
 /// | control topic | `{service}.control` |
 /// | consumer group (committed input offsets) | `{service}` |
-/// | transactional id (exactly-once sink) | `{service}.tx` |
+/// | transactional id (exactly-once sink) | `{service}.tx` (and `{service}.tx.probe` for the [transaction probe](crate::preflight)) |
+///
+/// The other defaults:
+///
+/// | what | default |
+/// |---|---|
+/// | bootstrap servers | none: [`KafkaCluster::connect`](crate::KafkaCluster::connect) refuses it |
+/// | input topics / partitions | none / all partitions of the input topics |
+/// | snapshot chunk size | [`DEFAULT_CHUNK_SIZE`] (512 KiB) |
+/// | snapshot partitions (created topic) | [`DEFAULT_SNAPSHOT_PARTITIONS`] (8), [`DEFAULT_EMBEDDED_SNAPSHOT_PARTITIONS`] (64) on the embedded broker |
+/// | replication factor (created topics) | -1: the broker's `default.replication.factor` |
+/// | operation timeout | 30 s |
 ///
 /// Any librdkafka property can be passed through with [`set`](Self::set)
 /// (security settings, timeouts, …); it applies to every client the
@@ -109,8 +120,9 @@ impl fmt::Debug for KafkaConfig {
 }
 
 impl KafkaConfig {
-    /// A configuration for `service` with no broker configured (the embedded
-    /// mock cluster is used unless [`bootstrap_servers`](Self::bootstrap_servers) is set).
+    /// A configuration for `service` with no broker configured:
+    /// [`KafkaCluster::connect`](crate::KafkaCluster::connect) refuses it
+    /// until [`bootstrap_servers`](Self::bootstrap_servers) is set.
     pub fn new(service: impl Into<String>) -> Self {
         Self {
             service: service.into(),
@@ -129,7 +141,10 @@ impl KafkaConfig {
         }
     }
 
-    /// The cluster to connect to (`host:port[,host:port…]`).
+    /// The cluster to connect to (`host:port[,host:port…]`). Default: none,
+    /// which [`KafkaCluster::connect`](crate::KafkaCluster::connect) refuses
+    /// ([`KafkaError::NoBrokerConfigured`](crate::KafkaError::NoBrokerConfigured)).
+    /// An empty or blank string counts as none.
     pub fn bootstrap_servers(mut self, servers: impl Into<String>) -> Self {
         let servers = servers.into();
         self.bootstrap_servers = (!servers.trim().is_empty()).then_some(servers);
@@ -148,14 +163,16 @@ impl KafkaConfig {
         self
     }
 
-    /// Adds an input topic: all of its partitions are read.
+    /// Adds an input topic: all of its partitions are read. Default: no
+    /// input topics.
     pub fn input_topic(mut self, topic: impl Into<String>) -> Self {
         self.input_topics.push(topic.into());
         self
     }
 
     /// Reads exactly these partitions instead of all partitions of the input
-    /// topics (an instance owning a subset of a topic).
+    /// topics (an instance owning a subset of a topic). Default: all
+    /// partitions of the input topics.
     pub fn input_partitions(mut self, partitions: impl IntoIterator<Item = TopicPartition>) -> Self {
         let partitions: Vec<TopicPartition> = partitions.into_iter().collect();
         for tp in &partitions {

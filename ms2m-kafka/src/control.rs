@@ -101,13 +101,12 @@ impl Skipped {
 
 impl KafkaControl {
     /// The control channel of the cluster's service; creates its topic
-    /// (one partition) if missing.
+    /// (one partition, every record kept) if missing, and refuses one that
+    /// has more partitions or can delete records
+    /// ([`preflight`](crate::preflight)).
     pub async fn new(cluster: &KafkaCluster) -> Result<Self> {
         let config = cluster.config();
-        let topic = config.control_topic();
-        if cluster.partition_count(&topic).await?.is_none() {
-            cluster.create_topic(&topic, 1, &[]).await?;
-        }
+        let topic = crate::preflight::ensure_control_topic(cluster).await?;
         let mut pc = cluster.client_config();
         pc.set("enable.idempotence", "true").set_default("linger.ms", "0");
         let producer: FutureProducer = pc.create().map_err(KafkaError::kafka("create the control producer"))?;

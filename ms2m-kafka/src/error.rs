@@ -84,6 +84,67 @@ pub enum KafkaError {
     /// The configuration cannot work.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// [`KafkaCluster::connect`](crate::KafkaCluster::connect) was given no
+    /// broker. There is no silent fallback to the in-process mock.
+    #[error(
+        "no broker configured: set `bootstrap.servers` (KafkaConfig::bootstrap_servers), \
+         or opt into the in-process test broker with KafkaCluster::embedded"
+    )]
+    NoBrokerConfigured,
+    /// `Delivery::ExactlyOnce` on librdkafka's mock cluster reached by
+    /// address (from another process): it does not enforce transactions
+    /// and does not store transactional offset commits.
+    #[error(
+        "`{bootstrap}` is librdkafka's mock cluster (cluster id `{cluster_id}`), which does not \
+         enforce transactions: use Delivery::AtLeastOnce, or a broker with transactions"
+    )]
+    ExactlyOnceOnMockCluster {
+        /// The address it was reached at.
+        bootstrap: String,
+        /// The cluster id it reported (`mockCluster…`).
+        cluster_id: String,
+    },
+    /// `Delivery::ExactlyOnce` on a broker that failed the transaction
+    /// probe (tansu 0.6 has no EndTxn).
+    #[error(
+        "the broker at `{bootstrap}` cannot run transactions (the probe transaction failed to \
+         {step}): use Delivery::AtLeastOnce, or a broker with transactions (Apache Kafka, Redpanda)"
+    )]
+    TransactionsUnsupported {
+        /// The broker's address.
+        bootstrap: String,
+        /// The step of the probe that failed.
+        step: &'static str,
+        /// librdkafka's error.
+        #[source]
+        source: RdKafkaError,
+    },
+    /// The control topic has more than one partition: migration records
+    /// would have no single order.
+    #[error(
+        "control topic `{topic}` has {partitions} partitions but needs exactly 1: recreate it with \
+         1 partition, or name a new one with KafkaConfig::control_topic_name"
+    )]
+    ControlTopicPartitions {
+        /// The topic.
+        topic: String,
+        /// Its partition count.
+        partitions: i32,
+    },
+    /// A topic setting lets the broker delete records the library relies on.
+    #[error("topic `{topic}` has `{key}={value}`, which can delete {at_risk}: set {fix}")]
+    UnsafeTopicSetting {
+        /// The topic.
+        topic: String,
+        /// The setting.
+        key: String,
+        /// Its value on the broker.
+        value: String,
+        /// What the broker could delete.
+        at_risk: &'static str,
+        /// The settings to change it to.
+        fix: &'static str,
+    },
 }
 
 impl KafkaError {
@@ -111,6 +172,7 @@ impl KafkaError {
         match self {
             KafkaError::Kafka { source, .. } => source.rdkafka_error_code(),
             KafkaError::CreateTopic { code, .. } => Some(*code),
+            KafkaError::TransactionsUnsupported { source, .. } => source.rdkafka_error_code(),
             _ => None,
         }
     }
@@ -160,7 +222,14 @@ impl BackendError for KafkaError {
                 source.rdkafka_error_code().map_or(ErrorKind::Other, kind_of_code)
             }
             KafkaError::CreateTopic { code, .. } => kind_of_code(*code),
-            KafkaError::Embedded(_) | KafkaError::Config(_) | KafkaError::Join(_) => ErrorKind::Other,
+            KafkaError::Embedded(_)
+            | KafkaError::Config(_)
+            | KafkaError::Join(_)
+            | KafkaError::NoBrokerConfigured
+            | KafkaError::ExactlyOnceOnMockCluster { .. }
+            | KafkaError::TransactionsUnsupported { .. }
+            | KafkaError::ControlTopicPartitions { .. }
+            | KafkaError::UnsafeTopicSetting { .. } => ErrorKind::Other,
             KafkaError::UnknownTopic(_) | KafkaError::SnapshotNotFound(_) => ErrorKind::NotFound,
             KafkaError::CorruptSnapshot { .. } | KafkaError::LogTruncated { .. } => ErrorKind::Corrupt,
             KafkaError::ControlDecode { .. } => ErrorKind::Corrupt,

@@ -9,10 +9,13 @@
 //! | [`OutputSink`](ms2m_core::OutputSink) | [`KafkaSink`] | transactional producer (exactly-once) or idempotent producer (at-least-once) |
 //! | [`ControlChannel`](ms2m_core::ControlChannel) | [`KafkaControl`] | a single-partition topic |
 //!
-//! All of them are built from a [`KafkaCluster`], which connects to the
-//! configured `bootstrap.servers` or, when none is configured, starts
-//! librdkafka's in-process mock cluster ([`EmbeddedBroker`]) so that
-//! everything runs with no broker installed.
+//! All of them are built from a [`KafkaCluster`]:
+//! [`KafkaCluster::connect`] connects to the configured `bootstrap.servers`
+//! (and fails with [`KafkaError::NoBrokerConfigured`] when there is none);
+//! [`KafkaCluster::embedded`] starts librdkafka's in-process mock cluster
+//! ([`EmbeddedBroker`]) instead, an explicit opt-in for tests and demos.
+//! A broker or topic that cannot give the promised guarantee is refused at
+//! start ([`preflight`]).
 //!
 //! # Example
 //!
@@ -41,8 +44,9 @@
 //! #     }
 //! # }
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! // No bootstrap servers: the embedded mock cluster is started.
-//! let cluster = KafkaCluster::connect(KafkaConfig::new("counter").input_topic("numbers"))?;
+//! // The in-process test broker, by explicit opt-in (`KafkaCluster::connect`
+//! // with `bootstrap_servers` for a real cluster).
+//! let cluster = KafkaCluster::embedded(KafkaConfig::new("counter").input_topic("numbers"))?;
 //! cluster.create_topic("numbers", 4, &[]).await?;
 //! let backends = cluster.backends(Delivery::ExactlyOnce).await?;
 //! let config = InstanceConfig::new("counter-1").output_topic("totals");
@@ -58,6 +62,7 @@
 //!   librdkafka passthrough (security settings).
 //! * [`broker`]: [`KafkaCluster`], [`EmbeddedBroker`], topic creation.
 //! * [`log`], [`store`], [`sink`], [`control`]: the backends.
+//! * [`preflight`]: the checks that refuse a broker or topic at start.
 //! * [`error`]: [`KafkaError`], mapped into [`ms2m_core::ErrorKind`].
 //!
 //! Every blocking librdkafka call (metadata, watermarks, commits,
@@ -71,6 +76,7 @@ pub mod config;
 pub mod control;
 pub mod error;
 pub mod log;
+pub mod preflight;
 pub mod sink;
 pub mod store;
 

@@ -12,6 +12,11 @@
 //! visible together or not at all. Read outputs with
 //! `isolation.level=read_committed`.
 //!
+//! The broker must run transactions: [`KafkaSink::new`] refuses
+//! exactly-once at start on one that cannot (librdkafka's mock cluster
+//! reached by address, tansu 0.6.0 which has no EndTxn), before anything is
+//! claimed; see [`preflight`](crate::preflight).
+//!
 //! # At-least-once ([`Delivery::AtLeastOnce`])
 //!
 //! An idempotent producer (`enable.idempotence=true`: no duplicates from
@@ -32,7 +37,9 @@
 //! the embedded broker the exactly-once sink additionally commits the
 //! position with a plain offset commit right after each transaction commits
 //! (otherwise recovery would find no position at all), and its guarantee is
-//! in effect at-least-once with the same window as above.
+//! in effect at-least-once with the same window as above. That holds only
+//! in the process that owns the mock ([`KafkaCluster::embedded`]); another
+//! process reaching it by address is refused exactly-once.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -95,7 +102,18 @@ fn offsets(position: &Position) -> Result<TopicPartitionList> {
 
 impl KafkaSink {
     /// A sink for the cluster's service with the given guarantee.
+    ///
+    /// # Errors
+    ///
+    /// For [`Delivery::ExactlyOnce`], before anything is claimed: the
+    /// mock cluster reached by address is refused with
+    /// [`KafkaError::ExactlyOnceOnMockCluster`], and a broker that fails
+    /// the transaction probe with [`KafkaError::TransactionsUnsupported`]
+    /// (see [`preflight`](crate::preflight) for what the probe proves).
     pub async fn new(cluster: &KafkaCluster, delivery: Delivery) -> Result<Self> {
+        if delivery == Delivery::ExactlyOnce {
+            crate::preflight::check_exactly_once(cluster).await?;
+        }
         let config = cluster.config();
         let producer = Self::producer(cluster, delivery).await?;
         let mut gc = cluster.client_config();

@@ -4,7 +4,9 @@
 //!
 //! One topic per service (`{service}.snapshots`; several services may share
 //! a topic, every key starts with the service name). When the store creates
-//! the topic it sets `cleanup.policy=compact`.
+//! the topic it sets `cleanup.policy=compact`; an existing topic whose
+//! retention could delete the latest snapshot is refused at start
+//! ([`preflight`](crate::preflight)).
 //!
 //! * A snapshot is split into chunks of [`chunk size`](crate::KafkaConfig::snapshot_chunk_size)
 //!   bytes (default 512 KiB, below the default `message.max.bytes`), keyed
@@ -120,7 +122,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl KafkaSnapshotStore {
     /// Opens the store of the cluster's service, creating its topic
-    /// (compacted) if missing.
+    /// (compacted) if missing, and refusing one whose settings can delete
+    /// the latest snapshot ([`preflight`](crate::preflight)).
     pub async fn new(cluster: &KafkaCluster) -> Result<Self> {
         let config = cluster.config();
         let topic = config.snapshot_topic();
@@ -133,7 +136,7 @@ impl KafkaSnapshotStore {
                     DEFAULT_SNAPSHOT_PARTITIONS
                 });
                 cluster
-                    .create_topic(&topic, wanted, &[("cleanup.policy", "compact")])
+                    .create_topic(&topic, wanted, crate::preflight::SNAPSHOT_TOPIC_SETTINGS)
                     .await?;
                 cluster
                     .partition_count(&topic)
@@ -141,6 +144,7 @@ impl KafkaSnapshotStore {
                     .ok_or_else(|| KafkaError::UnknownTopic(topic.clone()))?
             }
         };
+        crate::preflight::check_snapshot_topic(cluster, &topic).await?;
         let chunk_size = config.chunk_size();
         let mut pc = cluster.client_config();
         pc.set_default("acks", "all")

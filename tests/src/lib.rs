@@ -83,10 +83,16 @@ pub fn required_env(name: &str, needed_for: &str) -> String {
     }
 }
 
-/// Connects (starting an embedded mock cluster when no broker is set).
+/// Connects to the configured broker, or starts an embedded mock cluster
+/// (explicitly) when `config` names none.
 pub fn connect(config: KafkaConfig) -> KafkaCluster {
     init_tracing();
-    KafkaCluster::connect(config).expect("connect to the test broker")
+    let cluster = if config.configured_bootstrap_servers().is_some() {
+        KafkaCluster::connect(config)
+    } else {
+        KafkaCluster::embedded(config)
+    };
+    cluster.expect("connect to the test broker")
 }
 
 /// A producer for test input.

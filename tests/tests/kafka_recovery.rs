@@ -142,7 +142,7 @@ async fn regression_mock_seed_60_a_broker_outage_does_not_fail_a_live_instance_o
         instance.step().await.unwrap();
     }
     instance.commit().await.unwrap();
-    let broker = cluster.embedded().expect("embedded broker");
+    let broker = cluster.embedded_broker().expect("embedded broker");
     broker.inject(ms2m_kafka::broker::MockFault::BrokerDown(1)).unwrap();
     // Polls while the broker is down (each waits the poll timeout): the
     // connection events are waited out, not returned as errors.

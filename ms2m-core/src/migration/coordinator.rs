@@ -102,13 +102,22 @@ impl<C: ControlChannel> Coordinator<C> {
     /// completes; if the source may have stopped, the target gets the phase
     /// timeout to take over; otherwise a rollback is published, and a
     /// `Takeover` that still lands before it wins.
-    pub async fn recover(&self, service: &str, migration_id: &str) -> Result<Recovered> {
-        let mut replies = forward_control(&*self.control, service.to_string(), false).await?;
-        let mut history = read_history(&*self.control, service).await?;
+    ///
+    /// The names are taken by value (`String` or `&str`), so a command-line
+    /// tool passes its arguments as they are.
+    pub async fn recover(&self, service: impl Into<String>, migration_id: impl Into<String>) -> Result<Recovered> {
+        let (service, migration_id) = (service.into(), migration_id.into());
+        let mut replies = forward_control(&*self.control, service.clone(), false).await?;
+        let mut history = read_history(&*self.control, &service).await?;
         history.retain(|m| m.migration_id == migration_id);
         let started = Instant::now();
-        let (mut machine, first) =
-            CoordinatorMachine::recover(service, migration_id, &history, self.config.clone(), started.elapsed());
+        let (mut machine, first) = CoordinatorMachine::recover(
+            &service,
+            &migration_id,
+            &history,
+            self.config.clone(),
+            started.elapsed(),
+        );
         match self
             .drive(&mut machine, first, &mut replies, started, &*crate::no_progress())
             .await?

@@ -237,6 +237,9 @@ impl Default for MigrationConfig {
 }
 
 /// Everything measured about one migration.
+///
+/// Serializes to any serde format: `serde_json::to_value` works, and the
+/// digests are 32 hex digits in human-readable formats ([`StateDigest`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MigrationReport {
     /// The procedure.
@@ -424,4 +427,59 @@ pub(crate) async fn publish<C: ControlChannel>(control: &C, m: &crate::ControlMe
         .map_err(|e| Error::backend(Component::Control, "publish", e));
     tracing::trace!(elapsed = ?t.elapsed(), "control message acknowledged");
     r
+}
+
+#[cfg(test)]
+mod report_serde_tests {
+    use super::*;
+    use crate::TopicPartition;
+
+    fn report() -> MigrationReport {
+        let position = |offset: i64| -> Position {
+            [
+                (TopicPartition::new("orders", 0), offset),
+                (TopicPartition::new("orders", 1), 7),
+            ]
+            .into_iter()
+            .collect()
+        };
+        MigrationReport {
+            strategy: Strategy::Ms2mThreshold,
+            service: "orders".into(),
+            migration_id: "m-1".into(),
+            source: "a".into(),
+            target: "b".into(),
+            downtime_ms: 12.5,
+            total_ms: 1154.25,
+            checkpoint_ms: 23.1,
+            transfer_ms: 107.6,
+            restore_ms: 0.3,
+            replay_ms: 1005.0,
+            cutover_ms: 12.5,
+            snapshot_bytes: 1 << 20,
+            snapshot_pause_ms: 0.7,
+            messages_replayed: 2280,
+            final_gap: 20,
+            lag_at_cutover: 20,
+            cutover_reason: CutoverReason::ThresholdCutoff { cutoff_seconds: 1.0 },
+            p0: position(100),
+            pf: position(2380),
+            source_digest: StateDigest(u128::MAX - 1),
+            target_digest: StateDigest(u128::MAX - 1),
+            digest_match: true,
+        }
+    }
+
+    #[test]
+    fn a_report_round_trips_through_a_json_value() {
+        let report = report();
+        let value = serde_json::to_value(&report).expect("a report is a JSON value");
+        assert_eq!(
+            value["source_digest"],
+            serde_json::json!("fffffffffffffffffffffffffffffffe")
+        );
+        assert_eq!(serde_json::from_value::<MigrationReport>(value).unwrap(), report);
+        let text = serde_json::to_string_pretty(&report).unwrap();
+        assert_eq!(serde_json::from_str::<MigrationReport>(&text).unwrap(), report);
+    }
 }

@@ -27,7 +27,7 @@ use crate::store::SnapshotStore;
 #[derive(Clone, Debug)]
 pub struct SourceOptions {
     /// How often the source publishes its position during a migration (the
-    /// target's replay ceiling and input-rate estimate).
+    /// target's replay ceiling and input-rate estimate). Default: 20 ms.
     pub progress_interval: Duration,
 }
 

@@ -85,19 +85,21 @@ impl InstanceConfig {
     }
 
     /// Snapshot after this many applied messages (`None`: never by count).
+    /// Default: `Some(100_000)`.
     pub fn snapshot_every(mut self, messages: Option<u64>) -> Self {
         self.snapshot_every = messages.filter(|n| *n > 0);
         self
     }
 
     /// Snapshot when this much time passed since the last one (`None`: never by time).
+    /// Default: `Some(60 s)`.
     pub fn snapshot_interval(mut self, interval: Option<Duration>) -> Self {
         self.snapshot_interval = interval;
         self
     }
 
     /// How many snapshots to keep (at least 1; keep 2 or more so a corrupt
-    /// newest snapshot has a fallback).
+    /// newest snapshot has a fallback). Default: 3.
     pub fn keep_snapshots(mut self, keep: usize) -> Self {
         self.keep_snapshots = keep.max(1);
         self
@@ -106,6 +108,7 @@ impl InstanceConfig {
     /// Commit outputs and position after this many messages or this much time,
     /// whichever comes first. Checked after each batch, so an at-least-once
     /// crash re-emits at most `messages + batch - 1` outputs (see [`poll`](Self::poll)).
+    /// Default: 1,000 messages or 100 ms.
     pub fn commit_every(mut self, messages: u64, interval: Duration) -> Self {
         self.commit_every = messages.max(1);
         self.commit_interval = interval;
@@ -113,14 +116,16 @@ impl InstanceConfig {
     }
 
     /// Largest batch taken from the log at once, and the longest wait for one
-    /// (also the longest a shutdown request waits).
+    /// (also the longest a shutdown request waits). Default: 1,000 messages,
+    /// 100 ms.
     pub fn poll(mut self, batch: usize, timeout: Duration) -> Self {
         self.poll_batch = batch.max(1);
         self.poll_timeout = timeout;
         self
     }
 
-    /// Where to start partitions that no snapshot mentions.
+    /// Where to start partitions that no snapshot mentions. Default:
+    /// [`StartFrom::Earliest`].
     pub fn start_from(mut self, start: StartFrom) -> Self {
         self.start_from = start;
         self
@@ -134,25 +139,27 @@ impl InstanceConfig {
         self
     }
 
-    /// Policy for messages that fail to decode or apply.
+    /// Policy for messages that fail to decode or apply. Default:
+    /// [`BadMessagePolicy::Fail`].
     pub fn bad_messages(mut self, policy: BadMessagePolicy) -> Self {
         self.bad_messages = policy;
         self
     }
 
     /// The topic [`ApplyContext::emit`](crate::ApplyContext::emit) writes to.
+    /// Default: none (an `emit` without a topic is then an error).
     pub fn output_topic(mut self, topic: impl Into<Arc<str>>) -> Self {
         self.output.default_topic = Some(topic.into());
         self
     }
 
-    /// How emitted values are encoded.
+    /// How emitted values are encoded. Default: [`OutputFormat::Json`].
     pub fn output_format(mut self, format: OutputFormat) -> Self {
         self.output.format = format;
         self
     }
 
-    /// How often progress is reported during replay.
+    /// How often progress is reported during replay. Default: 250 ms.
     pub fn progress_interval(mut self, interval: Duration) -> Self {
         self.progress_interval = interval;
         self

@@ -51,7 +51,7 @@ impl KafkaEnv {
     }
 
     fn mock(&self, fault: MockFault) {
-        let mock = self.cluster.embedded().expect("a mock-only fault");
+        let mock = self.cluster.embedded_broker().expect("a mock-only fault");
         mock.inject(fault).expect("inject a mock fault");
     }
 }
