@@ -34,8 +34,9 @@ use serde::Serialize;
 use tokio::task::JoinHandle;
 
 use crate::kafka::{bulk_producer, payload, send_retrying};
-use crate::mem;
+use crate::mem::{self, ProcMemory};
 use crate::report::{median, p99, ratios, Goal, Row, Stat};
+use crate::roles::{Role, RoleProcess, RoleSpec};
 use crate::services::{SlowReplay, REPLAY_COST_NS};
 use crate::{Bench, BoxError};
 
@@ -425,8 +426,118 @@ pub async fn b1(b: &Bench, opts: &B1Options) -> Result<Vec<Row>, BoxError> {
     }
     if let Some((mib, m)) = memory {
         rows.push(mem_row(mib, m, b.embedded()));
+        rows.extend(mem_per_role(b, mib, opts.rate).await?);
     }
     Ok(rows)
+}
+
+/// Peak memory per role: one MS2M migration of `state_mib` MiB with the
+/// source and the target as separate processes ([`crate::roles`]).
+async fn mem_per_role(b: &Bench, state_mib: u64, rate: u64) -> Result<Vec<Row>, BoxError> {
+    let service = b.unique(&format!("mem-{state_mib}m"));
+    let (input, output) = (format!("{service}.in"), format!("{service}.out"));
+    let snapshot_partitions = if state_mib > 64 { 128 } else { 64 };
+    let cluster = b.cluster.for_service(
+        KafkaConfig::new(&service)
+            .input_topic(&input)
+            .snapshot_partitions(snapshot_partitions),
+    );
+    cluster.create_topic(&input, 4, &[]).await?;
+    cluster.create_topic(&output, 4, &[]).await?;
+    // Every topic exists before the children connect: their clients cannot
+    // create topics on the embedded broker (that goes through its handle).
+    drop(cluster.snapshot_store().await?);
+    let control = Arc::new(cluster.control().await?);
+    let spec = |role| RoleSpec {
+        role,
+        bootstrap_servers: cluster.bootstrap_servers().to_string(),
+        service: service.clone(),
+        input: input.clone(),
+        output: output.clone(),
+        snapshot_partitions,
+    };
+    let ready_within = Duration::from_secs(60);
+    let mut source = RoleProcess::start(&spec(Role::Source))?;
+    source.ready(ready_within).await?;
+    let source_start = source.memory().ok_or("the source process is gone")?;
+    // The state arrives only now, so the start RSS above is without it.
+    let board_bytes = ((state_mib << 20) / PLAYERS) as u32;
+    let joins = (0..PLAYERS)
+        .map(|player| (key(player), GameEvent::Join { player, board_bytes }))
+        .collect();
+    produce_json(&producer(&cluster)?, &input, joins).await?;
+    let running = Arc::new(AtomicBool::new(true));
+    let input_task = game_input(&cluster, &input, rate, running.clone())?;
+    tokio::time::sleep(Duration::from_secs(1) + Duration::from_millis(8 * state_mib)).await;
+    let mut target = RoleProcess::start(&spec(Role::Target))?;
+    target.ready(ready_within).await?;
+    let target_start = target.memory().ok_or("the target process is gone")?;
+    let coordinator = Coordinator::new(
+        control,
+        MigrationConfig {
+            cutover: default_cutover(rate),
+            ..MigrationConfig::default()
+        },
+    );
+    let plan = MigrationPlan {
+        service: GameSessions::NAME.to_string(),
+        migration_id: format!("{service}-m"),
+        source: "source".into(),
+        target: "target".into(),
+        strategy: Strategy::Ms2m,
+    };
+    let report = coordinator.migrate(&plan, &|_: &ms2m_core::Progress| {}).await?;
+    if !report.digest_match {
+        return Err(format!("digest mismatch in {service}").into());
+    }
+    let source_end = source.memory().ok_or("the source process is gone")?;
+    let target_end = target.memory().ok_or("the target process is gone")?;
+    running.store(false, Ordering::Relaxed);
+    input_task.await??;
+    futures::join!(
+        source.finish(Duration::from_secs(10)),
+        target.finish(Duration::from_secs(10))
+    );
+    eprintln!(
+        "  MEM per role, {state_mib} MiB: source peak {:.0} MiB (start {:.0}), target peak {:.0} MiB (start {:.0})",
+        mib_of(source_end.peak),
+        mib_of(source_start.rss),
+        mib_of(target_end.peak),
+        mib_of(target_start.rss)
+    );
+    Ok(vec![
+        role_row("MEM-source", "source", state_mib, source_start, source_end),
+        role_row("MEM-target", "target", state_mib, target_start, target_end),
+    ])
+}
+
+fn mib_of(bytes: u64) -> f64 {
+    bytes as f64 / 1048576.0
+}
+
+fn role_row(id: &str, role: &str, state_mib: u64, start: ProcMemory, end: ProcMemory) -> Row {
+    let state = (state_mib << 20) as f64;
+    let growth = end.peak.saturating_sub(start.rss) as f64 / state;
+    let mut row = Row::new(
+        id,
+        format!("peak RSS growth of the {role} process during a {state_mib} MiB MS2M migration ÷ state size"),
+        Stat::new(vec![growth], "× state"),
+        "",
+        None,
+        None,
+        "≤ 3× state (per role)",
+        Goal::None,
+        format!(
+            "the {role} alone in its own OS process (broker and coordinator in the harness): VmHWM {:.0} MiB = {:.2}× state, \
+             RSS {:.0} MiB when it started (before the state), {:.0} MiB when the target was live",
+            mib_of(end.peak),
+            end.peak as f64 / state,
+            mib_of(start.rss),
+            mib_of(end.rss)
+        ),
+    );
+    row.met = Some(growth <= 3.0);
+    row
 }
 
 /// The B1 row of one case (downtime as seen from outside) and its B1-report

@@ -58,6 +58,10 @@ async fn main() -> Result<(), BoxError> {
     if let Some(code) = ms2m_examples::observer::run_child_if_requested() {
         std::process::exit(code);
     }
+    // So are the source and target processes of the per-role memory rows.
+    if let Some(code) = ms2m_benches::roles::run_role_if_requested().await {
+        std::process::exit(code);
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
