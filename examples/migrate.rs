@@ -369,7 +369,7 @@ async fn run_one(base: &KafkaCluster, args: &Args, strategy: StrategyArg, state_
         digests_equal: report.digest_match,
         input_messages: all.len(),
     };
-    pb.finish_with_message(format!(
+    let summary = format!(
         "outside: output gap {:.1} ms (live{:+.0} to live{:+.0} ms), input commit gap {:.1} ms{} | report: \
          downtime {:.1} ms, total {:.0} ms (checkpoint {:.0}, transfer {:.0}, restore {:.0}, replay {:.0}, \
          cutover {:.1}) — checks {}",
@@ -390,7 +390,12 @@ async fn run_one(base: &KafkaCluster, args: &Args, strategy: StrategyArg, state_
         report.replay_ms,
         report.cutover_ms,
         if checks.passed() { "passed" } else { "FAILED" }
-    ));
+    );
+    if pb.is_hidden() {
+        // Not a terminal: the spinner shows nothing, so print the line.
+        println!("{} @ {state_mib} MiB: {summary}", strategy.strategy());
+    }
+    pb.finish_with_message(summary);
     Ok(Run {
         state_mib,
         outside,

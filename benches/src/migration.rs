@@ -528,7 +528,7 @@ fn role_row(id: &str, role: &str, state_mib: u64, start: ProcMemory, end: ProcMe
         "≤ 3× state (per role)",
         Goal::None,
         format!(
-            "the {role} alone in its own OS process (broker and coordinator in the harness): VmHWM {:.0} MiB = {:.2}× state, \
+            "the {role} alone in its own OS process (coordinator, input producer and an embedded broker stay in the harness): VmHWM {:.0} MiB = {:.2}× state, \
              RSS {:.0} MiB when it started (before the state), {:.0} MiB when the target was live",
             mib_of(end.peak),
             end.peak as f64 / state,
