@@ -39,10 +39,7 @@ async fn main() -> Result<(), BoxError> {
         .collect();
     batch.extend((0..EVENTS).map(|i| {
         let e = event(i, PLAYERS);
-        let p = match e {
-            GameEvent::Join { player, .. } | GameEvent::Flap { player } | GameEvent::Tick { player } => player,
-        };
-        (key(p), e)
+        (key(e.player()), e)
     }));
     let total = batch.len() as i64;
     produce_json(&producer(&cluster)?, "game-events", batch).await?;

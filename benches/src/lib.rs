@@ -18,7 +18,9 @@
 //! * [`throughput`]: B2 (replay), B3 (live with outputs), B6 (recovery).
 //! * [`snapshots`]: B4 (snapshot store) and B5 (checkpoint pause).
 //! * [`migration`]: B1 (downtime), B7 (threshold cutoff) and peak memory.
-//! * [`mem`]: peak RSS from `/proc/self/status`.
+//! * [`mem`]: peak RSS from `/proc/<pid>/status`.
+//! * [`roles`]: the source and the target of a migration as separate
+//!   processes, for the peak memory per role.
 
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
 #![forbid(unsafe_code)]
@@ -27,6 +29,7 @@ pub mod kafka;
 pub mod mem;
 pub mod migration;
 pub mod report;
+pub mod roles;
 pub mod services;
 pub mod snapshots;
 pub mod throughput;

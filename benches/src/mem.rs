@@ -1,8 +1,10 @@
-//! Resident memory of this process, from `/proc/self/status` (Linux).
+//! Resident memory of this process or a child, from `/proc/<pid>/status`
+//! (Linux).
 
-/// A field of `/proc/self/status` in KiB (`VmHWM`, `VmRSS`).
-fn status_kib(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+use serde::Serialize;
+
+/// A field of a `/proc/.../status` text in KiB (`VmHWM`, `VmRSS`).
+fn field_kib(status: &str, field: &str) -> Option<u64> {
     status
         .lines()
         .find(|l| l.starts_with(field))?
@@ -10,6 +12,29 @@ fn status_kib(field: &str) -> Option<u64> {
         .nth(1)?
         .parse()
         .ok()
+}
+
+/// A field of `/proc/self/status` in KiB.
+fn status_kib(field: &str) -> Option<u64> {
+    field_kib(&std::fs::read_to_string("/proc/self/status").ok()?, field)
+}
+
+/// Resident memory of one process, bytes.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct ProcMemory {
+    /// Peak resident set size over the process's life (`VmHWM`).
+    pub peak: u64,
+    /// Current resident set size (`VmRSS`).
+    pub rss: u64,
+}
+
+/// The memory of process `pid` (a child of ours), `None` if it is gone.
+pub fn of_pid(pid: u32) -> Option<ProcMemory> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    Some(ProcMemory {
+        peak: field_kib(&status, "VmHWM:")? * 1024,
+        rss: field_kib(&status, "VmRSS:")? * 1024,
+    })
 }
 
 /// Peak resident set size so far (`VmHWM`), in bytes.

@@ -3,6 +3,17 @@
 //!
 //! Source, target and coordinator run in this process as tasks, driven the
 //! way `examples/migrate.rs` drives them, over the shared broker.
+//!
+//! B1's downtime is measured from outside, as a client sees it: an
+//! observer process (`ms2m_examples::observer`, this binary re-executed)
+//! with its own `read_committed` consumer times every output arrival and
+//! every advance of the service group's committed input position; the
+//! downtime of a migration is the largest gap between output arrivals
+//! around it. The coordinator's own `MigrationReport::downtime_ms` is kept
+//! beside it ("report"), with the report ÷ outside ratio, so whether the
+//! two agree can be judged. The input carries one score query per 10 ms
+//! tick, whose answer keeps the output flowing: 10 ms is the resolution
+//! floor.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,16 +25,18 @@ use ms2m_core::migration::{
     Strategy, TargetOptions,
 };
 use ms2m_core::{no_progress, Delivery, Instance, InstanceConfig, StatefulService};
-use ms2m_examples::game::{event, GameEvent, GameSessions};
-use ms2m_examples::support::{produce_json, producer};
+use ms2m_examples::game::{event, heartbeat_query, GameEvent, GameSessions};
+use ms2m_examples::observer::{Observer, OutsideGaps, Watch, Window, WINDOW_MARGIN_US};
+use ms2m_examples::support::{produce_json, producer, serve_until};
 use ms2m_kafka::{KafkaCluster, KafkaConfig};
 use rdkafka::producer::BaseRecord;
 use serde::Serialize;
 use tokio::task::JoinHandle;
 
 use crate::kafka::{bulk_producer, payload, send_retrying};
-use crate::mem;
-use crate::report::{median, ratios, Goal, Row, Stat};
+use crate::mem::{self, ProcMemory};
+use crate::report::{median, p99, ratios, Goal, Row, Stat};
+use crate::roles::{Role, RoleProcess, RoleSpec};
 use crate::services::{SlowReplay, REPLAY_COST_NS};
 use crate::{Bench, BoxError};
 
@@ -73,13 +86,15 @@ fn game_input(
     let producer = bulk_producer(cluster)?;
     let topic = topic.to_string();
     Ok(paced(rate, running, move |first, n| {
-        for i in first..first + n {
-            let e = event(i, PLAYERS);
-            let player = match e {
-                GameEvent::Join { player, .. } | GameEvent::Flap { player } | GameEvent::Tick { player } => player,
-            };
+        // The tick's events, then a score query whose answer keeps the
+        // output flowing every tick, for the outside observer.
+        let query = heartbeat_query(first / n, PLAYERS);
+        for e in (first..first + n)
+            .map(|i| event(i, PLAYERS))
+            .chain(std::iter::once(query))
+        {
             let body = serde_json::to_vec(&e)?;
-            let k = key(player);
+            let k = key(e.player());
             send_retrying(&producer, BaseRecord::to(&topic).key(&k[..]).payload(&body[..]))?;
         }
         producer.poll(Duration::ZERO);
@@ -98,6 +113,13 @@ pub struct MemSample {
     pub peak: u64,
 }
 
+/// A finished migration: the coordinator's report and, when an observer
+/// watched, what it saw.
+struct Migrated {
+    report: MigrationReport,
+    outside: Option<OutsideGaps>,
+}
+
 /// Everything one migration run needs.
 struct Setup<'a> {
     b: &'a Bench,
@@ -109,12 +131,13 @@ struct Setup<'a> {
     limit: Option<Duration>,
 }
 
-/// Runs one game-sessions migration of `state_mib` MiB; `None` if it hit `limit`.
+/// Runs one game-sessions migration of `state_mib` MiB, watched by an
+/// outside observer; `None` if it hit `limit`.
 async fn game_migration(
     s: &Setup<'_>,
     state_mib: u64,
     measure_mem: bool,
-) -> Result<(Option<MigrationReport>, MemSample), BoxError> {
+) -> Result<(Option<Migrated>, MemSample), BoxError> {
     let b = s.b;
     let service = b.unique(&format!("b1-{state_mib}m"));
     let (input, output) = (format!("{service}.in"), format!("{service}.out"));
@@ -125,6 +148,7 @@ async fn game_migration(
     );
     cluster.create_topic(&input, 4, &[]).await?;
     cluster.create_topic(&output, 4, &[]).await?;
+    let observer = Observer::start(&Watch::of(&cluster, &input, &output)).await?;
     let mut memory = MemSample::default();
     if measure_mem {
         memory.before = mem::rss().unwrap_or(0);
@@ -152,7 +176,16 @@ async fn game_migration(
         memory.source_ready = mem::rss().unwrap_or(0);
         mem::reset_peak();
     }
-    let result = migrate::<GameSessions, _>(s, &cluster, control, GameSessions::NAME, &service, &output).await;
+    let result = migrate::<GameSessions, _>(
+        s,
+        &cluster,
+        control,
+        GameSessions::NAME,
+        &service,
+        &output,
+        Some(&observer),
+    )
+    .await;
     if measure_mem {
         memory.peak = mem::peak_rss().unwrap_or(0);
     }
@@ -163,7 +196,8 @@ async fn game_migration(
 }
 
 /// Starts the target, runs the coordinator, returns the report (`None`
-/// if `limit` passed first). The target is dropped once live.
+/// if `limit` passed first). The target serves once live until the
+/// observer (if any) saw outputs and commits resume, then it is dropped.
 async fn migrate<S, C>(
     s: &Setup<'_>,
     cluster: &KafkaCluster,
@@ -171,7 +205,8 @@ async fn migrate<S, C>(
     name: &'static str,
     service: &str,
     output: &str,
-) -> Result<Option<MigrationReport>, BoxError>
+    observer: Option<&Observer>,
+) -> Result<Option<Migrated>, BoxError>
 where
     S: StatefulService,
     C: ms2m_core::ControlChannel,
@@ -179,15 +214,18 @@ where
     let target_backends = cluster.backends(s.delivery).await?;
     let target_control = control.clone();
     let target_config = instance_config("target", output);
+    let target_stop = Arc::new(AtomicBool::new(false));
+    let stop = target_stop.clone();
     let target_task = tokio::spawn(async move {
-        run_target::<S, _, _, _, _>(
+        let live = run_target::<S, _, _, _, _>(
             target_backends,
             target_config,
             target_control,
             TargetOptions::default(),
             &*no_progress(),
         )
-        .await
+        .await?;
+        serve_until(live, stop).await
     });
     let coordinator = Coordinator::new(
         control,
@@ -204,6 +242,7 @@ where
         strategy: s.strategy,
     };
     let listener = |_: &ms2m_core::Progress| {};
+    let window = Window::start();
     let report = match s.limit {
         Some(limit) => match tokio::time::timeout(limit, coordinator.migrate(&plan, &listener)).await {
             Ok(r) => Some(r?),
@@ -211,16 +250,26 @@ where
         },
         None => Some(coordinator.migrate(&plan, &listener).await?),
     };
-    match &report {
-        Some(r) => {
-            if !r.digest_match {
-                return Err(format!("digest mismatch in {service}").into());
-            }
-            let _ = target_task.await??;
-        }
-        None => target_task.abort(),
+    let window = window.live();
+    let Some(report) = report else {
+        target_task.abort();
+        return Ok(None);
+    };
+    if !report.digest_match {
+        target_task.abort();
+        return Err(format!("digest mismatch in {service}").into());
     }
-    Ok(report)
+    let outside = match observer {
+        Some(o) => {
+            o.await_resumed(window.live_us + WINDOW_MARGIN_US, Duration::from_secs(10))
+                .await;
+            Some(o.gaps(window))
+        }
+        None => None,
+    };
+    target_stop.store(true, Ordering::Relaxed);
+    let _ = target_task.await??;
+    Ok(Some(Migrated { report, outside }))
 }
 
 fn default_cutover(rate: u64) -> CutoverRule {
@@ -242,8 +291,53 @@ pub struct B1Options {
     pub high_rate: u64,
 }
 
-/// B1 (downtime, MS2M vs stop-and-copy) plus the peak memory of the 64 MiB
-/// (or largest) MS2M migration.
+/// The samples of one B1 case for one strategy, in run order.
+#[derive(Default)]
+struct Samples {
+    /// Outside output gap (the downtime), ms.
+    outside: Vec<f64>,
+    /// The report's `downtime_ms`.
+    report: Vec<f64>,
+    /// Outside committed-input-position gap, ms.
+    input_commit: Vec<f64>,
+    /// Largest output gap in the second before the migration, ms.
+    steady: Vec<f64>,
+    /// When the largest output gap began and ended, ms after live.
+    gap_began: Vec<f64>,
+    gap_ended: Vec<f64>,
+    /// Migrations whose streams did not resume within the wait (their gaps
+    /// are lower bounds).
+    unresumed: usize,
+    reports: Vec<MigrationReport>,
+}
+
+impl Samples {
+    fn push(&mut self, m: Migrated) -> Result<(), BoxError> {
+        let outside = m.outside.ok_or("B1 migration without an observer")?;
+        self.outside.push(outside.output_gap_ms);
+        self.report.push(m.report.downtime_ms);
+        self.input_commit.push(outside.input_commit_gap_ms);
+        self.steady.push(outside.baseline_output_gap_ms);
+        self.gap_began.push(outside.output_gap_began_ms);
+        self.gap_ended.push(outside.output_gap_ended_ms);
+        self.unresumed += usize::from(!outside.resumed);
+        self.reports.push(m.report);
+        Ok(())
+    }
+
+    /// "p50 a / p99 b" of `samples`.
+    fn spread(samples: &[f64]) -> String {
+        format!("p50 {:.1} / p99 {:.1} ms", median(samples), p99(samples))
+    }
+
+    fn median_of(&self, f: fn(&MigrationReport) -> f64) -> f64 {
+        median(&self.reports.iter().map(f).collect::<Vec<_>>())
+    }
+}
+
+/// B1 (downtime as the outside observer sees it, MS2M vs stop-and-copy),
+/// the report-vs-outside agreement, plus the peak memory of the 64 MiB (or
+/// largest) MS2M migration.
 pub async fn b1(b: &Bench, opts: &B1Options) -> Result<Vec<Row>, BoxError> {
     let mut cases: Vec<(u64, u64, Delivery)> = opts
         .sizes
@@ -261,9 +355,8 @@ pub async fn b1(b: &Bench, opts: &B1Options) -> Result<Vec<Row>, BoxError> {
     if b.embedded() && !b.quick {
         cases.push((big, opts.rate, Delivery::ExactlyOnce));
     }
-    let mut ms2m: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
-    let mut sc: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
-    let mut detail: Vec<Vec<MigrationReport>> = vec![Vec::new(); cases.len()];
+    let mut ms2m: Vec<Samples> = cases.iter().map(|_| Samples::default()).collect();
+    let mut sc: Vec<Samples> = cases.iter().map(|_| Samples::default()).collect();
     let mut memory = None;
     for run in 0..b.runs {
         for (i, &(mib, rate, delivery)) in cases.iter().enumerate() {
@@ -278,53 +371,39 @@ pub async fn b1(b: &Bench, opts: &B1Options) -> Result<Vec<Row>, BoxError> {
                 };
                 let measure =
                     run == 0 && i == cases.iter().position(|c| c.0 == big).unwrap_or(0) && strategy == Strategy::Ms2m;
-                let (report, m) = game_migration(&setup, mib, measure).await?;
-                let report = report.ok_or("migration did not finish")?;
+                let (migrated, m) = game_migration(&setup, mib, measure).await?;
+                let migrated = migrated.ok_or("migration did not finish")?;
+                let outside = migrated.outside.unwrap_or_default();
                 eprintln!(
-                    "  B1 {mib} MiB @ {rate} msg/s {delivery:?} {strategy}: downtime {:.1} ms, total {:.0} ms",
-                    report.downtime_ms, report.total_ms
+                    "  B1 {mib} MiB @ {rate} msg/s {delivery:?} {strategy}: outside output gap {:.1} ms \
+                     (from live{:+.1} to live{:+.1} ms; input commit gap {:.1} ms, steady {:.1} ms{}), \
+                     report downtime {:.1} ms, total {:.0} ms",
+                    outside.output_gap_ms,
+                    outside.output_gap_began_ms,
+                    outside.output_gap_ended_ms,
+                    outside.input_commit_gap_ms,
+                    outside.baseline_output_gap_ms,
+                    if outside.resumed {
+                        ""
+                    } else {
+                        ", NOT resumed: lower bound"
+                    },
+                    migrated.report.downtime_ms,
+                    migrated.report.total_ms
                 );
                 if measure {
                     memory = Some((mib, m));
                 }
                 match strategy {
-                    Strategy::Ms2m => {
-                        ms2m[i].push(report.downtime_ms);
-                        detail[i].push(report);
-                    }
-                    _ => sc[i].push(report.downtime_ms),
+                    Strategy::Ms2m => ms2m[i].push(migrated)?,
+                    _ => sc[i].push(migrated)?,
                 }
             }
         }
     }
     let mut rows = Vec::new();
     for (i, &(mib, rate, delivery)) in cases.iter().enumerate() {
-        let (target, goal) = if mib == 64 && rate == opts.rate && delivery == Delivery::AtLeastOnce {
-            ("≤ 0.01", Goal::AtMost(0.01))
-        } else {
-            ("— (reported)", Goal::None)
-        };
-        let d = &detail[i];
-        let m = |f: fn(&MigrationReport) -> f64| median(&d.iter().map(f).collect::<Vec<_>>());
-        rows.push(Row::new(
-            if delivery == Delivery::ExactlyOnce { "B1-eos" } else { "B1" },
-            format!("migration downtime, {mib} MiB state, {rate} msg/s input"),
-            Stat::new(ms2m[i].clone(), "ms"),
-            "stop-and-copy, same workload",
-            Some(Stat::new(sc[i].clone(), "ms")),
-            Some(ratios(&ms2m[i], &sc[i])),
-            target,
-            goal,
-            format!(
-                "{delivery:?}; MS2M total {:.0} ms (checkpoint {:.0}, transfer {:.0}, restore {:.0}, replay {:.0}), final gap {:.0} msgs",
-                m(|r| r.total_ms),
-                m(|r| r.checkpoint_ms),
-                m(|r| r.transfer_ms),
-                m(|r| r.restore_ms),
-                m(|r| r.replay_ms),
-                m(|r| r.final_gap as f64)
-            ),
-        ));
+        rows.extend(b1_rows(&ms2m[i], &sc[i], mib, rate, delivery, opts.rate));
     }
     let lo = cases
         .iter()
@@ -335,39 +414,235 @@ pub async fn b1(b: &Bench, opts: &B1Options) -> Result<Vec<Row>, BoxError> {
     if let (Some(lo), Some(hi)) = (lo, hi) {
         rows.push(Row::new(
             "B1-scale",
-            "MS2M downtime at 256 MiB relative to 1 MiB",
-            Stat::new(ms2m[hi].clone(), "ms"),
-            "MS2M downtime at 1 MiB",
-            Some(Stat::new(ms2m[lo].clone(), "ms")),
-            Some(ratios(&ms2m[hi], &ms2m[lo])),
+            "MS2M downtime (outside) at 256 MiB relative to 1 MiB",
+            Stat::new(ms2m[hi].outside.clone(), "ms"),
+            "MS2M downtime (outside) at 1 MiB",
+            Some(Stat::new(ms2m[lo].outside.clone(), "ms")),
+            Some(ratios(&ms2m[hi].outside, &ms2m[lo].outside)),
             "≤ 1.5",
             Goal::AtMost(1.5),
             format!("{:?}, {} msg/s", Delivery::AtLeastOnce, opts.rate),
         ));
     }
     if let Some((mib, m)) = memory {
-        let state = (mib << 20) as f64;
-        let grown = m.peak.saturating_sub(m.before) as f64;
-        let row = Row::new(
-            "MEM",
-            format!("peak RSS growth during a {mib} MiB MS2M migration ÷ state size"),
-            Stat::new(vec![grown / state], "× state"),
-            "",
-            None,
-            None,
-            "≤ 3× state (per role)",
-            Goal::None,
-            format!(
-                "one process holds source + target + coordinator + the embedded broker's copy of input and snapshot: RSS {:.0} MiB before the state, {:.0} MiB with the source serving (source share {:.2}× state), peak {:.0} MiB until the target was live",
-                m.before as f64 / 1048576.0,
-                m.source_ready as f64 / 1048576.0,
-                m.source_ready.saturating_sub(m.before) as f64 / state,
-                m.peak as f64 / 1048576.0
-            ),
-        );
-        rows.push(row);
+        rows.push(mem_row(mib, m, b.embedded()));
+        rows.extend(mem_per_role(b, mib, opts.rate).await?);
     }
     Ok(rows)
+}
+
+/// Peak memory per role: one MS2M migration of `state_mib` MiB with the
+/// source and the target as separate processes ([`crate::roles`]).
+async fn mem_per_role(b: &Bench, state_mib: u64, rate: u64) -> Result<Vec<Row>, BoxError> {
+    let service = b.unique(&format!("mem-{state_mib}m"));
+    let (input, output) = (format!("{service}.in"), format!("{service}.out"));
+    let snapshot_partitions = if state_mib > 64 { 128 } else { 64 };
+    let cluster = b.cluster.for_service(
+        KafkaConfig::new(&service)
+            .input_topic(&input)
+            .snapshot_partitions(snapshot_partitions),
+    );
+    cluster.create_topic(&input, 4, &[]).await?;
+    cluster.create_topic(&output, 4, &[]).await?;
+    // Every topic exists before the children connect: their clients cannot
+    // create topics on the embedded broker (that goes through its handle).
+    drop(cluster.snapshot_store().await?);
+    let control = Arc::new(cluster.control().await?);
+    let spec = |role| RoleSpec {
+        role,
+        bootstrap_servers: cluster.bootstrap_servers().to_string(),
+        service: service.clone(),
+        input: input.clone(),
+        output: output.clone(),
+        snapshot_partitions,
+    };
+    let ready_within = Duration::from_secs(60);
+    let mut source = RoleProcess::start(&spec(Role::Source))?;
+    source.ready(ready_within).await?;
+    let source_start = source.memory().ok_or("the source process is gone")?;
+    // The state arrives only now, so the start RSS above is without it.
+    let board_bytes = ((state_mib << 20) / PLAYERS) as u32;
+    let joins = (0..PLAYERS)
+        .map(|player| (key(player), GameEvent::Join { player, board_bytes }))
+        .collect();
+    produce_json(&producer(&cluster)?, &input, joins).await?;
+    let running = Arc::new(AtomicBool::new(true));
+    let input_task = game_input(&cluster, &input, rate, running.clone())?;
+    tokio::time::sleep(Duration::from_secs(1) + Duration::from_millis(8 * state_mib)).await;
+    let mut target = RoleProcess::start(&spec(Role::Target))?;
+    target.ready(ready_within).await?;
+    let target_start = target.memory().ok_or("the target process is gone")?;
+    let coordinator = Coordinator::new(
+        control,
+        MigrationConfig {
+            cutover: default_cutover(rate),
+            ..MigrationConfig::default()
+        },
+    );
+    let plan = MigrationPlan {
+        service: GameSessions::NAME.to_string(),
+        migration_id: format!("{service}-m"),
+        source: "source".into(),
+        target: "target".into(),
+        strategy: Strategy::Ms2m,
+    };
+    let report = coordinator.migrate(&plan, &|_: &ms2m_core::Progress| {}).await?;
+    if !report.digest_match {
+        return Err(format!("digest mismatch in {service}").into());
+    }
+    let source_end = source.memory().ok_or("the source process is gone")?;
+    let target_end = target.memory().ok_or("the target process is gone")?;
+    running.store(false, Ordering::Relaxed);
+    input_task.await??;
+    futures::join!(
+        source.finish(Duration::from_secs(10)),
+        target.finish(Duration::from_secs(10))
+    );
+    eprintln!(
+        "  MEM per role, {state_mib} MiB: source peak {:.0} MiB (start {:.0}), target peak {:.0} MiB (start {:.0})",
+        mib_of(source_end.peak),
+        mib_of(source_start.rss),
+        mib_of(target_end.peak),
+        mib_of(target_start.rss)
+    );
+    Ok(vec![
+        role_row("MEM-source", "source", state_mib, source_start, source_end),
+        role_row("MEM-target", "target", state_mib, target_start, target_end),
+    ])
+}
+
+fn mib_of(bytes: u64) -> f64 {
+    bytes as f64 / 1048576.0
+}
+
+fn role_row(id: &str, role: &str, state_mib: u64, start: ProcMemory, end: ProcMemory) -> Row {
+    let state = (state_mib << 20) as f64;
+    let growth = end.peak.saturating_sub(start.rss) as f64 / state;
+    let mut row = Row::new(
+        id,
+        format!("peak RSS growth of the {role} process during a {state_mib} MiB MS2M migration ÷ state size"),
+        Stat::new(vec![growth], "× state"),
+        "",
+        None,
+        None,
+        "≤ 3× state (per role)",
+        Goal::None,
+        format!(
+            "the {role} alone in its own OS process (coordinator, input producer and an embedded broker stay in the harness): VmHWM {:.0} MiB = {:.2}× state, \
+             RSS {:.0} MiB when it started (before the state), {:.0} MiB when the target was live",
+            mib_of(end.peak),
+            end.peak as f64 / state,
+            mib_of(start.rss),
+            mib_of(end.rss)
+        ),
+    );
+    row.met = Some(growth <= 3.0);
+    row
+}
+
+/// The B1 row of one case (downtime as seen from outside) and its B1-report
+/// row (the report's figure against the outside one, same migrations).
+fn b1_rows(ms2m: &Samples, sc: &Samples, mib: u64, rate: u64, delivery: Delivery, main_rate: u64) -> [Row; 2] {
+    let (target, goal) = if mib == 64 && rate == main_rate && delivery == Delivery::AtLeastOnce {
+        ("≤ 0.01", Goal::AtMost(0.01))
+    } else {
+        ("— (reported)", Goal::None)
+    };
+    let unresumed = ms2m.unresumed + sc.unresumed;
+    let downtime = Row::new(
+        if delivery == Delivery::ExactlyOnce {
+            "B1-eos"
+        } else {
+            "B1"
+        },
+        format!("migration downtime (outside: largest output gap), {mib} MiB state, {rate} msg/s input"),
+        Stat::new(ms2m.outside.clone(), "ms"),
+        "stop-and-copy, same workload",
+        Some(Stat::new(sc.outside.clone(), "ms")),
+        Some(ratios(&ms2m.outside, &sc.outside)),
+        target,
+        goal,
+        format!(
+            "{delivery:?}; outside MS2M {} (stop-and-copy {}); report MS2M {} (stop-and-copy {}); \
+             MS2M largest gap from live{:+.0} to live{:+.0} ms (medians); \
+             input commit gap MS2M {}; steady output gap before {:.1} ms (floor: 10 ms input ticks){}; \
+             MS2M total {:.0} ms (checkpoint {:.0}, transfer {:.0}, restore {:.0}, replay {:.0}), final gap {:.0} msgs",
+            Samples::spread(&ms2m.outside),
+            Samples::spread(&sc.outside),
+            Samples::spread(&ms2m.report),
+            Samples::spread(&sc.report),
+            median(&ms2m.gap_began),
+            median(&ms2m.gap_ended),
+            Samples::spread(&ms2m.input_commit),
+            median(&ms2m.steady),
+            if unresumed > 0 {
+                format!("; {unresumed} migration(s) did not resume in 10 s: lower bounds")
+            } else {
+                String::new()
+            },
+            ms2m.median_of(|r| r.total_ms),
+            ms2m.median_of(|r| r.checkpoint_ms),
+            ms2m.median_of(|r| r.transfer_ms),
+            ms2m.median_of(|r| r.restore_ms),
+            ms2m.median_of(|r| r.replay_ms),
+            ms2m.median_of(|r| r.final_gap as f64)
+        ),
+    );
+    let agreement = ratios(&ms2m.report, &ms2m.outside);
+    let sc_agreement = ratios(&sc.report, &sc.outside);
+    let mut report = Row::new(
+        "B1-report",
+        format!("MS2M report downtime vs outside output gap, {mib} MiB, {rate} msg/s, {delivery:?}"),
+        Stat::new(ms2m.report.clone(), "ms"),
+        "outside output gap, same migrations",
+        Some(Stat::new(ms2m.outside.clone(), "ms")),
+        Some(agreement.clone()),
+        "report ÷ outside within 0.9–1.1",
+        Goal::None,
+        format!(
+            "report ÷ outside per migration: MS2M {:?}, stop-and-copy {:?} (median {:.3})",
+            agreement
+                .samples
+                .iter()
+                .map(|r| (r * 1000.0).round() / 1000.0)
+                .collect::<Vec<_>>(),
+            sc_agreement
+                .samples
+                .iter()
+                .map(|r| (r * 1000.0).round() / 1000.0)
+                .collect::<Vec<_>>(),
+            sc_agreement.median
+        ),
+    );
+    report.met = Some((0.9..=1.1).contains(&agreement.median));
+    [downtime, report]
+}
+
+fn mem_row(mib: u64, m: MemSample, embedded: bool) -> Row {
+    let state = (mib << 20) as f64;
+    let grown = m.peak.saturating_sub(m.before) as f64;
+    Row::new(
+        "MEM",
+        format!("peak RSS growth during a {mib} MiB MS2M migration ÷ state size"),
+        Stat::new(vec![grown / state], "× state"),
+        "",
+        None,
+        None,
+        "≤ 3× state (per role)",
+        Goal::None,
+        format!(
+            "one process holds source + target + coordinator{} (the outside observer is its own process, not counted): RSS {:.0} MiB before the state, {:.0} MiB with the source serving (source share {:.2}× state), peak {:.0} MiB until the target was live",
+            if embedded {
+                " + the embedded broker's copy of input and snapshot"
+            } else {
+                ""
+            },
+            m.before as f64 / 1048576.0,
+            m.source_ready as f64 / 1048576.0,
+            m.source_ready.saturating_sub(m.before) as f64 / state,
+            m.peak as f64 / 1048576.0
+        ),
+    )
 }
 
 /// B7: total migration time when the input rate is at least the replay
@@ -491,7 +766,9 @@ async fn slow_migration(s: &Setup<'_>) -> Result<Option<MigrationReport>, BoxErr
         Ok(())
     });
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let result = migrate::<SlowReplay, _>(s, &cluster, control, SlowReplay::NAME, &service, &output).await;
+    let result = migrate::<SlowReplay, _>(s, &cluster, control, SlowReplay::NAME, &service, &output, None)
+        .await
+        .map(|m| m.map(|m| m.report));
     running.store(false, Ordering::Relaxed);
     input_task.await??;
     let _ = with_timeout(source.stop()).await;

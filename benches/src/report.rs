@@ -17,11 +17,26 @@ pub fn median(samples: &[f64]) -> f64 {
     }
 }
 
+/// The 99th percentile of `samples`, nearest rank: the smallest sample
+/// with at least 99% of the samples at or below it. With fewer than 100
+/// samples that is the largest one, so it is defined for any `--runs`.
+pub fn p99(samples: &[f64]) -> f64 {
+    if samples.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = samples.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let rank = (samples.len() * 99).div_ceil(100);
+    v[rank.max(1) - 1]
+}
+
 /// One measured quantity over repeated runs.
 #[derive(Clone, Debug, Serialize)]
 pub struct Stat {
     /// Median over runs.
     pub median: f64,
+    /// 99th percentile over runs (nearest rank; the largest below 100 runs).
+    pub p99: f64,
     /// Unit of the values.
     pub unit: &'static str,
     /// Every run's value, in run order.
@@ -33,6 +48,7 @@ impl Stat {
     pub fn new(samples: Vec<f64>, unit: &'static str) -> Self {
         Self {
             median: median(&samples),
+            p99: p99(&samples),
             unit,
             samples,
         }
@@ -156,4 +172,20 @@ pub fn markdown(rows: &[Row]) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::p99;
+
+    #[test]
+    fn p99_is_the_largest_below_a_hundred_samples() {
+        assert_eq!(p99(&[3.0, 1.0, 2.0]), 3.0);
+    }
+
+    #[test]
+    fn p99_leaves_out_the_top_percent() {
+        let samples: Vec<f64> = (1..=200).map(f64::from).collect();
+        assert_eq!(p99(&samples), 198.0);
+    }
 }

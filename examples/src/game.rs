@@ -4,7 +4,11 @@
 //! level a player is on: it is what makes the state large, as in the
 //! paper's evaluation); `Flap` and `Tick` move the bird with integer
 //! physics; passing a pipe scores a point and emits a `ScoreChanged`
-//! output; hitting the ground ends the session.
+//! output; hitting the ground ends the session. A `Query` asks for a
+//! player's score and is always answered: the demo and the benchmarks send
+//! one per input tick so that outputs keep flowing at a steady rate (scores
+//! alone are sparse and stop when the birds crash), which is what lets an
+//! outside observer time the gaps in the output.
 //!
 //! # Two ways to hold the same state
 //!
@@ -47,9 +51,29 @@ pub enum GameEvent {
         /// Player id.
         player: u64,
     },
+    /// A client asks for the player's score: answered with a
+    /// [`ScoreChanged`] carrying the current score (0 for no session).
+    Query {
+        /// Player id.
+        player: u64,
+    },
 }
 
-/// The output: a player's score changed (keyed by player).
+impl GameEvent {
+    /// The player the event is about (the record key: one player's events
+    /// stay on one partition, in order).
+    pub fn player(&self) -> u64 {
+        match *self {
+            GameEvent::Join { player, .. }
+            | GameEvent::Flap { player }
+            | GameEvent::Tick { player }
+            | GameEvent::Query { player } => player,
+        }
+    }
+}
+
+/// The output: a player's score changed, or the answer to a `Query`
+/// (keyed by player).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ScoreChanged {
     /// Player id.
@@ -107,6 +131,8 @@ pub struct PlainGameSessions {
 
 /// The sessions map of either state.
 pub trait SessionMap {
+    /// The player's session.
+    fn session(&self, player: u64) -> Option<&Session>;
     /// The player's session, to change.
     fn session_mut(&mut self, player: u64) -> Option<&mut Session>;
     /// Opens (or replaces) the player's session.
@@ -114,6 +140,9 @@ pub trait SessionMap {
 }
 
 impl SessionMap for HashMap<u64, Session> {
+    fn session(&self, player: u64) -> Option<&Session> {
+        self.get(&player)
+    }
     fn session_mut(&mut self, player: u64) -> Option<&mut Session> {
         self.get_mut(&player)
     }
@@ -123,6 +152,9 @@ impl SessionMap for HashMap<u64, Session> {
 }
 
 impl SessionMap for imbl::HashMap<u64, Session> {
+    fn session(&self, player: u64) -> Option<&Session> {
+        self.get(&player)
+    }
     fn session_mut(&mut self, player: u64) -> Option<&mut Session> {
         self.get_mut(&player)
     }
@@ -184,6 +216,7 @@ pub fn play(sessions: &mut impl SessionMap, event: &GameEvent) -> Option<(u64, u
             }
             None
         }
+        GameEvent::Query { player } => Some((player, sessions.session(player).map_or(0, |s| s.score))),
     }
 }
 
@@ -226,6 +259,15 @@ pub fn event(i: u64, players: u64) -> GameEvent {
         GameEvent::Flap { player }
     } else {
         GameEvent::Tick { player }
+    }
+}
+
+/// The score query sent with input tick `tick` of a game of `players`
+/// players: one of four probe ids just above the players' (no session, so
+/// the answer is score 0), rotating so the queries spread over partitions.
+pub fn heartbeat_query(tick: u64, players: u64) -> GameEvent {
+    GameEvent::Query {
+        player: players + tick % 4,
     }
 }
 
@@ -297,6 +339,23 @@ mod tests {
         assert_eq!(from_plain, persistent);
         let frozen = persistent.freeze().expect("GameSessions freezes");
         assert_eq!(frozen.digest(), plain.digest());
+    }
+
+    #[test]
+    fn a_query_is_always_answered_with_the_current_score() {
+        let mut sessions = HashMap::new();
+        let unknown = heartbeat_query(0, 10);
+        assert_eq!(play(&mut sessions, &unknown), Some((unknown.player(), 0)));
+        play(
+            &mut sessions,
+            &GameEvent::Join {
+                player: 1,
+                board_bytes: 0,
+            },
+        );
+        sessions.get_mut(&1).unwrap().score = 7;
+        assert_eq!(play(&mut sessions, &GameEvent::Query { player: 1 }), Some((1, 7)));
+        assert_eq!(sessions[&1].score, 7);
     }
 
     #[test]

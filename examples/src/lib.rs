@@ -6,6 +6,8 @@
 //!   state size is configurable, which is what the demo varies.
 //! * [`ledger`]: a bank ledger that emits outputs (balance updates,
 //!   rejected overdrafts).
+//! * [`observer`]: downtime as an independent client in another process
+//!   sees it, shared by the migration demo and the benchmark harness.
 //!
 //! Each service comes with a *reference fold*: a plain loop over the input
 //! that computes the expected final state and outputs without the runtime,
@@ -17,4 +19,5 @@
 
 pub mod game;
 pub mod ledger;
+pub mod observer;
 pub mod support;

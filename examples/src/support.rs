@@ -128,3 +128,23 @@ pub async fn read_committed(
     })
     .await?
 }
+
+/// Keeps a live `instance` serving (stepping) until `stop` is set, then
+/// hands it back still live. A target returned by `run_target` does not
+/// serve by itself: without this, outputs stop until someone steps it, and
+/// an outside observer would count that as downtime.
+pub async fn serve_until<S, L, St, O>(
+    mut instance: ms2m_core::Instance<S, L, St, O>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<ms2m_core::Instance<S, L, St, O>, ms2m_core::Error>
+where
+    S: ms2m_core::StatefulService,
+    L: ms2m_core::MessageLog,
+    St: ms2m_core::SnapshotStore,
+    O: ms2m_core::OutputSink,
+{
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        instance.step().await?;
+    }
+    Ok(instance)
+}

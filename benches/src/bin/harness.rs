@@ -30,7 +30,9 @@ struct Args {
     /// Small sizes and one run: a smoke test for CI.
     #[arg(long)]
     quick: bool,
-    /// Repetitions per comparison (default 3, quick 1).
+    /// Repetitions per comparison (default 3, quick 1). B1 reports p50 and
+    /// p99 over them (p99 is the largest below 100 runs; use ≥ 20 for a
+    /// meaningful tail).
     #[arg(long)]
     runs: Option<usize>,
     /// Benchmarks to run (comma-separated: B1..B7; MEM comes with B1).
@@ -52,6 +54,14 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
+    // B1's outside observer is this binary re-executed.
+    if let Some(code) = ms2m_examples::observer::run_child_if_requested() {
+        std::process::exit(code);
+    }
+    // So are the source and target processes of the per-role memory rows.
+    if let Some(code) = ms2m_benches::roles::run_role_if_requested().await {
+        std::process::exit(code);
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -107,7 +107,10 @@ impl Hash for Rec {
 
 /// What an instance is doing.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-#[allow(clippy::large_enum_variant, reason = "boxing would allocate on every clone of a model state")]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "boxing would allocate on every clone of a model state"
+)]
 enum NodeRole {
     /// Serving as the owner (its agent's machine).
     Owner(SourceMachine),

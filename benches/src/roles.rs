@@ -1,0 +1,215 @@
+//! Peak memory per role: the source and the target of one MS2M migration
+//! as separate OS processes.
+//!
+//! With every role in the harness process, `VmHWM` cannot tell the source's
+//! peak from the target's or from the embedded broker's copy of the data.
+//! Here the harness re-executes itself with [`ROLE_FLAG`] once per role; each
+//! child connects to the parent's broker over its bootstrap address (the
+//! embedded mock listens on loopback TCP), the coordinator stays in the
+//! parent, and the parent reads each child's `VmHWM` from
+//! `/proc/<pid>/status` once the target is live. The peak is over the
+//! child's whole life: for the source that includes building its state from
+//! the joins, for the target restoring it.
+//!
+//! A child prints `ready` on stdout once it serves (source) or waits as a
+//! standby (target), and stops when its stdin closes; the parent kills it
+//! when the [`RoleProcess`] is dropped, on every exit path.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ms2m_core::migration::{run_target, SourceAgent, SourceOptions, TargetOptions};
+use ms2m_core::{no_progress, Delivery, Instance, InstanceConfig};
+use ms2m_examples::game::GameSessions;
+use ms2m_examples::support::serve_until;
+use ms2m_kafka::{KafkaCluster, KafkaConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::mem::{self, ProcMemory};
+use crate::BoxError;
+
+/// The first argument that turns the harness into one role of a migration.
+pub const ROLE_FLAG: &str = "__ms2m-role";
+
+/// Which side of the migration a child plays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// Owns the service and serves until the migration releases it.
+    Source,
+    /// Waits as a standby, restores, replays, takes over and serves.
+    Target,
+}
+
+/// What a role child needs to reach the service.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RoleSpec {
+    /// The side it plays.
+    pub role: Role,
+    /// The parent's broker.
+    pub bootstrap_servers: String,
+    /// Service name (group, snapshot and control topics derive from it).
+    pub service: String,
+    /// Input topic.
+    pub input: String,
+    /// Output topic.
+    pub output: String,
+    /// Partitions of the snapshot topic.
+    pub snapshot_partitions: i32,
+}
+
+impl RoleSpec {
+    /// The service's configuration, as the parent's `for_service` built it.
+    pub fn config(&self) -> KafkaConfig {
+        KafkaConfig::new(&self.service)
+            .input_topic(&self.input)
+            .snapshot_partitions(self.snapshot_partitions)
+    }
+}
+
+/// A role child, seen from the parent. Dropping it kills the child.
+#[derive(Debug)]
+pub struct RoleProcess {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    ready: Option<std::sync::mpsc::Receiver<()>>,
+}
+
+impl RoleProcess {
+    /// Starts the harness again as `spec.role`.
+    pub fn start(spec: &RoleSpec) -> Result<Self, BoxError> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg(ROLE_FLAG)
+            .arg(serde_json::to_string(spec)?)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or("role stdout not captured")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.trim() == "ready" {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        Ok(Self {
+            stdin: child.stdin.take(),
+            child,
+            ready: Some(rx),
+        })
+    }
+
+    /// Waits until the child says it is ready (`timeout` at most).
+    pub async fn ready(&mut self, timeout: Duration) -> Result<(), BoxError> {
+        let rx = self.ready.take().ok_or("ready already awaited")?;
+        tokio::task::spawn_blocking(move || rx.recv_timeout(timeout))
+            .await?
+            .map_err(|_| format!("the role process was not ready within {timeout:?}"))?;
+        Ok(())
+    }
+
+    /// The child's memory now (`VmHWM` is its peak so far).
+    pub fn memory(&self) -> Option<ProcMemory> {
+        mem::of_pid(self.child.id())
+    }
+
+    /// Closes the child's stdin (it stops) and waits up to `timeout` for it.
+    pub async fn finish(mut self, timeout: Duration) {
+        drop(self.stdin.take());
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for RoleProcess {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// In a role child (first argument [`ROLE_FLAG`]), plays the role and
+/// returns the exit code; elsewhere `None` at once.
+pub async fn run_role_if_requested() -> Option<i32> {
+    let mut args = std::env::args().skip(1);
+    if args.next().as_deref() != Some(ROLE_FLAG) {
+        return None;
+    }
+    let result = match args.next().map(|json| serde_json::from_str::<RoleSpec>(&json)) {
+        Some(Ok(spec)) => play(&spec).await,
+        Some(Err(e)) => Err(e.into()),
+        None => Err("missing the role argument".into()),
+    };
+    Some(match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("role process: {e}");
+            1
+        }
+    })
+}
+
+fn instance_config(id: &str, output: &str) -> InstanceConfig {
+    InstanceConfig::new(id)
+        .snapshot_every(None)
+        .snapshot_interval(None)
+        .commit_every(500, Duration::from_millis(20))
+        .poll(500, Duration::from_millis(5))
+        .output_topic(output.to_string())
+}
+
+/// Resolves once the parent closed our stdin (or died).
+async fn parent_gone() {
+    let _ = tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink())).await;
+}
+
+async fn play(spec: &RoleSpec) -> Result<(), BoxError> {
+    let cluster = KafkaCluster::connect(spec.config().bootstrap_servers(&spec.bootstrap_servers))?;
+    let backends = cluster.backends(Delivery::AtLeastOnce).await?;
+    let control = Arc::new(cluster.control().await?);
+    let config = instance_config(&format!("{:?}", spec.role).to_lowercase(), &spec.output);
+    match spec.role {
+        Role::Source => {
+            let source = Instance::<GameSessions, _, _, _>::recover(backends, config, &*no_progress()).await?;
+            let agent = SourceAgent::new(source, control, SourceOptions::default())
+                .await?
+                .spawn();
+            println!("ready");
+            parent_gone().await;
+            let _ = agent.stop().await;
+        }
+        Role::Target => {
+            let stop = Arc::new(AtomicBool::new(false));
+            let serving = stop.clone();
+            let target = tokio::spawn(async move {
+                let live = run_target::<GameSessions, _, _, _, _>(
+                    backends,
+                    config,
+                    control,
+                    TargetOptions::default(),
+                    &*no_progress(),
+                )
+                .await?;
+                serve_until(live, serving).await
+            });
+            println!("ready");
+            parent_gone().await;
+            stop.store(true, Ordering::Relaxed);
+            // A target still waiting for its migration just exits.
+            if let Ok(served) = tokio::time::timeout(Duration::from_secs(10), target).await {
+                served??;
+            }
+        }
+    }
+    Ok(())
+}
