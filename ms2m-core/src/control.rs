@@ -149,7 +149,8 @@ pub enum ControlBody {
         /// Pf.
         position: Position,
     },
-    /// Target → coordinator: live at `position`; `owner` now owns the service.
+    /// Target → coordinator: live at `position` and its first outputs since
+    /// committed (or the input idle); `owner` now owns the service.
     Live {
         /// Instance id of the new owner.
         owner: String,

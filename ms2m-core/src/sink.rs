@@ -51,4 +51,14 @@ pub trait OutputSink: Send + 'static {
 
     /// The last committed position, `None` if nothing was ever committed.
     async fn committed(&mut self) -> Result<Option<Position>, Self::Error>;
+
+    /// Gets ready to emit to `topics` soon, so that the first commit after
+    /// going live pays no first-use cost (Kafka: the topics' metadata and
+    /// the group coordinator; a producer that first meets a topic while
+    /// committing waits about 100 ms for its metadata). Best effort: the
+    /// runtime logs a failure and goes on. Default: nothing.
+    async fn warm_up(&mut self, topics: &[&str]) -> Result<(), Self::Error> {
+        let _ = topics;
+        Ok(())
+    }
 }

@@ -300,10 +300,13 @@ impl OutputSink for KafkaSink {
         let tpl = offsets(position)?;
         match self.delivery {
             Delivery::AtLeastOnce => {
+                let started = std::time::Instant::now();
                 while !self.pending.is_empty() {
                     self.await_oldest().await?;
                 }
+                let delivered = started.elapsed();
                 self.commit_offsets_plain(tpl).await?;
+                debug!(?delivered, committed = ?started.elapsed(), "outputs delivered and position committed");
             }
             Delivery::ExactlyOnce => {
                 self.begin()?;
@@ -372,6 +375,29 @@ impl OutputSink for KafkaSink {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Fetches the topics' metadata through the producer (a producer that
+    /// first meets a topic at its first commit after going live waited
+    /// ~100 ms for it: measured on the embedded broker, a target's first
+    /// `commit_transaction` took 102 ms and the next ones under 1 ms) and
+    /// finds the group coordinator through the committing client.
+    async fn warm_up(&mut self, topics: &[&str]) -> Result<()> {
+        let started = std::time::Instant::now();
+        for topic in topics {
+            let (producer, topic, timeout) = (self.producer.clone(), topic.to_string(), self.timeout());
+            blocking(move || {
+                producer
+                    .client()
+                    .fetch_metadata(Some(&topic), timeout)
+                    .map(|_| ())
+                    .map_err(KafkaError::kafka("fetch output topic metadata"))
+            })
+            .await?;
+        }
+        self.committed().await?;
+        debug!(elapsed = ?started.elapsed(), ?topics, "output sink warmed up");
         Ok(())
     }
 

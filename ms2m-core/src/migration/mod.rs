@@ -367,26 +367,35 @@ pub(crate) async fn forward_control<C: ControlChannel>(
         .map_err(|e| Error::backend(Component::Control, "open reader", e))?;
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     tokio::spawn(async move {
-        loop {
-            match reader.next(Duration::from_millis(200)).await {
-                Ok(Some(m)) if m.service == service => {
-                    if tx.send(m).await.is_err() {
-                        return;
-                    }
+        forward(&mut reader, &service, &tx).await;
+        // Closing a reader can block (Kafka: the consumer's close, ~100 ms):
+        // never on a runtime worker, where it would stall whatever task
+        // waits in that worker's queue (a target just gone live).
+        tokio::task::spawn_blocking(move || drop(reader));
+    });
+    Ok(rx)
+}
+
+/// Sends `service`'s records to `tx` until its receiver is gone.
+async fn forward<R: ControlReader>(reader: &mut R, service: &str, tx: &tokio::sync::mpsc::Sender<crate::ControlMessage>) {
+    loop {
+        match reader.next(Duration::from_millis(200)).await {
+            Ok(Some(m)) if m.service == service => {
+                if tx.send(m).await.is_err() {
+                    return;
                 }
-                Ok(_) if tx.is_closed() => return,
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(error = %crate::store::error_chain(&e), "control channel read failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    if tx.is_closed() {
-                        return;
-                    }
+            }
+            Ok(_) if tx.is_closed() => return,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %crate::store::error_chain(&e), "control channel read failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if tx.is_closed() {
+                    return;
                 }
             }
         }
-    });
-    Ok(rx)
+    }
 }
 
 pub(crate) fn ms(d: Duration) -> f64 {

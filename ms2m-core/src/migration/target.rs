@@ -322,6 +322,9 @@ where
             warn!(%digest, "state digests differ at cutover; going live anyway (policy: warn)");
         }
         info!(position = %position, %digest, replayed, final_gap, "live at the cutover position");
+        let started = Instant::now();
+        serve_to_first_commit(instance).await?;
+        tracing::debug!(elapsed = ?started.elapsed(), "first outputs after the handover committed");
         let body = ControlBody::Live {
             owner,
             epoch,
@@ -451,5 +454,25 @@ impl Replay {
         self.window_source_total = source_total;
         self.last_report = Some(now);
         (position.distance_to(&self.source_position), mu, lambda)
+    }
+}
+
+/// Serves a target that just went live until its first outputs are
+/// committed (visible to clients) or the input is idle, so that `Live`, and
+/// with it the report's downtime, ends where a client's gap ends: the first
+/// commit after the handover can take longer than the cutover itself.
+async fn serve_to_first_commit<S, L, St, O>(instance: &mut Instance<S, L, St, O>) -> Result<()>
+where
+    S: StatefulService,
+    L: MessageLog,
+    St: SnapshotStore,
+    O: OutputSink,
+{
+    let commits = instance.stats().commits;
+    loop {
+        let applied = instance.step().await?;
+        if instance.stats().commits > commits || applied == 0 {
+            return Ok(());
+        }
     }
 }

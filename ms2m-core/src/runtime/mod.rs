@@ -250,6 +250,12 @@ where
         log.seek(&position)
             .await
             .map_err(|e| Error::backend(Component::Log, "seek", e))?;
+        let mut sink = sink;
+        if let Some(topic) = config.output.default_topic.as_deref() {
+            if let Err(e) = sink.warm_up(&[topic]).await {
+                warn!(error = %e, topic, "could not warm up the output sink; its first commit may be slower");
+            }
+        }
         let now = Instant::now();
         Ok(Self {
             state,

@@ -290,10 +290,10 @@ impl CoordinatorMachine {
     /// Watches the target's replay until a cutover rule fires.
     fn on_target_progress(&mut self, now: Duration, body: &ControlBody) -> Vec<CoordinatorAction> {
         let ControlBody::TargetProgress {
+            position,
             lag,
             apply_rate,
             input_rate,
-            ..
         } = body
         else {
             return Vec::new();
@@ -316,7 +316,13 @@ impl CoordinatorMachine {
         })];
         self.facts.0.lag_at_cutover = lag;
         let replaying_for = now.saturating_sub(self.replay_started);
-        if let Some(reason) = cutover_reason(&self.config, self.plan.strategy, lag, mu, lambda, replaying_for) {
+        let reason = cutover_reason(&self.config, self.plan.strategy, lag, mu, lambda, replaying_for);
+        // The lag rules wait until the target compared digests at the digest
+        // point (its progress reaches Pd), so the comparison stays off the
+        // cutover's path; the threshold cutoff is a time bound and does not.
+        let compared = self.facts.0.digest_position.as_ref().is_some_and(|pd| position.reaches(pd));
+        let reason = reason.filter(|r| compared || matches!(r, CutoverReason::ThresholdCutoff { .. }));
+        if let Some(reason) = reason {
             actions.extend(self.cut_over(now, reason));
         }
         actions
