@@ -14,8 +14,19 @@
 //!   `Error::LogTruncated` itself.
 //! * `isolation.level=read_committed`: records of aborted transactions are
 //!   never applied (on a real broker).
+//! * `fetch.queue.backoff.ms=10` (librdkafka's default is 1000): once the
+//!   local queue holds `queued.min.messages` (counted over *all* assigned
+//!   partitions, which share one queue), librdkafka stops fetching for that
+//!   long. During catch-up the queue fills within milliseconds, so with the
+//!   default a replay stalled for about a second every time it did.
 //! * Records are delivered in offset order per partition; key, payload and
-//!   headers are copied into `Bytes`, topic names are shared `Arc<str>`s.
+//!   headers are copied into `Bytes` of their own (one allocation each, so a
+//!   service that keeps a payload keeps only that payload alive, never a
+//!   batch buffer), topic names are shared `Arc<str>`s.
+//! * Per message the cost is librdkafka's queue pop, these copies and the
+//!   header parse (see [`KafkaLog::without_headers`]); everything else
+//!   (waker registration, next-offset bookkeeping) happens once per poll or
+//!   once per run of records from one partition.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,7 +34,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::FutureExt;
+use futures::{FutureExt, StreamExt};
 use ms2m_core::{MessageLog, Position, Record, TopicPartition, Watermarks};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
@@ -63,6 +74,8 @@ pub struct KafkaLog {
     /// When a connection event was last logged at `warn` (one per outage
     /// burst; librdkafka reports each outage several times per client).
     warned_at: Option<std::time::Instant>,
+    /// Whether records carry the messages' headers (see [`KafkaLog::without_headers`]).
+    read_headers: bool,
 }
 
 impl std::fmt::Debug for KafkaLog {
@@ -90,6 +103,7 @@ impl KafkaLog {
             .set("auto.offset.reset", "error")
             .set("isolation.level", "read_committed")
             .set_default("fetch.wait.max.ms", "10")
+            .set_default("fetch.queue.backoff.ms", "10")
             .set_default("allow.auto.create.topics", "false");
         let consumer: StreamConsumer = cc.create().map_err(KafkaError::kafka("create the input consumer"))?;
         Ok(Self {
@@ -100,7 +114,22 @@ impl KafkaLog {
             next: BTreeMap::new(),
             deferred: None,
             warned_at: None,
+            read_headers: true,
         })
+    }
+
+    /// Records from this log carry no headers.
+    ///
+    /// librdkafka parses a message's headers on first access, and that
+    /// parse (a buffer allocated, read and freed per message, even when the
+    /// message has no headers) is the largest single cost of turning a
+    /// message into a [`Record`]: about a fifth of the instructions of the
+    /// replay loop for small messages (benchmark B2). Only for services that
+    /// never read [`ApplyContext::headers`](ms2m_core::ApplyContext::headers);
+    /// messages they send to a dead-letter topic lack the original headers.
+    pub fn without_headers(mut self) -> Self {
+        self.read_headers = false;
+        self
     }
 
     fn topic_arc(&mut self, topic: &str) -> Arc<str> {
@@ -114,8 +143,10 @@ impl KafkaLog {
 
     fn record_of(&mut self, m: &BorrowedMessage<'_>) -> Record {
         let topic = self.topic_arc(m.topic());
-        let headers = m
-            .headers()
+        let headers = self
+            .read_headers
+            .then(|| m.headers())
+            .flatten()
             .map(|h| {
                 h.iter()
                     .map(|h| {
@@ -155,6 +186,37 @@ impl KafkaLog {
                 operation: "consume from the input log",
                 source: e,
             },
+        }
+    }
+
+    /// Moves each partition's next offset past the records taken. Records
+    /// of one partition arrive in offset order and in runs (one per fetched
+    /// batch), so the map is updated once per run, at its last record.
+    fn advance_next(&mut self, records: &[Record]) {
+        for (i, r) in records.iter().enumerate() {
+            let run_goes_on = records
+                .get(i + 1)
+                .is_some_and(|n| n.partition == r.partition && n.topic == r.topic);
+            if run_goes_on {
+                continue;
+            }
+            let tp = TopicPartition {
+                topic: r.topic.clone(),
+                partition: r.partition,
+            };
+            if let Some(next) = self.next.get_mut(&tp) {
+                *next = (*next).max(r.offset + 1);
+            }
+        }
+    }
+
+    /// Logs a connection event at `warn` once per outage burst, else at `debug`.
+    fn log_connection_event(&mut self, e: &RdKafkaError) {
+        if self.warned_at.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+            warn!(error = %e, "input log: broker connection lost; librdkafka reconnects");
+            self.warned_at = Some(std::time::Instant::now());
+        } else {
+            debug!(error = %e, "input log: broker connection event");
         }
     }
 
@@ -233,9 +295,9 @@ impl MessageLog for KafkaLog {
     /// Waits up to `timeout` for the first record, then takes whatever else
     /// is already fetched, up to `max`.
     ///
-    /// Cancel-safe: a cancelled poll loses no record (rdkafka's
-    /// `StreamConsumer::recv` is cancel-safe, and records are moved into the
-    /// result only when it is returned).
+    /// Cancel-safe: a cancelled poll loses no record (rdkafka's message
+    /// stream is cancel-safe, and records are moved into the result only
+    /// when it is returned).
     async fn poll(&mut self, max: usize, timeout: Duration) -> Result<Vec<Record>> {
         if let Some(e) = self.deferred.take() {
             return Err(e);
@@ -246,45 +308,34 @@ impl MessageLog for KafkaLog {
             return Ok(out);
         }
         let consumer = self.consumer.clone();
+        // One stream for the whole batch: `StreamConsumer::recv` registers
+        // and unregisters a waker (under a mutex) for every message.
+        let mut stream = consumer.stream();
         let deadline = tokio::time::Instant::now() + timeout;
         let first = loop {
-            match tokio::time::timeout_at(deadline, consumer.recv()).await {
-                Err(_) => return Ok(out),
-                Ok(Err(e)) if is_transient(&e) => {
-                    if self.warned_at.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                        warn!(error = %e, "input log: broker connection lost; librdkafka reconnects");
-                        self.warned_at = Some(std::time::Instant::now());
-                    } else {
-                        debug!(error = %e, "input log: broker connection event");
-                    }
-                }
-                Ok(Err(e)) => return Err(self.consume_error(e)),
-                Ok(Ok(m)) => break self.record_of(&m),
+            match tokio::time::timeout_at(deadline, stream.next()).await {
+                Err(_) | Ok(None) => return Ok(out),
+                Ok(Some(Err(e))) if is_transient(&e) => self.log_connection_event(&e),
+                Ok(Some(Err(e))) => return Err(self.consume_error(e)),
+                Ok(Some(Ok(m))) => break self.record_of(&m),
             }
         };
         out.push(first);
         while out.len() < max {
-            match consumer.recv().now_or_never() {
-                None => break,
-                Some(Ok(m)) => {
+            match stream.next().now_or_never() {
+                None | Some(None) => break,
+                Some(Some(Ok(m))) => {
                     let r = self.record_of(&m);
                     out.push(r);
                 }
-                Some(Err(e)) if is_transient(&e) => break,
-                Some(Err(e)) => {
+                Some(Some(Err(e))) if is_transient(&e) => break,
+                Some(Some(Err(e))) => {
                     self.deferred = Some(self.consume_error(e));
                     break;
                 }
             }
         }
-        for r in &out {
-            if let Some(next) = self.next.get_mut(&TopicPartition {
-                topic: r.topic.clone(),
-                partition: r.partition,
-            }) {
-                *next = (*next).max(r.offset + 1);
-            }
-        }
+        self.advance_next(&out);
         Ok(out)
     }
 
