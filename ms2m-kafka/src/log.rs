@@ -101,6 +101,9 @@ struct RecordBuilder {
     topics: Arc<[Arc<str>]>,
     /// Whether records carry the messages' headers (see [`KafkaLog::without_headers`]).
     read_headers: bool,
+    /// The topic of every assigned partition when they share one (the
+    /// usual case): then no message's topic name is read and compared.
+    assigned_topic: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for KafkaLog {
@@ -146,6 +149,7 @@ impl KafkaLog {
             records: RecordBuilder {
                 topics: topics.into(),
                 read_headers: true,
+                assigned_topic: None,
             },
             next: BTreeMap::new(),
             deferred: None,
@@ -354,6 +358,7 @@ impl MessageLog for KafkaLog {
             .assign(&tpl)
             .map_err(KafkaError::kafka("assign input partitions"))?;
         self.next = position.iter().map(|(tp, o)| (tp.clone(), o)).collect();
+        self.records.assigned_topic = self.records.single_topic(position);
         self.deferred = None;
         debug!(%position, "input log assigned");
         Ok(())
@@ -409,6 +414,13 @@ impl RecordBuilder {
         known.cloned().unwrap_or_else(|| Arc::from(name))
     }
 
+    /// The topic every partition of `position` belongs to, if there is one.
+    fn single_topic(&self, position: &Position) -> Option<Arc<str>> {
+        let mut topics = position.iter().map(|(tp, _)| &tp.topic);
+        let first = topics.next()?;
+        topics.all(|t| t == first).then(|| self.topic(first))
+    }
+
     fn record(&self, m: &BorrowedMessage<'_>) -> Record {
         let headers = self
             .read_headers
@@ -426,7 +438,10 @@ impl RecordBuilder {
             })
             .unwrap_or_default();
         Record {
-            topic: self.topic(m.topic()),
+            topic: match &self.assigned_topic {
+                Some(topic) => topic.clone(),
+                None => self.topic(m.topic()),
+            },
             partition: m.partition(),
             offset: m.offset(),
             timestamp_ms: m.timestamp().to_millis(),

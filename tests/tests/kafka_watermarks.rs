@@ -144,6 +144,35 @@ async fn prefetched_batches_keep_order_and_a_seek_drops_them() {
     assert_eq!(log.total_lag().await.unwrap(), 0);
 }
 
+/// Records name the topic they were read from, whether the assignment
+/// spans one topic (the name is then not read per message) or several.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_name_their_topic_with_one_or_two_topics_assigned() {
+    let service = unique("tp");
+    let (a, b) = (unique("tp-a"), unique("tp-b"));
+    let cluster = connect(config(&service).input_topic(&a).input_topic(&b));
+    cluster.create_topic(&a, 1, &[]).await.unwrap();
+    cluster.create_topic(&b, 1, &[]).await.unwrap();
+    produce(&cluster, &a, &[(0, 1), (0, 2)]).await;
+    produce(&cluster, &b, &[(0, 101), (0, 102), (0, 103)]).await;
+    let mut log = cluster.log().await.unwrap();
+    let parts = log.partitions().await.unwrap();
+    for assigned in [&parts[..], &parts[1..]] {
+        log.seek(&assigned.iter().map(|tp| (tp.clone(), 0)).collect())
+            .await
+            .unwrap();
+        let expected = if assigned.len() == 2 { 5 } else { 3 };
+        for r in poll_n(&mut log, expected).await {
+            let v: u64 = std::str::from_utf8(r.payload.as_deref().unwrap())
+                .unwrap()
+                .parse()
+                .unwrap();
+            let topic = if v > 100 { &b } else { &a };
+            assert_eq!(&*r.topic, topic.as_str(), "value {v}");
+        }
+    }
+}
+
 fn offsets_per_partition(records: &[ms2m_core::Record]) -> BTreeMap<i32, Vec<i64>> {
     let mut per: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
     for r in records {
