@@ -108,7 +108,8 @@ pub async fn end_position(cluster: &KafkaCluster, topic: &str, partitions: i32) 
 }
 
 /// A consumer configured like ms2m's input log (manual assignment, no
-/// auto commit, read_committed, `fetch.wait.max.ms=10`).
+/// auto commit, read_committed, `fetch.wait.max.ms=10`,
+/// `fetch.queue.backoff.ms=10`).
 pub fn consumer(cluster: &KafkaCluster, group: &str) -> Result<BaseConsumer, BoxError> {
     Ok(consumer_config(cluster, group).create()?)
 }
@@ -121,7 +122,8 @@ fn consumer_config(cluster: &KafkaCluster, group: &str) -> ClientConfig {
         .set("enable.partition.eof", "false")
         .set("auto.offset.reset", "error")
         .set("isolation.level", "read_committed")
-        .set("fetch.wait.max.ms", "10");
+        .set("fetch.wait.max.ms", "10")
+        .set("fetch.queue.backoff.ms", "10");
     cc
 }
 
@@ -157,10 +159,18 @@ pub struct RawRun {
 
 /// The B2 baseline: a `BaseConsumer` loop reading every partition from the
 /// beginning to `end`, doing the trivial work per message.
+///
+/// Like `Instance::restore` (which lists the partitions and reads their
+/// watermarks before it seeks), the consumer learns the topic's metadata
+/// before the clock starts; the loop itself allocates nothing per message.
 pub async fn raw_replay(cluster: &KafkaCluster, group: &str, end: &Position) -> Result<RawRun, BoxError> {
     let consumer = consumer(cluster, group)?;
-    let (tpl, mut ends) = assignment(end)?;
+    let (tpl, ends) = assignment(end)?;
+    let mut ends: Vec<(String, i32, i64)> = ends.into_iter().map(|((t, p), e)| (t, p, e)).collect();
     tokio::task::spawn_blocking(move || -> Result<RawRun, BoxError> {
+        for (topic, _, _) in &ends {
+            consumer.fetch_metadata(Some(topic), TIMEOUT)?;
+        }
         let (mut count, mut sum) = (0u64, 0u64);
         let started = Instant::now();
         consumer.assign(&tpl)?;
@@ -173,9 +183,12 @@ pub async fn raw_replay(cluster: &KafkaCluster, group: &str, end: &Position) -> 
             };
             let m = m?;
             work(&mut count, &mut sum, m.payload().unwrap_or_default());
-            let k = (m.topic().to_string(), m.partition());
-            if ends.get(&k).is_some_and(|e| m.offset() + 1 >= *e) {
-                ends.remove(&k);
+            let (partition, next) = (m.partition(), m.offset() + 1);
+            if let Some(i) = ends
+                .iter()
+                .position(|(t, p, e)| *p == partition && next >= *e && t == m.topic())
+            {
+                ends.swap_remove(i);
             }
         }
         Ok(RawRun {

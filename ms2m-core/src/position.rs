@@ -2,14 +2,15 @@
 //! offset to apply. A state *is* the fold of every message below its
 //! position, which is what lets a snapshot say exactly where replay starts.
 
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-/// A topic and partition.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// A topic and partition, ordered by topic name, then partition.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct TopicPartition {
     /// Topic name.
     pub topic: Arc<str>,
@@ -24,6 +25,27 @@ impl TopicPartition {
             topic: topic.into(),
             partition,
         }
+    }
+}
+
+/// Positions are looked up once or twice per applied message, and the
+/// topic names of a log's records and of the instance's position are one
+/// shared allocation: comparing them by pointer first saves a string
+/// comparison per map node visited.
+impl Ord for TopicPartition {
+    fn cmp(&self, other: &Self) -> Ordering {
+        let topic = if Arc::ptr_eq(&self.topic, &other.topic) {
+            Ordering::Equal
+        } else {
+            self.topic.cmp(&other.topic)
+        };
+        topic.then(self.partition.cmp(&other.partition))
+    }
+}
+
+impl PartialOrd for TopicPartition {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
     }
 }
 
@@ -170,6 +192,19 @@ mod tests {
         assert_eq!(serde_json::from_str::<Position>(&json).unwrap(), p);
         let bin = crate::codec::encode(&p).unwrap();
         assert_eq!(crate::codec::decode::<Position>(&bin).unwrap(), p);
+    }
+
+    #[test]
+    fn topic_partitions_order_by_name_whether_shared_or_not() {
+        let shared: Arc<str> = Arc::from("b");
+        let a0 = TopicPartition::new("a", 0);
+        let b1 = TopicPartition::new(shared.clone(), 1);
+        let b2 = TopicPartition::new(shared, 2);
+        let b1_copy = TopicPartition::new("b", 1);
+        assert_eq!(a0.cmp(&b1), Ordering::Less);
+        assert_eq!(b2.cmp(&b1), Ordering::Greater);
+        assert_eq!(b1.cmp(&b1_copy), Ordering::Equal);
+        assert_eq!(b1_copy.cmp(&b2), Ordering::Less);
     }
 
     #[test]

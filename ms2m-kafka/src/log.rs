@@ -14,8 +14,26 @@
 //!   `Error::LogTruncated` itself.
 //! * `isolation.level=read_committed`: records of aborted transactions are
 //!   never applied (on a real broker).
+//! * `fetch.queue.backoff.ms=10` (librdkafka's default is 1000): once the
+//!   local queue holds `queued.min.messages` (counted over *all* assigned
+//!   partitions, which share one queue), librdkafka stops fetching for that
+//!   long. During catch-up the queue fills within milliseconds, so with the
+//!   default a replay stalled for about a second every time it did.
 //! * Records are delivered in offset order per partition; key, payload and
-//!   headers are copied into `Bytes`, topic names are shared `Arc<str>`s.
+//!   headers are copied into `Bytes` of their own (one allocation each, so a
+//!   service that keeps a payload keeps only that payload alive, never a
+//!   batch buffer), topic names are shared `Arc<str>`s.
+//! * Per message the cost is librdkafka's queue pop, these copies and the
+//!   header parse (see [`KafkaLog::without_headers`]); everything else
+//!   (waker registration, next-offset bookkeeping) happens once per poll or
+//!   once per run of records from one partition.
+//! * During catch-up that per-message cost is taken off the apply loop: a
+//!   poll that returns a full batch starts a prefetch of the next one on
+//!   the blocking pool (already-fetched messages only, it never waits), and
+//!   the next poll returns what it took. Only one task polls the consumer at
+//!   a time (a poll or a seek joins a running prefetch first), so order and
+//!   exact offsets are kept and a seek never mixes in records of the old
+//!   assignment. At most one batch is held this way.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,12 +41,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::FutureExt;
+use futures::{FutureExt, StreamExt};
 use ms2m_core::{MessageLog, Position, Record, TopicPartition, Watermarks};
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{Consumer, DefaultConsumerContext, MessageStream, StreamConsumer};
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use crate::broker::{partition_count, KafkaCluster};
@@ -53,8 +72,8 @@ pub struct KafkaLog {
     consumer: Arc<StreamConsumer>,
     cluster: KafkaCluster,
     explicit: Option<Vec<TopicPartition>>,
-    /// Topic names handed out in records, so each record shares one allocation.
-    topics: Vec<Arc<str>>,
+    /// Turns messages into records (here and in prefetch tasks).
+    records: RecordBuilder,
     /// Next offset to deliver per assigned partition.
     next: BTreeMap<TopicPartition, i64>,
     /// An error met after records were already taken in the same poll;
@@ -63,12 +82,34 @@ pub struct KafkaLog {
     /// When a connection event was last logged at `warn` (one per outage
     /// burst; librdkafka reports each outage several times per client).
     warned_at: Option<std::time::Instant>,
+    /// Records taken off the consumer by a prefetch, not delivered yet.
+    ready: Vec<Record>,
+    /// A prefetch draining the consumer on the blocking pool while the
+    /// caller applies the previous batch.
+    prefetch: Option<Prefetch>,
+}
+
+/// Already-fetched records taken by a blocking task, and the error that
+/// stopped it (after those records).
+type Prefetch = JoinHandle<(Vec<Record>, Option<RdKafkaError>)>;
+
+/// Turns consumed messages into [`Record`]s.
+#[derive(Clone, Debug)]
+struct RecordBuilder {
+    /// Topic names handed out in records, so each record shares one
+    /// allocation (the same one the log's partitions and positions use).
+    topics: Arc<[Arc<str>]>,
+    /// Whether records carry the messages' headers (see [`KafkaLog::without_headers`]).
+    read_headers: bool,
+    /// The topic of every assigned partition when they share one (the
+    /// usual case): then no message's topic name is read and compared.
+    assigned_topic: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for KafkaLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KafkaLog")
-            .field("topics", &self.topics)
+            .field("topics", &self.records.topics)
             .field("next", &self.next)
             .finish_non_exhaustive()
     }
@@ -90,52 +131,46 @@ impl KafkaLog {
             .set("auto.offset.reset", "error")
             .set("isolation.level", "read_committed")
             .set_default("fetch.wait.max.ms", "10")
+            .set_default("fetch.queue.backoff.ms", "10")
             .set_default("allow.auto.create.topics", "false");
         let consumer: StreamConsumer = cc.create().map_err(KafkaError::kafka("create the input consumer"))?;
+        let explicit = config.explicit_input_partitions().map(<[_]>::to_vec);
+        let mut topics: Vec<Arc<str>> = Vec::new();
+        let named = explicit.iter().flatten().map(|tp| tp.topic.clone());
+        for topic in named.chain(config.input_topics().iter().map(|t| Arc::from(t.as_str()))) {
+            if !topics.contains(&topic) {
+                topics.push(topic);
+            }
+        }
         Ok(Self {
             consumer: Arc::new(consumer),
             cluster: cluster.clone(),
-            explicit: config.explicit_input_partitions().map(<[_]>::to_vec),
-            topics: config.input_topics().iter().map(|t| Arc::from(t.as_str())).collect(),
+            explicit,
+            records: RecordBuilder {
+                topics: topics.into(),
+                read_headers: true,
+                assigned_topic: None,
+            },
             next: BTreeMap::new(),
             deferred: None,
             warned_at: None,
+            ready: Vec::new(),
+            prefetch: None,
         })
     }
 
-    fn topic_arc(&mut self, topic: &str) -> Arc<str> {
-        if let Some(t) = self.topics.iter().find(|t| ***t == *topic) {
-            return t.clone();
-        }
-        let t: Arc<str> = Arc::from(topic);
-        self.topics.push(t.clone());
-        t
-    }
-
-    fn record_of(&mut self, m: &BorrowedMessage<'_>) -> Record {
-        let topic = self.topic_arc(m.topic());
-        let headers = m
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| {
-                        (
-                            h.key.to_string(),
-                            h.value.map(Bytes::copy_from_slice).unwrap_or_default(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        Record {
-            topic,
-            partition: m.partition(),
-            offset: m.offset(),
-            timestamp_ms: m.timestamp().to_millis(),
-            key: m.key().map(Bytes::copy_from_slice),
-            payload: m.payload().map(Bytes::copy_from_slice),
-            headers,
-        }
+    /// Records from this log carry no headers.
+    ///
+    /// librdkafka parses a message's headers on first access, and that
+    /// parse (a buffer allocated, read and freed per message, even when the
+    /// message has no headers) is the largest single cost of turning a
+    /// message into a [`Record`]: about a fifth of the instructions of the
+    /// replay loop for small messages (benchmark B2). Only for services that
+    /// never read [`ApplyContext::headers`](ms2m_core::ApplyContext::headers);
+    /// messages they send to a dead-letter topic lack the original headers.
+    pub fn without_headers(mut self) -> Self {
+        self.records.read_headers = false;
+        self
     }
 
     fn consume_error(&self, e: RdKafkaError) -> KafkaError {
@@ -155,6 +190,97 @@ impl KafkaLog {
                 operation: "consume from the input log",
                 source: e,
             },
+        }
+    }
+
+    /// Waits up to `timeout` for the first record, then takes whatever else
+    /// is already fetched, up to `max`.
+    async fn wait_and_drain(&mut self, max: usize, timeout: Duration) -> Result<Vec<Record>> {
+        let consumer = self.consumer.clone();
+        // One stream for the whole batch: `StreamConsumer::recv` registers
+        // and unregisters a waker (under a mutex) for every message.
+        let mut stream = consumer.stream();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let first = loop {
+            match tokio::time::timeout_at(deadline, stream.next()).await {
+                Err(_) | Ok(None) => return Ok(Vec::new()),
+                Ok(Some(Err(e))) if is_transient(&e) => self.log_connection_event(&e),
+                Ok(Some(Err(e))) => return Err(self.consume_error(e)),
+                Ok(Some(Ok(m))) => break self.records.record(&m),
+            }
+        };
+        let mut out = vec![first];
+        if let Some(e) = self.records.drain(&mut stream, &mut out, max) {
+            self.deferred = Some(self.consume_error(e));
+        }
+        Ok(out)
+    }
+
+    /// Starts taking the next `max` already-fetched records on the blocking
+    /// pool. Only this task polls the consumer until it is joined.
+    fn start_prefetch(&mut self, max: usize) {
+        let consumer = self.consumer.clone();
+        let records = self.records.clone();
+        self.prefetch = Some(tokio::task::spawn_blocking(move || {
+            let mut out = Vec::with_capacity(max);
+            let error = records.drain(&mut consumer.stream(), &mut out, max);
+            (out, error)
+        }));
+    }
+
+    /// Waits for a running prefetch and keeps what it took: its records in
+    /// `ready`, its error in `deferred` (returned after those records).
+    async fn join_prefetch(&mut self) -> Result<()> {
+        let Some(prefetch) = self.prefetch.as_mut() else {
+            return Ok(());
+        };
+        let joined = prefetch.await;
+        self.prefetch = None;
+        let (records, error) = joined.map_err(KafkaError::Join)?;
+        self.ready.extend(records);
+        if let Some(e) = error {
+            self.deferred = Some(self.consume_error(e));
+        }
+        Ok(())
+    }
+
+    /// Up to `max` of the records a prefetch took, in order.
+    fn take_ready(&mut self, max: usize) -> Vec<Record> {
+        if self.ready.len() <= max {
+            return std::mem::take(&mut self.ready);
+        }
+        let rest = self.ready.split_off(max);
+        std::mem::replace(&mut self.ready, rest)
+    }
+
+    /// Moves each partition's next offset past the records taken. Records
+    /// of one partition arrive in offset order and in runs (one per fetched
+    /// batch), so the map is updated once per run, at its last record.
+    fn advance_next(&mut self, records: &[Record]) {
+        for (i, r) in records.iter().enumerate() {
+            let run_goes_on = records
+                .get(i + 1)
+                .is_some_and(|n| n.partition == r.partition && n.topic == r.topic);
+            if run_goes_on {
+                continue;
+            }
+            let tp = TopicPartition {
+                topic: r.topic.clone(),
+                partition: r.partition,
+            };
+            if let Some(next) = self.next.get_mut(&tp) {
+                *next = (*next).max(r.offset + 1);
+            }
+        }
+    }
+
+    /// Logs a connection event at `warn` once per outage burst, else at `debug`.
+    fn log_connection_event(&mut self, e: &RdKafkaError) {
+        if self.warned_at.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+            warn!(error = %e, "input log: broker connection lost; librdkafka reconnects");
+            self.warned_at = Some(std::time::Instant::now());
+        } else {
+            debug!(error = %e, "input log: broker connection event");
         }
     }
 
@@ -196,7 +322,7 @@ impl MessageLog for KafkaLog {
             return Ok(explicit.clone());
         }
         let consumer = self.consumer.clone();
-        let topics: Vec<Arc<str>> = self.topics.clone();
+        let topics: Vec<Arc<str>> = self.records.topics.to_vec();
         let timeout = self.cluster.config().timeout();
         blocking(move || {
             let mut out = Vec::new();
@@ -219,72 +345,52 @@ impl MessageLog for KafkaLog {
             tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(offset))
                 .map_err(KafkaError::kafka("build the assignment"))?;
         }
+        // Records a prefetch took for the old assignment are dropped; the
+        // task is joined first so that nothing polls during the assign.
+        if let Some(prefetch) = self.prefetch.as_mut() {
+            let _ = prefetch.await;
+            self.prefetch = None;
+        }
+        self.ready.clear();
         // A fresh assignment discards whatever was fetched for the old one
         // (librdkafka drops messages of an outdated fetch version).
         self.consumer
             .assign(&tpl)
             .map_err(KafkaError::kafka("assign input partitions"))?;
         self.next = position.iter().map(|(tp, o)| (tp.clone(), o)).collect();
+        self.records.assigned_topic = self.records.single_topic(position);
         self.deferred = None;
         debug!(%position, "input log assigned");
         Ok(())
     }
 
-    /// Waits up to `timeout` for the first record, then takes whatever else
-    /// is already fetched, up to `max`.
+    /// Returns records a prefetch already took, or waits up to `timeout`
+    /// for the first record and takes whatever else is already fetched, up
+    /// to `max`. A full batch means a backlog: the next batch is then
+    /// prefetched on the blocking pool while the caller applies this one.
     ///
-    /// Cancel-safe: a cancelled poll loses no record (rdkafka's
-    /// `StreamConsumer::recv` is cancel-safe, and records are moved into the
-    /// result only when it is returned).
+    /// Cancel-safe: a cancelled poll loses no record (rdkafka's message
+    /// stream is cancel-safe, a prefetch's handle stays until it is joined,
+    /// and records are moved into the result only when it is returned).
     async fn poll(&mut self, max: usize, timeout: Duration) -> Result<Vec<Record>> {
-        if let Some(e) = self.deferred.take() {
-            return Err(e);
+        self.join_prefetch().await?;
+        if self.ready.is_empty() {
+            if let Some(e) = self.deferred.take() {
+                return Err(e);
+            }
         }
-        let mut out = Vec::new();
         if self.next.is_empty() || max == 0 {
             tokio::time::sleep(timeout).await;
-            return Ok(out);
+            return Ok(Vec::new());
         }
-        let consumer = self.consumer.clone();
-        let deadline = tokio::time::Instant::now() + timeout;
-        let first = loop {
-            match tokio::time::timeout_at(deadline, consumer.recv()).await {
-                Err(_) => return Ok(out),
-                Ok(Err(e)) if is_transient(&e) => {
-                    if self.warned_at.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
-                        warn!(error = %e, "input log: broker connection lost; librdkafka reconnects");
-                        self.warned_at = Some(std::time::Instant::now());
-                    } else {
-                        debug!(error = %e, "input log: broker connection event");
-                    }
-                }
-                Ok(Err(e)) => return Err(self.consume_error(e)),
-                Ok(Ok(m)) => break self.record_of(&m),
-            }
-        };
-        out.push(first);
-        while out.len() < max {
-            match consumer.recv().now_or_never() {
-                None => break,
-                Some(Ok(m)) => {
-                    let r = self.record_of(&m);
-                    out.push(r);
-                }
-                Some(Err(e)) if is_transient(&e) => break,
-                Some(Err(e)) => {
-                    self.deferred = Some(self.consume_error(e));
-                    break;
-                }
-            }
+        let mut out = self.take_ready(max);
+        if out.is_empty() {
+            out = self.wait_and_drain(max, timeout).await?;
         }
-        for r in &out {
-            if let Some(next) = self.next.get_mut(&TopicPartition {
-                topic: r.topic.clone(),
-                partition: r.partition,
-            }) {
-                *next = (*next).max(r.offset + 1);
-            }
+        if out.len() == max && self.ready.is_empty() && self.deferred.is_none() {
+            self.start_prefetch(max);
         }
+        self.advance_next(&out);
         Ok(out)
     }
 
@@ -299,6 +405,70 @@ impl MessageLog for KafkaLog {
             Ok(Watermarks { low, high })
         })
         .await
+    }
+}
+
+impl RecordBuilder {
+    fn topic(&self, name: &str) -> Arc<str> {
+        let known = self.topics.iter().find(|t| ***t == *name);
+        known.cloned().unwrap_or_else(|| Arc::from(name))
+    }
+
+    /// The topic every partition of `position` belongs to, if there is one.
+    fn single_topic(&self, position: &Position) -> Option<Arc<str>> {
+        let mut topics = position.iter().map(|(tp, _)| &tp.topic);
+        let first = topics.next()?;
+        topics.all(|t| t == first).then(|| self.topic(first))
+    }
+
+    fn record(&self, m: &BorrowedMessage<'_>) -> Record {
+        let headers = self
+            .read_headers
+            .then(|| m.headers())
+            .flatten()
+            .map(|h| {
+                h.iter()
+                    .map(|h| {
+                        (
+                            h.key.to_string(),
+                            h.value.map(Bytes::copy_from_slice).unwrap_or_default(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Record {
+            topic: match &self.assigned_topic {
+                Some(topic) => topic.clone(),
+                None => self.topic(m.topic()),
+            },
+            partition: m.partition(),
+            offset: m.offset(),
+            timestamp_ms: m.timestamp().to_millis(),
+            key: m.key().map(Bytes::copy_from_slice),
+            payload: m.payload().map(Bytes::copy_from_slice),
+            headers,
+        }
+    }
+
+    /// Appends already-fetched records to `out` until it holds `max`,
+    /// without waiting. Returns the error that stopped it, if any
+    /// (connection events only end the batch: librdkafka reconnects).
+    fn drain(
+        &self,
+        stream: &mut MessageStream<'_, DefaultConsumerContext>,
+        out: &mut Vec<Record>,
+        max: usize,
+    ) -> Option<RdKafkaError> {
+        while out.len() < max {
+            match stream.next().now_or_never() {
+                None | Some(None) => break,
+                Some(Some(Ok(m))) => out.push(self.record(&m)),
+                Some(Some(Err(e))) if is_transient(&e) => break,
+                Some(Some(Err(e))) => return Some(e),
+            }
+        }
+        None
     }
 }
 

@@ -216,7 +216,10 @@ async fn topic_settings(cluster: &KafkaCluster, topic: &str) -> Option<TopicSett
     }
     let id = cluster_id(cluster).await.ok().flatten();
     if id.is_some_and(|id| id.starts_with(MOCK_CLUSTER_ID_PREFIX)) {
-        debug!(topic, "topic settings not checked: the broker is librdkafka's mock cluster");
+        debug!(
+            topic,
+            "topic settings not checked: the broker is librdkafka's mock cluster"
+        );
         return None;
     }
     match describe_topic(cluster, topic).await {

@@ -88,6 +88,99 @@ async fn watermarks_lag_and_ordered_delivery() {
     );
 }
 
+/// Full batches start a prefetch of the next one: small polls over a
+/// backlog must still deliver every record once, in order, count only what
+/// was delivered as read, and a seek must drop what a prefetch took for the
+/// old assignment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetched_batches_keep_order_and_a_seek_drops_them() {
+    let service = unique("pf");
+    let input = unique("pf-in");
+    let cluster = connect(config(&service).input_topic(&input));
+    cluster.create_topic(&input, 2, &[]).await.unwrap();
+    let values: Vec<(i32, u64)> = (0..2).flat_map(|p| (0..200).map(move |v| (p, v))).collect();
+    produce(&cluster, &input, &values).await;
+    let mut log = cluster.log().await.unwrap();
+    let parts = log.partitions().await.unwrap();
+    log.seek(&parts.iter().map(|tp| (tp.clone(), 0)).collect())
+        .await
+        .unwrap();
+
+    let mut got = Vec::new();
+    let deadline = Instant::now() + TIMEOUT;
+    while got.len() < 150 {
+        assert!(Instant::now() < deadline, "only {} of 150 records arrived", got.len());
+        got.extend(log.poll(7, Duration::from_millis(200)).await.unwrap());
+    }
+    let per = offsets_per_partition(&got);
+    for (p, offsets) in &per {
+        let first_n: Vec<i64> = (0..offsets.len() as i64).collect();
+        assert_eq!(offsets, &first_n, "partition {p}: every record once, in order");
+    }
+    let delivered: Position = parts
+        .iter()
+        .map(|tp| (tp.clone(), per.get(&tp.partition).map_or(0, |o| o.len() as i64)))
+        .collect();
+    assert_eq!(
+        log.next_offsets(),
+        delivered,
+        "prefetched records are not counted as read"
+    );
+
+    // The last poll was full, so a prefetch may be running: seek anyway.
+    let start: Position = [(parts[0].clone(), 5), (parts[1].clone(), 100)].into_iter().collect();
+    log.seek(&start).await.unwrap();
+    let per = offsets_per_partition(&poll_n(&mut log, 195 + 100).await);
+    assert_eq!(
+        per[&0],
+        (5..200).collect::<Vec<_>>(),
+        "partition 0 from the seek offset only"
+    );
+    assert_eq!(
+        per[&1],
+        (100..200).collect::<Vec<_>>(),
+        "partition 1 from the seek offset only"
+    );
+    assert_eq!(log.total_lag().await.unwrap(), 0);
+}
+
+/// Records name the topic they were read from, whether the assignment
+/// spans one topic (the name is then not read per message) or several.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_name_their_topic_with_one_or_two_topics_assigned() {
+    let service = unique("tp");
+    let (a, b) = (unique("tp-a"), unique("tp-b"));
+    let cluster = connect(config(&service).input_topic(&a).input_topic(&b));
+    cluster.create_topic(&a, 1, &[]).await.unwrap();
+    cluster.create_topic(&b, 1, &[]).await.unwrap();
+    produce(&cluster, &a, &[(0, 1), (0, 2)]).await;
+    produce(&cluster, &b, &[(0, 101), (0, 102), (0, 103)]).await;
+    let mut log = cluster.log().await.unwrap();
+    let parts = log.partitions().await.unwrap();
+    for assigned in [&parts[..], &parts[1..]] {
+        log.seek(&assigned.iter().map(|tp| (tp.clone(), 0)).collect())
+            .await
+            .unwrap();
+        let expected = if assigned.len() == 2 { 5 } else { 3 };
+        for r in poll_n(&mut log, expected).await {
+            let v: u64 = std::str::from_utf8(r.payload.as_deref().unwrap())
+                .unwrap()
+                .parse()
+                .unwrap();
+            let topic = if v > 100 { &b } else { &a };
+            assert_eq!(&*r.topic, topic.as_str(), "value {v}");
+        }
+    }
+}
+
+fn offsets_per_partition(records: &[ms2m_core::Record]) -> BTreeMap<i32, Vec<i64>> {
+    let mut per: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
+    for r in records {
+        per.entry(r.partition).or_default().push(r.offset);
+    }
+    per
+}
+
 async fn poll_n(log: &mut KafkaLog, n: usize) -> Vec<ms2m_core::Record> {
     let deadline = Instant::now() + TIMEOUT;
     let mut got = Vec::new();

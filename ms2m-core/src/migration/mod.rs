@@ -377,7 +377,11 @@ pub(crate) async fn forward_control<C: ControlChannel>(
 }
 
 /// Sends `service`'s records to `tx` until its receiver is gone.
-async fn forward<R: ControlReader>(reader: &mut R, service: &str, tx: &tokio::sync::mpsc::Sender<crate::ControlMessage>) {
+async fn forward<R: ControlReader>(
+    reader: &mut R,
+    service: &str,
+    tx: &tokio::sync::mpsc::Sender<crate::ControlMessage>,
+) {
     loop {
         match reader.next(Duration::from_millis(200)).await {
             Ok(Some(m)) if m.service == service => {

@@ -673,7 +673,10 @@ async fn regression_seed_8_a_standby_never_snapshots() {
         let header = crate::Snapshot::decode(bytes).unwrap().header;
         let (writer, position) = (header.instance_id, header.position);
         let live_target = writer == "tgt" && position.reaches(&report.pf);
-        assert!(writer == "src" || live_target, "snapshot {id} was written by the standby at {position}");
+        assert!(
+            writer == "src" || live_target,
+            "snapshot {id} was written by the standby at {position}"
+        );
     }
 }
 

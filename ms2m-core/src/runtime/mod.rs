@@ -393,14 +393,11 @@ where
     async fn apply_pending(&mut self) -> Result<usize> {
         let mut applied = 0;
         let mut held = VecDeque::new();
-        let mut blocked: Vec<TopicPartition> = Vec::new();
+        let mut limits = CeilingLimits::default();
         while let Some(record) = self.pending.pop_front() {
             if let Some(ceiling) = &self.ceiling {
-                let tp = record.topic_partition();
-                if blocked.contains(&tp) || record.offset >= ceiling.get(&tp).unwrap_or(0) {
-                    if !blocked.contains(&tp) {
-                        blocked.push(tp);
-                    }
+                if record.offset >= limits.of(ceiling, &record) {
+                    limits.block(&record);
                     held.push_back(record);
                     continue;
                 }
@@ -797,6 +794,46 @@ where
             .abort()
             .await
             .map_err(|e| Error::backend(Component::Sink, "abort outputs", e))
+    }
+}
+
+/// The ceiling of each partition during one pass over the pending records,
+/// looked up once per run of records from the same partition (a poll
+/// delivers each partition's records in runs).
+#[derive(Default)]
+struct CeilingLimits {
+    /// Partitions with a held record: everything after it is held too.
+    blocked: Vec<TopicPartition>,
+    /// The previous record's partition and its limit.
+    last: Option<(TopicPartition, i64)>,
+}
+
+impl CeilingLimits {
+    /// The offset `record`'s partition may not reach: the ceiling's
+    /// (0 for a partition it does not name), `i64::MIN` once blocked.
+    fn of(&mut self, ceiling: &Position, record: &Record) -> i64 {
+        if let Some((tp, limit)) = &self.last {
+            if tp.partition == record.partition && tp.topic == record.topic {
+                return *limit;
+            }
+        }
+        let tp = record.topic_partition();
+        let limit = if self.blocked.contains(&tp) {
+            i64::MIN
+        } else {
+            ceiling.get(&tp).unwrap_or(0)
+        };
+        self.last = Some((tp, limit));
+        limit
+    }
+
+    /// Holds every later record of `record`'s partition.
+    fn block(&mut self, record: &Record) {
+        let tp = record.topic_partition();
+        if !self.blocked.contains(&tp) {
+            self.blocked.push(tp.clone());
+        }
+        self.last = Some((tp, i64::MIN));
     }
 }
 

@@ -461,3 +461,60 @@ async fn a_frozen_snapshot_encodes_off_the_apply_loop() {
     assert_eq!(restored, reference_fold(&world.input[..100]).0);
     assert_eq!(instance.state().0, reference_fold(&world.input).0);
 }
+
+/// The input below `limit` (per partition, exclusive), as `reference_fold` takes it.
+fn input_below(world: &World, limit: &Position) -> Vec<(i32, i64, Deposit)> {
+    world
+        .input
+        .iter()
+        .filter(|(p, o, _)| *o < limit.get(&TopicPartition::new("deposits", *p)).unwrap_or(0))
+        .cloned()
+        .collect()
+}
+
+fn position_of(offsets: &[(i32, i64)]) -> Position {
+    offsets
+        .iter()
+        .map(|(p, o)| (TopicPartition::new("deposits", *p), *o))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_standby_stops_exactly_at_its_ceiling_on_every_partition() {
+    let mut world = World::new(3);
+    world.produce(90, 3);
+    let mut standby = TestInstance::restore(world.backends(), config(1000), None)
+        .await
+        .unwrap();
+    // Polls of 16 deliver runs of one partition after another; the ceilings
+    // fall inside runs, at a run's start (0) and beyond the log's end.
+    let ceiling = position_of(&[(0, 5), (1, 0), (2, 100)]);
+    standby.set_ceiling(Some(ceiling.clone()));
+    for _ in 0..20 {
+        standby.step().await.unwrap();
+    }
+    assert_eq!(standby.position(), &position_of(&[(0, 5), (1, 0), (2, 30)]));
+    assert_eq!(standby.state(), &reference_fold(&input_below(&world, &ceiling)).0);
+    // Lifting the ceiling applies the held records in order, nothing twice.
+    standby.set_ceiling(None);
+    drain(&mut standby, &world.log).await.unwrap();
+    assert_eq!(standby.state(), &reference_fold(&world.input).0);
+    assert_eq!(standby.stats().duplicates_skipped, 0);
+}
+
+#[tokio::test]
+async fn replay_to_stops_exactly_at_the_target() {
+    let mut world = World::new(2);
+    world.produce(60, 2);
+    let mut standby = TestInstance::restore(world.backends(), config(1000), None)
+        .await
+        .unwrap();
+    let target = position_of(&[(0, 17), (1, 3)]);
+    let applied = standby
+        .replay_to(&target, ProgressPhase::Cutover, &*no_progress())
+        .await
+        .unwrap();
+    assert_eq!(applied, 20);
+    assert_eq!(standby.position(), &target);
+    assert_eq!(standby.state(), &reference_fold(&input_below(&world, &target)).0);
+}

@@ -320,7 +320,12 @@ impl CoordinatorMachine {
         // The lag rules wait until the target compared digests at the digest
         // point (its progress reaches Pd), so the comparison stays off the
         // cutover's path; the threshold cutoff is a time bound and does not.
-        let compared = self.facts.0.digest_position.as_ref().is_some_and(|pd| position.reaches(pd));
+        let compared = self
+            .facts
+            .0
+            .digest_position
+            .as_ref()
+            .is_some_and(|pd| position.reaches(pd));
         let reason = reason.filter(|r| compared || matches!(r, CutoverReason::ThresholdCutoff { .. }));
         if let Some(reason) = reason {
             actions.extend(self.cut_over(now, reason));
