@@ -304,9 +304,6 @@ impl CoordinatorMachine {
         } else {
             1000
         };
-        self.deadline = now
-            .saturating_add(self.config.phase_timeout)
-            .min(self.threshold_deadline());
         let mut actions = vec![CoordinatorAction::Progress(Progress {
             phase: ProgressPhase::MigrationReplay,
             applied: 0,
@@ -326,8 +323,17 @@ impl CoordinatorMachine {
             .digest_position
             .as_ref()
             .is_some_and(|pd| position.reaches(pd));
-        let reason = reason.filter(|r| compared || matches!(r, CutoverReason::ThresholdCutoff { .. }));
-        if let Some(reason) = reason {
+        let gated = reason
+            .as_ref()
+            .is_some_and(|r| !compared && !matches!(r, CutoverReason::ThresholdCutoff { .. }));
+        if !gated {
+            // Progress extends the phase; waiting for a digest point does
+            // not (a source that died before it would hold the migration).
+            self.deadline = now
+                .saturating_add(self.config.phase_timeout)
+                .min(self.threshold_deadline());
+        }
+        if let Some(reason) = reason.filter(|_| !gated) {
             actions.extend(self.cut_over(now, reason));
         }
         actions

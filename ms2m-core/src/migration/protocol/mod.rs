@@ -404,4 +404,74 @@ mod tests {
             ]
         ));
     }
+
+    /// Fault-suite seeds 21 and 125: a source that died before its digest
+    /// point left the target reporting lag 0; the gated cutover rule must
+    /// not keep extending the phase, or the migration never ends.
+    #[test]
+    fn waiting_for_a_digest_point_does_not_extend_the_phase() {
+        use coordinator::{CoordinatorAction, CoordinatorEvent, CoordinatorMachine};
+        use std::time::Duration;
+        let plan = crate::migration::MigrationPlan {
+            service: "s".into(),
+            migration_id: "m".into(),
+            source: "src".into(),
+            target: "tgt".into(),
+            strategy: crate::migration::Strategy::Ms2m,
+        };
+        let config = crate::migration::MigrationConfig {
+            phase_timeout: Duration::from_secs(10),
+            ..Default::default()
+        };
+        let mut machine = CoordinatorMachine::new(plan, config, 1);
+        machine.handle(Duration::ZERO, CoordinatorEvent::Start);
+        let taken = ControlBody::CheckpointTaken {
+            snapshot_id: 0,
+            position: at(10),
+            bytes: 0,
+            pause_us: 0,
+        };
+        machine.handle(
+            Duration::ZERO,
+            CoordinatorEvent::Record(record("m", Role::Source, taken)),
+        );
+        machine.handle(Duration::ZERO, CoordinatorEvent::Record(restored()));
+        let progress = |offset| ControlBody::TargetProgress {
+            position: at(offset),
+            lag: 0,
+            apply_rate: 1000.0,
+            input_rate: 100.0,
+        };
+        let first = Duration::from_secs(1);
+        let actions = machine.handle(first, CoordinatorEvent::Record(record("m", Role::Target, progress(12))));
+        assert!(!actions
+            .iter()
+            .any(|a| matches!(a, CoordinatorAction::Publish(ControlBody::Stop { .. }))));
+        let deadline = machine.deadline();
+        for s in 2..9 {
+            let at_s = Duration::from_secs(s);
+            machine.handle(at_s, CoordinatorEvent::Record(record("m", Role::Target, progress(12))));
+            assert_eq!(
+                machine.deadline(),
+                deadline,
+                "no DigestAt yet: the phase is not extended"
+            );
+        }
+        // Once the digest point is announced and passed, the rule fires.
+        let digest_at = ControlBody::DigestAt {
+            position: at(12),
+            digest: StateDigest(1),
+        };
+        machine.handle(
+            Duration::from_secs(9),
+            CoordinatorEvent::Record(record("m", Role::Source, digest_at)),
+        );
+        let actions = machine.handle(
+            Duration::from_secs(9),
+            CoordinatorEvent::Record(record("m", Role::Target, progress(12))),
+        );
+        assert!(actions
+            .iter()
+            .any(|a| matches!(a, CoordinatorAction::Publish(ControlBody::Stop { .. }))));
+    }
 }
