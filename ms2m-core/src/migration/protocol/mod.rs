@@ -317,11 +317,10 @@ mod tests {
         );
     }
 
-    /// The target's ceiling stays at Pd until it compared digests there;
-    /// a `Stopped` that arrives meanwhile waits for the comparison.
-    #[test]
-    fn the_target_compares_at_the_digest_point_before_it_cuts_over() {
-        use target::{TargetAction, TargetEvent, TargetMachine};
+    /// A target replaying from 10 that just read the source's digest point
+    /// (Pd = 20, digest 7), and its actions for that record.
+    fn replaying_target_given_digest_point() -> (target::TargetMachine, Vec<target::TargetAction>) {
+        use target::{TargetEvent, TargetMachine};
         let mut target = TargetMachine::new("tgt", Decisions::default());
         target.handle(TargetEvent::Record(prepare()));
         let restore = record("m", Role::Coordinator, ControlBody::Restore { snapshot_id: Some(0) });
@@ -335,8 +334,18 @@ mod tests {
             position: at(20),
             digest: StateDigest(7),
         };
+        let actions = target.handle(TargetEvent::Record(record("m", Role::Source, digest_at)));
+        (target, actions)
+    }
+
+    /// The target's ceiling stays at Pd until it compared digests there;
+    /// a `Stopped` that arrives meanwhile waits for the comparison.
+    #[test]
+    fn the_target_compares_at_the_digest_point_before_it_cuts_over() {
+        use target::{TargetAction, TargetEvent};
+        let (mut target, actions) = replaying_target_given_digest_point();
         assert_eq!(
-            target.handle(TargetEvent::Record(record("m", Role::Source, digest_at))),
+            actions,
             vec![TargetAction::SetCeiling(at(20)), TargetAction::CheckDigestAt(at(20))]
         );
         let progress = ControlBody::SourceProgress { position: at(30) };
@@ -377,21 +386,8 @@ mod tests {
 
     #[test]
     fn a_digest_mismatch_at_the_digest_point_fails_before_the_stop() {
-        use target::{TargetAction, TargetEvent, TargetMachine};
-        let mut target = TargetMachine::new("tgt", Decisions::default());
-        target.handle(TargetEvent::Record(prepare()));
-        let restore = record("m", Role::Coordinator, ControlBody::Restore { snapshot_id: Some(0) });
-        target.handle(TargetEvent::Record(restore));
-        target.handle(TargetEvent::Restored {
-            position: at(10),
-            transfer_us: 0,
-            restore_us: 0,
-        });
-        let digest_at = ControlBody::DigestAt {
-            position: at(20),
-            digest: StateDigest(7),
-        };
-        target.handle(TargetEvent::Record(record("m", Role::Source, digest_at)));
+        use target::{TargetAction, TargetEvent};
+        let (mut target, _) = replaying_target_given_digest_point();
         let actions = target.handle(TargetEvent::ReachedDigestPoint(StateDigest(8)));
         assert!(matches!(
             &actions[..],
