@@ -121,7 +121,9 @@ pub enum ControlBody {
     },
     /// Source → coordinator and target: stopped at `position` (Pf) with
     /// every output committed; no output will follow. The target replays to
-    /// Pf, compares digests, claims the sink and goes live.
+    /// Pf (comparing digests there only when `digest` is given: otherwise
+    /// they were compared at the digest point), claims the sink and goes
+    /// live.
     Stopped {
         /// Pf.
         position: Position,
