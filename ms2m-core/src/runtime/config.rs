@@ -27,7 +27,11 @@ pub enum BadMessagePolicy {
     /// Produce the original message to `topic` with the reason in headers
     /// (`ms2m.error`, `ms2m.stage`, `ms2m.source.topic`,
     /// `ms2m.source.partition`, `ms2m.source.offset`), committed together
-    /// with the position like any output, and move on.
+    /// with the position like any output, and move on. A payload longer
+    /// than [`InstanceConfig::dead_letter_max_bytes`] is cut to that length
+    /// (headers `ms2m.truncated` and `ms2m.original.bytes`): the whole
+    /// record stays in the input at the coordinates the headers give, and
+    /// a dead letter never fails for its size.
     DeadLetter {
         /// The dead-letter topic.
         topic: String,
@@ -48,6 +52,7 @@ pub struct InstanceConfig {
     pub(crate) start_from: StartFrom,
     pub(crate) allow_log_gap: bool,
     pub(crate) bad_messages: BadMessagePolicy,
+    pub(crate) dead_letter_max_bytes: usize,
     pub(crate) output: OutputSettings,
     pub(crate) progress_interval: Duration,
 }
@@ -69,6 +74,7 @@ impl InstanceConfig {
             start_from: StartFrom::Earliest,
             allow_log_gap: false,
             bad_messages: BadMessagePolicy::Fail,
+            dead_letter_max_bytes: 900 * 1024,
             output: OutputSettings::default(),
             progress_interval: Duration::from_millis(250),
         }
@@ -143,6 +149,14 @@ impl InstanceConfig {
     /// [`BadMessagePolicy::Fail`].
     pub fn bad_messages(mut self, policy: BadMessagePolicy) -> Self {
         self.bad_messages = policy;
+        self
+    }
+
+    /// The longest payload a dead letter carries; longer ones are cut
+    /// ([`BadMessagePolicy::DeadLetter`]). Default: 900 KiB, under Kafka's
+    /// default `message.max.bytes` (1 MiB) with room for the headers.
+    pub fn dead_letter_max_bytes(mut self, bytes: usize) -> Self {
+        self.dead_letter_max_bytes = bytes;
         self
     }
 

@@ -166,6 +166,8 @@ where
     /// polling and applying (commits, snapshot serialization) since
     /// [`take_longest_stall`](Instance::take_longest_stall).
     longest_stall: Duration,
+    /// Dead letters sent since the last commit (logged once committed).
+    uncommitted_dead_letters: u64,
     stats: InstanceStats,
 }
 
@@ -275,6 +277,7 @@ where
             upload: None,
             requested: None,
             longest_stall: Duration::ZERO,
+            uncommitted_dead_letters: 0,
             stats: InstanceStats::default(),
         })
     }
@@ -534,8 +537,21 @@ where
             return Ok(());
         }
         let reason = crate::store::error_chain(stage.as_error());
-        warn!(%tp, offset = record.offset, stage = stage.name(), %reason, dead_letter_topic = %topic, "bad message dead-lettered");
+        warn!(%tp, offset = record.offset, stage = stage.name(), %reason, dead_letter_topic = %topic,
+            "bad message: its original goes to the dead-letter topic with the next commit");
+        self.uncommitted_dead_letters += 1;
+        let payload = record.payload.clone().unwrap_or_default();
+        let max = self.config.dead_letter_max_bytes;
         let mut headers = record.headers.clone();
+        if payload.len() > max {
+            headers.extend([
+                ("ms2m.truncated".to_string(), Bytes::from_static(b"true")),
+                (
+                    "ms2m.original.bytes".to_string(),
+                    Bytes::from(payload.len().to_string()),
+                ),
+            ]);
+        }
         headers.extend([
             ("ms2m.error".to_string(), Bytes::from(reason)),
             ("ms2m.stage".to_string(), Bytes::from_static(stage.name().as_bytes())),
@@ -552,7 +568,7 @@ where
         self.outputs.records.push(OutputRecord {
             topic: topic.into(),
             key: record.key.clone(),
-            payload: record.payload.clone().unwrap_or_default(),
+            payload: payload.slice(..payload.len().min(max)),
             headers,
         });
         Ok(())
@@ -604,6 +620,11 @@ where
         self.live_since_commit = 0;
         self.last_commit = Instant::now();
         self.stats.commits += 1;
+        if self.uncommitted_dead_letters > 0 {
+            // Only now are they acknowledged: say so now, not at the send.
+            info!(count = self.uncommitted_dead_letters, "dead-lettered records committed");
+            self.uncommitted_dead_letters = 0;
+        }
         self.note_stall(started.elapsed());
         Ok(())
     }

@@ -305,6 +305,34 @@ async fn undecodable_message_goes_to_the_dead_letter_topic() {
     assert_eq!(world.outputs.committed().len(), 7);
 }
 
+/// A bad message longer than the dead-letter limit is cut, marked, and
+/// still points at the whole record in the input: the dead letter never
+/// fails for its size (Kafka's `message.max.bytes`).
+#[tokio::test]
+async fn an_oversized_bad_message_is_dead_lettered_cut_with_its_coordinates() {
+    let mut world = World::new(1);
+    world.produce(2, 1);
+    let garbage = vec![b'x'; 100];
+    world.log.append("deposits", 0, None, garbage.clone());
+    world.produce(2, 1);
+    let policy = BadMessagePolicy::DeadLetter {
+        topic: "deposits.dlq".into(),
+    };
+    let config = config(100).bad_messages(policy).dead_letter_max_bytes(16);
+    let mut a = world.recover(config).await.unwrap();
+    drain(&mut a, &world.log).await.unwrap();
+    a.shutdown().await.unwrap();
+    let committed = world.outputs.committed();
+    let dead: Vec<_> = committed.iter().filter(|o| &*o.topic == "deposits.dlq").collect();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(&dead[0].payload[..], &garbage[..16]);
+    let header = |k: &str| dead[0].headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    assert_eq!(header("ms2m.truncated").as_deref(), Some(&b"true"[..]));
+    assert_eq!(header("ms2m.original.bytes").as_deref(), Some(&b"100"[..]));
+    assert_eq!(header("ms2m.source.offset").as_deref(), Some(&b"2"[..]));
+    assert_eq!(committed.len(), 5, "4 outputs and 1 dead letter");
+}
+
 #[tokio::test]
 async fn graceful_shutdown_leaves_nothing_to_replay() {
     let mut world = World::new(2);
