@@ -21,13 +21,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ms2m_core::migration::{
-    run_target, Coordinator, CutoverRule, MigrationConfig, MigrationPlan, MigrationReport, SourceAgent, SourceOptions,
-    Strategy, TargetOptions,
+    Coordinator, CutoverRule, MigrationConfig, MigrationPlan, MigrationReport, SourceAgent, SourceOptions, Strategy,
 };
 use ms2m_core::{no_progress, Delivery, Instance, InstanceConfig, StatefulService};
 use ms2m_examples::game::{event, heartbeat_query, GameEvent, GameSessions, PlainGameSessions};
 use ms2m_examples::observer::{Observer, OutsideGaps, Watch, Window, WINDOW_MARGIN_US};
-use ms2m_examples::support::{produce_json, producer, serve_until};
+use ms2m_examples::support::{produce_json, producer, spawn_serving_target};
 use ms2m_kafka::{KafkaCluster, KafkaConfig};
 use rdkafka::producer::BaseRecord;
 use serde::Serialize;
@@ -204,21 +203,9 @@ where
     C: ms2m_core::ControlChannel,
 {
     let target_backends = cluster.backends(s.delivery).await?;
-    let target_control = control.clone();
     let target_config = instance_config("target", output);
-    let target_stop = Arc::new(AtomicBool::new(false));
-    let stop = target_stop.clone();
-    let target_task = tokio::spawn(async move {
-        let live = run_target::<S, _, _, _, _>(
-            target_backends,
-            target_config,
-            target_control,
-            TargetOptions::default(),
-            &*no_progress(),
-        )
-        .await?;
-        serve_until(live, stop).await
-    });
+    let (target_task, target_stop) =
+        spawn_serving_target::<S, _, _, _, _>(target_backends, target_config, control.clone());
     let coordinator = Coordinator::new(
         control,
         MigrationConfig {

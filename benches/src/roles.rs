@@ -17,14 +17,14 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ms2m_core::migration::{run_target, SourceAgent, SourceOptions, TargetOptions};
+use ms2m_core::migration::{SourceAgent, SourceOptions};
 use ms2m_core::{no_progress, Delivery, Instance, InstanceConfig};
 use ms2m_examples::game::GameSessions;
-use ms2m_examples::support::serve_until;
+use ms2m_examples::support::spawn_serving_target;
 use ms2m_kafka::{KafkaCluster, KafkaConfig};
 use serde::{Deserialize, Serialize};
 
@@ -189,19 +189,7 @@ async fn play(spec: &RoleSpec) -> Result<(), BoxError> {
             let _ = agent.stop().await;
         }
         Role::Target => {
-            let stop = Arc::new(AtomicBool::new(false));
-            let serving = stop.clone();
-            let target = tokio::spawn(async move {
-                let live = run_target::<GameSessions, _, _, _, _>(
-                    backends,
-                    config,
-                    control,
-                    TargetOptions::default(),
-                    &*no_progress(),
-                )
-                .await?;
-                serve_until(live, serving).await
-            });
+            let (target, stop) = spawn_serving_target::<GameSessions, _, _, _, _>(backends, config, control);
             println!("ready");
             parent_gone().await;
             stop.store(true, Ordering::Relaxed);

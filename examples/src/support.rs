@@ -148,3 +148,43 @@ where
     }
     Ok(instance)
 }
+
+/// A standby target serving once live: [`run_target`](ms2m_core::migration::run_target)
+/// (default options, no progress listener) then [`serve_until`] the returned
+/// flag is set.
+pub type ServingTarget<S, L, St, O> =
+    tokio::task::JoinHandle<Result<ms2m_core::Instance<S, L, St, O>, ms2m_core::Error>>;
+
+/// Spawns a standby target that serves from the moment it goes live, until
+/// the returned flag is set.
+pub fn spawn_serving_target<S, L, St, O, C>(
+    backends: ms2m_core::Backends<L, St, O>,
+    config: ms2m_core::InstanceConfig,
+    control: std::sync::Arc<C>,
+) -> (
+    ServingTarget<S, L, St, O>,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+)
+where
+    S: ms2m_core::StatefulService,
+    L: ms2m_core::MessageLog,
+    St: ms2m_core::SnapshotStore,
+    O: ms2m_core::OutputSink,
+    C: ms2m_core::ControlChannel,
+{
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let serving = stop.clone();
+    let task = tokio::spawn(async move {
+        let options = ms2m_core::migration::TargetOptions::default();
+        let live = ms2m_core::migration::run_target::<S, _, _, _, _>(
+            backends,
+            config,
+            control,
+            options,
+            &*ms2m_core::no_progress(),
+        )
+        .await?;
+        serve_until(live, serving).await
+    });
+    (task, stop)
+}
