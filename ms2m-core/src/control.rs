@@ -22,6 +22,20 @@ pub enum Role {
     Source,
     /// The instance being migrated to.
     Target,
+    /// A node of the fleet speaking for itself: ownership claims and lease
+    /// renewals (see [`migration::protocol::owner`](crate::migration::protocol::owner)).
+    Node,
+}
+
+/// One owner's lease, as a claim that supersedes it names it: the owner's
+/// epoch and the number of its latest renewal on the channel (0: the record
+/// that made it the owner, before any renewal).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct LeaseTerm {
+    /// The owner epoch.
+    pub epoch: u64,
+    /// The latest renewal of that epoch the claimant had seen.
+    pub renewal: u64,
 }
 
 /// One message on the control channel.
@@ -196,6 +210,32 @@ pub enum ControlBody {
     Completed {
         /// The migration report, as JSON.
         report_json: String,
+    },
+    /// Node → all: `owner` claims the service with `epoch`. Decisive when it
+    /// lands while no one owns the service (the first start) or when the
+    /// lease it names as `expired` is still the current owner's latest
+    /// (no renewal landed in between) and `epoch` is higher; otherwise it
+    /// lost a race and changes nothing. A decisive claim also rolls back
+    /// every migration still undecided. `migration_id` is empty.
+    Claim {
+        /// The instance id claiming ownership.
+        owner: String,
+        /// The epoch it claims.
+        epoch: u64,
+        /// The lease that expired (`None`: the first claim of the service).
+        expired: Option<LeaseTerm>,
+    },
+    /// Owner → all: renewal number `renewal` of the lease of `owner` at
+    /// `epoch`. Counts only while `owner` holds `epoch`; a standby measures
+    /// the lease's expiry from the last renewal it read. `migration_id` is
+    /// empty.
+    Renew {
+        /// The owner renewing.
+        owner: String,
+        /// Its epoch.
+        epoch: u64,
+        /// The renewal's number within the epoch, from 1.
+        renewal: u64,
     },
 }
 

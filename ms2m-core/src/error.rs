@@ -160,6 +160,9 @@ pub enum Error {
     /// The instance was asked to stop while an operation was under way.
     #[error("instance was shut down")]
     Shutdown,
+    /// A setting is out of range; the message names it and what to change.
+    #[error("invalid configuration: {0}")]
+    Config(String),
 }
 
 impl Error {

@@ -84,6 +84,7 @@ pub mod log;
 #[cfg(any(test, feature = "test"))]
 pub mod memory;
 pub mod migration;
+pub mod node;
 pub mod position;
 pub mod record;
 pub mod runtime;
@@ -95,7 +96,7 @@ pub mod store;
 #[cfg(any(test, feature = "test"))]
 pub mod testkit;
 
-pub use control::{ControlBody, ControlChannel, ControlMessage, ControlReader, Role};
+pub use control::{ControlBody, ControlChannel, ControlMessage, ControlReader, LeaseTerm, Role};
 pub use digest::{Digester, StateDigest};
 pub use error::{BackendError, BoxError, Component, Error, ErrorKind, Result};
 pub use log::{MessageLog, Watermarks};

@@ -71,10 +71,13 @@ impl<C: ControlChannel> Coordinator<C> {
         let span =
             info_span!("migrate", service = %plan.service, migration = %plan.migration_id, strategy = %plan.strategy);
         async move {
-            let history = read_history(&*self.control, &plan.service).await?;
-            let epoch = Decisions::from_history(&history).owner().map_or(1, |o| o.epoch + 1);
+            // Subscribe before reading the history: a record in between
+            // arrives twice, and folding it twice changes nothing.
             let mut replies = forward_control(&*self.control, plan.service.clone(), false).await?;
-            let mut machine = CoordinatorMachine::new(plan.clone(), self.config.clone(), epoch);
+            let history = read_history(&*self.control, &plan.service).await?;
+            let decisions = Decisions::from_history(&history);
+            let epoch = decisions.owner().map_or(1, |o| o.epoch + 1);
+            let mut machine = CoordinatorMachine::new(plan.clone(), self.config.clone(), epoch).knowing(decisions);
             let started = Instant::now();
             let first = machine.handle(started.elapsed(), CoordinatorEvent::Start);
             match self.drive(&mut machine, first, &mut replies, started, listener).await? {
@@ -108,8 +111,7 @@ impl<C: ControlChannel> Coordinator<C> {
     pub async fn recover(&self, service: impl Into<String>, migration_id: impl Into<String>) -> Result<Recovered> {
         let (service, migration_id) = (service.into(), migration_id.into());
         let mut replies = forward_control(&*self.control, service.clone(), false).await?;
-        let mut history = read_history(&*self.control, &service).await?;
-        history.retain(|m| m.migration_id == migration_id);
+        let history = read_history(&*self.control, &service).await?;
         let started = Instant::now();
         let (mut machine, first) = CoordinatorMachine::recover(
             &service,

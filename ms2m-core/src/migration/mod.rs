@@ -84,6 +84,7 @@ use serde::{Deserialize, Serialize};
 
 pub use coordinator::{Coordinator, MigrationPlan, Recovered};
 pub use source::{run_source, SourceAgent, SourceExit, SourceHandle, SourceOptions};
+pub(crate) use target::serve_as_target;
 pub use target::{run_target, TargetOptions};
 
 use crate::control::{ControlBody, ControlChannel, ControlReader};
@@ -351,6 +352,18 @@ pub async fn ensure_owner<C: ControlChannel>(control: &C, service: &str, instanc
         }),
         _ => Ok(()),
     }
+}
+
+/// A monotonic clock reading as the pure lease logic takes it: the time
+/// since an origin far enough in the past that every `Instant` the process
+/// sees comes after it.
+pub(crate) fn lease_clock(at: std::time::Instant) -> Duration {
+    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let origin = ORIGIN.get_or_init(|| {
+        let now = std::time::Instant::now();
+        now.checked_sub(Duration::from_secs(10 * 365 * 86_400)).unwrap_or(now)
+    });
+    at.saturating_duration_since(*origin)
 }
 
 /// Shared plumbing: forwards control messages for one service from a reader

@@ -12,8 +12,10 @@ use futures::FutureExt;
 use tokio::sync::mpsc::error::TryRecvError;
 use tracing::{info, info_span, warn, Instrument};
 
+use super::protocol::owner::{LeaseConfig, LeaseKeeper};
 use super::protocol::source::{SourceAction, SourceEvent, SourceMachine};
 use super::protocol::Decisions;
+use super::lease_clock;
 use super::{forward_control, publish_as, read_history, MigrationError};
 use crate::control::{ControlBody, ControlChannel, ControlMessage, Role};
 use crate::error::{Error, Result};
@@ -86,7 +88,14 @@ where
     stalls: StallMeter,
     /// The digest point of a frozen state, computed on a blocking thread.
     digest_task: Option<DigestTask>,
+    /// The owner's lease, when it keeps one ([`SourceAgent::with_lease`]).
+    lease: Option<LeaseKeeper>,
+    /// Reports the instance now and then while it serves.
+    observer: Option<Observer<S, L, St, O>>,
 }
+
+/// A callback that sees the instance between steps (a node's status).
+type Observer<S, L, St, O> = Box<dyn FnMut(&Instance<S, L, St, O>, &Decisions) + Send>;
 
 type DigestTask = tokio::task::JoinHandle<(crate::position::Position, crate::digest::StateDigest)>;
 
@@ -185,11 +194,36 @@ where
             machine: SourceMachine::new(me, decisions),
             stalls: StallMeter::default(),
             digest_task: None,
+            lease: None,
+            observer: None,
         };
         for m in history {
             agent.feed(SourceEvent::Record(m)).await?;
         }
         Ok(agent)
+    }
+
+    /// Keeps a lease while serving (see [`protocol::owner`](super::protocol::owner)):
+    /// renews it on the control channel every `config.interval` and applies
+    /// input (so emits outputs) only while it is valid. A winning claim of
+    /// another node releases the agent like a migration does. `granted_at`:
+    /// a time before the record that made this instance the owner was
+    /// published, if known; without it the agent applies nothing until its
+    /// first renewal is read back.
+    pub fn with_lease(mut self, config: LeaseConfig, granted_at: Option<Instant>) -> Self {
+        let me = self.instance.config().instance_id().to_string();
+        self.lease = Some(LeaseKeeper::new(me, config, granted_at.map(lease_clock)));
+        self
+    }
+
+    /// Calls `observer` with the instance and the channel's decisions
+    /// between steps (at most every `progress_interval`).
+    pub fn with_observer(
+        mut self,
+        observer: impl FnMut(&Instance<S, L, St, O>, &Decisions) + Send + 'static,
+    ) -> Self {
+        self.observer = Some(Box::new(observer));
+        self
     }
 
     /// Runs the agent on its own task; the handle stops or joins it.
@@ -244,6 +278,13 @@ where
         if last_progress.elapsed() >= self.options.progress_interval {
             *last_progress = Instant::now();
             self.feed(SourceEvent::ProgressDue).await?;
+            if let Some(observe) = self.observer.as_mut() {
+                observe(&self.instance, self.machine.decisions());
+            }
+        }
+        self.renew_lease_if_due();
+        if self.machine.may_apply() && !self.lease_allows() {
+            return self.wait_for_lease().await;
         }
         if self.machine.may_apply() {
             self.stalls.step_started();
@@ -253,6 +294,50 @@ where
         } else if !self.machine.is_released() {
             self.wait_while_stopped().await?;
         }
+        Ok(if self.machine.is_released() {
+            Flow::Released
+        } else {
+            Flow::Continue
+        })
+    }
+
+    /// Whether the lease (if the agent keeps one) lets it emit now.
+    fn lease_allows(&self) -> bool {
+        self.lease
+            .as_ref()
+            .is_none_or(|l| l.may_emit(lease_clock(Instant::now())))
+    }
+
+    /// Publishes a renewal when one is due, on its own task: the apply
+    /// loop never waits for the channel's acknowledgement.
+    fn renew_lease_if_due(&mut self) {
+        let Some(lease) = self.lease.as_mut() else {
+            return;
+        };
+        let Some(body) = lease.renewal_due(lease_clock(Instant::now()), self.machine.decisions()) else {
+            return;
+        };
+        let control = Arc::clone(&self.control);
+        tokio::spawn(async move {
+            if let Err(e) = publish_as::<S, C>(&control, "", Role::Node, body).await {
+                warn!(error = %e, "could not renew the lease; retrying");
+            }
+        });
+    }
+
+    /// The lease lapsed (renewals not read back in time: a partition, a
+    /// pause, a slow channel): apply nothing until a renewal is read back,
+    /// or another node's claim releases this one.
+    async fn wait_for_lease(&mut self) -> Result<Flow> {
+        warn!("lease not valid: emitting nothing until a renewal is read back");
+        let event = tokio::select! {
+            m = self.commands.recv() => match m {
+                Some(m) => SourceEvent::Record(m),
+                None => return Err(control_reader_stopped()),
+            },
+            () = tokio::time::sleep(Duration::from_millis(10)) => return Ok(Flow::Continue),
+        };
+        self.feed(event).await?;
         Ok(if self.machine.is_released() {
             Flow::Released
         } else {
@@ -286,7 +371,14 @@ where
     async fn feed(&mut self, event: SourceEvent) -> Result<()> {
         let mut events = std::collections::VecDeque::from([event]);
         while let Some(event) = events.pop_front() {
+            let record = match (&event, self.lease.is_some()) {
+                (SourceEvent::Record(m), true) => Some(m.clone()),
+                _ => None,
+            };
             let actions = self.machine.handle(event);
+            if let (Some(m), Some(lease)) = (record, self.lease.as_mut()) {
+                lease.on_record(&m, self.machine.decisions());
+            }
             if self.stalls.follow(self.machine.migration()) {
                 // Pauses before this migration are not its downtime.
                 self.instance.take_longest_stall();

@@ -65,6 +65,25 @@ where
     O: OutputSink,
     C: ControlChannel,
 {
+    Ok(serve_as_target(backends, config, control, options, listener).await?.0)
+}
+
+/// [`run_target`], also returning when the target was about to publish its
+/// `Takeover` (the start of its owner lease), if this run published it.
+pub(crate) async fn serve_as_target<S, L, St, O, C>(
+    backends: Backends<L, St, O>,
+    config: InstanceConfig,
+    control: Arc<C>,
+    options: TargetOptions,
+    listener: &dyn ProgressListener,
+) -> Result<(Instance<S, L, St, O>, Option<Instant>)>
+where
+    S: StatefulService,
+    L: MessageLog,
+    St: SnapshotStore,
+    O: OutputSink,
+    C: ControlChannel,
+{
     let me = config.instance_id().to_string();
     let span = info_span!("target", service = S::NAME, instance = %me);
     async move {
@@ -80,8 +99,10 @@ where
             instance: None,
             replay: Replay::default(),
             last_heard: Instant::now(),
+            takeover_sent: None,
         };
-        driver.run().await
+        let live = driver.run().await?;
+        Ok((live, driver.takeover_sent))
     }
     .instrument(span)
     .await
@@ -106,6 +127,8 @@ where
     replay: Replay,
     /// When a record of our migration last arrived (the phase timeout).
     last_heard: Instant,
+    /// Taken just before the `Takeover` was published.
+    takeover_sent: Option<Instant>,
 }
 
 impl<S, L, St, O, C> TargetDriver<'_, S, L, St, O, C>
@@ -235,6 +258,9 @@ where
             }
             TargetAction::ReplayTo { pf, digest } => Performed::Next(self.replay_to(pf, digest).await?),
             TargetAction::Publish(body) => {
+                if matches!(body, ControlBody::Takeover { .. }) {
+                    self.takeover_sent = Some(Instant::now());
+                }
                 self.publish(body).await?;
                 Performed::Done
             }

@@ -306,6 +306,21 @@ where
         }
     }
 
+    /// Stops emitting: from now on the instance applies with outputs
+    /// suppressed, as a standby (an owner released at its committed
+    /// position).
+    pub fn become_standby(&mut self) {
+        self.output_mode = OutputMode::SuppressAll;
+    }
+
+    /// The output sink's committed position (the output watermark).
+    pub(crate) async fn read_watermark(&mut self) -> Result<Option<Position>> {
+        self.sink
+            .committed()
+            .await
+            .map_err(|e| Error::backend(Component::Sink, "read committed position", e))
+    }
+
     /// Whether outputs are being emitted (false for a standby).
     pub fn is_live(&self) -> bool {
         !matches!(self.output_mode, OutputMode::SuppressAll)

@@ -143,6 +143,13 @@ impl CoordinatorMachine {
         }
     }
 
+    /// The same machine, starting from the decisions already on the channel
+    /// (the service's history before the migration started).
+    pub fn knowing(mut self, decisions: Decisions) -> Self {
+        self.decisions = decisions;
+        self
+    }
+
     /// Where the coordinator is.
     pub fn phase(&self) -> CoordinatorPhase {
         self.phase
@@ -165,8 +172,7 @@ impl CoordinatorMachine {
         }
         match event {
             CoordinatorEvent::Start => self.start(now),
-            CoordinatorEvent::Record(m) if m.migration_id == self.plan.migration_id => self.on_record(now, m),
-            CoordinatorEvent::Record(_) => Vec::new(),
+            CoordinatorEvent::Record(m) => self.on_record(now, m),
             CoordinatorEvent::Tick if now >= self.deadline => self.on_timeout(now),
             CoordinatorEvent::Tick => Vec::new(),
         }
@@ -213,10 +219,16 @@ impl CoordinatorMachine {
         vec![CoordinatorAction::Publish(ControlBody::Restore { snapshot_id })]
     }
 
+    /// Every record of the service is folded into the decisions (a winning
+    /// ownership claim decides this migration too); only this migration's
+    /// records drive it further.
     fn on_record(&mut self, now: Duration, m: ControlMessage) -> Vec<CoordinatorAction> {
-        match self.decisions.observe(&m) {
+        match self.decisions.observe_for(&m, &self.plan.migration_id) {
             Observed::Decides(outcome) => return self.on_decision(now, outcome),
             Observed::AfterDecision(_) | Observed::Open => {}
+        }
+        if m.migration_id != self.plan.migration_id {
+            return Vec::new();
         }
         if let ControlBody::CutoverFailed {
             reason,
@@ -542,8 +554,8 @@ impl CoordinatorMachine {
 
 /// A restarted coordinator (see [`super::super::Coordinator::recover`]).
 impl CoordinatorMachine {
-    /// Takes over `migration_id` from its `history` (this migration's
-    /// records, in channel order) after its coordinator died, and returns
+    /// Takes over `migration_id` from the service's `history` (in channel
+    /// order) after its coordinator died, and returns
     /// the first actions. A decided migration is closed; an undecided one
     /// whose source stopped gives the target the phase timeout to take
     /// over, then rolls back; one whose source never stopped is rolled back
@@ -551,13 +563,19 @@ impl CoordinatorMachine {
     pub fn recover(
         service: &str,
         migration_id: &str,
-        history: &[ControlMessage],
+        full_history: &[ControlMessage],
         config: MigrationConfig,
         now: Duration,
     ) -> (Self, Vec<CoordinatorAction>) {
+        let own: Vec<ControlMessage> = full_history
+            .iter()
+            .filter(|m| m.migration_id == migration_id)
+            .cloned()
+            .collect();
+        let history = own.as_slice();
         let mut machine = Self::new(plan_from_history(service, migration_id, history), config, 0);
         machine.recovering = true;
-        machine.decisions = Decisions::from_history(history);
+        machine.decisions = Decisions::from_history(full_history);
         let stop_epoch = history.iter().find_map(|m| match (&m.body, m.from) {
             (ControlBody::Stop { next_epoch }, Role::Coordinator) => Some(*next_epoch),
             _ => None,

@@ -25,14 +25,15 @@
 //! assumption.
 
 pub mod coordinator;
+pub mod owner;
 pub mod source;
 pub mod target;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{Hash, Hasher};
 
 use super::{MigrationError, MigrationOutcome, Owner};
-use crate::control::{ControlBody, ControlMessage, Role};
+use crate::control::{ControlBody, ControlMessage, LeaseTerm, Role};
 use crate::digest::StateDigest;
 
 /// The decisions found so far on the control channel, folded in channel order.
@@ -40,12 +41,18 @@ use crate::digest::StateDigest;
 pub struct Decisions {
     decided: BTreeMap<String, MigrationOutcome>,
     owner: Option<Owner>,
+    /// The current owner's latest renewal in its epoch (0: none since the
+    /// record that made it the owner).
+    renewal: u64,
+    /// Migrations prepared and not yet decided: a decisive claim rolls
+    /// them back.
+    open: BTreeSet<String>,
 }
 
-/// What one record means for its migration's decision.
+/// What one record means for a migration's decision.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Observed {
-    /// The migration is not decided (the record is not decisive).
+    /// The migration is not decided (the record is not decisive for it).
     Open,
     /// This record decides the migration.
     Decides(MigrationOutcome),
@@ -63,28 +70,93 @@ impl Decisions {
         decisions
     }
 
-    /// Folds the next record of the channel in.
+    /// Folds the next record of the channel in; says what it means for the
+    /// record's own migration.
     pub fn observe(&mut self, m: &ControlMessage) -> Observed {
-        if let Some(outcome) = self.decided.get(&m.migration_id) {
-            return Observed::AfterDecision(*outcome);
+        let id = m.migration_id.clone();
+        self.observe_for(m, &id)
+    }
+
+    /// Folds the next record of the channel in; says what it means for
+    /// `migration`, which a record of another migration decides too when it
+    /// is a decisive ownership claim (it rolls back every open migration).
+    pub fn observe_for(&mut self, m: &ControlMessage, migration: &str) -> Observed {
+        let before = self.outcome(migration);
+        self.fold(m);
+        match (before, self.outcome(migration)) {
+            (Some(outcome), _) => Observed::AfterDecision(outcome),
+            (None, Some(outcome)) => Observed::Decides(outcome),
+            (None, None) => Observed::Open,
+        }
+    }
+
+    fn fold(&mut self, m: &ControlMessage) {
+        if let Some(lease) = owner::lease_record(m) {
+            self.fold_lease_record(lease);
+            return;
+        }
+        if self.decided.contains_key(&m.migration_id) {
+            return;
+        }
+        if matches!((&m.body, m.from), (ControlBody::Prepare { .. }, Role::Coordinator)) {
+            self.open.insert(m.migration_id.clone());
         }
         let Some((outcome, owner)) = decision(m) else {
-            return Observed::Open;
+            return;
         };
+        self.open.remove(&m.migration_id);
         self.decided.insert(m.migration_id.clone(), outcome);
         match (outcome, owner) {
-            (MigrationOutcome::TakenOver, Some(owner)) => self.owner = Some(owner),
+            (MigrationOutcome::TakenOver, Some(owner)) => self.set_owner(owner),
             // A rollback re-confirms the owner it names; it never moves
             // ownership: a late `Resume` of a superseded migration must not
             // hand the service back to a source another migration released.
             (MigrationOutcome::RolledBack, Some(owner))
                 if self.owner.as_ref().is_none_or(|o| o.instance_id == owner.instance_id) =>
             {
-                self.owner = Some(owner)
+                self.set_owner(owner)
             }
             _ => {}
         }
-        Observed::Decides(outcome)
+    }
+
+    fn fold_lease_record(&mut self, record: owner::LeaseRecord<'_>) {
+        match record {
+            owner::LeaseRecord::Renew { owner, epoch, renewal } => {
+                if self.owner.as_ref().is_some_and(|o| o.instance_id == owner && o.epoch == epoch) {
+                    self.renewal = self.renewal.max(renewal);
+                }
+            }
+            owner::LeaseRecord::Claim { owner, epoch, expired } => {
+                if self.claim_wins(epoch, expired) {
+                    for id in std::mem::take(&mut self.open) {
+                        self.decided.insert(id, MigrationOutcome::RolledBack);
+                    }
+                    self.set_owner(Owner {
+                        instance_id: owner.to_string(),
+                        epoch,
+                    });
+                }
+            }
+        }
+    }
+
+    /// The first-writer-wins rule of claims: a first claim wins while no
+    /// one owns the service; a takeover claim wins when the lease it saw
+    /// expire is still the current one, and its epoch is higher.
+    fn claim_wins(&self, epoch: u64, expired: Option<LeaseTerm>) -> bool {
+        match (&self.owner, expired) {
+            (None, None) => true,
+            (Some(o), Some(term)) => Some(term) == self.lease() && epoch > o.epoch,
+            _ => false,
+        }
+    }
+
+    fn set_owner(&mut self, owner: Owner) {
+        if self.owner.as_ref() != Some(&owner) {
+            self.renewal = 0;
+        }
+        self.owner = Some(owner);
     }
 
     /// How `migration_id` was decided, if it was.
@@ -97,9 +169,22 @@ impl Decisions {
         self.owner.as_ref()
     }
 
+    /// The current owner's lease: its epoch and latest renewal.
+    pub fn lease(&self) -> Option<LeaseTerm> {
+        self.owner.as_ref().map(|o| LeaseTerm {
+            epoch: o.epoch,
+            renewal: self.renewal,
+        })
+    }
+
     /// Whether `migration_id` is decided.
     pub fn is_decided(&self, migration_id: &str) -> bool {
         self.decided.contains_key(migration_id)
+    }
+
+    /// Migrations prepared on the channel and not decided yet.
+    pub fn undecided(&self) -> impl Iterator<Item = &str> {
+        self.open.iter().map(String::as_str)
     }
 }
 

@@ -135,6 +135,11 @@ impl SourceMachine {
         !self.released && !self.migration.as_ref().is_some_and(|m| m.stopped)
     }
 
+    /// The decisions folded so far.
+    pub fn decisions(&self) -> &Decisions {
+        &self.decisions
+    }
+
     /// Whether ownership moved away.
     pub fn is_released(&self) -> bool {
         self.released
@@ -198,7 +203,20 @@ impl SourceMachine {
     }
 
     fn on_record(&mut self, m: &ControlMessage) -> Vec<SourceAction> {
-        match self.decisions.observe(m) {
+        let mine = self.migration().unwrap_or(&m.migration_id).to_string();
+        let observed = self.decisions.observe_for(m, &mine);
+        if self.decisions.owner().is_some_and(|o| o.instance_id != self.me) {
+            // A takeover or a winning claim named another owner: this one
+            // must never emit again.
+            return self.release();
+        }
+        if mine != m.migration_id {
+            // Another migration's record, or a lease record: it decided
+            // ours only if it was a winning claim (which names another
+            // owner, handled above).
+            return Vec::new();
+        }
+        match observed {
             Observed::Decides(outcome) => return self.on_decision(&m.migration_id, outcome),
             // A late record of a decided migration (a dead coordinator's
             // `Stop` landing after its successor's rollback) changes nothing.
@@ -298,16 +316,15 @@ impl SourceMachine {
         }
     }
 
+    /// Ownership moved away: stop for good.
+    fn release(&mut self) -> Vec<SourceAction> {
+        self.released = true;
+        self.migration = None;
+        vec![SourceAction::Release]
+    }
+
     fn on_decision(&mut self, id: &str, outcome: MigrationOutcome) -> Vec<SourceAction> {
         let ours = self.migration.take_if(|m| m.id == id);
-        if self.decisions.owner().is_some_and(|o| o.instance_id != self.me) {
-            // Whatever migration decided it (a `Takeover` always names the
-            // target): another instance owns the service now, so this one
-            // must never emit again.
-            self.released = true;
-            self.migration = None;
-            return vec![SourceAction::Release];
-        }
         match ours {
             // Rolled back after the stop: serve again, re-claiming the sink
             // first. Only a stopped source re-claims: a serving one never

@@ -233,8 +233,10 @@ impl TargetMachine {
 
     fn on_record(&mut self, m: ControlMessage) -> Vec<TargetAction> {
         let ours = self.migration.as_ref().is_some_and(|s| s.id == m.migration_id);
-        match self.decisions.observe(&m) {
-            Observed::Decides(outcome) if ours => return self.on_decision(outcome),
+        let mine = self.migration.as_ref().map_or(m.migration_id.clone(), |s| s.id.clone());
+        match self.decisions.observe_for(&m, &mine) {
+            // Its own record, or a winning claim that rolled it back.
+            Observed::Decides(outcome) if self.migration.is_some() => return self.on_decision(outcome),
             Observed::Decides(_) | Observed::AfterDecision(_) => return Vec::new(),
             Observed::Open => {}
         }

@@ -1,0 +1,197 @@
+//! Nodes over the in-memory backends: the first claim, failover after a
+//! crash or a partition, and migrations back and forth between nodes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::memory::{MemoryControl, MemoryLogReader, MemorySink, MemorySnapshotStore, PublishFault};
+use crate::migration::{Coordinator, CutoverRule, DigestPolicy, MigrationConfig, MigrationPlan, Strategy};
+use crate::testkit::*;
+
+const OUT: &str = "balances.out";
+
+type TestNode = Node<
+    Balances,
+    MemoryLogReader,
+    MemorySnapshotStore,
+    MemorySink,
+    MemoryControl,
+    Box<dyn Fn() -> futures::future::BoxFuture<'static, Result<Backends<MemoryLogReader, MemorySnapshotStore, MemorySink>>> + Send + Sync>,
+>;
+
+fn options() -> NodeOptions {
+    NodeOptions {
+        lease: LeaseConfig {
+            interval: Duration::from_millis(40),
+            timeout: Duration::from_millis(400),
+            max_drift_ppm: 10_000,
+            margin: Duration::from_millis(50),
+        },
+        ..NodeOptions::default()
+    }
+}
+
+struct Running {
+    status: tokio::sync::watch::Receiver<NodeStatus>,
+    task: tokio::task::JoinHandle<Result<()>>,
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+fn start(cluster: &MemoryCluster, id: &str) -> Running {
+    let c = cluster.clone();
+    let factory: Box<dyn Fn() -> futures::future::BoxFuture<'static, Result<_>> + Send + Sync> =
+        Box::new(move || {
+            let c = c.clone();
+            Box::pin(async move { Ok(c.backends()) })
+        });
+    let config = InstanceConfig::new(id)
+        .snapshot_every(Some(300))
+        .commit_every(20, Duration::from_millis(5))
+        .poll(64, Duration::from_millis(5))
+        .output_topic(OUT);
+    let node: TestNode = Node::new(factory, Arc::clone(&cluster.control), config, options()).expect("valid options");
+    let status = node.status();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(node.run(async move {
+        let _ = stopped.await;
+    }));
+    Running { status, task, stop }
+}
+
+/// Waits (up to 20 s) until `f` holds for the node's status.
+async fn until(node: &mut Running, what: &str, f: impl Fn(&NodeStatus) -> bool) {
+    tokio::time::timeout(Duration::from_secs(20), node.status.wait_for(|s| f(s)))
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+        .expect("node status");
+}
+
+/// Waits until every produced deposit's output is committed.
+async fn all_outputs(cluster: &MemoryCluster) {
+    let n = cluster.produced().len();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while cluster.balance_outputs(OUT).len() < n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("timed out waiting for the outputs");
+}
+
+fn exactly_once(cluster: &MemoryCluster) {
+    let (missing, duplicated) = output_exactly_once(&cluster.produced(), &cluster.balance_outputs(OUT));
+    assert_eq!((missing, duplicated), (0, 0), "outputs lost or duplicated");
+}
+
+fn claims(cluster: &MemoryCluster) -> Vec<(String, Option<crate::LeaseTerm>)> {
+    cluster
+        .control
+        .history()
+        .into_iter()
+        .filter_map(|m| match m.body {
+            ControlBody::Claim { owner, expired, .. } => Some((owner, expired)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn is(role: NodeRole) -> impl Fn(&NodeStatus) -> bool {
+    move |s| s.role == role
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_node_owns_and_a_second_one_stands_by() {
+    let cluster = MemoryCluster::new();
+    cluster.produce_now(100);
+    let mut a = start(&cluster, "a");
+    until(&mut a, "a owns", is(NodeRole::Owner)).await;
+    let mut b = start(&cluster, "b");
+    until(&mut b, "b stands by", is(NodeRole::Standby)).await;
+    cluster.produce_now(100);
+    all_outputs(&cluster).await;
+    until(&mut b, "b caught up", |s| s.lag == Some(0) && s.position.total() == 200).await;
+    assert_eq!(claims(&cluster), [("a".to_string(), None)], "one first claim");
+    exactly_once(&cluster);
+    let _ = (a.stop.send(()), b.stop.send(()));
+    a.task.await.expect("join").expect("a ran");
+    b.task.await.expect("join").expect("b ran");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_when_the_owner_crashes() {
+    let cluster = MemoryCluster::new();
+    let mut a = start(&cluster, "a");
+    until(&mut a, "a owns", is(NodeRole::Owner)).await;
+    let mut b = start(&cluster, "b");
+    until(&mut b, "b stands by", is(NodeRole::Standby)).await;
+    cluster.produce_now(150);
+    all_outputs(&cluster).await;
+    a.task.abort();
+    cluster.produce_now(150);
+    until(&mut b, "b owns", is(NodeRole::Owner)).await;
+    all_outputs(&cluster).await;
+    exactly_once(&cluster);
+    let taken: Vec<_> = claims(&cluster).into_iter().map(|(o, e)| (o, e.is_some())).collect();
+    assert_eq!(taken, [("a".to_string(), false), ("b".to_string(), true)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_cut_off_from_the_channel_stops_and_a_standby_takes_over() {
+    let cluster = MemoryCluster::new();
+    let mut a = start(&cluster, "a");
+    until(&mut a, "a owns", is(NodeRole::Owner)).await;
+    let mut b = start(&cluster, "b");
+    until(&mut b, "b stands by", is(NodeRole::Standby)).await;
+    cluster.produce_now(100);
+    all_outputs(&cluster).await;
+    // a's renewals no longer reach the channel: its lease lapses.
+    cluster.control.set_fault(|m| match &m.body {
+        ControlBody::Renew { owner, .. } if owner == "a" => PublishFault::Fail,
+        _ => PublishFault::Pass,
+    });
+    until(&mut b, "b owns", is(NodeRole::Owner)).await;
+    until(&mut a, "a stands by", is(NodeRole::Standby)).await;
+    cluster.produce_now(100);
+    all_outputs(&cluster).await;
+    exactly_once(&cluster);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_migrate_back_and_forth() {
+    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
+    let cluster = MemoryCluster::new();
+    let mut a = start(&cluster, "a");
+    until(&mut a, "a owns", is(NodeRole::Owner)).await;
+    let mut b = start(&cluster, "b");
+    until(&mut b, "b stands by", is(NodeRole::Standby)).await;
+    let load = cluster.produce_steady(600, Duration::from_millis(5));
+    let coordinator = Coordinator::new(Arc::clone(&cluster.control), migration_config());
+    for (i, (from, to)) in [("a", "b"), ("b", "a")].into_iter().enumerate() {
+        let plan = MigrationPlan {
+            service: "balances".into(),
+            migration_id: format!("m{i}"),
+            source: from.into(),
+            target: to.into(),
+            strategy: Strategy::Ms2m,
+        };
+        coordinator.migrate(&plan, &*crate::no_progress()).await.expect("migration");
+    }
+    until(&mut a, "a owns again", is(NodeRole::Owner)).await;
+    until(&mut b, "b stands by again", is(NodeRole::Standby)).await;
+    load.await.expect("load");
+    all_outputs(&cluster).await;
+    exactly_once(&cluster);
+}
+
+fn migration_config() -> MigrationConfig {
+    MigrationConfig {
+        cutover: CutoverRule {
+            max_lag: Some(20),
+            max_catch_up: Some(Duration::from_millis(20)),
+            replay_max: Duration::from_millis(300),
+        },
+        digest_policy: DigestPolicy::Abort,
+        phase_timeout: Duration::from_secs(20),
+    }
+}
