@@ -54,7 +54,8 @@ pub struct GlobalArgs {
     #[arg(long, short = 'F', global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// A librdkafka property passed to every client (repeatable), e.g.
-    /// -X security.protocol=SASL_SSL -X sasl.username=ops
+    /// -X security.protocol=SASL_SSL -X sasl.username=ops (put passwords in
+    /// the --config file: arguments show in the process list)
     #[arg(short = 'X', global = true, value_name = "KEY=VALUE", value_parser = parse_property)]
     pub property: Vec<(String, String)>,
     /// Control topic (default: {service}.control)

@@ -228,9 +228,14 @@ async fn replay(cluster: &KafkaCluster, dlq: &str, chosen: &[RawRecord]) -> Resu
     let producer: FutureProducer = config
         .create()
         .map_err(KafkaError::kafka("create the replay producer"))?;
-    let mut done = Vec::with_capacity(chosen.len());
+    // Every record is checked and read first: a foreign record or a lost
+    // original fails the command before anything is produced.
+    let mut originals = Vec::with_capacity(chosen.len());
     for r in chosen {
-        let (source, record) = original(cluster, dlq, r).await?;
+        originals.push(original(cluster, dlq, r).await?);
+    }
+    let mut done = Vec::with_capacity(chosen.len());
+    for (r, (source, record)) in chosen.iter().zip(originals) {
         let produced = produce(&producer, cluster, &source, &record).await?;
         done.push(Replayed {
             partition: r.partition,
