@@ -51,8 +51,8 @@ summary() {
     mock_only_tests
 }
 
-echo "== all tests on the embedded broker"
-env -u MS2M_TEST_BROKERS cargo test --workspace
+echo "== all tests on the embedded broker (with the ms2m CLI, feature ms2m-kafka/cli)"
+env -u MS2M_TEST_BROKERS cargo test --workspace --features ms2m-kafka/cli
 
 echo "== integration tests on tansu (a real Kafka-compatible broker)"
 bash tests/broker.sh install

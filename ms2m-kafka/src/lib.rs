@@ -64,6 +64,7 @@
 //! * [`log`], [`store`], [`sink`], [`control`]: the backends.
 //! * [`preflight`]: the checks that refuse a broker or topic at start.
 //! * [`error`]: [`KafkaError`], mapped into [`ms2m_core::ErrorKind`].
+//! * `cli` (feature `cli`): the `ms2m` operator command line.
 //!
 //! Every blocking librdkafka call (metadata, watermarks, commits,
 //! transactions) runs on tokio's blocking pool, never on a runtime worker.
@@ -72,6 +73,8 @@
 #![forbid(unsafe_code)]
 
 pub mod broker;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod error;
