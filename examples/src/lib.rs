@@ -6,6 +6,8 @@
 //!   state size is configurable, which is what the demo varies.
 //! * [`ledger`]: a bank ledger that emits outputs (balance updates,
 //!   rejected overdrafts).
+//! * [`fleet`]: the ledger as a fleet node (owner, standbys, failover),
+//!   its load generator and an independent verifier.
 //! * [`observer`]: downtime as an independent client in another process
 //!   sees it, shared by the migration demo and the benchmark harness.
 //!
@@ -17,6 +19,7 @@
 #![warn(missing_docs, rust_2018_idioms)]
 #![forbid(unsafe_code)]
 
+pub mod fleet;
 pub mod game;
 pub mod ledger;
 pub mod observer;

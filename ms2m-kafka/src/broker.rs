@@ -351,6 +351,11 @@ impl KafkaCluster {
     /// On the embedded broker topic settings are ignored (the mock has no
     /// topic configuration).
     pub async fn create_topic(&self, topic: &str, partitions: i32, settings: &[(&str, &str)]) -> Result<bool> {
+        if self.embedded_broker().is_none() && self.partition_count(topic).await?.is_some_and(|n| n > 0) {
+            // Already there: no admin request (the embedded broker reached
+            // by address from another process does not answer CreateTopics).
+            return Ok(false);
+        }
         let created = match self.embedded_broker() {
             Some(embedded) => embedded.create_topic(topic, partitions)?,
             None => {

@@ -8,6 +8,8 @@
 
 #![allow(missing_docs)]
 
+pub mod processes;
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;

@@ -1,0 +1,352 @@
+//! Nodes as OS processes, on loopback or on separate network hosts: the
+//! harness of the fleet process tests (`tests/tests/fleet_processes.rs`).
+//!
+//! * [`NodeProcess`] runs the `fleet_node` binary (the ledger node of
+//!   `cargo run --example ledger_node`), follows the JSON status lines it
+//!   prints, and sends it signals: `KILL` (a crash), `STOP`/`CONT` (a
+//!   pause), `TERM` (a shutdown).
+//! * [`Hosts`] (root only) builds network namespaces joined by a bridge:
+//!   one for the broker, one per node, one link for the test process; a
+//!   host's link can be cut ([`Hosts::cut`]) and restored.
+//! * [`Tansu`] starts tansu inside the broker's namespace.
+//! * [`cli`] runs the `ms2m` operator CLI as a process.
+//!
+//! Everything a test starts is stopped when its handle drops, also on a
+//! failed assertion.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The lease settings the process tests use: short, so failovers take
+/// about two seconds.
+#[derive(Clone, Copy, Debug)]
+pub struct Lease {
+    /// Renewal interval, ms.
+    pub interval_ms: u64,
+    /// Expiry, ms.
+    pub timeout_ms: u64,
+    /// The margin for one step, ms.
+    pub margin_ms: u64,
+}
+
+/// The lease of the process tests.
+pub const TEST_LEASE: Lease = Lease {
+    interval_ms: 200,
+    timeout_ms: 1_500,
+    margin_ms: 250,
+};
+
+/// The binaries the process tests run: integration tests name them with
+/// `env!("CARGO_BIN_EXE_…")`, which only they can read.
+#[derive(Clone, Copy, Debug)]
+pub struct Binaries {
+    /// `fleet_node`: the ledger node.
+    pub node: &'static str,
+    /// `ms2m`: the operator CLI.
+    pub cli: &'static str,
+}
+
+/// A node running as its own process.
+#[derive(Debug)]
+pub struct NodeProcess {
+    /// Its instance id.
+    pub id: String,
+    child: Child,
+    statuses: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+impl NodeProcess {
+    /// Starts node `id` of the deployment `prefix` at `brokers`, inside
+    /// network namespace `netns` if given.
+    pub fn spawn(bins: Binaries, id: &str, brokers: &str, prefix: &str, lease: Lease, netns: Option<&str>) -> Self {
+        let node = bins.node;
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, node]);
+                c
+            }
+            None => Command::new(node),
+        };
+        command
+            .args(["--instance", id, "--brokers", brokers, "--prefix", prefix])
+            .args(["--lease-interval-ms", &lease.interval_ms.to_string()])
+            .args(["--lease-timeout-ms", &lease.timeout_ms.to_string()])
+            .args(["--lease-margin-ms", &lease.margin_ms.to_string()])
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,ms2m_core=info".into()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log_file(&format!("{prefix}{id}"))));
+        let mut child = command.spawn().expect("start fleet_node");
+        let statuses = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let sink = Arc::clone(&statuses);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    sink.lock().unwrap_or_else(|p| p.into_inner()).push(v);
+                }
+            }
+        });
+        Self {
+            id: id.to_string(),
+            child,
+            statuses,
+        }
+    }
+
+    /// The role of the latest status line ("Owner", "Standby", ...).
+    pub fn role(&self) -> Option<String> {
+        let statuses = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
+        statuses.last().and_then(|s| s["role"].as_str()).map(str::to_string)
+    }
+
+    /// Every role the node reported, in order, without repeats.
+    pub fn roles(&self) -> Vec<String> {
+        let statuses = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
+        let mut roles: Vec<String> = Vec::new();
+        for role in statuses.iter().filter_map(|s| s["role"].as_str()) {
+            if roles.last().is_none_or(|r| r != role) {
+                roles.push(role.to_string());
+            }
+        }
+        roles
+    }
+
+    /// Waits until the node reports `role`; panics after `within`.
+    pub fn wait_role(&self, role: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.role().as_deref() != Some(role) {
+            assert!(
+                Instant::now() < deadline,
+                "node {} did not become {role} within {within:?} (roles so far: {:?}; log: {})",
+                self.id,
+                self.roles(),
+                log_path(&self.id).display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `signal` (`KILL`, `STOP`, `CONT`, `TERM`).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args(["-s", signal, &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -s {signal} {}", self.child.id());
+    }
+
+    /// Stops the node with SIGTERM and waits for it; whether it exited 0.
+    pub fn terminate(mut self) -> bool {
+        self.signal("TERM");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.success();
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("wait").is_none()
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn log_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("ms2m-fleet-{name}.log"))
+}
+
+fn log_file(name: &str) -> std::fs::File {
+    std::fs::File::create(log_path(name)).expect("create a node log")
+}
+
+/// Runs the `ms2m` CLI with `args` (plus `--json`); its exit status and
+/// stdout parsed as JSON (`Null` if it printed none).
+pub fn cli(bins: Binaries, brokers: &str, prefix: &str, args: &[&str]) -> (bool, serde_json::Value) {
+    let name = |what: &str| format!("{prefix}ledger.{what}");
+    let output = Command::new(bins.cli)
+        .args(["--bootstrap-servers", brokers, "--service", "ledger", "--json"])
+        .args(["--control-topic", &name("control"), "--snapshot-topic", &name("snapshots")])
+        .args(["--input-topic", &name("tx"), "--group-id", &name("group")])
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run ms2m");
+    let json = serde_json::from_slice(&output.stdout).unwrap_or(serde_json::Value::Null);
+    (output.status.success(), json)
+}
+
+/// Network namespaces acting as hosts: `{tag}-b` for the broker (with the
+/// bridge, 10.77.0.1), one per node (10.77.0.10 + i), and a link from the
+/// test's own namespace (10.77.0.2). Root only; removed on drop.
+#[derive(Debug)]
+pub struct Hosts {
+    tag: String,
+    nodes: Vec<String>,
+}
+
+/// The broker host's address.
+pub const BROKER_HOST: &str = "10.77.0.1";
+
+impl Hosts {
+    /// Whether this process may create namespaces (root with `ip`).
+    pub fn available() -> bool {
+        let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0"));
+        root && Command::new("ip").arg("-V").output().is_ok()
+    }
+
+    /// Creates the broker host and `nodes` node hosts.
+    pub fn create(nodes: usize) -> Self {
+        let tag = format!("ms2m{}", std::process::id() % 10_000);
+        let hosts = Self {
+            nodes: (0..nodes).map(|i| format!("{tag}-n{i}")).collect(),
+            tag,
+        };
+        hosts.build();
+        hosts
+    }
+
+    fn broker(&self) -> String {
+        format!("{}-b", self.tag)
+    }
+
+    fn build(&self) {
+        let b = self.broker();
+        ip(&["netns", "add", &b]);
+        ip(&["-n", &b, "link", "set", "lo", "up"]);
+        ip(&["-n", &b, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &b, "addr", "add", &format!("{BROKER_HOST}/24"), "dev", "br0"]);
+        ip(&["-n", &b, "link", "set", "br0", "up"]);
+        // The test's own link (load generator, verifier, CLI).
+        let (outer, inner) = (format!("{}-t", self.tag), format!("{}-tb", self.tag));
+        ip(&["link", "add", &outer, "type", "veth", "peer", "name", &inner]);
+        ip(&["link", "set", &inner, "netns", &b]);
+        ip(&["-n", &b, "link", "set", &inner, "master", "br0", "up"]);
+        ip(&["addr", "add", "10.77.0.2/24", "dev", &outer]);
+        ip(&["link", "set", &outer, "up"]);
+        for (i, ns) in self.nodes.iter().enumerate() {
+            let (host_end, bridge_end) = (format!("{}-v{i}", self.tag), self.bridge_end(i));
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+            ip(&["link", "add", &host_end, "type", "veth", "peer", "name", &bridge_end]);
+            ip(&["link", "set", &host_end, "netns", ns]);
+            ip(&["link", "set", &bridge_end, "netns", &b]);
+            ip(&["-n", &b, "link", "set", &bridge_end, "master", "br0", "up"]);
+            ip(&["-n", ns, "addr", "add", &format!("10.77.0.{}/24", 10 + i), "dev", &host_end]);
+            ip(&["-n", ns, "link", "set", &host_end, "up"]);
+        }
+    }
+
+    fn bridge_end(&self, i: usize) -> String {
+        format!("{}-w{i}", self.tag)
+    }
+
+    /// The namespace of node host `i`.
+    pub fn node(&self, i: usize) -> &str {
+        &self.nodes[i]
+    }
+
+    /// The broker's namespace.
+    pub fn broker_ns(&self) -> String {
+        self.broker()
+    }
+
+    /// Cuts (`up = false`) or restores node host `i`'s link.
+    pub fn set_link(&self, i: usize, up: bool) {
+        let state = if up { "up" } else { "down" };
+        ip(&["-n", &self.broker(), "link", "set", &self.bridge_end(i), state]);
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for ns in self.nodes.iter().chain(std::iter::once(&self.broker())) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &format!("{}-t", self.tag)])
+            .status();
+    }
+}
+
+fn ip(args: &[&str]) {
+    let status = Command::new("ip").args(args).status().expect("run ip");
+    assert!(status.success(), "ip {}", args.join(" "));
+}
+
+/// tansu running in a namespace (a host of its own).
+#[derive(Debug)]
+pub struct Tansu {
+    child: Child,
+    /// `host:port` to connect to.
+    pub address: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Tansu {
+    /// The tansu binary `tests/broker.sh install` put in place.
+    pub fn binary() -> Option<PathBuf> {
+        let home = std::env::var("CARGO_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo"));
+        let candidate = home.join("bin").join("tansu");
+        candidate.exists().then_some(candidate)
+    }
+
+    /// Starts tansu in namespace `ns`, listening on `host:9092`; waits
+    /// until it accepts connections.
+    pub fn start_in(ns: &str, host: &str) -> Self {
+        let bin = Self::binary().expect("tansu is installed (tests/broker.sh install)");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let address = format!("{host}:9092");
+        let url = format!("tcp://{address}");
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(bin)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log_file("tansu")))
+            .spawn()
+            .expect("start tansu");
+        let tansu = Self {
+            child,
+            address,
+            _dir: dir,
+        };
+        tansu.wait_listening();
+        tansu
+    }
+
+    fn wait_listening(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let addr: std::net::SocketAddr = self.address.parse().expect("address");
+        while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            assert!(Instant::now() < deadline, "tansu did not listen on {}", self.address);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
