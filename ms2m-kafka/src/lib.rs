@@ -64,6 +64,9 @@
 //! * [`log`], [`store`], [`sink`], [`control`]: the backends.
 //! * [`preflight`]: the checks that refuse a broker or topic at start.
 //! * [`error`]: [`KafkaError`], mapped into [`ms2m_core::ErrorKind`].
+//! * [`telemetry`]: [`ClientTelemetry`] (librdkafka statistics and errors
+//!   to metrics and logs) and, with the `prometheus` feature,
+//!   `telemetry::serve_prometheus` (`/metrics`, `/health/live`, `/health/ready`).
 //!
 //! Every blocking librdkafka call (metadata, watermarks, commits,
 //! transactions) runs on tokio's blocking pool, never on a runtime worker.
@@ -79,6 +82,7 @@ pub mod log;
 pub mod preflight;
 pub mod sink;
 pub mod store;
+pub mod telemetry;
 
 pub use broker::{EmbeddedBroker, KafkaCluster, EMBEDDED_NOTICE};
 pub use config::KafkaConfig;
@@ -88,3 +92,4 @@ pub use log::{KafkaLog, PartitionLag};
 pub use ms2m_core::Delivery;
 pub use sink::KafkaSink;
 pub use store::{KafkaSnapshotStore, Manifest};
+pub use telemetry::ClientTelemetry;
