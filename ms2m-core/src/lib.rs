@@ -71,6 +71,8 @@
 //!   [`fs_store`] a filesystem snapshot store; `memory` in-memory backends.
 //! * [`runtime`]: the instance runtime and recovery.
 //! * [`migration`]: live migration.
+//! * [`metrics`]: every metric name recorded (through the `metrics` facade);
+//!   [`health`]: liveness and readiness of an instance.
 
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
 #![forbid(unsafe_code)]
