@@ -71,6 +71,8 @@
 //!   [`fs_store`] a filesystem snapshot store; `memory` in-memory backends.
 //! * [`runtime`]: the instance runtime and recovery.
 //! * [`migration`]: live migration.
+//! * [`metrics`]: every metric name recorded (through the `metrics` facade);
+//!   [`health`]: liveness and readiness of an instance.
 
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
 #![forbid(unsafe_code)]
@@ -80,9 +82,11 @@ pub mod control;
 pub mod digest;
 pub mod error;
 pub mod fs_store;
+pub mod health;
 pub mod log;
 #[cfg(any(test, feature = "test"))]
 pub mod memory;
+pub mod metrics;
 pub mod migration;
 pub mod node;
 pub mod position;
@@ -99,6 +103,7 @@ pub mod testkit;
 pub use control::{ControlBody, ControlChannel, ControlMessage, ControlReader, LeaseTerm, Role};
 pub use digest::{Digester, StateDigest};
 pub use error::{BackendError, BoxError, Component, Error, ErrorKind, Result};
+pub use health::{Health, HealthReport};
 pub use log::{MessageLog, Watermarks};
 pub use position::{Position, TopicPartition};
 pub use record::{OutputRecord, Record};

@@ -439,7 +439,11 @@ impl KafkaCluster {
 }
 
 /// Partition count of a topic from metadata (blocking).
-pub(crate) fn partition_count(consumer: &impl Consumer, topic: &str, timeout: Duration) -> Result<Option<i32>> {
+pub(crate) fn partition_count<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Option<i32>> {
     let md = consumer
         .fetch_metadata(Some(topic), timeout)
         .map_err(KafkaError::kafka("fetch metadata"))?;

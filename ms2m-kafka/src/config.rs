@@ -59,6 +59,7 @@ pub const DEFAULT_SNAPSHOT_PARTITIONS: i32 = 8;
 /// | snapshot partitions (created topic) | [`DEFAULT_SNAPSHOT_PARTITIONS`] (8), [`DEFAULT_EMBEDDED_SNAPSHOT_PARTITIONS`] (64) on the embedded broker |
 /// | replication factor (created topics) | -1: the broker's `default.replication.factor` |
 /// | operation timeout | 30 s |
+/// | librdkafka statistics ([`statistics_interval`](Self::statistics_interval)) | off |
 ///
 /// Any librdkafka property can be passed through with [`set`](Self::set)
 /// (security settings, timeouts, …); it applies to every client the
@@ -242,6 +243,15 @@ impl KafkaConfig {
     pub fn operation_timeout(mut self, timeout: Duration) -> Self {
         self.operation_timeout = timeout;
         self
+    }
+
+    /// How often librdkafka reports statistics to the input log's and
+    /// output sink's clients ([`ClientTelemetry`](crate::ClientTelemetry)
+    /// turns them into metrics: broker round trip, messages, consumer lag).
+    /// Default: off (`statistics.interval.ms` = 0); `Duration::ZERO` turns
+    /// them off again. Same as `set("statistics.interval.ms", …)`.
+    pub fn statistics_interval(self, every: Duration) -> Self {
+        self.set("statistics.interval.ms", every.as_millis().to_string())
     }
 
     /// The service name.

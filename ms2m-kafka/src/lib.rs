@@ -65,6 +65,9 @@
 //! * [`preflight`]: the checks that refuse a broker or topic at start.
 //! * [`error`]: [`KafkaError`], mapped into [`ms2m_core::ErrorKind`].
 //! * `cli` (feature `cli`): the `ms2m` operator command line.
+//! * [`telemetry`]: [`ClientTelemetry`] (librdkafka statistics and errors
+//!   to metrics and logs) and, with the `prometheus` feature,
+//!   `telemetry::serve_prometheus` (`/metrics`, `/health/live`, `/health/ready`).
 //!
 //! Every blocking librdkafka call (metadata, watermarks, commits,
 //! transactions) runs on tokio's blocking pool, never on a runtime worker.
@@ -82,6 +85,7 @@ pub mod log;
 pub mod preflight;
 pub mod sink;
 pub mod store;
+pub mod telemetry;
 
 pub use broker::{EmbeddedBroker, KafkaCluster, EMBEDDED_NOTICE};
 pub use config::KafkaConfig;
@@ -91,3 +95,4 @@ pub use log::{KafkaLog, PartitionLag};
 pub use ms2m_core::Delivery;
 pub use sink::KafkaSink;
 pub use store::{KafkaSnapshotStore, Manifest};
+pub use telemetry::ClientTelemetry;

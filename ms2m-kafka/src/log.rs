@@ -43,7 +43,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use ms2m_core::{MessageLog, Position, Record, TopicPartition, Watermarks};
-use rdkafka::consumer::{Consumer, DefaultConsumerContext, MessageStream, StreamConsumer};
+use rdkafka::consumer::{Consumer, MessageStream, StreamConsumer};
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -53,6 +53,7 @@ use tracing::{debug, warn};
 use crate::broker::{partition_count, KafkaCluster};
 use crate::config::SetDefault;
 use crate::error::{blocking, KafkaError, Result};
+use crate::telemetry::ClientTelemetry;
 
 /// Lag of one partition: how far the log's end is ahead of the next offset
 /// this log will deliver.
@@ -69,7 +70,7 @@ pub struct PartitionLag {
 
 /// A [`MessageLog`] over Kafka partitions, read with manual assignment.
 pub struct KafkaLog {
-    consumer: Arc<StreamConsumer>,
+    consumer: Arc<StreamConsumer<ClientTelemetry>>,
     cluster: KafkaCluster,
     explicit: Option<Vec<TopicPartition>>,
     /// Turns messages into records (here and in prefetch tasks).
@@ -133,7 +134,10 @@ impl KafkaLog {
             .set_default("fetch.wait.max.ms", "10")
             .set_default("fetch.queue.backoff.ms", "10")
             .set_default("allow.auto.create.topics", "false");
-        let consumer: StreamConsumer = cc.create().map_err(KafkaError::kafka("create the input consumer"))?;
+        let context = ClientTelemetry::new(config.service(), "log");
+        let consumer: StreamConsumer<ClientTelemetry> = cc
+            .create_with_context(context)
+            .map_err(KafkaError::kafka("create the input consumer"))?;
         let explicit = config.explicit_input_partitions().map(<[_]>::to_vec);
         let mut topics: Vec<Arc<str>> = Vec::new();
         let named = explicit.iter().flatten().map(|tp| tp.topic.clone());
@@ -456,7 +460,7 @@ impl RecordBuilder {
     /// (connection events only end the batch: librdkafka reconnects).
     fn drain(
         &self,
-        stream: &mut MessageStream<'_, DefaultConsumerContext>,
+        stream: &mut MessageStream<'_, ClientTelemetry>,
         out: &mut Vec<Record>,
         max: usize,
     ) -> Option<RdKafkaError> {

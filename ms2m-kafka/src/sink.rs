@@ -58,6 +58,7 @@ use tracing::{debug, info, warn};
 use crate::broker::{partition_count, KafkaCluster};
 use crate::config::SetDefault;
 use crate::error::{blocking, KafkaError, Result};
+use crate::telemetry::ClientTelemetry;
 
 /// Outputs delivered before `commit` starts waiting for acknowledgements.
 const MAX_PENDING: usize = 100_000;
@@ -66,7 +67,7 @@ const MAX_PENDING: usize = 100_000;
 pub struct KafkaSink {
     delivery: Delivery,
     cluster: KafkaCluster,
-    producer: FutureProducer,
+    producer: FutureProducer<ClientTelemetry>,
     /// Group `{service}`: commits offsets, reads committed offsets, and
     /// supplies the group metadata for `send_offsets_to_transaction`. Never
     /// joins the group.
@@ -134,7 +135,7 @@ impl KafkaSink {
     }
 
     /// A connected producer: transactional for exactly-once.
-    async fn producer(cluster: &KafkaCluster, delivery: Delivery) -> Result<FutureProducer> {
+    async fn producer(cluster: &KafkaCluster, delivery: Delivery) -> Result<FutureProducer<ClientTelemetry>> {
         let mut pc = cluster.client_config();
         pc.set("enable.idempotence", "true")
             .set_default("acks", "all")
@@ -143,7 +144,10 @@ impl KafkaSink {
             pc.set("transactional.id", cluster.config().transactional_id())
                 .set_default("transaction.timeout.ms", "60000");
         }
-        let producer: FutureProducer = pc.create().map_err(KafkaError::kafka("create the output producer"))?;
+        let context = ClientTelemetry::new(cluster.config().service(), "sink");
+        let producer: FutureProducer<ClientTelemetry> = pc
+            .create_with_context(context)
+            .map_err(KafkaError::kafka("create the output producer"))?;
         // librdkafka connects lazily; a transactional producer whose first
         // InitProducerId finds no connection retries only after 500 ms. Open
         // the connection now so that `claim` (on a migration's critical

@@ -18,7 +18,7 @@ use ms2m_tests::processes::{Binaries, Hosts, NodeProcess, Tansu, BROKER_HOST, TE
 
 const BINS: Binaries = Binaries {
     node: env!("CARGO_BIN_EXE_fleet_node"),
-    cli: env!("CARGO_BIN_EXE_ms2m"),
+    cli: env!("CARGO_BIN_EXE_ms2m_cli"),
 };
 
 fn spawn(id: &str, brokers: &str, prefix: &str, netns: Option<&str>) -> NodeProcess {

@@ -66,7 +66,10 @@ impl<C: ControlChannel> Coordinator<C> {
     }
 
     /// Runs one migration to completion, or rolls it back and returns the
-    /// error. Progress (phase, replay lag, ETA) goes to `listener`.
+    /// error. Progress (phase, replay lag, ETA) goes to `listener`; the
+    /// phase durations and the outcome go to the metrics
+    /// ([`MIGRATION_PHASE_SECONDS`](crate::metrics::MIGRATION_PHASE_SECONDS),
+    /// [`MIGRATIONS`](crate::metrics::MIGRATIONS)).
     pub async fn migrate(&self, plan: &MigrationPlan, listener: &dyn ProgressListener) -> Result<MigrationReport> {
         let span =
             info_span!("migrate", service = %plan.service, migration = %plan.migration_id, strategy = %plan.strategy);
@@ -80,20 +83,21 @@ impl<C: ControlChannel> Coordinator<C> {
             let mut machine = CoordinatorMachine::new(plan.clone(), self.config.clone(), epoch).knowing(decisions);
             let started = Instant::now();
             let first = machine.handle(started.elapsed(), CoordinatorEvent::Start);
-            match self.drive(&mut machine, first, &mut replies, started, listener).await? {
-                Ended::Completed(report) => {
-                    let report = *report;
-                    info!(
-                        downtime_ms = report.downtime_ms,
-                        total_ms = report.total_ms,
-                        replayed = report.messages_replayed,
-                        final_gap = report.final_gap,
-                        "migration completed"
-                    );
-                    Ok(report)
-                }
+            let ended = self.drive(&mut machine, first, &mut replies, started, listener).await;
+            let ended = ended.and_then(|ended| match ended {
+                Ended::Completed(report) => Ok(*report),
                 Ended::Recovered(r) => Err(aborted(format!("unexpected recovery outcome {r:?}"))),
-            }
+            });
+            crate::metrics::record_migration(plan, &ended);
+            ended.inspect(|report| {
+                info!(
+                    downtime_ms = report.downtime_ms,
+                    total_ms = report.total_ms,
+                    replayed = report.messages_replayed,
+                    final_gap = report.final_gap,
+                    "migration completed"
+                )
+            })
         }
         .instrument(span)
         .await

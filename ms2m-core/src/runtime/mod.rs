@@ -37,7 +37,9 @@ pub use progress::{no_progress, Progress, ProgressListener, ProgressPhase, Share
 use crate::codec::{DecodeError, MessageFormat};
 use crate::digest::StateDigest;
 use crate::error::{BackendError, BoxError, Component, Error, ErrorKind, Result};
+use crate::health::Health;
 use crate::log::MessageLog;
+use crate::metrics::InstanceMetrics;
 use crate::position::{Position, TopicPartition};
 use crate::record::{OutputRecord, Record};
 use crate::service::{ApplyContext, Mode, OutputBuffer, StatefulService};
@@ -169,6 +171,8 @@ where
     /// Dead letters sent since the last commit (logged once committed).
     uncommitted_dead_letters: u64,
     stats: InstanceStats,
+    /// Metric handles and health (see [`crate::metrics`]).
+    metrics: InstanceMetrics,
 }
 
 impl<S, L, St, O> std::fmt::Debug for Instance<S, L, St, O>
@@ -264,7 +268,6 @@ where
             log,
             store,
             sink,
-            config,
             position,
             output_mode: OutputMode::SuppressAll,
             ceiling: None,
@@ -279,6 +282,8 @@ where
             longest_stall: Duration::ZERO,
             uncommitted_dead_letters: 0,
             stats: InstanceStats::default(),
+            metrics: InstanceMetrics::new(S::NAME, &config.instance_id),
+            config,
         })
     }
 
@@ -351,6 +356,18 @@ where
         &self.stats
     }
 
+    /// Liveness and readiness of this instance, updated on every step (a
+    /// cheap clone sharing the state: hand it to a probe endpoint).
+    pub fn health(&self) -> Health {
+        self.metrics.health.clone()
+    }
+
+    /// Makes this instance update `health` instead of its own (a node
+    /// sharing one handle across the instances it runs).
+    pub fn use_health(&mut self, health: Health) {
+        self.metrics.health = health;
+    }
+
     /// The configuration.
     pub fn config(&self) -> &InstanceConfig {
         &self.config
@@ -392,17 +409,48 @@ where
     /// [`step`](Self::step) with a different longest wait for input.
     pub async fn step_with_timeout(&mut self, timeout: Duration) -> Result<usize> {
         let mut applied = self.apply_pending().await?;
+        let mut drained = false;
         if applied == 0 {
             let batch = self
                 .log
                 .poll(self.config.poll_batch, timeout)
                 .await
                 .map_err(|e| Error::backend(Component::Log, "poll", e))?;
+            drained = batch.is_empty() && self.pending.is_empty();
             self.pending.extend(batch);
             applied = self.apply_pending().await?;
         }
         self.housekeeping(applied == 0).await?;
+        self.observe_step(drained).await;
         Ok(applied)
+    }
+
+    /// Metrics and health after a step. An empty poll with nothing held
+    /// means no lag; a busy instance measures it every few seconds.
+    async fn observe_step(&mut self, drained: bool) {
+        self.metrics.after_step(&self.stats, self.is_live());
+        if drained {
+            self.metrics.lag_measured(self.position.iter().map(|(tp, _)| (tp, 0)));
+        } else if self.metrics.lag_due() {
+            self.measure_lag().await;
+        }
+    }
+
+    /// Lag per partition from the log's watermarks (bounded in time: a
+    /// slow broker skips the measurement rather than stall the loop).
+    async fn measure_lag(&mut self) {
+        let mut lags = Vec::new();
+        for (tp, next) in self.position.iter() {
+            let marks = tokio::time::timeout(Duration::from_millis(500), self.log.watermarks(tp)).await;
+            match marks {
+                Ok(Ok(marks)) => lags.push((tp, (marks.high - next).max(0) as u64)),
+                _ => {
+                    debug!(%tp, "lag not measured: watermarks unavailable");
+                    return;
+                }
+            }
+        }
+        self.metrics.lag_measured(lags);
     }
 
     /// Applies pending records below the ceiling. A record at or above the
@@ -635,16 +683,19 @@ where
         self.live_since_commit = 0;
         self.last_commit = Instant::now();
         self.stats.commits += 1;
+        let took = started.elapsed();
+        self.metrics.committed(took, self.uncommitted_dead_letters);
         if self.uncommitted_dead_letters > 0 {
             // Only now are they acknowledged: say so now, not at the send.
             info!(count = self.uncommitted_dead_letters, "dead-lettered records committed");
             self.uncommitted_dead_letters = 0;
         }
-        self.note_stall(started.elapsed());
+        self.note_stall(took);
         Ok(())
     }
 
     fn note_stall(&mut self, stall: Duration) {
+        self.metrics.stalled(stall);
         self.longest_stall = self.longest_stall.max(stall);
     }
 
@@ -676,6 +727,7 @@ where
         };
         let pause = started.elapsed();
         self.note_stall(pause);
+        self.metrics.checkpoint_paused(pause);
         let position = self.position.clone();
         debug!(?pause, frozen = matches!(state, StateBytes::Frozen(_)), %position, "snapshot taken");
         let store = self.store.clone();
@@ -768,6 +820,7 @@ where
                 info!(snapshot = info.id, bytes = info.bytes, pause_us = info.pause.as_micros() as u64, position = %info.position, "snapshot stored");
                 self.stats.snapshots += 1;
                 self.stats.last_checkpoint = Some(info.clone());
+                self.metrics.checkpoint_stored(info.bytes);
             }
             Err(e) => {
                 warn!(error = %crate::store::error_chain(e), "snapshot upload failed; will retry at the next trigger");

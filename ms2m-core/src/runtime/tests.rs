@@ -546,3 +546,28 @@ async fn replay_to_stops_exactly_at_the_target() {
     assert_eq!(standby.position(), &target);
     assert_eq!(standby.state(), &reference_fold(&input_below(&world, &target)).0);
 }
+
+/// Health: a plain instance is live while it steps and ready once it
+/// serves and an empty poll showed it caught up; a standby is never ready
+/// by itself, and a role's `set_ready` decides over the rule.
+#[tokio::test]
+async fn an_instance_is_ready_once_live_and_caught_up_and_a_standby_is_not() {
+    let mut world = World::new(2);
+    world.produce(20, 2);
+    let mut owner = world.recover(config(100)).await.unwrap();
+    let health = owner.health();
+    assert!(health.is_live() && !health.is_ready(), "{:?}", health.report());
+    drain(&mut owner, &world.log).await.unwrap();
+    owner.step().await.unwrap();
+    assert!(health.is_ready(), "{:?}", health.report());
+    assert_eq!(health.lag(), Some(0));
+
+    let mut standby = TestInstance::restore(world.backends(), config(100), None)
+        .await
+        .unwrap();
+    drain(&mut standby, &world.log).await.unwrap();
+    standby.step().await.unwrap();
+    assert!(standby.health().is_live() && !standby.health().is_ready());
+    standby.health().set_ready(true);
+    assert!(standby.health().is_ready(), "a node decides for its warm standby");
+}
