@@ -193,7 +193,9 @@ pub async fn produce_load(
     let mut i = from;
     while i < from + n {
         let end = (i + burst).min(from + n);
-        let batch = (i..end).map(|k| (account_key(&transaction(k)), transaction(k))).collect();
+        let batch = (i..end)
+            .map(|k| (account_key(&transaction(k)), transaction(k)))
+            .collect();
         out.extend(crate::support::produce_json(&producer, &deployment.input(), batch).await?);
         i = end;
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -249,7 +251,11 @@ pub fn reference_outputs(input: &[(i32, i64, Transaction)]) -> BTreeMap<String, 
 fn compare(expected: &BTreeMap<String, Vec<LedgerEvent>>, seen: &BTreeMap<String, Vec<LedgerEvent>>) -> Verdict {
     let mut verdict = Verdict::default();
     let empty = Vec::new();
-    for account in expected.keys().chain(seen.keys()).collect::<std::collections::BTreeSet<_>>() {
+    for account in expected
+        .keys()
+        .chain(seen.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+    {
         let want = expected.get(account).unwrap_or(&empty);
         let got = seen.get(account).unwrap_or(&empty);
         verdict.seen += got.len();
@@ -266,7 +272,11 @@ fn compare(expected: &BTreeMap<String, Vec<LedgerEvent>>, seen: &BTreeMap<String
             verdict.lost += n.saturating_sub(g);
             verdict.duplicated += g.saturating_sub(*n);
         }
-        verdict.wrong += got.iter().filter(|(e, _)| !want.contains_key(*e)).map(|(_, n)| n).sum::<usize>();
+        verdict.wrong += got
+            .iter()
+            .filter(|(e, _)| !want.contains_key(*e))
+            .map(|(_, n)| n)
+            .sum::<usize>();
     }
     verdict
 }

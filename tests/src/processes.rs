@@ -76,7 +76,10 @@ impl NodeProcess {
             .args(["--lease-interval-ms", &lease.interval_ms.to_string()])
             .args(["--lease-timeout-ms", &lease.timeout_ms.to_string()])
             .args(["--lease-margin-ms", &lease.margin_ms.to_string()])
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,ms2m_core=info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,ms2m_core=info".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file(&format!("{prefix}{id}"))));
         let mut child = command.spawn().expect("start fleet_node");
@@ -181,7 +184,12 @@ pub fn cli(bins: Binaries, brokers: &str, prefix: &str, args: &[&str]) -> (bool,
     let name = |what: &str| format!("{prefix}ledger.{what}");
     let output = Command::new(bins.cli)
         .args(["--bootstrap-servers", brokers, "--service", "ledger", "--json"])
-        .args(["--control-topic", &name("control"), "--snapshot-topic", &name("snapshots")])
+        .args([
+            "--control-topic",
+            &name("control"),
+            "--snapshot-topic",
+            &name("snapshots"),
+        ])
         .args(["--input-topic", &name("tx"), "--group-id", &name("group")])
         .args(args)
         .stderr(Stdio::inherit())
@@ -206,7 +214,10 @@ pub const BROKER_HOST: &str = "10.77.0.1";
 impl Hosts {
     /// Whether this process may create namespaces (root with `ip`).
     pub fn available() -> bool {
-        let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0"));
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.starts_with(b"0"));
         root && Command::new("ip").arg("-V").output().is_ok()
     }
 
@@ -247,7 +258,15 @@ impl Hosts {
             ip(&["link", "set", &host_end, "netns", ns]);
             ip(&["link", "set", &bridge_end, "netns", &b]);
             ip(&["-n", &b, "link", "set", &bridge_end, "master", "br0", "up"]);
-            ip(&["-n", ns, "addr", "add", &format!("10.77.0.{}/24", 10 + i), "dev", &host_end]);
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("10.77.0.{}/24", 10 + i),
+                "dev",
+                &host_end,
+            ]);
             ip(&["-n", ns, "link", "set", &host_end, "up"]);
         }
     }

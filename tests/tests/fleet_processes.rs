@@ -96,7 +96,13 @@ fn load(
     })
 }
 
-fn judge(rt: &tokio::runtime::Runtime, brokers: &str, deployment: &Deployment, input: &[(i32, i64, Transaction)], faults: usize) -> Verdict {
+fn judge(
+    rt: &tokio::runtime::Runtime,
+    brokers: &str,
+    deployment: &Deployment,
+    input: &[(i32, i64, Transaction)],
+    faults: usize,
+) -> Verdict {
     let verdict = rt.block_on(verify(brokers, deployment, input)).expect("verify");
     eprintln!("verdict after {faults} fault(s): {verdict:?}");
     assert_eq!((verdict.lost, verdict.wrong), (0, 0), "{verdict:?}");
@@ -135,7 +141,10 @@ fn a_standby_process_takes_over_when_the_owner_is_killed() {
     a.signal("KILL");
     b.wait_role("Owner", TAKEOVER);
     let mut input = rt.block_on(first).expect("load");
-    input.extend(rt.block_on(load(&rt, &brokers, &deployment, 1_500, 500, 500)).expect("load"));
+    input.extend(
+        rt.block_on(load(&rt, &brokers, &deployment, 1_500, 500, 500))
+            .expect("load"),
+    );
     judge(&rt, &brokers, &deployment, &input, 1);
     assert_eq!(owner(&brokers, &prefix).as_deref(), Some("b"));
     assert!(b.terminate(), "b shuts down cleanly");
@@ -160,7 +169,11 @@ fn an_owner_paused_past_its_lease_never_emits_again() {
     let input = rt.block_on(first).expect("load");
     judge(&rt, &brokers, &deployment, &input, 1);
     assert_eq!(owner(&brokers, &prefix).as_deref(), Some("b"));
-    assert!(a.roles().ends_with(&["Owner".to_string(), "Standby".to_string()]), "{:?}", a.roles());
+    assert!(
+        a.roles().ends_with(&["Owner".to_string(), "Standby".to_string()]),
+        "{:?}",
+        a.roles()
+    );
 }
 
 #[test]
@@ -250,7 +263,10 @@ fn hosts_survive_link_cuts_pauses_and_kills() {
 /// The index of the node the channel names the owner.
 fn owner_index(brokers: &str, prefix: &str, nodes: &[NodeProcess]) -> usize {
     let owner = owner(brokers, prefix).expect("an owner");
-    nodes.iter().position(|n| n.id == owner).expect("the owner is one of the nodes")
+    nodes
+        .iter()
+        .position(|n| n.id == owner)
+        .expect("the owner is one of the nodes")
 }
 
 /// Waits until another node than `old` reports itself the owner.
@@ -258,7 +274,10 @@ fn wait_new_owner(brokers: &str, prefix: &str, nodes: &[NodeProcess], old: usize
     let deadline = std::time::Instant::now() + TAKEOVER;
     loop {
         let owner = owner(brokers, prefix);
-        if let Some(i) = owner.and_then(|o| nodes.iter().position(|n| n.id == o)).filter(|&i| i != old) {
+        if let Some(i) = owner
+            .and_then(|o| nodes.iter().position(|n| n.id == o))
+            .filter(|&i| i != old)
+        {
             nodes[i].wait_role("Owner", TAKEOVER);
             return;
         }

@@ -12,10 +12,10 @@ use futures::FutureExt;
 use tokio::sync::mpsc::error::TryRecvError;
 use tracing::{info, info_span, warn, Instrument};
 
+use super::lease_clock;
 use super::protocol::owner::{LeaseConfig, LeaseKeeper};
 use super::protocol::source::{SourceAction, SourceEvent, SourceMachine};
 use super::protocol::Decisions;
-use super::lease_clock;
 use super::{forward_control, publish_as, read_history, MigrationError};
 use crate::control::{ControlBody, ControlChannel, ControlMessage, Role};
 use crate::error::{Error, Result};
@@ -90,6 +90,8 @@ where
     digest_task: Option<DigestTask>,
     /// The owner's lease, when it keeps one ([`SourceAgent::with_lease`]).
     lease: Option<LeaseKeeper>,
+    /// The lease lapsed and the agent waits for a renewal (logged once).
+    lease_lapsed: bool,
     /// Reports the instance now and then while it serves.
     observer: Option<Observer<S, L, St, O>>,
 }
@@ -195,6 +197,7 @@ where
             stalls: StallMeter::default(),
             digest_task: None,
             lease: None,
+            lease_lapsed: false,
             observer: None,
         };
         for m in history {
@@ -218,10 +221,7 @@ where
 
     /// Calls `observer` with the instance and the channel's decisions
     /// between steps (at most every `progress_interval`).
-    pub fn with_observer(
-        mut self,
-        observer: impl FnMut(&Instance<S, L, St, O>, &Decisions) + Send + 'static,
-    ) -> Self {
+    pub fn with_observer(mut self, observer: impl FnMut(&Instance<S, L, St, O>, &Decisions) + Send + 'static) -> Self {
         self.observer = Some(Box::new(observer));
         self
     }
@@ -286,6 +286,9 @@ where
         if self.machine.may_apply() && !self.lease_allows() {
             return self.wait_for_lease().await;
         }
+        if std::mem::take(&mut self.lease_lapsed) {
+            info!("lease valid again: serving");
+        }
         if self.machine.may_apply() {
             self.stalls.step_started();
             self.instance.step().await?;
@@ -329,7 +332,10 @@ where
     /// pause, a slow channel): apply nothing until a renewal is read back,
     /// or another node's claim releases this one.
     async fn wait_for_lease(&mut self) -> Result<Flow> {
-        warn!("lease not valid: emitting nothing until a renewal is read back");
+        if !self.lease_lapsed {
+            self.lease_lapsed = true;
+            warn!("lease not valid: emitting nothing until a renewal is read back");
+        }
         let event = tokio::select! {
             m = self.commands.recv() => match m {
                 Some(m) => SourceEvent::Record(m),

@@ -42,11 +42,12 @@ use async_trait::async_trait;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::control::{ControlBody, ControlChannel, Role as Sender};
-use crate::migration::TargetOptions;
 use crate::error::{Error, Result};
+use crate::health::Health;
 use crate::log::MessageLog;
 use crate::migration::protocol::owner::LeaseConfig;
 use crate::migration::protocol::Decisions;
+use crate::migration::TargetOptions;
 use crate::migration::{SourceAgent, SourceExit, SourceOptions};
 use crate::position::Position;
 use crate::runtime::{Backends, Instance, InstanceConfig, InstanceStats};
@@ -138,8 +139,12 @@ pub struct Node<S, L, St, O, C, F> {
     config: InstanceConfig,
     options: NodeOptions,
     status: tokio::sync::watch::Sender<NodeStatus>,
-    _types: std::marker::PhantomData<fn() -> (S, L, St, O)>,
+    health: Health,
+    _types: std::marker::PhantomData<Types<S, L, St, O>>,
 }
+
+/// The node's type parameters, held without owning values of them.
+type Types<S, L, St, O> = fn() -> (S, L, St, O);
 
 impl<S, L, St, O, C, F> std::fmt::Debug for Node<S, L, St, O, C, F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -170,9 +175,10 @@ where
     /// A node of instance `config.instance_id()`, making backends with
     /// `factory`, talking on `control`.
     pub fn new(factory: F, control: Arc<C>, config: InstanceConfig, options: NodeOptions) -> Result<Self> {
-        options.lease.validate().map_err(|reason| {
-            Error::Config(format!("lease settings: {reason}"))
-        })?;
+        options
+            .lease
+            .validate()
+            .map_err(|reason| Error::Config(format!("lease settings: {reason}")))?;
         let status = NodeStatus {
             instance_id: config.instance_id().to_string(),
             role: NodeRole::Starting,
@@ -187,6 +193,7 @@ where
             config,
             options,
             status: tokio::sync::watch::channel(status).0,
+            health: Health::new(),
             _types: std::marker::PhantomData,
         })
     }
@@ -194,6 +201,15 @@ where
     /// The node's status, updated while it runs.
     pub fn status(&self) -> tokio::sync::watch::Receiver<NodeStatus> {
         self.status.subscribe()
+    }
+
+    /// The node's liveness and readiness, shared by every instance it
+    /// runs: ready as the owner once caught up (the automatic rule), as a
+    /// standby while within [`DEFAULT_READY_LAG`](crate::health::DEFAULT_READY_LAG)
+    /// of the owner's committed position; not ready while starting or
+    /// serving as a migration's target.
+    pub fn health(&self) -> Health {
+        self.health.clone()
     }
 
     /// Runs the node through its roles until `shutdown` completes.
@@ -237,14 +253,15 @@ where
     /// wins; otherwise a standby.
     async fn first_role(&self, view: &ChannelView) -> Result<Next<Instance<S, L, St, O>>> {
         let me = self.config.instance_id();
+        self.health.set_ready(false);
         if view.owner_is(me) && self.channel_names_me().await? {
             info!("the channel names this node the owner: recovering");
-            return Ok(Next::Owner(self.recover().await?, None));
+            return Ok(Next::Owner(self.recover(view).await?, None));
         }
         if let Some((claim, sent_at)) = view.claim_due() {
             if self.claim(view, claim).await? {
                 info!("first claim won: recovering as the owner");
-                return Ok(Next::Owner(self.recover().await?, Some(sent_at)));
+                return Ok(Next::Owner(self.recover(view).await?, Some(sent_at)));
             }
         }
         Ok(Next::Standby(None))
@@ -267,9 +284,42 @@ where
         Ok(view.owner_is(self.config.instance_id()))
     }
 
-    async fn recover(&self) -> Result<Instance<S, L, St, O>> {
+    /// Recovers as the owner, renewing the lease meanwhile: a recovery
+    /// longer than the lease timeout must not hand the service to a
+    /// standby. (The renewals only keep standbys waiting; the instance
+    /// emits nothing before its agent's own lease holds.)
+    async fn recover(&self, view: &ChannelView) -> Result<Instance<S, L, St, O>> {
         let backends = self.factory.backends().await?;
-        Instance::recover(backends, self.config.clone(), &*crate::no_progress()).await
+        let quiet = crate::no_progress();
+        let recovery = Instance::recover(backends, self.config.clone(), &*quiet);
+        tokio::select! {
+            instance = recovery => {
+                let mut instance = instance?;
+                instance.use_health(self.health.clone());
+                Ok(instance)
+            }
+            never = self.renew_while_recovering(view) => match never {},
+        }
+    }
+
+    async fn renew_while_recovering(&self, view: &ChannelView) -> std::convert::Infallible {
+        let me = self.config.instance_id();
+        loop {
+            tokio::time::sleep(self.options.lease.interval).await;
+            let Some(owner) = view.decisions().owner().filter(|o| o.instance_id == me).cloned() else {
+                continue;
+            };
+            let renewal = view.decisions().lease().map_or(1, |l| l.renewal + 1);
+            let body = ControlBody::Renew {
+                owner: owner.instance_id,
+                epoch: owner.epoch,
+                renewal,
+            };
+            let m = crate::migration::message(S::NAME, "", Sender::Node, body);
+            if let Err(e) = crate::migration::publish(&*self.control, &m).await {
+                warn!(error = %e, "could not renew the lease while recovering");
+            }
+        }
     }
 
     /// Serves as the owner until released, fenced or shut down.
@@ -280,6 +330,7 @@ where
         stop: Stop,
     ) -> Result<Next<Instance<S, L, St, O>>> {
         self.report(NodeRole::Owner, Some(&instance), |_| {});
+        self.health.clear_ready();
         let status = self.status.clone();
         let agent = match SourceAgent::new(instance, Arc::clone(&self.control), self.options.source.clone()).await {
             Ok(agent) => agent,

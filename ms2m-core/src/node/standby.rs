@@ -51,7 +51,7 @@ where
                 // Our own takeover or claim, published by an earlier role
                 // or process, decided it: serve.
                 drop(instance);
-                return Ok(Next::Owner(self.recover().await?, None));
+                return Ok(Next::Owner(self.recover(view).await?, None));
             }
             if view.prepared_for(me).is_some() {
                 return Ok(Next::Target(Some(instance)));
@@ -59,7 +59,10 @@ where
             if let Some((claim, sent_at)) = view.claim_due() {
                 info!(?claim, "the owner's lease expired: claiming the service");
                 if self.claim(view, claim).await? {
-                    return self.take_over(instance, sent_at).await.map(|i| Next::Owner(i, Some(sent_at)));
+                    return self
+                        .take_over(instance, sent_at)
+                        .await
+                        .map(|i| Next::Owner(i, Some(sent_at)));
                 }
                 continue;
             }
@@ -81,7 +84,9 @@ where
         if !rejected.is_empty() {
             warn!(count = rejected.len(), "skipped snapshots that failed verification");
         }
-        Instance::restore(backends, self.config.clone(), loaded).await
+        let mut instance = Instance::restore(backends, self.config.clone(), loaded).await?;
+        instance.use_health(self.health.clone());
+        Ok(instance)
     }
 
     /// The owner's committed position becomes the replay ceiling.
@@ -89,6 +94,7 @@ where
         let watermark = instance.read_watermark().await?.unwrap_or_default();
         let lag = watermark.total().saturating_sub(instance.position().total()).max(0) as u64;
         instance.set_ceiling(Some(watermark));
+        self.health.set_ready(lag <= crate::health::DEFAULT_READY_LAG);
         let decisions = view.decisions();
         self.status
             .send_modify(|s| super::fill(s, NodeRole::Standby, instance, &decisions, Some(lag)));
@@ -106,6 +112,11 @@ where
             .replay_to(&watermark, ProgressPhase::Recovery, &*crate::no_progress())
             .await?;
         instance.go_live();
+        let labels = [
+            ("service", S::NAME.to_string()),
+            ("instance", self.config.instance_id().to_string()),
+        ];
+        metrics::counter!(crate::metrics::FAILOVERS, &labels).increment(1);
         info!(position = %instance.position(), since_claim = ?sent_at.elapsed(), "took over: live");
         Ok(instance)
     }
@@ -136,6 +147,7 @@ where
         stop: Stop,
     ) -> Result<Next<Instance<S, L, St, O>>> {
         self.report(NodeRole::Target, instance.as_ref(), |s| s.lag = None);
+        self.health.set_ready(false);
         let migration = view.prepared_for(self.config.instance_id());
         let give_up = || {
             if let Some(id) = migration.clone() {

@@ -17,7 +17,13 @@ type TestNode = Node<
     MemorySnapshotStore,
     MemorySink,
     MemoryControl,
-    Box<dyn Fn() -> futures::future::BoxFuture<'static, Result<Backends<MemoryLogReader, MemorySnapshotStore, MemorySink>>> + Send + Sync>,
+    Box<
+        dyn Fn() -> futures::future::BoxFuture<
+                'static,
+                Result<Backends<MemoryLogReader, MemorySnapshotStore, MemorySink>>,
+            > + Send
+            + Sync,
+    >,
 >;
 
 fn options() -> NodeOptions {
@@ -40,11 +46,10 @@ struct Running {
 
 fn start(cluster: &MemoryCluster, id: &str) -> Running {
     let c = cluster.clone();
-    let factory: Box<dyn Fn() -> futures::future::BoxFuture<'static, Result<_>> + Send + Sync> =
-        Box::new(move || {
-            let c = c.clone();
-            Box::pin(async move { Ok(c.backends()) })
-        });
+    let factory: Box<dyn Fn() -> futures::future::BoxFuture<'static, Result<_>> + Send + Sync> = Box::new(move || {
+        let c = c.clone();
+        Box::pin(async move { Ok(c.backends()) })
+    });
     let config = InstanceConfig::new(id)
         .snapshot_every(Some(300))
         .commit_every(20, Duration::from_millis(5))
@@ -159,7 +164,10 @@ async fn an_owner_cut_off_from_the_channel_stops_and_a_standby_takes_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_migrate_back_and_forth() {
-    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let cluster = MemoryCluster::new();
     let mut a = start(&cluster, "a");
     until(&mut a, "a owns", is(NodeRole::Owner)).await;
@@ -175,7 +183,10 @@ async fn nodes_migrate_back_and_forth() {
             target: to.into(),
             strategy: Strategy::Ms2m,
         };
-        coordinator.migrate(&plan, &*crate::no_progress()).await.expect("migration");
+        coordinator
+            .migrate(&plan, &*crate::no_progress())
+            .await
+            .expect("migration");
     }
     until(&mut a, "a owns again", is(NodeRole::Owner)).await;
     until(&mut b, "b stands by again", is(NodeRole::Standby)).await;

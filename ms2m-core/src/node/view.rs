@@ -63,7 +63,12 @@ impl Drop for ChannelView {
 
 impl ChannelView {
     /// Subscribes, folds the history, then follows the channel.
-    pub(super) async fn start<C: ControlChannel>(control: &C, service: &str, me: &str, lease: LeaseConfig) -> Result<Self> {
+    pub(super) async fn start<C: ControlChannel>(
+        control: &C,
+        service: &str,
+        me: &str,
+        lease: LeaseConfig,
+    ) -> Result<Self> {
         // Subscribe first: a record in between arrives twice, and folding
         // it twice changes nothing.
         let mut records = forward_control(control, service.to_string(), false).await?;

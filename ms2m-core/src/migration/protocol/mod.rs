@@ -123,7 +123,11 @@ impl Decisions {
     fn fold_lease_record(&mut self, record: owner::LeaseRecord<'_>) {
         match record {
             owner::LeaseRecord::Renew { owner, epoch, renewal } => {
-                if self.owner.as_ref().is_some_and(|o| o.instance_id == owner && o.epoch == epoch) {
+                if self
+                    .owner
+                    .as_ref()
+                    .is_some_and(|o| o.instance_id == owner && o.epoch == epoch)
+                {
                     self.renewal = self.renewal.max(renewal);
                 }
             }

@@ -97,7 +97,9 @@ impl LeaseConfig {
     /// may emit: `timeout·(1−ρ)/(1+ρ) − margin`.
     pub fn owner_validity(&self) -> Duration {
         let rho = self.max_drift();
-        self.timeout.mul_f64((1.0 - rho) / (1.0 + rho)).saturating_sub(self.margin)
+        self.timeout
+            .mul_f64((1.0 - rho) / (1.0 + rho))
+            .saturating_sub(self.margin)
     }
 
     /// Checks that the owner can renew before its validity runs out.
@@ -383,7 +385,10 @@ mod tests {
         assert!(keeper.may_emit(secs(10)), "validity: 2 s + 9 s");
         assert!(!keeper.may_emit(secs(11)), "the owner gave up before the claim");
         d.observe(&node(claim.clone()));
-        assert_eq!(keeper.on_record(&node(claim), &d).map(|o| o.instance_id), Some("b".into()));
+        assert_eq!(
+            keeper.on_record(&node(claim), &d).map(|o| o.instance_id),
+            Some("b".into())
+        );
         assert!(!keeper.may_emit(secs(5)), "fenced");
     }
 
@@ -423,7 +428,10 @@ mod tests {
         let mut standby = LeaseWatch::new("b", config());
         standby.observe(secs(0), &d);
         let claim = node(standby.claim_due(secs(10), &d).unwrap());
-        assert_eq!(d.observe_for(&claim, "m"), Observed::Decides(MigrationOutcome::RolledBack));
+        assert_eq!(
+            d.observe_for(&claim, "m"),
+            Observed::Decides(MigrationOutcome::RolledBack)
+        );
         assert_eq!(d.undecided().count(), 0);
     }
 
