@@ -7,7 +7,7 @@
 //!   pause), `TERM` (a shutdown).
 //! * [`Hosts`] (root only) builds network namespaces joined by a bridge:
 //!   one for the broker, one per node, one link for the test process; a
-//!   host's link can be cut ([`Hosts::cut`]) and restored.
+//!   host's link can be cut ([`Hosts::set_link`]) and restored.
 //! * [`Tansu`] starts tansu inside the broker's namespace.
 //! * [`cli`] runs the `ms2m` operator CLI as a process.
 //!
@@ -55,6 +55,7 @@ pub struct NodeProcess {
     /// Its instance id.
     pub id: String,
     child: Child,
+    log: PathBuf,
     statuses: Arc<Mutex<Vec<serde_json::Value>>>,
 }
 
@@ -82,6 +83,7 @@ impl NodeProcess {
             )
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file(&format!("{prefix}{id}"))));
+        let log = log_path(&format!("{prefix}{id}"));
         let mut child = command.spawn().expect("start fleet_node");
         let statuses = Arc::new(Mutex::new(Vec::new()));
         let stdout = child.stdout.take().expect("piped stdout");
@@ -96,6 +98,7 @@ impl NodeProcess {
         Self {
             id: id.to_string(),
             child,
+            log,
             statuses,
         }
     }
@@ -127,7 +130,7 @@ impl NodeProcess {
                 "node {} did not become {role} within {within:?} (roles so far: {:?}; log: {})",
                 self.id,
                 self.roles(),
-                log_path(&self.id).display()
+                self.log.display()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -367,5 +370,82 @@ impl Drop for Tansu {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Starts the `ms2m` CLI with `args` and returns it running (a coordinator
+/// to kill mid-migration, or to wait for).
+pub fn cli_spawn(bins: Binaries, brokers: &str, prefix: &str, args: &[&str]) -> Child {
+    let name = |what: &str| format!("{prefix}ledger.{what}");
+    Command::new(bins.cli)
+        .args(["--bootstrap-servers", brokers, "--service", "ledger", "--json"])
+        .args([
+            "--control-topic",
+            &name("control"),
+            "--snapshot-topic",
+            &name("snapshots"),
+        ])
+        .args(["--input-topic", &name("tx"), "--group-id", &name("group")])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log_file(&format!("{prefix}cli"))))
+        .spawn()
+        .expect("start ms2m")
+}
+
+/// Every control record of a deployment from now on, read by the test's
+/// own Kafka consumer: how a scenario injects a fault at a given phase of
+/// a migration.
+#[derive(Debug)]
+pub struct ControlWatch {
+    records: tokio::sync::mpsc::UnboundedReceiver<ms2m_core::ControlMessage>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ControlWatch {
+    /// Subscribes to the control topic of `deployment` at `brokers`.
+    pub fn start(rt: &tokio::runtime::Runtime, brokers: &str, deployment: &ms2m_examples::fleet::Deployment) -> Self {
+        use ms2m_core::{ControlChannel, ControlReader};
+        let cluster = ms2m_kafka::KafkaCluster::connect(deployment.kafka_config(brokers)).expect("cluster");
+        let mut reader = rt.block_on(async {
+            let control = cluster.control().await.expect("control channel");
+            control.reader(false).await.expect("control reader")
+        });
+        let (tx, records) = tokio::sync::mpsc::unbounded_channel();
+        let task = rt.spawn(async move {
+            while let Ok(next) = reader.next(Duration::from_millis(100)).await {
+                if let Some(m) = next {
+                    if tx.send(m).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Self { records, task }
+    }
+
+    /// Waits (blocking, up to `within`) for a record whose body satisfies `f`.
+    pub fn wait(&mut self, what: &str, within: Duration, f: impl Fn(&ms2m_core::ControlBody) -> bool) {
+        let deadline = Instant::now() + within;
+        loop {
+            match self.records.try_recv() {
+                Ok(m) if f(&m.body) => return,
+                Ok(_) => continue,
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "no {what} on the control channel within {within:?}"
+                    );
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => panic!("control watch ended: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for ControlWatch {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

@@ -12,9 +12,10 @@
 
 use std::time::Duration;
 
+use ms2m_core::ControlBody;
 use ms2m_examples::fleet::{produce_load, verify, Deployment, Verdict};
 use ms2m_examples::ledger::Transaction;
-use ms2m_tests::processes::{Binaries, Hosts, NodeProcess, Tansu, BROKER_HOST, TEST_LEASE};
+use ms2m_tests::processes::{cli_spawn, Binaries, ControlWatch, Hosts, NodeProcess, Tansu, BROKER_HOST, TEST_LEASE};
 
 const BINS: Binaries = Binaries {
     node: env!("CARGO_BIN_EXE_fleet_node"),
@@ -204,84 +205,190 @@ fn the_cli_migrates_between_node_processes_and_reports_them() {
 }
 
 /// Every fault of the fleet, with each node and the broker on a host of
-/// its own: a link cut of the owner's host, in steady state and during a
-/// migration, a pause past the lease, and kill -9 of the owner, of a
-/// migration's source, target and coordinator.
+/// its own: a link cut of the owner's host, a pause past the lease, kill -9
+/// of the owner; and during migrations: a link cut of the source, kill -9
+/// of the source after the stop, of the target after it restored and
+/// after its takeover, and of the coordinator (then `ms2m recover`).
 #[test]
 #[ignore = "needs root (network namespaces) and tansu; tests/run.sh runs it when root"]
 fn hosts_survive_link_cuts_pauses_and_kills() {
     assert!(Hosts::available(), "run as root with iproute2 (ip netns)");
-    let hosts = Hosts::create(3);
-    let tansu = Tansu::start_in(&hosts.broker_ns(), BROKER_HOST);
-    let brokers = tansu.address.clone();
-    let rt = runtime();
-    let (deployment, prefix) = deployment(&Broker::External(brokers.clone()), "hosts");
-    let node = |i: usize| spawn(["a", "b", "c"][i], &brokers, &prefix, Some(hosts.node(i)));
-    let mut nodes: Vec<NodeProcess> = (0..3).map(node).collect();
-    nodes[0].wait_role("Owner", TAKEOVER);
-    for n in &nodes[1..] {
-        n.wait_role("Standby", TAKEOVER);
-    }
-    let mut input = Vec::new();
-    let mut faults = 0;
-    let mut next = 0u64;
-    let mut step = |what: &str, fault: &mut dyn FnMut(&mut Vec<NodeProcess>)| {
-        eprintln!("== {what}");
-        let running = load(&rt, &brokers, &deployment, next, 1_000, 500);
-        next += 1_000;
-        std::thread::sleep(Duration::from_millis(600));
-        fault(&mut nodes);
-        input.extend(rt.block_on(running).expect("load"));
-        faults += 1;
-        judge(&rt, &brokers, &deployment, &input, faults);
-    };
-    step("cut the owner's link in steady state", &mut |nodes| {
-        let owner = owner_index(&brokers, &prefix, nodes);
-        hosts.set_link(owner, false);
-        wait_new_owner(&brokers, &prefix, nodes, owner);
-        hosts.set_link(owner, true);
-        nodes[owner].wait_role("Standby", TAKEOVER);
+    let mut fleet = HostsFleet::start(3);
+    fleet.fault("cut the owner's link in steady state", |f| {
+        let owner = f.owner();
+        f.hosts.set_link(owner, false);
+        f.wait_new_owner(owner);
+        f.hosts.set_link(owner, true);
+        f.nodes[owner].wait_role("Standby", TAKEOVER);
     });
-    step("pause the owner past its lease", &mut |nodes| {
-        let owner = owner_index(&brokers, &prefix, nodes);
-        nodes[owner].signal("STOP");
-        wait_new_owner(&brokers, &prefix, nodes, owner);
-        nodes[owner].signal("CONT");
-        nodes[owner].wait_role("Standby", TAKEOVER);
+    fleet.fault("pause the owner past its lease", |f| {
+        let owner = f.owner();
+        f.nodes[owner].signal("STOP");
+        f.wait_new_owner(owner);
+        f.nodes[owner].signal("CONT");
+        f.nodes[owner].wait_role("Standby", TAKEOVER);
     });
-    step("kill -9 the owner", &mut |nodes| {
-        let owner = owner_index(&brokers, &prefix, nodes);
-        nodes[owner].signal("KILL");
-        wait_new_owner(&brokers, &prefix, nodes, owner);
-        let id = nodes[owner].id.clone();
-        nodes[owner] = spawn(&id, &brokers, &prefix, Some(hosts.node(owner)));
-        nodes[owner].wait_role("Standby", TAKEOVER);
+    fleet.fault("kill -9 the owner", |f| {
+        let owner = f.owner();
+        f.nodes[owner].signal("KILL");
+        f.wait_new_owner(owner);
+        f.restart(owner);
     });
-    drop(tansu);
+    fleet.fault("cut the source's link once the target restored", |f| {
+        let (source, mut migration) = f.migrate_and_wait("Restored", is_restored);
+        f.hosts.set_link(source, false);
+        f.wait_new_owner(source);
+        let _ = migration.wait();
+        f.hosts.set_link(source, true);
+        f.nodes[source].wait_role("Standby", TAKEOVER);
+    });
+    fleet.fault("kill -9 the source once it stopped", |f| {
+        let (source, mut migration) = f.migrate_and_wait("Stopped", |b| matches!(b, ControlBody::Stopped { .. }));
+        f.nodes[source].signal("KILL");
+        let _ = migration.wait();
+        f.restart(source);
+    });
+    fleet.fault("kill -9 the target once it restored", |f| {
+        let (_, mut migration) = f.migrate_and_wait("Restored", is_restored);
+        let target = f.target.expect("a target");
+        f.nodes[target].signal("KILL");
+        let _ = migration.wait();
+        f.restart(target);
+    });
+    fleet.fault("kill -9 the target once it took over", |f| {
+        let (_, mut migration) = f.migrate_and_wait("Takeover", |b| matches!(b, ControlBody::Takeover { .. }));
+        let target = f.target.expect("a target");
+        f.nodes[target].signal("KILL");
+        f.wait_new_owner(target);
+        let _ = migration.wait();
+        f.restart(target);
+    });
+    fleet.fault(
+        "kill -9 the coordinator once it asked for the restore, then recover",
+        |f| {
+            let (_, mut migration) = f.migrate_and_wait("Restore", |b| matches!(b, ControlBody::Restore { .. }));
+            let _ = migration.kill();
+            let _ = migration.wait();
+            let (ok, recovered) = cli(&f.brokers, &f.prefix, &["recover", "--timeout", "10s"]);
+            assert!(ok, "ms2m recover: {recovered}");
+        },
+    );
+    fleet.one_owner_at_the_end();
 }
 
-/// The index of the node the channel names the owner.
-fn owner_index(brokers: &str, prefix: &str, nodes: &[NodeProcess]) -> usize {
-    let owner = owner(brokers, prefix).expect("an owner");
-    nodes
-        .iter()
-        .position(|n| n.id == owner)
-        .expect("the owner is one of the nodes")
+fn is_restored(body: &ControlBody) -> bool {
+    matches!(body, ControlBody::Restored { .. })
 }
 
-/// Waits until another node than `old` reports itself the owner.
-fn wait_new_owner(brokers: &str, prefix: &str, nodes: &[NodeProcess], old: usize) {
-    let deadline = std::time::Instant::now() + TAKEOVER;
-    loop {
-        let owner = owner(brokers, prefix);
-        if let Some(i) = owner
-            .and_then(|o| nodes.iter().position(|n| n.id == o))
-            .filter(|&i| i != old)
-        {
-            nodes[i].wait_role("Owner", TAKEOVER);
-            return;
+/// Three nodes and tansu, each on a host of its own, under load.
+struct HostsFleet {
+    rt: tokio::runtime::Runtime,
+    hosts: Hosts,
+    _tansu: Tansu,
+    brokers: String,
+    deployment: Deployment,
+    prefix: String,
+    nodes: Vec<NodeProcess>,
+    input: Vec<(i32, i64, Transaction)>,
+    faults: usize,
+    /// The target of the migration under way, if any.
+    target: Option<usize>,
+}
+
+const IDS: [&str; 3] = ["a", "b", "c"];
+
+impl HostsFleet {
+    fn start(nodes: usize) -> Self {
+        let hosts = Hosts::create(nodes);
+        let tansu = Tansu::start_in(&hosts.broker_ns(), BROKER_HOST);
+        let brokers = tansu.address.clone();
+        let (deployment, prefix) = deployment(&Broker::External(brokers.clone()), "hosts");
+        let first = spawn(IDS[0], &brokers, &prefix, Some(hosts.node(0)));
+        first.wait_role("Owner", TAKEOVER);
+        let mut all = vec![first];
+        for i in 1..nodes {
+            all.push(spawn(IDS[i], &brokers, &prefix, Some(hosts.node(i))));
+            all[i].wait_role("Standby", TAKEOVER);
         }
-        assert!(std::time::Instant::now() < deadline, "no new owner after {TAKEOVER:?}");
-        std::thread::sleep(Duration::from_millis(100));
+        let nodes = all;
+        Self {
+            rt: runtime(),
+            hosts,
+            _tansu: tansu,
+            brokers,
+            deployment,
+            prefix,
+            nodes,
+            input: Vec::new(),
+            faults: 0,
+            target: None,
+        }
+    }
+
+    /// Runs `inject` under load (1,000 transactions at 500/s), then checks
+    /// every output so far and that the fleet healed: one owner, the
+    /// others standing by.
+    fn fault(&mut self, what: &str, inject: impl FnOnce(&mut Self)) {
+        eprintln!("== {what}");
+        let from = self.input.len() as u64;
+        let running = load(&self.rt, &self.brokers, &self.deployment, from, 1_000, 500);
+        std::thread::sleep(Duration::from_millis(600));
+        inject(self);
+        self.target = None;
+        self.input.extend(self.rt.block_on(running).expect("load"));
+        self.faults += 1;
+        judge(&self.rt, &self.brokers, &self.deployment, &self.input, self.faults);
+        self.one_owner_at_the_end();
+    }
+
+    fn owner(&self) -> usize {
+        let owner = owner(&self.brokers, &self.prefix).expect("an owner");
+        self.nodes
+            .iter()
+            .position(|n| n.id == owner)
+            .expect("the owner is a node")
+    }
+
+    /// Waits until a node other than `old` serves as the owner.
+    fn wait_new_owner(&self, old: usize) {
+        let deadline = std::time::Instant::now() + TAKEOVER;
+        loop {
+            let named = owner(&self.brokers, &self.prefix).and_then(|o| self.nodes.iter().position(|n| n.id == o));
+            if let Some(i) = named.filter(|&i| i != old) {
+                self.nodes[i].wait_role("Owner", TAKEOVER);
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "no new owner after {TAKEOVER:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn restart(&mut self, i: usize) {
+        self.nodes[i] = spawn(IDS[i], &self.brokers, &self.prefix, Some(self.hosts.node(i)));
+        self.nodes[i].wait_role("Standby", TAKEOVER);
+    }
+
+    /// Starts a migration from the owner to the next node through the CLI
+    /// and waits for the record `what`; returns the source and the CLI.
+    fn migrate_and_wait(&mut self, what: &str, record: impl Fn(&ControlBody) -> bool) -> (usize, std::process::Child) {
+        let source = self.owner();
+        let target = (source + 1) % self.nodes.len();
+        self.target = Some(target);
+        let mut watch = ControlWatch::start(&self.rt, &self.brokers, &self.deployment);
+        let args = ["migrate", "--to", IDS[target], "--timeout", "5s"];
+        let migration = cli_spawn(BINS, &self.brokers, &self.prefix, &args);
+        watch.wait(what, TAKEOVER, record);
+        (source, migration)
+    }
+
+    /// Exactly one node serves as the owner, the one the channel names;
+    /// every other one stands by.
+    fn one_owner_at_the_end(&self) {
+        let owner = self.owner();
+        self.nodes[owner].wait_role("Owner", TAKEOVER);
+        for (i, n) in self.nodes.iter().enumerate().filter(|(i, _)| *i != owner) {
+            n.wait_role("Standby", TAKEOVER);
+            assert_ne!(i, owner);
+        }
     }
 }
