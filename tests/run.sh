@@ -5,7 +5,9 @@
 # starts on loopback and stops on exit. Tests of the mock's own behaviour
 # (names ending in `_on_mock`) run in the first pass only. At the end it
 # lists what did not run: `#[ignore = "reason"]`ed tests, and the mock-only
-# tests left out of the real-broker pass.
+# tests left out of the real-broker pass. As root (with iproute2), a third
+# pass runs the fleet scenarios on network-namespace hosts (`hosts_*`,
+# ignored otherwise); without root it says so in the summary.
 #
 #   bash tests/run.sh
 set -euo pipefail
@@ -38,6 +40,7 @@ mock_only_tests() {
 
 summary() {
     echo
+    echo "== fleet scenarios on network-namespace hosts (hosts_*): $hosts_pass"
     echo "== skipped tests (ignored, with reasons)"
     local ignored
     ignored="$(ignored_tests)"
@@ -61,5 +64,14 @@ brokers="$(bash tests/broker.sh start)"
 export "${brokers?}"
 echo "using $MS2M_TEST_BROKERS"
 cargo test -p ms2m-tests -- --skip _on_mock --skip _in_memory
+
+echo "== fleet scenarios on network-namespace hosts (root only; each node and tansu on a host of its own)"
+if [[ "$(id -u)" -eq 0 ]] && command -v ip >/dev/null; then
+    cargo test -p ms2m-tests --test fleet_processes -- --ignored hosts_ --test-threads 1
+    hosts_pass="RAN (as root) and passed"
+else
+    hosts_pass="SKIPPED: needs root and iproute2 (ip netns); they are listed below as ignored"
+    echo "$hosts_pass"
+fi
 
 summary

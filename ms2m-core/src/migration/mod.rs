@@ -68,6 +68,13 @@
 //! must not start ([`ensure_owner`]). With an exactly-once sink the target's
 //! claim also fences the source's producer. A control record that does not
 //! decode is skipped by the backend (with a warning): it never decides.
+//!
+//! Outside migrations, ownership is decided on the same channel by the same
+//! fold: a node's first `Claim` makes it the owner, the owner's `Renew`s
+//! keep its lease, and a standby's `Claim` naming an expired lease term
+//! replaces it (and rolls back any migration still open). The rule, the
+//! lease's clock-drift safety argument and the owner's and standby's
+//! machines are in [`protocol::owner`]; [`crate::node::Node`] drives them.
 
 mod coordinator;
 #[cfg(test)]

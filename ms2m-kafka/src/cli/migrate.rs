@@ -97,7 +97,7 @@ pub async fn migrate(cluster: &KafkaCluster, args: &MigrateArgs, json: bool) -> 
         }
     };
     let plan = MigrationPlan {
-        migration_id: args.id.clone().unwrap_or_else(|| format!("cli-{}", now_ms())),
+        migration_id: args.id.clone().unwrap_or_else(|| format!("cli-{}", output::now_ms())),
         service,
         source,
         target: args.to.clone(),
@@ -116,12 +116,6 @@ pub async fn migrate(cluster: &KafkaCluster, args: &MigrateArgs, json: bool) -> 
     let report = result?;
     output::print(json, &report, |out| report_text(out, &report));
     Ok(())
-}
-
-fn now_ms() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis())
 }
 
 /// A progress bar on stderr: phase, lag, rate, ETA (hidden with `--json`

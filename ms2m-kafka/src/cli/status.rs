@@ -4,8 +4,12 @@
 //! topic through the same fold every protocol party uses
 //! ([`Decisions`]), so the CLI can never disagree with them.
 //!
-//! The report is a struct of independent sections; fleet sections (leases,
-//! node roles) slot in beside the existing ones as more `Option` fields.
+//! The lease section says which record set the owner's current lease term
+//! and how old it is; the nodes section lists every instance the channel
+//! has heard of (claims, renewals, migrations) with its latest record. A
+//! standby that never published anything is not on the channel, so it is
+//! not listed: its own status line (`NodeStatus`, the health endpoint) is
+//! where it reports.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -51,6 +55,39 @@ pub struct ControlStatus {
     pub records: usize,
     /// Records skipped as undecodable (another tool or a newer version).
     pub skipped_records: u64,
+    /// The owner's lease (`None` while nobody owns the service).
+    pub lease: Option<LeaseView>,
+    /// Every instance the channel names, in the order first named.
+    pub nodes: Vec<NodeSeen>,
+}
+
+/// The owner's current lease term and the record that set it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LeaseView {
+    /// The owner's epoch.
+    pub epoch: u64,
+    /// The latest renewal counted (0: none since the claim or takeover).
+    pub renewal: u64,
+    /// Kind of the record that set this term (`Claim`, `Renew`, `Takeover`).
+    pub set_by: String,
+    /// When that record was sent, ms since the Unix epoch (sender's clock).
+    pub sent_at_ms: u64,
+    /// Its age when `status` ran (wall clocks: off by their skew). Past the
+    /// nodes' lease timeout (default 10 s), a standby claims the service.
+    pub age_ms: u64,
+}
+
+/// An instance the control channel names.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NodeSeen {
+    /// Instance id.
+    pub instance_id: String,
+    /// `owner` for the recorded owner, otherwise `not owner`.
+    pub role: &'static str,
+    /// Kind of the latest record naming it.
+    pub last_record: String,
+    /// When that record was sent, ms since the Unix epoch.
+    pub last_sent_at_ms: u64,
 }
 
 /// The owner, as recorded.
@@ -159,6 +196,8 @@ async fn control(cluster: &KafkaCluster) -> Result<ControlStatus, CliError> {
         epoch: o.epoch,
     });
     status.undecided = undecided(&history);
+    status.lease = lease(&history, output::now_ms());
+    status.nodes = nodes(&history);
     status.records = history.len();
     status.skipped_records = channel.skipped_records();
     Ok(status)
@@ -190,6 +229,63 @@ pub fn undecided(history: &[ControlMessage]) -> Vec<Undecided> {
     }
     open.retain(|u| decisions.outcome(&u.migration_id).is_none());
     open
+}
+
+/// The owner's lease after `history`, with the record that last changed
+/// it, aged at `now_ms`.
+pub fn lease(history: &[ControlMessage], now_ms: u64) -> Option<LeaseView> {
+    let mut decisions = Decisions::default();
+    let mut set_by = None;
+    for m in history {
+        let before = decisions.lease();
+        decisions.observe(m);
+        if decisions.lease() != before {
+            set_by = Some(m);
+        }
+    }
+    let (term, m) = (decisions.lease()?, set_by?);
+    Some(LeaseView {
+        epoch: term.epoch,
+        renewal: term.renewal,
+        set_by: kind(&m.body),
+        sent_at_ms: m.sent_at_ms,
+        age_ms: now_ms.saturating_sub(m.sent_at_ms),
+    })
+}
+
+/// Every instance `history` names, with its latest record.
+pub fn nodes(history: &[ControlMessage]) -> Vec<NodeSeen> {
+    let owner = Decisions::from_history(history).owner().map(|o| o.instance_id.clone());
+    let mut seen: Vec<NodeSeen> = Vec::new();
+    for m in history {
+        for id in named(m) {
+            let role = if owner.as_deref() == Some(id) {
+                "owner"
+            } else {
+                "not owner"
+            };
+            let entry = NodeSeen {
+                instance_id: id.to_string(),
+                role,
+                last_record: kind(&m.body),
+                last_sent_at_ms: m.sent_at_ms,
+            };
+            match seen.iter_mut().find(|n| n.instance_id == id) {
+                Some(n) => *n = entry,
+                None => seen.push(entry),
+            }
+        }
+    }
+    seen
+}
+
+/// The instances a record names.
+fn named(m: &ControlMessage) -> Vec<&str> {
+    match &m.body {
+        ControlBody::Claim { owner, .. } | ControlBody::Renew { owner, .. } => vec![owner.as_str()],
+        ControlBody::Prepare { source, target, .. } => vec![source.as_str(), target.as_str()],
+        _ => Vec::new(),
+    }
 }
 
 /// A record's kind, its variant name (from its serde form, so records
@@ -303,7 +399,31 @@ fn control_text(out: &mut String, c: &ControlStatus) {
     }
     match &c.owner {
         Some(o) => line!(out, "owner {} (epoch {})", o.instance_id, o.epoch),
-        None => line!(out, "owner none recorded (no migration has decided one)"),
+        None => line!(out, "owner none recorded (no claim or migration has decided one)"),
+    }
+    if let Some(l) = &c.lease {
+        line!(
+            out,
+            "lease epoch {} renewal {}: set by {} at {} ({:.1} s ago)",
+            l.epoch,
+            l.renewal,
+            l.set_by,
+            output::time(l.sent_at_ms),
+            l.age_ms as f64 / 1000.0
+        );
+    }
+    if !c.nodes.is_empty() {
+        line!(out, "nodes named on the channel:");
+    }
+    for n in &c.nodes {
+        line!(
+            out,
+            "  {:<16} {:<9}  last: {} at {}",
+            n.instance_id,
+            n.role,
+            n.last_record,
+            output::time(n.last_sent_at_ms)
+        );
     }
     line!(
         out,
@@ -373,6 +493,43 @@ mod tests {
             ),
             ("m2", "Stop", "a")
         );
+    }
+
+    fn node(sent_at_ms: u64, body: ControlBody) -> ControlMessage {
+        ControlMessage {
+            sent_at_ms,
+            ..record("", Role::Node, body)
+        }
+    }
+
+    #[test]
+    fn the_lease_is_the_term_of_the_latest_counted_renewal_and_nodes_are_listed() {
+        let claim = |owner: &str| ControlBody::Claim {
+            owner: owner.into(),
+            epoch: 1,
+            expired: None,
+        };
+        let renew = |renewal| ControlBody::Renew {
+            owner: "a".into(),
+            epoch: 1,
+            renewal,
+        };
+        let history = vec![
+            node(100, claim("a")),
+            node(101, claim("b")),
+            node(2_000, renew(1)),
+            node(3_000, renew(1)),
+        ];
+        let lease = lease(&history, 5_000).expect("a owns the service");
+        assert_eq!(
+            (lease.epoch, lease.renewal, lease.set_by.as_str(), lease.age_ms),
+            (1, 1, "Renew", 3_000),
+            "the duplicate renewal changes nothing"
+        );
+        let nodes = nodes(&history);
+        let summary: Vec<_> = nodes.iter().map(|n| (n.instance_id.as_str(), n.role)).collect();
+        assert_eq!(summary, [("a", "owner"), ("b", "not owner")]);
+        assert!(super::lease(&history[..0], 0).is_none());
     }
 
     #[test]
