@@ -99,6 +99,10 @@ pub struct NodeArgs {
     /// Prepended to the deployment's topic and group names.
     #[arg(long, default_value = "")]
     pub prefix: String,
+    /// Serve Prometheus metrics and health probes on this address
+    /// (`/metrics`, `/health/live`, `/health/ready`), e.g. `0.0.0.0:9464`.
+    #[arg(long)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl NodeArgs {
@@ -139,6 +143,12 @@ pub async fn run_node(args: NodeArgs) -> Result<(), BoxError> {
         .commit_every(50, Duration::from_millis(20))
         .snapshot_interval(Some(Duration::from_secs(2)));
     let node = Node::<Ledger, _, _, _, _, _>::new(factory, control, config, args.options())?;
+    // Installed before the node builds its instances: their metric handles
+    // bind to the recorder present when they are created.
+    let _metrics = match args.metrics_addr {
+        Some(addr) => Some(ms2m_kafka::telemetry::serve_prometheus(addr, Some(node.health())).await?),
+        None => None,
+    };
     let printer = tokio::spawn(print_status(node.status()));
     let result = node.run(terminated()).await;
     printer.abort();

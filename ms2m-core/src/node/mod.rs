@@ -239,7 +239,7 @@ where
         let mut next = self.first_role(&view).await?;
         loop {
             next = match next {
-                Next::Owner(instance, granted_at) => self.own(instance, granted_at, stop.clone()).await?,
+                Next::Owner(instance, granted_at) => self.own(instance, granted_at, &view, stop.clone()).await?,
                 Next::Standby(instance) => self.stand_by(instance, &view, stop.clone()).await?,
                 Next::Target(instance) => self.migrate_here(instance, &view, stop.clone()).await?,
                 Next::Stop => break,
@@ -327,9 +327,11 @@ where
         &self,
         instance: Instance<S, L, St, O>,
         granted_at: Option<Instant>,
+        view: &ChannelView,
         stop: Stop,
     ) -> Result<Next<Instance<S, L, St, O>>> {
-        self.report(NodeRole::Owner, Some(&instance), |_| {});
+        let owner = view.decisions().owner().map(|o| (o.instance_id.clone(), o.epoch));
+        self.report(NodeRole::Owner, Some(&instance), |s| s.owner = owner);
         self.health.clear_ready();
         let status = self.status.clone();
         let agent = match SourceAgent::new(instance, Arc::clone(&self.control), self.options.source.clone()).await {

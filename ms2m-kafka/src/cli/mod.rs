@@ -56,7 +56,7 @@ pub struct Cli {
 /// The commands.
 #[derive(Subcommand, Clone, Debug, PartialEq, Eq)]
 pub enum Command {
-    /// Owner and epoch, undecided migrations, latest snapshots, lag per input partition
+    /// Owner and epoch, lease, nodes named on the channel, undecided migrations, latest snapshots, lag per input partition
     Status,
     /// Coordinate a migration between two running instances, then print its report
     Migrate(migrate::MigrateArgs),
