@@ -25,6 +25,8 @@ pub enum Role {
     /// A node of the fleet speaking for itself: ownership claims and lease
     /// renewals (see [`migration::protocol::owner`](crate::migration::protocol::owner)).
     Node,
+    /// An operator's decision (the `ms2m` CLI), e.g. skipping a poison input.
+    Operator,
 }
 
 /// One owner's lease, as a claim that supersedes it names it: the owner's
@@ -236,6 +238,25 @@ pub enum ControlBody {
         epoch: u64,
         /// The renewal's number within the epoch, from 1.
         renewal: u64,
+    },
+    /// Operator → all: the input record at `topic`/`partition`@`offset` may
+    /// be skipped if it is bad (it does not decode, or `apply` rejects it),
+    /// whatever the instance's `BadMessagePolicy`; a good record there is
+    /// applied as usual. The record is the audit trail: who (`operator`),
+    /// why (`reason`) and when (`sent_at_ms`). Honoured by nodes when they
+    /// next build an instance (recovery, standby, target). `migration_id`
+    /// is empty.
+    SkipInput {
+        /// Input topic.
+        topic: String,
+        /// Partition.
+        partition: i32,
+        /// Offset of the bad record.
+        offset: i64,
+        /// Why it is skipped.
+        reason: String,
+        /// Who decided (e.g. the login running the CLI).
+        operator: String,
     },
 }
 

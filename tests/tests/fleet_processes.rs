@@ -177,6 +177,80 @@ fn an_owner_paused_past_its_lease_never_emits_again() {
     );
 }
 
+/// Produces one record the ledger cannot decode to partition 0 of the
+/// input; its offset.
+fn produce_poison(rt: &tokio::runtime::Runtime, brokers: &str, deployment: &Deployment) -> i64 {
+    rt.block_on(async {
+        let cluster = deployment.cluster(brokers).await.expect("cluster");
+        let producer = ms2m_examples::support::producer(&cluster).expect("producer");
+        let topic = deployment.input();
+        let record = rdkafka::producer::FutureRecord::to(&topic)
+            .partition(0)
+            .key("poison")
+            .payload("not a transaction");
+        let delivery = producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)
+            .expect("produce the poison record");
+        delivery.offset
+    })
+}
+
+/// Under the default `BadMessagePolicy::Fail`, a record the ledger cannot
+/// decode stops its owner (typed error, exit status non-zero, nothing
+/// skipped); `ms2m dead-letters skip` records the operator's decision on
+/// the control channel, and the restarted node gets past exactly that
+/// record. `ms2m status` lists the decision.
+#[test]
+fn a_poison_record_stops_the_owner_until_the_cli_skips_it() {
+    let rt = runtime();
+    let broker = Broker::start();
+    let brokers = broker.address();
+    let (deployment, prefix) = deployment(&broker, "poison");
+    let mut a = spawn("a", &brokers, &prefix, None);
+    a.wait_role("Owner", TAKEOVER);
+    let mut input = rt
+        .block_on(load(&rt, &brokers, &deployment, 0, 200, 500))
+        .expect("load");
+    let poison = produce_poison(&rt, &brokers, &deployment);
+    input.extend(
+        rt.block_on(load(&rt, &brokers, &deployment, 200, 200, 500))
+            .expect("load"),
+    );
+    let exit = a.wait_exit(TAKEOVER).expect("the owner stops at the poison record");
+    assert!(!exit.success(), "{exit}");
+    let offset = poison.to_string();
+    let args = [
+        "dead-letters",
+        "skip",
+        "--input",
+        &deployment.input(),
+        "--partition",
+        "0",
+        "--offset",
+        &offset,
+        "--reason",
+        "not a transaction",
+        "--operator",
+        "test",
+    ];
+    let (ok, skipped) = cli(&brokers, &prefix, &args);
+    assert!(ok, "ms2m dead-letters skip: {skipped}");
+    let a = spawn("a", &brokers, &prefix, None);
+    a.wait_role("Owner", TAKEOVER);
+    judge(&rt, &brokers, &deployment, &input, 1);
+    let (ok, status) = cli(&brokers, &prefix, &["status"]);
+    assert!(ok, "ms2m status: {status}");
+    let audit = &status["control"]["skipped_inputs"][0];
+    assert_eq!(
+        (audit["offset"].as_i64(), audit["operator"].as_str()),
+        (Some(poison), Some("test")),
+        "{status}"
+    );
+    assert!(a.terminate(), "a shuts down cleanly");
+}
+
 #[test]
 fn the_cli_migrates_between_node_processes_and_reports_them() {
     let rt = runtime();

@@ -291,7 +291,7 @@ where
     async fn recover(&self, view: &ChannelView) -> Result<Instance<S, L, St, O>> {
         let backends = self.factory.backends().await?;
         let quiet = crate::no_progress();
-        let recovery = Instance::recover(backends, self.config.clone(), &*quiet);
+        let recovery = Instance::recover(backends, self.instance_config(view), &*quiet);
         tokio::select! {
             instance = recovery => {
                 let mut instance = instance?;
@@ -351,6 +351,13 @@ where
             SourceExit::Released(instance) => Ok(Next::Standby(self.keep_as_standby(instance).await)),
             SourceExit::Shutdown(_) => Ok(Next::Stop),
         }
+    }
+
+    /// The instance configuration, with every input an operator allowed to
+    /// skip (`SkipInput` on the channel).
+    fn instance_config(&self, view: &ChannelView) -> InstanceConfig {
+        let skips = view.decisions().skipped_inputs().clone();
+        self.config.clone().skip_inputs(skips)
     }
 
     /// Updates the status for `role`.

@@ -39,7 +39,7 @@ where
         let me = self.config.instance_id();
         let mut instance = match instance {
             Some(instance) => instance,
-            None => self.restore_standby().await?,
+            None => self.restore_standby(view).await?,
         };
         info!(position = %instance.position(), "standing by");
         let mut refreshed: Option<Instant> = None;
@@ -78,13 +78,13 @@ where
     }
 
     /// The newest snapshot that verifies, restored with outputs suppressed.
-    async fn restore_standby(&self) -> Result<Instance<S, L, St, O>> {
+    async fn restore_standby(&self, view: &ChannelView) -> Result<Instance<S, L, St, O>> {
         let backends = self.factory.backends().await?;
         let (loaded, rejected) = store::load_newest_valid::<S, St>(&*backends.store, S::NAME).await?;
         if !rejected.is_empty() {
             warn!(count = rejected.len(), "skipped snapshots that failed verification");
         }
-        let mut instance = Instance::restore(backends, self.config.clone(), loaded).await?;
+        let mut instance = Instance::restore(backends, self.instance_config(view), loaded).await?;
         instance.use_health(self.health.clone());
         Ok(instance)
     }
@@ -96,6 +96,7 @@ where
         instance.set_ceiling(Some(watermark));
         self.health.set_ready(lag <= crate::health::DEFAULT_READY_LAG);
         let decisions = view.decisions();
+        instance.skip_inputs(decisions.skipped_inputs().iter().cloned());
         self.status
             .send_modify(|s| super::fill(s, NodeRole::Standby, instance, &decisions, Some(lag)));
         Ok(())
@@ -161,7 +162,7 @@ where
         let quiet = crate::no_progress();
         let target = serve_as_target::<S, L, St, O, C>(
             backends,
-            self.config.clone(),
+            self.instance_config(view),
             self.control.clone(),
             self.options.target.clone(),
             &*quiet,

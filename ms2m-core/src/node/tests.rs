@@ -206,3 +206,39 @@ fn migration_config() -> MigrationConfig {
         phase_timeout: Duration::from_secs(20),
     }
 }
+
+/// A poison record under `BadMessagePolicy::Fail` stops the owner with a
+/// typed error and loses nothing; once an operator's `SkipInput` is on the
+/// channel, the restarted node skips exactly that record and serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_record_stops_the_owner_until_an_operator_skips_it() {
+    let cluster = MemoryCluster::new();
+    cluster.produce_now(40);
+    let poison = cluster.log.append(INPUT_TOPIC, 0, None, &b"not a deposit"[..]);
+    cluster.produce_now(40);
+    let mut a = start(&cluster, "a");
+    until(&mut a, "a owns", is(NodeRole::Owner)).await;
+    let failed = tokio::time::timeout(Duration::from_secs(20), a.task)
+        .await
+        .expect("the owner stops")
+        .expect("join");
+    assert!(
+        matches!(failed, Err(Error::Decode { offset, .. }) if offset == poison),
+        "{failed:?}"
+    );
+    let skip = ControlBody::SkipInput {
+        topic: INPUT_TOPIC.into(),
+        partition: 0,
+        offset: poison,
+        reason: "not a deposit".into(),
+        operator: "ops".into(),
+    };
+    let m = crate::migration::message("balances", "", Sender::Operator, skip);
+    crate::migration::publish(&*cluster.control, &m).await.expect("publish");
+    let mut a = start(&cluster, "a");
+    until(&mut a, "a skipped the poison", |s| s.stats.skipped_by_operator == 1).await;
+    all_outputs(&cluster).await;
+    exactly_once(&cluster);
+    let _ = a.stop.send(());
+    a.task.await.expect("join").expect("a ran");
+}

@@ -1,5 +1,6 @@
 //! Instance configuration, built with chained setters.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,6 +56,7 @@ pub struct InstanceConfig {
     pub(crate) dead_letter_max_bytes: usize,
     pub(crate) output: OutputSettings,
     pub(crate) progress_interval: Duration,
+    pub(crate) skip_inputs: BTreeSet<(String, i32, i64)>,
 }
 
 impl InstanceConfig {
@@ -77,6 +79,7 @@ impl InstanceConfig {
             dead_letter_max_bytes: 900 * 1024,
             output: OutputSettings::default(),
             progress_interval: Duration::from_millis(250),
+            skip_inputs: BTreeSet::new(),
         }
     }
 
@@ -149,6 +152,18 @@ impl InstanceConfig {
     /// [`BadMessagePolicy::Fail`].
     pub fn bad_messages(mut self, policy: BadMessagePolicy) -> Self {
         self.bad_messages = policy;
+        self
+    }
+
+    /// Input records (`topic`, `partition`, `offset`) to skip if they are
+    /// bad, whatever the [`BadMessagePolicy`]: an operator's decision to get
+    /// past a poison record under [`BadMessagePolicy::Fail`] (`ms2m
+    /// dead-letters skip` records it on the control channel, and a
+    /// [`Node`](crate::node::Node) passes every such decision here). A
+    /// good record at one of these offsets is applied as usual. Default:
+    /// none.
+    pub fn skip_inputs(mut self, records: impl IntoIterator<Item = (String, i32, i64)>) -> Self {
+        self.skip_inputs.extend(records);
         self
     }
 

@@ -88,6 +88,10 @@ pub struct InstanceStats {
     pub dead_lettered: u64,
     /// Duplicate deliveries below the position, ignored.
     pub duplicates_skipped: u64,
+    /// Bad records skipped because an operator said so
+    /// ([`InstanceConfig::skip_inputs`]).
+    #[serde(default)]
+    pub skipped_by_operator: u64,
     /// Commits of outputs and position.
     pub commits: u64,
     /// Snapshots stored.
@@ -577,6 +581,13 @@ where
     }
 
     async fn bad_message(&mut self, record: &Record, tp: &TopicPartition, mode: Mode, stage: BadStage) -> Result<()> {
+        if self.skip_allowed(tp, record.offset) {
+            let reason = crate::store::error_chain(stage.as_error());
+            warn!(%tp, offset = record.offset, stage = stage.name(), %reason,
+                "bad message skipped: an operator allowed it (SkipInput on the control channel)");
+            self.stats.skipped_by_operator += 1;
+            return Ok(());
+        }
         let topic = match &self.config.bad_messages {
             BadMessagePolicy::Fail => {
                 return Err(match stage {
@@ -635,6 +646,19 @@ where
             headers,
         });
         Ok(())
+    }
+
+    /// Adds input records to skip if bad (see
+    /// [`InstanceConfig::skip_inputs`]), e.g. a standby learning of an
+    /// operator's decision while it replays.
+    pub fn skip_inputs(&mut self, records: impl IntoIterator<Item = (String, i32, i64)>) {
+        self.config.skip_inputs.extend(records);
+    }
+
+    fn skip_allowed(&self, tp: &TopicPartition, offset: i64) -> bool {
+        self.config
+            .skip_inputs
+            .contains(&(tp.topic.to_string(), tp.partition, offset))
     }
 
     /// Commits and snapshots when due.

@@ -1,6 +1,8 @@
-//! `ms2m dead-letters list|replay`: the records a service set aside under
-//! `BadMessagePolicy::DeadLetter`, and putting them back once the bug is
-//! fixed. A dead letter is the original record plus `ms2m.*` headers (its
+//! `ms2m dead-letters list|replay|skip`: the records a service set aside
+//! under `BadMessagePolicy::DeadLetter`, putting them back once the bug is
+//! fixed, and (`skip`) letting a service stopped by a poison record under
+//! `BadMessagePolicy::Fail` get past it, with an audit record on the
+//! control channel (`ControlBody::SkipInput`: who, why, when). A dead letter is the original record plus `ms2m.*` headers (its
 //! coordinates in the input, the error, the stage); a payload over the
 //! size limit was cut (`ms2m.truncated`), so replay copies such a record's
 //! original from the input at its coordinates instead of the cut payload.
@@ -54,6 +56,41 @@ pub enum DeadLettersCommand {
         #[arg(long, conflicts_with = "offsets")]
         all: bool,
     },
+    /// Let the service skip one bad input record (one that does not decode
+    /// or that apply rejects) whatever its BadMessagePolicy: publishes a
+    /// SkipInput audit record (operator, reason, time) on the control topic.
+    /// Nodes honour it when they next build an instance: restart a node the
+    /// record stopped. A good record at that offset is still applied.
+    Skip {
+        /// The input topic
+        #[arg(long, value_name = "TOPIC")]
+        input: String,
+        /// The input partition
+        #[arg(long)]
+        partition: i32,
+        /// The bad record's offset (the one in the node's Decode/Apply error)
+        #[arg(long)]
+        offset: i64,
+        /// Why it is skipped (kept in the audit record)
+        #[arg(long)]
+        reason: String,
+        /// Who decides (default: $USER)
+        #[arg(long)]
+        operator: Option<String>,
+    },
+}
+
+/// What `skip` recorded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Skipped {
+    /// The input record allowed to be skipped.
+    pub record: Coordinates,
+    /// Why.
+    pub reason: String,
+    /// Who.
+    pub operator: String,
+    /// The control topic holding the audit record.
+    pub control_topic: String,
 }
 
 /// Parses `[PARTITION:]OFFSET`.
@@ -133,8 +170,81 @@ pub async fn run(cluster: &KafkaCluster, command: &DeadLettersCommand, json: boo
             let done = replay(cluster, topic, &chosen).await?;
             output::print(json, &done, |out| replay_text(out, &done));
         }
+        DeadLettersCommand::Skip {
+            input,
+            partition,
+            offset,
+            reason,
+            operator,
+        } => {
+            let record = Coordinates {
+                topic: input.clone(),
+                partition: *partition,
+                offset: *offset,
+            };
+            let operator = operator
+                .clone()
+                .or_else(|| std::env::var("USER").ok())
+                .unwrap_or_else(|| "unknown".into());
+            let done = skip(cluster, record, reason, &operator).await?;
+            output::print(json, &done, |out| {
+                let r = &done.record;
+                line!(
+                    out,
+                    "{}/{}@{} may be skipped if bad: recorded on {} by {} ({})",
+                    r.topic,
+                    r.partition,
+                    r.offset,
+                    done.control_topic,
+                    done.operator,
+                    done.reason
+                );
+            });
+        }
     }
     Ok(())
+}
+
+/// Checks that the record exists, then publishes the `SkipInput` record.
+async fn skip(cluster: &KafkaCluster, record: Coordinates, reason: &str, operator: &str) -> Result<Skipped, CliError> {
+    let c = &record;
+    if records::read_one(cluster, &c.topic, c.partition, c.offset)
+        .await?
+        .is_none()
+    {
+        return Err(CliError::NoInputRecord {
+            topic: c.topic.clone(),
+            partition: c.partition,
+            offset: c.offset,
+        });
+    }
+    let Some(control) = super::status::open_control(cluster).await? else {
+        return Err(CliError::MissingTopic {
+            topic: cluster.config().control_topic(),
+            hint: "no node of this service has started (or name the control topic with --control-topic)",
+        });
+    };
+    let body = ms2m_core::ControlBody::SkipInput {
+        topic: c.topic.clone(),
+        partition: c.partition,
+        offset: c.offset,
+        reason: reason.to_string(),
+        operator: operator.to_string(),
+    };
+    let message = ms2m_core::ControlMessage {
+        service: cluster.config().service().to_string(),
+        migration_id: String::new(),
+        from: ms2m_core::Role::Operator,
+        sent_at_ms: output::now_ms(),
+        body,
+    };
+    ms2m_core::ControlChannel::publish(&control, &message).await?;
+    Ok(Skipped {
+        record,
+        reason: reason.to_string(),
+        operator: operator.to_string(),
+        control_topic: cluster.config().control_topic(),
+    })
 }
 
 async fn read_all(cluster: &KafkaCluster, topic: &str) -> Result<Vec<RawRecord>, CliError> {

@@ -96,6 +96,19 @@ pub enum CliError {
         /// The offset.
         offset: i64,
     },
+    /// No input record at the coordinates `dead-letters skip` was given.
+    #[error(
+        "no input record at {topic}/{partition}@{offset}: give the topic, partition and offset of the \
+         node's Decode/Apply error"
+    )]
+    NoInputRecord {
+        /// The input topic.
+        topic: String,
+        /// Its partition.
+        partition: i32,
+        /// The offset.
+        offset: i64,
+    },
     /// A record of the dead-letter topic lacks the headers ms2m writes.
     #[error(
         "{topic}/{partition}@{offset} is not a dead letter written by ms2m (header `{header}` missing or \

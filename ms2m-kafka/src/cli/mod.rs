@@ -66,7 +66,7 @@ pub enum Command {
     /// decoding the state needs the service's own code)
     #[command(subcommand)]
     Snapshots(snapshots::SnapshotsCommand),
-    /// Dead-letter topics: list, replay into the input
+    /// Dead-letter topics: list, replay into the input; skip a poison input record (audited)
     #[command(subcommand, name = "dead-letters")]
     DeadLetters(dead_letters::DeadLettersCommand),
 }

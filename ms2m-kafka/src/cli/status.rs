@@ -59,6 +59,26 @@ pub struct ControlStatus {
     pub lease: Option<LeaseView>,
     /// Every instance the channel names, in the order first named.
     pub nodes: Vec<NodeSeen>,
+    /// Input records operators allowed to skip (`dead-letters skip`), the
+    /// audit trail.
+    pub skipped_inputs: Vec<SkipView>,
+}
+
+/// An operator's `SkipInput` record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SkipView {
+    /// Input topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+    /// Why.
+    pub reason: String,
+    /// Who.
+    pub operator: String,
+    /// When, ms since the Unix epoch.
+    pub sent_at_ms: u64,
 }
 
 /// The owner's current lease term and the record that set it.
@@ -198,6 +218,7 @@ async fn control(cluster: &KafkaCluster) -> Result<ControlStatus, CliError> {
     status.undecided = undecided(&history);
     status.lease = lease(&history, output::now_ms());
     status.nodes = nodes(&history);
+    status.skipped_inputs = skipped_inputs(&history);
     status.records = history.len();
     status.skipped_records = channel.skipped_records();
     Ok(status)
@@ -277,6 +298,33 @@ pub fn nodes(history: &[ControlMessage]) -> Vec<NodeSeen> {
         }
     }
     seen
+}
+
+/// The operators' `SkipInput` records of `history`, in channel order.
+pub fn skipped_inputs(history: &[ControlMessage]) -> Vec<SkipView> {
+    history
+        .iter()
+        .filter_map(|m| match (&m.body, m.from) {
+            (
+                ControlBody::SkipInput {
+                    topic,
+                    partition,
+                    offset,
+                    reason,
+                    operator,
+                },
+                Role::Operator,
+            ) => Some(SkipView {
+                topic: topic.clone(),
+                partition: *partition,
+                offset: *offset,
+                reason: reason.clone(),
+                operator: operator.clone(),
+                sent_at_ms: m.sent_at_ms,
+            }),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The instances a record names.
@@ -432,6 +480,18 @@ fn control_text(out: &mut String, c: &ControlStatus) {
         c.records,
         c.skipped_records
     );
+    for s in &c.skipped_inputs {
+        line!(
+            out,
+            "skip allowed: {}/{}@{} by {} at {}: {}",
+            s.topic,
+            s.partition,
+            s.offset,
+            s.operator,
+            output::time(s.sent_at_ms),
+            s.reason
+        );
+    }
     if c.undecided.is_empty() {
         line!(out, "undecided migrations: none");
     } else {

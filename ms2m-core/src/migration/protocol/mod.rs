@@ -47,6 +47,8 @@ pub struct Decisions {
     /// Migrations prepared and not yet decided: a decisive claim rolls
     /// them back.
     open: BTreeSet<String>,
+    /// Input records an operator allowed to skip when bad.
+    skips: BTreeSet<(String, i32, i64)>,
 }
 
 /// What one record means for a migration's decision.
@@ -93,6 +95,19 @@ impl Decisions {
     fn fold(&mut self, m: &ControlMessage) {
         if let Some(lease) = owner::lease_record(m) {
             self.fold_lease_record(lease);
+            return;
+        }
+        if let (
+            ControlBody::SkipInput {
+                topic,
+                partition,
+                offset,
+                ..
+            },
+            Role::Operator,
+        ) = (&m.body, m.from)
+        {
+            self.skips.insert((topic.clone(), *partition, *offset));
             return;
         }
         if self.decided.contains_key(&m.migration_id) {
@@ -161,6 +176,12 @@ impl Decisions {
             self.renewal = 0;
         }
         self.owner = Some(owner);
+    }
+
+    /// The input records (`topic`, `partition`, `offset`) operators allowed
+    /// to skip when bad (`ControlBody::SkipInput`).
+    pub fn skipped_inputs(&self) -> &BTreeSet<(String, i32, i64)> {
+        &self.skips
     }
 
     /// How `migration_id` was decided, if it was.
