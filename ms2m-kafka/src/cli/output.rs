@@ -49,25 +49,11 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Milliseconds since the Unix epoch as `YYYY-MM-DD HH:MM:SS.mmm UTC`.
+/// Milliseconds since the Unix epoch as RFC 3339 UTC, e.g.
+/// `2026-12-01T17:47:57.668Z`.
 pub fn time(ms: u64) -> String {
-    let (days, rest) = (ms / 86_400_000, ms % 86_400_000);
-    let (y, m, d) = civil_from_days(days as i64);
-    let (h, min, s, milli) = (rest / 3_600_000, rest / 60_000 % 60, rest / 1000 % 60, rest % 1000);
-    format!("{y:04}-{m:02}-{d:02} {h:02}:{min:02}:{s:02}.{milli:03} UTC")
-}
-
-/// Howard Hinnant's `civil_from_days`: days since 1970-01-01 to a date.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(at).to_string()
 }
 
 /// A byte count with a binary unit.
@@ -103,9 +89,8 @@ mod tests {
 
     #[test]
     fn times_and_sizes_read_as_a_person_writes_them() {
-        assert_eq!(time(0), "1970-01-01 00:00:00.000 UTC");
-        assert_eq!(time(1_764_590_400_123), "2025-12-01 12:00:00.123 UTC");
-        assert_eq!(time(951_782_400_000), "2000-02-29 00:00:00.000 UTC");
+        assert_eq!(time(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(time(1_764_590_400_123), "2025-12-01T12:00:00.123Z");
         assert_eq!(bytes(512), "512 B");
         assert_eq!(bytes(3 << 20), "3.0 MiB");
         assert_eq!(text_or_hex(&[0xff, 0x01]), "0xff01");
