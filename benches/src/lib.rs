@@ -5,7 +5,7 @@
 //!
 //! * `benches/*.rs`: criterion micro benchmarks (codec and snapshot
 //!   envelope, digest, checkpoint pause), `cargo bench -p ms2m-benches`.
-//! * `src/bin/harness.rs`: the comparison harness (B1–B7 and memory). Every
+//! * `src/bin/harness.rs`: the comparison harness (B1–B7, memory, F1–F2). Every
 //!   comparison runs side by side in one process on the same broker, the
 //!   ratio is computed per run, and the table shows medians over runs:
 //!   `cargo run --release -p ms2m-benches --bin harness -- --help`.
@@ -21,13 +21,17 @@
 //! * [`mem`]: peak RSS from `/proc/<pid>/status`.
 //! * [`roles`]: the source and the target of a migration as separate
 //!   processes, for the peak memory per role.
+//! * [`failover`]: F1 (failover gap) and F2 (standby lag) of a fleet of
+//!   nodes, each its own process ([`nodes`]), measured from outside.
 
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
 #![forbid(unsafe_code)]
 
+pub mod failover;
 pub mod kafka;
 pub mod mem;
 pub mod migration;
+pub mod nodes;
 pub mod report;
 pub mod roles;
 pub mod services;

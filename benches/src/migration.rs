@@ -39,9 +39,11 @@ use crate::roles::{Role, RoleProcess, RoleSpec};
 use crate::services::{SlowReplay, REPLAY_COST_NS};
 use crate::{Bench, BoxError};
 
-const PLAYERS: u64 = 1000;
+/// Players of the game workloads (B1, MEM, F1, F2): one session each.
+pub(crate) const PLAYERS: u64 = 1000;
 
-fn key(player: u64) -> Vec<u8> {
+/// The record key of `player`'s events.
+pub(crate) fn key(player: u64) -> Vec<u8> {
     player.to_be_bytes().to_vec()
 }
 
@@ -76,7 +78,7 @@ where
 }
 
 /// Game events at `rate` msg/s, keyed by player.
-fn game_input(
+pub(crate) fn game_input(
     cluster: &KafkaCluster,
     topic: &str,
     rate: u64,

@@ -6,6 +6,7 @@
 //! cargo run --release -p ms2m-benches --bin harness                      # everything, embedded broker
 //! cargo run --release -p ms2m-benches --bin harness -- --quick           # CI smoke test (no thresholds asserted)
 //! cargo run --release -p ms2m-benches --bin harness -- --only B2,B3 --runs 5
+//! cargo run --release -p ms2m-benches --bin harness -- --only F1,F2 --runs 5   # failover, standby lag
 //! cargo run --release -p ms2m-benches --bin harness -- --brokers 127.0.0.1:9092   # tansu or any Kafka
 //! ```
 //!
@@ -18,7 +19,7 @@ use std::time::Instant;
 use clap::Parser;
 use ms2m_benches::migration::B1Options;
 use ms2m_benches::report::{markdown, Row};
-use ms2m_benches::{migration, snapshots, throughput, Bench, BoxError};
+use ms2m_benches::{failover, migration, snapshots, throughput, Bench, BoxError};
 
 /// Benchmarks ms2m against raw rdkafka and the MS2M paper's baselines.
 #[derive(Debug, Parser)]
@@ -35,7 +36,7 @@ struct Args {
     /// meaningful tail).
     #[arg(long)]
     runs: Option<usize>,
-    /// Benchmarks to run (comma-separated: B1..B7; MEM comes with B1).
+    /// Benchmarks to run (comma-separated: B1..B7, F1, F2; MEM comes with B1).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Write the rows and every sample as JSON to this file.
@@ -60,6 +61,10 @@ async fn main() -> Result<(), BoxError> {
     }
     // So are the source and target processes of the per-role memory rows.
     if let Some(code) = ms2m_benches::roles::run_role_if_requested().await {
+        std::process::exit(code);
+    }
+    // And the fleet nodes of F1 and F2.
+    if let Some(code) = ms2m_benches::nodes::run_node_if_requested().await {
         std::process::exit(code);
     }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into());
@@ -92,7 +97,7 @@ async fn main() -> Result<(), BoxError> {
     );
     let started = Instant::now();
     let mut rows: Vec<Row> = Vec::new();
-    for id in ["B5", "B2", "B3", "B4", "B6", "B7", "B1"] {
+    for id in ["B5", "B2", "B3", "B4", "B6", "B7", "B1", "F1", "F2"] {
         if !wanted(id) {
             continue;
         }
@@ -105,6 +110,8 @@ async fn main() -> Result<(), BoxError> {
             "B4" => snapshots::b4(&bench).await,
             "B5" => snapshots::b5(&bench).await,
             "B6" => throughput::b6(&bench).await,
+            "F1" => failover::f1(&bench).await,
+            "F2" => failover::f2(&bench).await,
             _ => migration::b7(&bench).await,
         };
         let new = result.map_err(|e| format!("{id} failed: {e}"))?;
@@ -132,12 +139,16 @@ async fn main() -> Result<(), BoxError> {
 }
 
 fn order(id: &str) -> (u32, String) {
-    let n = id
-        .trim_start_matches('B')
+    // The B rows first, then the F rows.
+    let (offset, rest) = match id.strip_prefix('F') {
+        Some(rest) => (100, rest),
+        None => (0, id.trim_start_matches('B')),
+    };
+    let n = rest
         .chars()
         .take_while(char::is_ascii_digit)
         .collect::<String>()
         .parse()
         .unwrap_or(99);
-    (n, id.to_string())
+    (offset + n, id.to_string())
 }
