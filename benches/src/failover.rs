@@ -2,7 +2,7 @@
 //! [`Node`](ms2m_core::node::Node)s, measured from outside.
 //!
 //! Each node is this binary re-executed ([`crate::nodes`]), running the
-//! [`GameSessions`] service with its state built to the requested size by
+//! [`GameSessions`](ms2m_examples::game::GameSessions) service with its state built to the requested size by
 //! 1,000 joins, over the parent's broker, at least once, with a short lease
 //! ([`LEASE_INTERVAL_MS`], [`LEASE_TIMEOUT_MS`], [`LEASE_MARGIN_MS`]). The
 //! owner `a` starts first and serves; the standby `b` starts once `a`
