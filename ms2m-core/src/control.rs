@@ -238,6 +238,11 @@ pub enum ControlBody {
         epoch: u64,
         /// The renewal's number within the epoch, from 1.
         renewal: u64,
+        /// Tells the renewals of one lease keeper from those of another
+        /// process with the same instance id (a restarted owner, or one
+        /// still in flight from before a crash), so a keeper counts only
+        /// its own; random per keeper, 0 for renewals no keeper counts.
+        incarnation: u64,
     },
     /// Operator → all: the input record at `topic`/`partition`@`offset` may
     /// be skipped if it is bad (it does not decode, or `apply` rejects it),

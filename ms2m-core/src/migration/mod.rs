@@ -78,6 +78,8 @@
 
 mod coordinator;
 #[cfg(test)]
+mod lease_model;
+#[cfg(test)]
 mod model;
 pub mod protocol;
 mod source;

@@ -277,11 +277,15 @@ where
     }
 
     /// Publishes `claim` and waits until the view folded it: whether it won.
+    /// Only a win dates the lease from `claim`'s sending; when the channel
+    /// names this node by an earlier record (a claim a crashed process of
+    /// this instance id left in flight), the standby loop finds that and
+    /// serves once a renewal is read back.
     async fn claim(&self, view: &ChannelView, claim: ControlBody) -> Result<bool> {
         let m = crate::migration::message(S::NAME, "", Sender::Node, claim);
         crate::migration::publish(&*self.control, &m).await?;
-        view.wait_for(&m).await?;
-        Ok(view.owner_is(self.config.instance_id()))
+        let won = view.wait_for(&m).await?;
+        Ok(won && view.owner_is(self.config.instance_id()))
     }
 
     /// Recovers as the owner, renewing the lease meanwhile: a recovery
@@ -314,6 +318,8 @@ where
                 owner: owner.instance_id,
                 epoch: owner.epoch,
                 renewal,
+                // No keeper counts these: they only keep standbys waiting.
+                incarnation: 0,
             };
             let m = crate::migration::message(S::NAME, "", Sender::Node, body);
             if let Err(e) = crate::migration::publish(&*self.control, &m).await {

@@ -26,7 +26,8 @@ struct State {
     watch: LeaseWatch,
     /// Target of every migration prepared, by migration id.
     targets: BTreeMap<String, String>,
-    recent: VecDeque<ControlMessage>,
+    /// The latest records, each with whether folding it changed the owner.
+    recent: VecDeque<(ControlMessage, bool)>,
     /// Migrations this node gave up as their target.
     given_up: std::collections::BTreeSet<String>,
     /// The forwarding task ended (the channel's reader failed).
@@ -35,7 +36,9 @@ struct State {
 
 impl State {
     fn fold(&mut self, m: ControlMessage) {
+        let owner_before = self.decisions.owner().cloned();
         self.decisions.observe(&m);
+        let set_owner = self.decisions.owner() != owner_before.as_ref();
         self.watch.observe(lease_clock(Instant::now()), &self.decisions);
         if let (ControlBody::Prepare { target, .. }, Role::Coordinator) = (&m.body, m.from) {
             self.targets.insert(m.migration_id.clone(), target.clone());
@@ -43,7 +46,7 @@ impl State {
         if self.recent.len() == RECENT {
             self.recent.pop_front();
         }
-        self.recent.push_back(m);
+        self.recent.push_back((m, set_owner));
     }
 }
 
@@ -163,16 +166,20 @@ impl ChannelView {
         }
     }
 
-    /// Waits until `m` (a record this node published) was folded.
-    pub(super) async fn wait_for(&self, m: &ControlMessage) -> Result<()> {
+    /// Waits until `m` (a record this node published) was folded: whether
+    /// folding it changed the owner (a claim that won; a claim that lost
+    /// changes nothing, even when an earlier record of the same instance
+    /// id, say one a crashed process left in flight, named this node).
+    pub(super) async fn wait_for(&self, m: &ControlMessage) -> Result<bool> {
         let mut changed = self.changed.clone();
         let deadline = tokio::time::Instant::now() + READ_BACK_TIMEOUT;
         loop {
             changed.borrow_and_update();
             {
                 let state = self.lock();
-                if state.recent.iter().any(|r| r == m) {
-                    return Ok(());
+                let mut folds = state.recent.iter().filter(|(r, _)| r == m).peekable();
+                if folds.peek().is_some() {
+                    return Ok(folds.any(|(_, set_owner)| *set_owner));
                 }
                 if state.closed {
                     return Err(reader_stopped());

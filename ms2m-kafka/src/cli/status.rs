@@ -573,6 +573,7 @@ mod tests {
             owner: "a".into(),
             epoch: 1,
             renewal,
+            incarnation: 1,
         };
         let history = vec![
             node(100, claim("a")),

@@ -137,7 +137,9 @@ impl Decisions {
 
     fn fold_lease_record(&mut self, record: owner::LeaseRecord<'_>) {
         match record {
-            owner::LeaseRecord::Renew { owner, epoch, renewal } => {
+            owner::LeaseRecord::Renew {
+                owner, epoch, renewal, ..
+            } => {
                 if self
                     .owner
                     .as_ref()

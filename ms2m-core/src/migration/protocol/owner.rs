@@ -132,6 +132,7 @@ pub(crate) enum LeaseRecord<'a> {
         owner: &'a str,
         epoch: u64,
         renewal: u64,
+        incarnation: u64,
     },
 }
 
@@ -143,10 +144,19 @@ pub(crate) fn lease_record(m: &ControlMessage) -> Option<LeaseRecord<'_>> {
             epoch: *epoch,
             expired: *expired,
         }),
-        (ControlBody::Renew { owner, epoch, renewal }, Role::Node) => Some(LeaseRecord::Renew {
+        (
+            ControlBody::Renew {
+                owner,
+                epoch,
+                renewal,
+                incarnation,
+            },
+            Role::Node,
+        ) => Some(LeaseRecord::Renew {
             owner,
             epoch: *epoch,
             renewal: *renewal,
+            incarnation: *incarnation,
         }),
         _ => None,
     }
@@ -156,7 +166,13 @@ pub(crate) fn lease_record(m: &ControlMessage) -> Option<LeaseRecord<'_>> {
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct LeaseKeeper {
     me: String,
+    /// Marks this keeper's renewals (see [`ControlBody::Renew`]).
+    incarnation: u64,
     config: LeaseConfig,
+    /// The highest renewal number of this owner's term read so far: a
+    /// renewal read back counts only if it raised the term, as standbys
+    /// time the lease from the record that raised it.
+    highest_read: u64,
     /// Renewals published and not yet read back: number → when sent.
     sent: BTreeMap<u64, Duration>,
     /// The next renewal's number.
@@ -171,17 +187,27 @@ impl LeaseKeeper {
     /// The lease of owner `me`. `granted_at`: a reading taken before the
     /// record that made it the owner was published (its claim, or its
     /// `Takeover`), if known; otherwise it emits only after its first
-    /// renewal is read back.
+    /// renewal is read back. Its renewals carry a random incarnation.
     pub fn new(me: impl Into<String>, config: LeaseConfig, granted_at: Option<Duration>) -> Self {
         Self {
             me: me.into(),
+            incarnation: random_incarnation(),
             config,
+            highest_read: 0,
             sent: BTreeMap::new(),
             next: 1,
             last_sent: None,
             valid_until: granted_at.map(|at| at + config.owner_validity()),
             fenced: None,
         }
+    }
+
+    /// The same keeper with its renewals marked `incarnation` instead of a
+    /// random number (for deterministic tests and models); it must differ
+    /// from every other keeper's of this instance id, and not be 0.
+    pub fn with_incarnation(mut self, incarnation: u64) -> Self {
+        self.incarnation = incarnation;
+        self
     }
 
     /// Whether the owner may emit at `now`.
@@ -224,6 +250,7 @@ impl LeaseKeeper {
             owner: self.me.clone(),
             epoch: owner.epoch,
             renewal,
+            incarnation: self.incarnation,
         })
     }
 
@@ -244,11 +271,20 @@ impl LeaseKeeper {
                 return self.fenced.clone();
             }
         }
-        if let Some(LeaseRecord::Renew { owner, renewal, .. }) = lease_record(m) {
-            if owner == self.me && decisions.lease().is_some_and(|l| l.renewal == renewal) {
+        let term = decisions.lease().map_or(0, |l| l.renewal);
+        if let Some(LeaseRecord::Renew {
+            owner,
+            renewal,
+            incarnation,
+            ..
+        }) = lease_record(m)
+        {
+            let mine = owner == self.me && incarnation == self.incarnation;
+            if mine && term == renewal && renewal > self.highest_read {
                 self.read_back(renewal);
             }
         }
+        self.highest_read = self.highest_read.max(term);
         None
     }
 
@@ -261,6 +297,16 @@ impl LeaseKeeper {
         let until = sent_at + self.config.owner_validity();
         self.valid_until = Some(self.valid_until.map_or(until, |v| v.max(until)));
     }
+}
+
+/// A number that tells one keeper's renewals from another's: random per
+/// call, never 0.
+fn random_incarnation() -> u64 {
+    use std::hash::BuildHasher;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    std::hash::RandomState::new().hash_one(now) | 1
 }
 
 /// A standby's side: when the owner's lease expired, and the claim to
@@ -449,6 +495,31 @@ mod tests {
         assert!(matches!(renew, ControlBody::Renew { renewal: 4, .. }));
         d.observe(&node(renew.clone()));
         restarted.on_record(&node(renew), &d);
+        assert!(restarted.may_emit(secs(8)));
+    }
+
+    /// A renewal of the same number that a crashed process of this
+    /// instance id left in flight (sent earlier) does not extend the
+    /// restarted keeper's lease, and its own renewal that lands after it
+    /// does not either: the standbys timed the term from the first.
+    #[test]
+    fn a_restarted_owner_counts_only_its_own_renewals_that_raised_the_term() {
+        let mut d = Decisions::default();
+        d.observe(&node(LeaseWatch::new("a", config()).claim_due(secs(0), &d).unwrap()));
+        let mut dead = LeaseKeeper::new("a", config(), Some(secs(0))).with_incarnation(1);
+        let orphan = dead.renewal_due(secs(0), &d).unwrap();
+        let mut restarted = LeaseKeeper::new("a", config(), None).with_incarnation(2);
+        let own = restarted.renewal_due(secs(5), &d).unwrap();
+        d.observe(&node(orphan.clone()));
+        restarted.on_record(&node(orphan), &d);
+        assert!(!restarted.may_emit(secs(6)), "the dead process's renewal");
+        d.observe(&node(own.clone()));
+        restarted.on_record(&node(own), &d);
+        assert!(!restarted.may_emit(secs(6)), "raised no term");
+        let next = restarted.renewal_due(secs(7), &d).unwrap();
+        assert!(matches!(next, ControlBody::Renew { renewal: 2, .. }));
+        d.observe(&node(next.clone()));
+        restarted.on_record(&node(next), &d);
         assert!(restarted.may_emit(secs(8)));
     }
 
