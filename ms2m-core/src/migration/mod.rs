@@ -92,6 +92,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use coordinator::{Coordinator, MigrationPlan, Recovered};
+pub(crate) use source::ChannelFeed;
 pub use source::{run_source, SourceAgent, SourceExit, SourceHandle, SourceOptions};
 pub(crate) use target::serve_as_target;
 pub use target::{run_target, TargetOptions};

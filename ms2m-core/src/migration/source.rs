@@ -152,6 +152,16 @@ where
     }
 }
 
+/// A reader of the control channel caught up to a point: what the records
+/// up to it decided, those of them that belong to migrations still open
+/// then (in channel order; more may be given, the machine skips decided
+/// ones), and every record after it.
+pub(crate) struct ChannelFeed {
+    pub(crate) decisions: Decisions,
+    pub(crate) open_records: Vec<ControlMessage>,
+    pub(crate) records: tokio::sync::mpsc::Receiver<ControlMessage>,
+}
+
 /// Whether the agent goes on.
 #[derive(Debug, PartialEq, Eq)]
 enum Flow {
@@ -177,13 +187,28 @@ where
     /// the Pf a target may already be taking over at. Fails with
     /// [`Error::Fenced`] if the channel names another owner.
     pub async fn new(instance: Instance<S, L, St, O>, control: Arc<C>, options: SourceOptions) -> Result<Self> {
-        let me = instance.config().instance_id().to_string();
         // Subscribe before reading the history: a record published in
         // between arrives twice, which the machine ignores.
-        let commands = forward_control(&*control, S::NAME.to_string(), false).await?;
+        let records = forward_control(&*control, S::NAME.to_string(), false).await?;
         let history = read_history(&*control, S::NAME).await?;
-        let decisions = Decisions::from_history(&history);
-        if let Some(owner) = decisions.owner().filter(|o| o.instance_id != me) {
+        let feed = ChannelFeed {
+            decisions: Decisions::from_history(&history),
+            open_records: history,
+            records,
+        };
+        Self::following(instance, control, options, feed).await
+    }
+
+    /// Like [`new`](Self::new), from a reader of the channel that is
+    /// already caught up (a node's running view): no history is read again.
+    pub(crate) async fn following(
+        instance: Instance<S, L, St, O>,
+        control: Arc<C>,
+        options: SourceOptions,
+        feed: ChannelFeed,
+    ) -> Result<Self> {
+        let me = instance.config().instance_id().to_string();
+        if let Some(owner) = feed.decisions.owner().filter(|o| o.instance_id != me) {
             return Err(Error::Fenced {
                 current_epoch: owner.epoch,
             });
@@ -192,15 +217,15 @@ where
             instance,
             control,
             options,
-            commands,
-            machine: SourceMachine::new(me, decisions),
+            commands: feed.records,
+            machine: SourceMachine::new(me, feed.decisions),
             stalls: StallMeter::default(),
             digest_task: None,
             lease: None,
             lease_lapsed: false,
             observer: None,
         };
-        for m in history {
+        for m in feed.open_records {
             agent.feed(SourceEvent::Record(m)).await?;
         }
         Ok(agent)

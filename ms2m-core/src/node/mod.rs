@@ -57,6 +57,10 @@ use crate::store::SnapshotStore;
 
 use view::ChannelView;
 
+/// How long a new owner waits for its view of the channel to name it
+/// before its agent reads the channel itself instead.
+const VIEW_CATCH_UP: Duration = Duration::from_secs(2);
+
 /// Makes a fresh set of backends (a node needs new ones after it gives up
 /// a role half-way, e.g. a target whose migration was abandoned).
 #[async_trait]
@@ -340,7 +344,7 @@ where
         self.report(NodeRole::Owner, Some(&instance), |s| s.owner = owner);
         self.health.clear_ready();
         let status = self.status.clone();
-        let agent = match SourceAgent::new(instance, Arc::clone(&self.control), self.options.source.clone()).await {
+        let agent = match self.source_agent(instance, view).await {
             Ok(agent) => agent,
             Err(Error::Fenced { current_epoch }) => {
                 warn!(current_epoch, "another node owns the service: standing by");
@@ -356,6 +360,22 @@ where
         match agent.run(stop.requested()).await? {
             SourceExit::Released(instance) => Ok(Next::Standby(self.keep_as_standby(instance).await)),
             SourceExit::Shutdown(_) => Ok(Next::Stop),
+        }
+    }
+
+    /// The owner's agent, fed by the view once it names this node (no new
+    /// reader, no history read again: the failover gap); if the view does
+    /// not within [`VIEW_CATCH_UP`], the agent reads the channel itself.
+    async fn source_agent(
+        &self,
+        instance: Instance<S, L, St, O>,
+        view: &ChannelView,
+    ) -> Result<SourceAgent<S, L, St, O, C>> {
+        let (control, options) = (Arc::clone(&self.control), self.options.source.clone());
+        if view.names_owner_within(self.config.instance_id(), VIEW_CATCH_UP).await {
+            SourceAgent::following(instance, control, options, view.follow()?).await
+        } else {
+            SourceAgent::new(instance, control, options).await
         }
     }
 

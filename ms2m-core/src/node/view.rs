@@ -12,10 +12,15 @@ use crate::control::{ControlBody, ControlChannel, ControlMessage, Role};
 use crate::error::{Error, Result};
 use crate::migration::protocol::owner::{LeaseConfig, LeaseWatch};
 use crate::migration::protocol::Decisions;
+use crate::migration::ChannelFeed;
 use crate::migration::{forward_control, lease_clock, read_history, MigrationError};
 
 /// How many recent records [`ChannelView::wait_for`] can recognise.
 const RECENT: usize = 256;
+
+/// Records an agent following the view may fall behind by before the view
+/// waits for it.
+const FOLLOWER_BUFFER: usize = 1024;
 
 /// How long a node waits to read back its own record.
 const READ_BACK_TIMEOUT: Duration = Duration::from_secs(30);
@@ -30,6 +35,11 @@ struct State {
     recent: VecDeque<(ControlMessage, bool)>,
     /// Migrations this node gave up as their target.
     given_up: std::collections::BTreeSet<String>,
+    /// The records of migrations undecided when they were folded, while
+    /// they stay undecided: what an owner's agent must see again.
+    open_records: Vec<ControlMessage>,
+    /// Agents following the channel through this view.
+    followers: Vec<tokio::sync::mpsc::Sender<ControlMessage>>,
     /// The forwarding task ended (the channel's reader failed).
     closed: bool,
 }
@@ -43,6 +53,11 @@ impl State {
         if let (ControlBody::Prepare { target, .. }, Role::Coordinator) = (&m.body, m.from) {
             self.targets.insert(m.migration_id.clone(), target.clone());
         }
+        if !m.migration_id.is_empty() {
+            self.open_records.push(m.clone());
+        }
+        let decisions = &self.decisions;
+        self.open_records.retain(|r| !decisions.is_decided(&r.migration_id));
         if self.recent.len() == RECENT {
             self.recent.pop_front();
         }
@@ -81,6 +96,8 @@ impl ChannelView {
             targets: BTreeMap::new(),
             recent: VecDeque::new(),
             given_up: Default::default(),
+            open_records: Vec::new(),
+            followers: Vec::new(),
             closed: false,
         };
         for m in read_history(control, service).await? {
@@ -92,11 +109,23 @@ impl ChannelView {
         let task = tokio::spawn(async move {
             let mut count = 0;
             while let Some(m) = records.recv().await {
-                lock(&shared).fold(m);
+                let followers = {
+                    let mut state = lock(&shared);
+                    state.fold(m.clone());
+                    state.followers.retain(|f| !f.is_closed());
+                    state.followers.clone()
+                };
+                for follower in followers {
+                    let _ = follower.send(m.clone()).await;
+                }
                 count += 1;
                 let _ = tx.send(count);
             }
-            lock(&shared).closed = true;
+            let mut state = lock(&shared);
+            state.closed = true;
+            // Their receivers see the channel end.
+            state.followers.clear();
+            drop(state);
             let _ = tx.send(u64::MAX);
         });
         Ok(Self { state, changed, task })
@@ -104,6 +133,41 @@ impl ChannelView {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         lock(&self.state)
+    }
+
+    /// A feed for an owner's agent: the decisions and open migrations'
+    /// records so far, and every record folded from now on (taken under
+    /// one lock, so none is missed or given twice). No new reader, no
+    /// history read again: taking over costs no round trip here.
+    pub(super) fn follow(&self) -> Result<ChannelFeed> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(reader_stopped());
+        }
+        let (tx, records) = tokio::sync::mpsc::channel(FOLLOWER_BUFFER);
+        state.followers.push(tx);
+        Ok(ChannelFeed {
+            decisions: state.decisions.clone(),
+            open_records: state.open_records.clone(),
+            records,
+        })
+    }
+
+    /// Waits up to `timeout` until the view names `me` the owner (it may
+    /// lag behind a record another reader of this node already saw, such
+    /// as a migration target's `Takeover`): whether it does.
+    pub(super) async fn names_owner_within(&self, me: &str, timeout: Duration) -> bool {
+        let mut changed = self.changed.clone();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            changed.borrow_and_update();
+            if self.owner_is(me) {
+                return true;
+            }
+            if self.lock().closed || tokio::time::timeout_at(deadline, changed.changed()).await.is_err() {
+                return false;
+            }
+        }
     }
 
     /// Whether the channel names `me` the owner.
