@@ -23,9 +23,7 @@
 //!   `Renew` and `Claim` as it arrives, and `b`'s status lines stamp its
 //!   switch to `Owner`, which splits the gap into: the age of `a`'s last
 //!   renewal at the kill, the claim, the takeover (sink claim, replay to
-//!   the committed position) and the first output. A parent-side probe
-//!   times what the new owner's migration agent does before it applies
-//!   anything (a fresh control reader and a read of the channel's history).
+//!   the committed position) and the first output.
 //!   A standby counts the timeout from the last renewal it read, up to one
 //!   interval before the kill, so the gap from the kill depends on where in
 //!   the renewal cycle the kill lands: run `i` of `n` kills `i/n` of an
@@ -53,7 +51,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ms2m_core::node::NodeRole;
-use ms2m_core::{ControlBody, ControlChannel, ControlMessage};
+use ms2m_core::{ControlBody, ControlMessage};
 use ms2m_examples::game::GameEvent;
 use ms2m_examples::observer::{now_us, Observer, Watch, Window};
 use ms2m_examples::support::{produce_json, producer};
@@ -268,9 +266,6 @@ struct Failover {
     live: f64,
     /// The output resumed within the wait (else the gap is a lower bound).
     resumed: bool,
-    /// The parent-side probe of the agent's start ([`agent_start_probe`]):
-    /// opening a control reader, then reading the history, ms.
-    agent_start: (f64, f64),
 }
 
 fn after(t: u64, kill: u64) -> f64 {
@@ -305,7 +300,6 @@ async fn failover_once(b: &Bench, mib: u64, phase: f64) -> Result<Failover, BoxE
         .map(|e| e.at_us)
         .max();
     let claim = events.iter().find(|e| e.claim && e.owner == "b" && e.at_us > kill);
-    let agent_start = agent_start_probe(&fleet.cluster).await?;
     fleet.stop().await?;
     Ok(Failover {
         first_output: gaps.output_gap_ended_ms,
@@ -314,24 +308,7 @@ async fn failover_once(b: &Bench, mib: u64, phase: f64) -> Result<Failover, BoxE
         claim: claim.map_or(f64::NAN, |e| after(e.at_us, kill)),
         live: after(live, kill),
         resumed: resumed && gaps.resumed,
-        agent_start,
     })
-}
-
-/// What a new owner's `SourceAgent::new` does before it applies anything
-/// (after the node reports `Owner`): open a control reader and read the
-/// channel's whole history, each with a fresh consumer. Timed here, in the
-/// parent, on the same broker and channel, in ms.
-async fn agent_start_probe(cluster: &KafkaCluster) -> Result<(f64, f64), BoxError> {
-    let control = cluster.control().await?;
-    let started = std::time::Instant::now();
-    let reader = control.reader(false).await?;
-    let opened = std::time::Instant::now();
-    control.history().await?;
-    let took = (crate::ms(opened - started), crate::ms(opened.elapsed()));
-    // Closing a consumer blocks (~100 ms): not on a runtime worker.
-    tokio::task::spawn_blocking(move || drop(reader)).await?;
-    Ok(took)
 }
 
 /// F1: the failover gap at 1 and 64 MiB (quick: 1 MiB).
@@ -344,14 +321,12 @@ pub async fn f1(b: &Bench) -> Result<Vec<Row>, BoxError> {
             let f = failover_once(b, mib, run as f64 / b.runs as f64).await?;
             eprintln!(
                 "  F1 {mib} MiB: gap {:.0} ms (timeout {LEASE_TIMEOUT_MS}); last renewal {:+.0}, claim {:+.0}, \
-                 live {:+.0}, last output {:+.0} ms after the kill; agent-start probe: reader {:.0} + history {:.0} ms{}",
+                 live {:+.0}, last output {:+.0} ms after the kill{}",
                 f.first_output,
                 f.last_renewal,
                 f.claim,
                 f.live,
                 f.last_output,
-                f.agent_start.0,
-                f.agent_start.1,
                 if f.resumed { "" } else { "; NOT resumed" }
             );
             runs.push(f);
@@ -424,14 +399,11 @@ fn breakdown(runs: &[Failover]) -> String {
     let unresumed = runs.iter().filter(|f| !f.resumed).count();
     format!(
         "medians: last renewal {:.0} ms before the kill; expiry (last renewal + timeout) → claim on the channel {:.0}; \
-         claim → standby reports Owner {:.0}; Owner → first output {:.0} (agent-start probe: opening a fresh control reader {:.0} + \
-         reading the history {:.0}); last output of the old owner {:+.0} ms after the kill{}",
+         claim → standby reports Owner {:.0}; Owner → first output {:.0}; last output of the old owner {:+.0} ms after the kill{}",
         -m(|f| f.last_renewal),
         m(|f| f.claim - f.last_renewal - LEASE_TIMEOUT_MS as f64),
         m(|f| f.live - f.claim),
         m(|f| f.first_output - f.live),
-        m(|f| f.agent_start.0),
-        m(|f| f.agent_start.1),
         m(|f| f.last_output),
         if unresumed > 0 {
             format!("; {unresumed} run(s) did not resume in 10 s")

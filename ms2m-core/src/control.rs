@@ -263,6 +263,17 @@ pub enum ControlBody {
         /// Who decided (e.g. the login running the CLI).
         operator: String,
     },
+    /// Node → operators: `node` now plays `role` (published at each change
+    /// of role, never periodically), so `ms2m status` can list standbys
+    /// that publish nothing else. Only the owner's liveness is known (its
+    /// lease): a node that died keeps its last announced role here. No
+    /// protocol party folds it. `migration_id` is empty.
+    Announce {
+        /// The node's instance id.
+        node: String,
+        /// Its new role.
+        role: crate::node::NodeRole,
+    },
 }
 
 impl ControlMessage {

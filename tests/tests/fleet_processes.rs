@@ -121,6 +121,26 @@ fn owner(brokers: &str, prefix: &str) -> Option<String> {
     status["control"]["owner"]["instance_id"].as_str().map(str::to_string)
 }
 
+/// Whether `ms2m status` lists node `id` with `role` within `wait` (its
+/// announcement is published off the node's path, so it may trail the
+/// node's own status line).
+fn listed_as(brokers: &str, prefix: &str, id: &str, role: &str, wait: Duration) -> bool {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let (ok, status) = cli(brokers, prefix, &["status"]);
+        assert!(ok, "ms2m status failed: {status}");
+        let nodes = status["control"]["nodes"].as_array().cloned().unwrap_or_default();
+        if nodes.iter().any(|n| n["instance_id"] == id && n["role"] == role) {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            eprintln!("nodes listed: {nodes:?}");
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn deployment(broker: &Broker, test: &str) -> (Deployment, String) {
     let prefix = ms2m_tests::unique(test) + ".";
     broker.prepare(&prefix);
@@ -137,6 +157,10 @@ fn a_standby_process_takes_over_when_the_owner_is_killed() {
     a.wait_role("Owner", TAKEOVER);
     let b = spawn("b", &brokers, &prefix, None);
     b.wait_role("Standby", TAKEOVER);
+    assert!(
+        listed_as(&brokers, &prefix, "b", "standby", TAKEOVER),
+        "ms2m status lists the standby"
+    );
     let first = load(&rt, &brokers, &deployment, 0, 1_500, 500);
     std::thread::sleep(Duration::from_secs(1));
     a.signal("KILL");

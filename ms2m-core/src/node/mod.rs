@@ -167,6 +167,17 @@ enum Next<I> {
     Stop,
 }
 
+impl<I> Next<I> {
+    fn role(&self) -> NodeRole {
+        match self {
+            Next::Owner(..) => NodeRole::Owner,
+            Next::Standby(_) => NodeRole::Standby,
+            Next::Target(_) => NodeRole::Target,
+            Next::Stop => NodeRole::Stopped,
+        }
+    }
+}
+
 impl<S, L, St, O, C, F> Node<S, L, St, O, C, F>
 where
     S: StatefulService,
@@ -240,8 +251,10 @@ where
 
     async fn roles(&self, stop: Stop) -> Result<()> {
         let view = ChannelView::start(&*self.control, S::NAME, self.config.instance_id(), self.options.lease).await?;
+        let (announcer, announced) = self.announcer();
         let mut next = self.first_role(&view).await?;
         loop {
+            let _ = announcer.send(next.role());
             next = match next {
                 Next::Owner(instance, granted_at) => self.own(instance, granted_at, &view, stop.clone()).await?,
                 Next::Standby(instance) => self.stand_by(instance, &view, stop.clone()).await?,
@@ -249,8 +262,44 @@ where
                 Next::Stop => break,
             };
         }
+        let _ = announcer.send(NodeRole::Stopped);
+        drop(announcer);
+        // The last announcement before the process may exit, within bounds.
+        let _ = tokio::time::timeout(Duration::from_secs(2), announced).await;
         self.report(NodeRole::Stopped, None, |_| {});
         Ok(())
+    }
+
+    /// A task that tells operators each new role of this node
+    /// (`ControlBody::Announce`), in order and off the role's path (a new
+    /// owner does not wait for it). A failure is logged, never fatal: the
+    /// announcement is informational. The task ends when the sender is
+    /// dropped and its queue is published.
+    fn announcer(
+        &self,
+    ) -> (
+        tokio::sync::mpsc::UnboundedSender<NodeRole>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (tx, mut roles) = tokio::sync::mpsc::unbounded_channel();
+        let control = Arc::clone(&self.control);
+        let node = self.config.instance_id().to_string();
+        let task = tokio::spawn(
+            async move {
+                while let Some(role) = roles.recv().await {
+                    let body = ControlBody::Announce {
+                        node: node.clone(),
+                        role,
+                    };
+                    let m = crate::migration::message(S::NAME, "", Sender::Node, body);
+                    if let Err(e) = crate::migration::publish(&*control, &m).await {
+                        warn!(error = %e, ?role, "could not announce the node's role");
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+        (tx, task)
     }
 
     /// Owner if the channel names this node, or nobody and its first claim

@@ -6,15 +6,17 @@
 //!
 //! The lease section says which record set the owner's current lease term
 //! and how old it is; the nodes section lists every instance the channel
-//! has heard of (claims, renewals, migrations) with its latest record. A
-//! standby that never published anything is not on the channel, so it is
-//! not listed: its own status line (`NodeStatus`, the health endpoint) is
-//! where it reports.
+//! has heard of (claims, renewals, migrations, and the `Announce` every
+//! node publishes at each change of role) with its latest record and its
+//! last announced role. Only the owner's liveness is known (its lease): a
+//! standby that died silently keeps its last announced role; its own status
+//! line (`NodeStatus`, the health endpoint) is where a live node reports.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
 use ms2m_core::migration::protocol::Decisions;
+use ms2m_core::node::NodeRole;
 use ms2m_core::{ControlBody, ControlMessage, Role};
 use serde::Serialize;
 
@@ -102,7 +104,9 @@ pub struct LeaseView {
 pub struct NodeSeen {
     /// Instance id.
     pub instance_id: String,
-    /// `owner` for the recorded owner, otherwise `not owner`.
+    /// `owner` for the recorded owner; otherwise its last announced role
+    /// (`standby`, `target`, `stopped`), or `not owner` when it announced
+    /// none. Only the owner's is known to be current (its lease).
     pub role: &'static str,
     /// Kind of the latest record naming it.
     pub last_record: String,
@@ -278,12 +282,18 @@ pub fn lease(history: &[ControlMessage], now_ms: u64) -> Option<LeaseView> {
 pub fn nodes(history: &[ControlMessage]) -> Vec<NodeSeen> {
     let owner = Decisions::from_history(history).owner().map(|o| o.instance_id.clone());
     let mut seen: Vec<NodeSeen> = Vec::new();
+    let mut announced: std::collections::BTreeMap<&str, NodeRole> = Default::default();
     for m in history {
+        if let ControlBody::Announce { node, role } = &m.body {
+            announced.insert(node, *role);
+        }
         for id in named(m) {
-            let role = if owner.as_deref() == Some(id) {
-                "owner"
-            } else {
-                "not owner"
+            let role = match (owner.as_deref() == Some(id), announced.get(id)) {
+                (true, _) => "owner",
+                (false, Some(NodeRole::Standby)) => "standby",
+                (false, Some(NodeRole::Target)) => "target",
+                (false, Some(NodeRole::Stopped)) => "stopped",
+                (false, _) => "not owner",
             };
             let entry = NodeSeen {
                 instance_id: id.to_string(),
@@ -332,6 +342,7 @@ fn named(m: &ControlMessage) -> Vec<&str> {
     match &m.body {
         ControlBody::Claim { owner, .. } | ControlBody::Renew { owner, .. } => vec![owner.as_str()],
         ControlBody::Prepare { source, target, .. } => vec![source.as_str(), target.as_str()],
+        ControlBody::Announce { node, .. } => vec![node.as_str()],
         _ => Vec::new(),
     }
 }
@@ -461,7 +472,10 @@ fn control_text(out: &mut String, c: &ControlStatus) {
         );
     }
     if !c.nodes.is_empty() {
-        line!(out, "nodes named on the channel:");
+        line!(
+            out,
+            "nodes on the channel (role: as last announced; only the owner's is live, by its lease):"
+        );
     }
     for n in &c.nodes {
         line!(
@@ -591,6 +605,41 @@ mod tests {
         let summary: Vec<_> = nodes.iter().map(|n| (n.instance_id.as_str(), n.role)).collect();
         assert_eq!(summary, [("a", "owner"), ("b", "not owner")]);
         assert!(super::lease(&history[..0], 0).is_none());
+    }
+
+    #[test]
+    fn nodes_that_only_announce_are_listed_with_their_last_role() {
+        let announce = |node: &str, role| ControlBody::Announce {
+            node: node.into(),
+            role,
+        };
+        let history = vec![
+            node(
+                100,
+                ControlBody::Claim {
+                    owner: "a".into(),
+                    epoch: 1,
+                    expired: None,
+                },
+            ),
+            node(101, announce("a", NodeRole::Owner)),
+            node(102, announce("c", NodeRole::Standby)),
+            node(103, announce("d", NodeRole::Standby)),
+            node(104, announce("d", NodeRole::Stopped)),
+        ];
+        let nodes = nodes(&history);
+        let summary: Vec<_> = nodes
+            .iter()
+            .map(|n| (n.instance_id.as_str(), n.role, n.last_record.as_str()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("a", "owner", "Announce"),
+                ("c", "standby", "Announce"),
+                ("d", "stopped", "Announce")
+            ]
+        );
     }
 
     #[test]
