@@ -241,7 +241,9 @@ pub enum ControlBody {
         /// Tells the renewals of one lease keeper from those of another
         /// process with the same instance id (a restarted owner, or one
         /// still in flight from before a crash), so a keeper counts only
-        /// its own; random per keeper, 0 for renewals no keeper counts.
+        /// its own; random per keeper, 0 for renewals no keeper counts
+        /// (and for renewals written before the field existed).
+        #[serde(default)]
         incarnation: u64,
     },
     /// Operator → all: the input record at `topic`/`partition`@`offset` may
@@ -316,4 +318,28 @@ pub trait ControlReader: Send + 'static {
 
     /// The next message, waiting at most `timeout`; `None` on time-out.
     async fn next(&mut self, timeout: Duration) -> Result<Option<ControlMessage>, Self::Error>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A renewal written before renewals carried an incarnation still
+    /// decodes (as incarnation 0, which no keeper counts): a rolling upgrade
+    /// must not make new nodes skip the old owner's renewals and claim.
+    #[test]
+    fn a_renewal_without_an_incarnation_decodes_as_zero() {
+        let old = br#"{"service":"s","migration_id":"","from":"Node","sent_at_ms":1,
+            "body":{"Renew":{"owner":"a","epoch":2,"renewal":3}}}"#;
+        let m = ControlMessage::from_bytes(old).expect("decodes");
+        assert_eq!(
+            m.body,
+            ControlBody::Renew {
+                owner: "a".into(),
+                epoch: 2,
+                renewal: 3,
+                incarnation: 0
+            }
+        );
+    }
 }

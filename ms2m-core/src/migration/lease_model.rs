@@ -7,7 +7,13 @@
 //! that land later. This model composes the *real* [`LeaseKeeper`],
 //! [`LeaseWatch`] and [`Decisions`] (no rule is re-implemented here) with a
 //! global clock, a lagging channel and crashes, and checks the argument's
-//! conclusion on every interleaving.
+//! conclusion on every interleaving up to a horizon. The limits: whole
+//! seconds up to that horizon (the tests' 3 s equal the timeout, so a
+//! takeover happens at the last instant and nothing after it is explored;
+//! the deep run takes the horizon as a parameter: 4 s, without crashes,
+//! explores the new owner's renewals and the deposed owner's records
+//! landing after the claim), no clock drift, `a` always the first owner
+//! (by symmetry), and a bounded search with a crash in the default test.
 //!
 //! # What is modelled
 //!

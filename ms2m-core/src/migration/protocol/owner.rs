@@ -31,7 +31,14 @@
 //! at most `s + timeout/(1+ρ) − margin/(1+ρ)` in real time. A standby reads `n`
 //! after it was published, so after `s`, and claims only once its own clock
 //! says `timeout` passed since: at least `s + timeout/(1+ρ)` in real time. A
-//! claim naming an older renewal loses to `n`. So a claim that wins lands
+//! claim naming an older renewal loses to `n`. Two conditions make "reads
+//! `n` back" mean what the argument needs: the record read must be this
+//! keeper's own (renewals carry a random `incarnation` per keeper, so one
+//! a crashed process of the same instance id left in flight, sent
+//! earlier, never counts), and folding it must have raised the term (a
+//! record of the same number that landed first started the standbys'
+//! timers earlier). Likewise a claim dates the lease from its sending
+//! only if folding it made this node the owner. So a claim that wins lands
 //! after the owner's last permitted emit, by at least `margin` — the bound
 //! on the time between the owner's check and the moment its step's outputs
 //! leave the process. A process paused inside that window (SIGSTOP between
