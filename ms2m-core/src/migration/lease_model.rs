@@ -100,12 +100,12 @@
 
 use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
-use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
 use stateright::{Checker, Expectation, Model, Property};
 
+use super::model::check_model;
 use super::protocol::owner::{LeaseConfig, LeaseKeeper, LeaseWatch};
 use super::protocol::Decisions;
 use crate::control::{ControlBody, ControlMessage, LeaseTerm, Role};
@@ -618,42 +618,9 @@ impl Model for LeaseModel {
     }
 }
 
-/// Checks `model` exhaustively, or breadth-first until about `bound`
-/// states were generated, and prints what it explored; panics with the
-/// counterexample path if a property fails (a bounded run checks only the
-/// "always" properties, on what it reached).
+/// Checks `model` like the migration model (see [`check_model`]).
 pub(super) fn check(label: &str, model: LeaseModel, bound: Option<usize>) -> (usize, usize) {
-    let always: Vec<_> = model
-        .properties()
-        .into_iter()
-        .filter(|p| p.expectation == Expectation::Always)
-        .map(|p| p.name)
-        .collect();
-    let mut builder = model.checker().threads(2);
-    if let Some(bound) = bound {
-        builder = builder.target_state_count(bound);
-    }
-    let checker = builder.spawn_bfs().join();
-    let (states, depth) = (checker.unique_state_count(), checker.max_depth());
-    let exhaustive = bound.is_none_or(|b| checker.state_count() < b);
-    let extent = if exhaustive {
-        "exhaustive"
-    } else {
-        "bounded, breadth-first"
-    };
-    // Straight to stderr, so `cargo test` shows it without --nocapture.
-    let _ = writeln!(
-        std::io::stderr(),
-        "model check {label}: {states} states, depth {depth} ({extent})"
-    );
-    if exhaustive {
-        checker.assert_properties();
-    } else {
-        for name in always {
-            checker.assert_no_discovery(name);
-        }
-    }
-    (states, depth)
+    check_model(label, model, bound)
 }
 
 /// The first failure the checker finds in `model`, depth first, with the

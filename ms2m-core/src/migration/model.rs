@@ -935,11 +935,24 @@ fn all_committed(m: &MigrationModel, w: &World) -> bool {
 
 /// Checks `model` exhaustively, or breadth-first until about `bound`
 /// states were generated, and prints what it explored; panics with the
+/// counterexample path if a property fails.
+pub(super) fn check(model: MigrationModel, bound: Option<usize>) -> (usize, usize) {
+    let label = format!("{:?} ({} input, {} faults)", model.strategy, model.input, model.crashes);
+    check_model(&label, model, bound)
+}
+
+/// Checks any of the protocol models (this one, the lease model) the same
+/// way: exhaustively, or breadth-first until about `bound` states were
+/// generated; prints `label`, the states and the depth; panics with the
 /// counterexample path if a property fails. A bounded run checks the
 /// safety and liveness properties on what it reached, and skips the
 /// "sometimes" examples it may not have reached.
-pub(super) fn check(model: MigrationModel, bound: Option<usize>) -> (usize, usize) {
-    let label = format!("{:?} ({} input, {} faults)", model.strategy, model.input, model.crashes);
+pub(super) fn check_model<M>(label: &str, model: M, bound: Option<usize>) -> (usize, usize)
+where
+    M: Model + Send + Sync + 'static,
+    M::State: std::fmt::Debug + Hash + Send + Sync + Clone + PartialEq + 'static,
+    M::Action: std::fmt::Debug + Clone + PartialEq,
+{
     let names: Vec<_> = model
         .properties()
         .into_iter()
