@@ -618,11 +618,6 @@ impl Model for LeaseModel {
     }
 }
 
-/// Checks `model` like the migration model (see [`check_model`]).
-pub(super) fn check(label: &str, model: LeaseModel, bound: Option<usize>) -> (usize, usize) {
-    check_model(label, model, bound)
-}
-
 /// The first failure the checker finds in `model`, depth first, with the
 /// path that reaches it.
 #[cfg(test)]
@@ -683,7 +678,7 @@ mod tests {
 
     #[test]
     fn lease_model_check_without_crashes() {
-        check("leases (3 nodes, 3 s, no crash)", model(0), None);
+        check_model("leases (3 nodes, 3 s, no crash)", model(0), None);
     }
 
     /// Bounded (it reaches depth 24 of 41): exhaustive, it is 7,383,513
@@ -691,7 +686,7 @@ mod tests {
     /// `lease_model_check_deep` runs it).
     #[test]
     fn lease_model_check_with_a_crash() {
-        check("leases (3 nodes, 3 s, 1 crash)", model(1), Some(BOUND));
+        check_model("leases (3 nodes, 3 s, 1 crash)", model(1), Some(BOUND));
     }
 
     /// The checker is not blind: outputs allowed to land later than the
@@ -744,6 +739,6 @@ mod tests {
             ..model(env("MS2M_LEASE_CRASHES", 1) as u8)
         };
         let label = format!("leases (3 nodes, {} s, {} crashes)", model.horizon, model.crashes);
-        check(&label, model, None);
+        check_model(&label, model, None);
     }
 }
