@@ -31,16 +31,27 @@ pub const PARTITIONS: i32 = 4;
 
 /// The names of one ledger deployment's topics and group: `{prefix}ledger.*`
 /// (several deployments can share a broker, as the tests do).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Deployment {
     /// Prepended to every name.
     pub prefix: String,
+    /// Partitions of the input and output topics ([`PARTITIONS`] unless set).
+    pub partitions: i32,
 }
 
 impl Deployment {
     /// The deployment whose names start with `prefix`.
     pub fn new(prefix: impl Into<String>) -> Self {
-        Self { prefix: prefix.into() }
+        Self {
+            prefix: prefix.into(),
+            partitions: PARTITIONS,
+        }
+    }
+
+    /// The same names over `partitions` partitions.
+    pub fn with_partitions(mut self, partitions: i32) -> Self {
+        self.partitions = partitions;
+        self
     }
 
     /// The input topic.
@@ -68,8 +79,8 @@ impl Deployment {
     /// The cluster at `brokers`, with the input and output topics created.
     pub async fn cluster(&self, brokers: &str) -> Result<KafkaCluster, BoxError> {
         let cluster = KafkaCluster::connect(self.kafka_config(brokers))?;
-        cluster.create_topic(&self.input(), PARTITIONS, &[]).await?;
-        cluster.create_topic(&self.output(), PARTITIONS, &[]).await?;
+        cluster.create_topic(&self.input(), self.partitions, &[]).await?;
+        cluster.create_topic(&self.output(), self.partitions, &[]).await?;
         Ok(cluster)
     }
 }
@@ -106,7 +117,8 @@ pub struct NodeArgs {
 }
 
 impl NodeArgs {
-    fn options(&self) -> NodeOptions {
+    /// The node options these flags give.
+    pub fn options(&self) -> NodeOptions {
         NodeOptions {
             lease: LeaseConfig {
                 interval: Duration::from_millis(self.lease_interval_ms),
@@ -129,19 +141,8 @@ pub async fn run_node(args: NodeArgs) -> Result<(), BoxError> {
     } else {
         Delivery::AtLeastOnce
     };
-    let factory = move || {
-        let cluster = cluster.clone();
-        async move {
-            cluster
-                .backends(delivery)
-                .await
-                .map_err(|e| Error::backend(Component::Log, "create the Kafka backends", e))
-        }
-    };
-    let config = InstanceConfig::new(&args.instance)
-        .output_topic(deployment.output())
-        .commit_every(50, Duration::from_millis(20))
-        .snapshot_interval(Some(Duration::from_secs(2)));
+    let factory = backend_factory(cluster, delivery);
+    let config = instance_config(&args.instance, &deployment);
     let node = Node::<Ledger, _, _, _, _, _>::new(factory, control, config, args.options())?;
     // Installed before the node builds its instances: their metric handles
     // bind to the recorder present when they are created.
@@ -153,6 +154,31 @@ pub async fn run_node(args: NodeArgs) -> Result<(), BoxError> {
     let result = node.run(terminated()).await;
     printer.abort();
     Ok(result?)
+}
+
+/// The node's backends on `cluster` (a new set each call).
+pub fn backend_factory(
+    cluster: KafkaCluster,
+    delivery: Delivery,
+) -> impl ms2m_core::node::BackendFactory<ms2m_kafka::KafkaLog, ms2m_kafka::KafkaSnapshotStore, ms2m_kafka::KafkaSink> {
+    move || {
+        let cluster = cluster.clone();
+        async move {
+            cluster
+                .backends(delivery)
+                .await
+                .map_err(|e| Error::backend(Component::Log, "create the Kafka backends", e))
+        }
+    }
+}
+
+/// The ledger instance's settings: outputs to the deployment's output
+/// topic, frequent commits, a snapshot every 2 s.
+pub fn instance_config(instance: &str, deployment: &Deployment) -> InstanceConfig {
+    InstanceConfig::new(instance)
+        .output_topic(deployment.output())
+        .commit_every(50, Duration::from_millis(20))
+        .snapshot_interval(Some(Duration::from_secs(2)))
 }
 
 /// Prints the status as a JSON line on each role or owner change, and
@@ -177,7 +203,7 @@ async fn print_status(mut status: tokio::sync::watch::Receiver<NodeStatus>) {
 }
 
 /// Completes on SIGTERM or SIGINT.
-async fn terminated() {
+pub async fn terminated() {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         return std::future::pending().await;
@@ -241,7 +267,8 @@ pub async fn verify(
     input: &[(i32, i64, Transaction)],
 ) -> Result<Verdict, BoxError> {
     let expected = reference_outputs(input);
-    let seen = read_outputs(brokers, &deployment.output(), expected.values().map(Vec::len).sum()).await?;
+    let at_least = expected.values().map(Vec::len).sum();
+    let seen = read_outputs(brokers, &deployment.output(), deployment.partitions, at_least).await?;
     Ok(compare(&expected, &seen))
 }
 
@@ -297,6 +324,7 @@ fn compare(expected: &BTreeMap<String, Vec<LedgerEvent>>, seen: &BTreeMap<String
 async fn read_outputs(
     brokers: &str,
     topic: &str,
+    partitions: i32,
     at_least: usize,
 ) -> Result<BTreeMap<String, Vec<LedgerEvent>>, BoxError> {
     let topic = topic.to_string();
@@ -309,7 +337,7 @@ async fn read_outputs(
         .create()?;
     tokio::task::spawn_blocking(move || {
         let mut tpl = TopicPartitionList::new();
-        for p in 0..PARTITIONS {
+        for p in 0..partitions {
             tpl.add_partition_offset(&topic, p, Offset::Beginning)?;
         }
         consumer.assign(&tpl)?;

@@ -23,4 +23,5 @@ pub mod fleet;
 pub mod game;
 pub mod ledger;
 pub mod observer;
+pub mod partitioned;
 pub mod support;

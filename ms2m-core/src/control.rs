@@ -276,6 +276,41 @@ pub enum ControlBody {
         /// Its new role.
         role: crate::node::NodeRole,
     },
+    /// Host → fleet: `host` is alive and hosts tasks of the service
+    /// (published every [`FleetOptions::heartbeat`](crate::fleet::FleetOptions::heartbeat)
+    /// under the service's name). A host not heard from for
+    /// [`FleetOptions::host_timeout`](crate::fleet::FleetOptions::host_timeout)
+    /// is dead: its tasks are assigned to others. `migration_id` is empty.
+    Heartbeat {
+        /// The host's id (the instance id of each of its task nodes).
+        host: String,
+    },
+    /// Fleet leader → hosts: `task` belongs on `host` (the latest record per
+    /// task counts). The host starts a node for it; the leader then moves
+    /// the task there with a migration, or, when its owner is dead, the
+    /// node claims it once the lease expired. `migration_id` is empty.
+    Assign {
+        /// The task's id (`{service}/p{partition}`).
+        task: String,
+        /// The host it belongs on.
+        host: String,
+    },
+    /// Operator → fleet: move every task off `host` (it keeps serving
+    /// until each is moved; it is never assigned tasks again under this
+    /// id). `migration_id` is empty.
+    Drain {
+        /// The host to empty.
+        host: String,
+        /// Who decided.
+        operator: String,
+    },
+    /// Operator → fleet: spread the tasks evenly over the live hosts now
+    /// (hosts with automatic rebalancing off move tasks only for dead or
+    /// drained hosts otherwise). `migration_id` is empty.
+    Rebalance {
+        /// Who asked.
+        operator: String,
+    },
 }
 
 impl ControlMessage {

@@ -81,6 +81,7 @@ pub mod codec;
 pub mod control;
 pub mod digest;
 pub mod error;
+pub mod fleet;
 pub mod fs_store;
 pub mod health;
 pub mod log;

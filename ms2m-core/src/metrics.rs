@@ -150,7 +150,7 @@ pub(crate) struct InstanceMetrics {
 }
 
 impl InstanceMetrics {
-    pub(crate) fn new(service: &'static str, instance: &str) -> Self {
+    pub(crate) fn new(service: &str, instance: &str) -> Self {
         let labels = [(SERVICE, service.to_string()), (INSTANCE, instance.to_string())];
         let with = |extra: (&'static str, &'static str)| {
             let mut l: Vec<(&'static str, String)> = labels.to_vec();

@@ -305,6 +305,12 @@ impl KafkaCluster {
         }
     }
 
+    /// The same broker with the configuration of the task serving
+    /// `partition` ([`KafkaConfig::for_task`]).
+    pub fn for_task(&self, partition: i32) -> Self {
+        self.for_service(self.config.for_task(partition))
+    }
+
     /// The service configuration.
     pub fn config(&self) -> &KafkaConfig {
         &self.config

@@ -34,6 +34,15 @@ pub const DEFAULT_CHUNK_SIZE: usize = 512 * 1024;
 /// 64 × 5 MiB = 320 MiB of chunk capacity.
 pub const DEFAULT_EMBEDDED_SNAPSHOT_PARTITIONS: i32 = 64;
 
+/// What a [`KafkaConfig::for_task`] configuration adds.
+#[derive(Clone, Debug)]
+struct Task {
+    /// The task's id.
+    id: String,
+    /// Appended to the group and transactional ids.
+    suffix: String,
+}
+
 /// Default number of partitions of a snapshot topic the store creates on a
 /// real cluster.
 pub const DEFAULT_SNAPSHOT_PARTITIONS: i32 = 8;
@@ -81,6 +90,7 @@ pub const DEFAULT_SNAPSHOT_PARTITIONS: i32 = 8;
 #[derive(Clone)]
 pub struct KafkaConfig {
     service: String,
+    task: Option<Task>,
     bootstrap_servers: Option<String>,
     settings: BTreeMap<String, String>,
     input_topics: Vec<String>,
@@ -127,6 +137,7 @@ impl KafkaConfig {
     pub fn new(service: impl Into<String>) -> Self {
         Self {
             service: service.into(),
+            task: None,
             bootstrap_servers: None,
             settings: BTreeMap::new(),
             input_topics: Vec::new(),
@@ -254,9 +265,40 @@ impl KafkaConfig {
         self.set("statistics.interval.ms", every.as_millis().to_string())
     }
 
-    /// The service name.
+    /// The configuration of the task serving `partition` of each input
+    /// topic of a partitioned service (see [`ms2m_core::fleet`]): it reads
+    /// only that partition, its snapshots and control records are keyed by
+    /// the task's id ([`ms2m_core::fleet::task_id`], `{service}/p{NN}`), and
+    /// its consumer group and transactional id get the suffix `.p{NN}`.
+    /// Topics are shared by every task of the service.
+    pub fn for_task(&self, partition: i32) -> Self {
+        let mut task = self.clone();
+        task.input_partitions = Some(
+            self.input_topics
+                .iter()
+                .map(|t| TopicPartition::new(t.as_str(), partition))
+                .collect(),
+        );
+        task.task = Some(Task {
+            id: ms2m_core::fleet::task_id(&self.service, partition),
+            suffix: format!(".p{partition:02}"),
+        });
+        task
+    }
+
+    /// The id the backends serve under: the service name, or the task's id
+    /// for a [`for_task`](Self::for_task) configuration.
     pub fn service(&self) -> &str {
+        self.task.as_ref().map_or(&self.service, |t| &t.id)
+    }
+
+    /// The service's name (a task's service too).
+    pub fn service_name(&self) -> &str {
         &self.service
+    }
+
+    fn task_suffix(&self) -> &str {
+        self.task.as_ref().map_or("", |t| &t.suffix)
     }
 
     /// The configured bootstrap servers, if any.
@@ -288,16 +330,19 @@ impl KafkaConfig {
             .unwrap_or_else(|| format!("{}.control", self.service))
     }
 
-    /// The consumer group id.
+    /// The consumer group id (a task's with its suffix).
     pub fn group_id(&self) -> String {
-        self.group_id.clone().unwrap_or_else(|| self.service.clone())
+        let group = self.group_id.clone().unwrap_or_else(|| self.service.clone());
+        format!("{group}{}", self.task_suffix())
     }
 
-    /// The transactional id.
+    /// The transactional id (a task's with its suffix).
     pub fn transactional_id(&self) -> String {
-        self.transactional_id
+        let id = self
+            .transactional_id
             .clone()
-            .unwrap_or_else(|| format!("{}.tx", self.service))
+            .unwrap_or_else(|| format!("{}.tx", self.service));
+        format!("{id}{}", self.task_suffix())
     }
 
     /// The snapshot chunk size.
@@ -349,6 +394,26 @@ impl SetDefault for ClientConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_task_reads_its_partition_under_its_own_ids_on_the_shared_topics() {
+        let service = KafkaConfig::new("svc").input_topic("in").group_id_name("g");
+        let task = service.for_task(3);
+        assert_eq!(task.service(), "svc/p03");
+        assert_eq!(task.service_name(), "svc");
+        assert_eq!(
+            task.explicit_input_partitions(),
+            Some(&[TopicPartition::new("in", 3)][..])
+        );
+        assert_eq!(
+            (task.group_id(), task.transactional_id()),
+            ("g.p03".into(), "svc.tx.p03".into())
+        );
+        assert_eq!(
+            (task.snapshot_topic(), task.control_topic()),
+            (service.snapshot_topic(), service.control_topic())
+        );
+    }
 
     #[test]
     fn names_derive_from_the_service_and_can_be_overridden() {

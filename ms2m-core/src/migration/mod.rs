@@ -384,13 +384,23 @@ pub(crate) async fn forward_control<C: ControlChannel>(
     service: String,
     from_start: bool,
 ) -> Result<tokio::sync::mpsc::Receiver<crate::ControlMessage>, Error> {
+    forward_control_where(control, from_start, move |s| s == service).await
+}
+
+/// [`forward_control`] for every service id `wanted` accepts (a fleet
+/// host reads its service's records and those of each of its tasks).
+pub(crate) async fn forward_control_where<C: ControlChannel>(
+    control: &C,
+    from_start: bool,
+    wanted: impl Fn(&str) -> bool + Send + Sync + 'static,
+) -> Result<tokio::sync::mpsc::Receiver<crate::ControlMessage>, Error> {
     let mut reader = control
         .reader(from_start)
         .await
         .map_err(|e| Error::backend(Component::Control, "open reader", e))?;
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     tokio::spawn(async move {
-        forward(&mut reader, &service, &tx).await;
+        forward(&mut reader, &wanted, &tx).await;
         // Closing a reader can block (Kafka: the consumer's close, ~100 ms):
         // never on a runtime worker, where it would stall whatever task
         // waits in that worker's queue (a target just gone live).
@@ -399,15 +409,16 @@ pub(crate) async fn forward_control<C: ControlChannel>(
     Ok(rx)
 }
 
-/// Sends `service`'s records to `tx` until its receiver is gone.
+/// Sends the records of the services `wanted` accepts to `tx` until its
+/// receiver is gone.
 async fn forward<R: ControlReader>(
     reader: &mut R,
-    service: &str,
+    wanted: &(impl Fn(&str) -> bool + Send + Sync),
     tx: &tokio::sync::mpsc::Sender<crate::ControlMessage>,
 ) {
     loop {
         match reader.next(Duration::from_millis(200)).await {
-            Ok(Some(m)) if m.service == service => {
+            Ok(Some(m)) if wanted(&m.service) => {
                 if tx.send(m).await.is_err() {
                     return;
                 }
@@ -444,14 +455,15 @@ pub(crate) fn message(
     }
 }
 
-/// Publishes `body` as `from` in `migration` of service `S`.
-pub(crate) async fn publish_as<S: crate::StatefulService, C: ControlChannel>(
+/// Publishes `body` as `from` in `migration` of `service`.
+pub(crate) async fn publish_as<C: ControlChannel>(
     control: &C,
+    service: &str,
     migration: &str,
     from: crate::Role,
     body: ControlBody,
 ) -> Result<(), Error> {
-    publish(control, &message(S::NAME, migration, from, body)).await
+    publish(control, &message(service, migration, from, body)).await
 }
 
 pub(crate) async fn publish<C: ControlChannel>(control: &C, m: &crate::ControlMessage) -> Result<(), Error> {

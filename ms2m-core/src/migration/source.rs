@@ -177,6 +177,11 @@ where
     O: OutputSink,
     C: ControlChannel,
 {
+    /// The id served (the service's name or a task's).
+    fn service(&self) -> &str {
+        self.instance.config().service_id_of::<S>()
+    }
+
     /// Subscribes to `control` for commands addressed to this instance, and
     /// catches up with the channel's history before it returns.
     ///
@@ -189,8 +194,9 @@ where
     pub async fn new(instance: Instance<S, L, St, O>, control: Arc<C>, options: SourceOptions) -> Result<Self> {
         // Subscribe before reading the history: a record published in
         // between arrives twice, which the machine ignores.
-        let records = forward_control(&*control, S::NAME.to_string(), false).await?;
-        let history = read_history(&*control, S::NAME).await?;
+        let service = instance.config().service_id_of::<S>().to_string();
+        let records = forward_control(&*control, service.clone(), false).await?;
+        let history = read_history(&*control, &service).await?;
         let feed = ChannelFeed {
             decisions: Decisions::from_history(&history),
             open_records: history,
@@ -263,7 +269,7 @@ where
 
     /// Serves live and answers migration commands until released or shut down.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<SourceExit<Instance<S, L, St, O>>> {
-        let span = info_span!("source", service = S::NAME, instance = %self.instance.config().instance_id());
+        let span = info_span!("source", service = self.service(), instance = %self.instance.config().instance_id());
         async move {
             let mut shutdown = std::pin::pin!(shutdown);
             self.instance.go_live_if_standby();
@@ -346,8 +352,9 @@ where
             return;
         };
         let control = Arc::clone(&self.control);
+        let service = self.service().to_string();
         tokio::spawn(async move {
-            if let Err(e) = publish_as::<S, C>(&control, "", Role::Node, body).await {
+            if let Err(e) = publish_as(&*control, &service, "", Role::Node, body).await {
                 warn!(error = %e, "could not renew the lease; retrying");
             }
         });
@@ -432,13 +439,14 @@ where
                 }
             }
             SourceAction::Publish { migration, body } => {
-                publish_as::<S, C>(&self.control, &migration, Role::Source, body).await?
+                publish_as(&*self.control, self.service(), &migration, Role::Source, body).await?
             }
             SourceAction::TakeDigest => return Ok(self.take_digest()),
             SourceAction::PublishProgress { migration } => {
                 let position = self.instance.position().clone();
-                publish_as::<S, C>(
-                    &self.control,
+                publish_as(
+                    &*self.control,
+                    self.service(),
                     &migration,
                     Role::Source,
                     ControlBody::SourceProgress { position },
@@ -454,8 +462,9 @@ where
                 let longest_stall = self.stalls.longest;
                 info!(%migration, %position, ?digest, ?longest_stall, "stopped for cutover");
                 let longest_stall_us = u64::try_from(longest_stall.as_micros()).unwrap_or(u64::MAX);
-                publish_as::<S, C>(
-                    &self.control,
+                publish_as(
+                    &*self.control,
+                    self.service(),
                     &migration,
                     Role::Source,
                     ControlBody::Stopped {

@@ -85,12 +85,14 @@ where
     C: ControlChannel,
 {
     let me = config.instance_id().to_string();
-    let span = info_span!("target", service = S::NAME, instance = %me);
+    let service = config.service_id_of::<S>().to_string();
+    let span = info_span!("target", service = %service, instance = %me);
     async move {
-        let decisions = Decisions::from_history(&read_history(&*control, S::NAME).await?);
-        let commands = forward_control(&*control, S::NAME.to_string(), true).await?;
+        let decisions = Decisions::from_history(&read_history(&*control, &service).await?);
+        let commands = forward_control(&*control, service.clone(), true).await?;
         let mut driver = TargetDriver {
             machine: TargetMachine::new(me, decisions),
+            service: service.clone(),
             commands,
             control,
             options,
@@ -117,6 +119,8 @@ where
     O: OutputSink,
 {
     machine: TargetMachine,
+    /// The id served (the service's name or a task's).
+    service: String,
     commands: tokio::sync::mpsc::Receiver<ControlMessage>,
     control: Arc<C>,
     options: TargetOptions,
@@ -299,7 +303,7 @@ where
             return Ok(TargetEvent::RestoreFailed("restored twice".into()));
         };
         let (loaded, transfer, restore) = match snapshot_id {
-            Some(id) => match fetch_and_restore::<S, St>(&*backends.store, id).await {
+            Some(id) => match fetch_and_restore::<S, St>(&*backends.store, &self.service, id).await {
                 Ok((loaded, transfer, restore)) => (Some(loaded), transfer, restore),
                 Err(e) => return Ok(TargetEvent::RestoreFailed(crate::store::error_chain(&e))),
             },
@@ -389,7 +393,8 @@ where
     fn publish(&self, body: ControlBody) -> impl std::future::Future<Output = Result<()>> + Send + 'static {
         let migration = self.machine.migration().unwrap_or_default().to_string();
         let control = self.control.clone();
-        async move { publish_as::<S, C>(&control, &migration, Role::Target, body).await }
+        let service = self.service.clone();
+        async move { publish_as(&*control, &service, &migration, Role::Target, body).await }
     }
 
     fn instance_mut(&mut self) -> Result<&mut Instance<S, L, St, O>> {
@@ -418,6 +423,7 @@ fn closed() -> Error {
 /// restore times.
 async fn fetch_and_restore<S: StatefulService, St: SnapshotStore>(
     store: &St,
+    service: &str,
     id: SnapshotId,
 ) -> Result<(LoadedSnapshot<S>, Duration, Duration)> {
     let started = Instant::now();
@@ -428,7 +434,7 @@ async fn fetch_and_restore<S: StatefulService, St: SnapshotStore>(
     let transfer = started.elapsed();
     let t = Instant::now();
     let snapshot = Snapshot::decode(bytes)?;
-    snapshot.check_service(S::NAME)?;
+    snapshot.check_service(service)?;
     let state = S::restore(snapshot.header.schema_version, &snapshot.state)?;
     Ok((LoadedSnapshot { id, snapshot, state }, transfer, t.elapsed()))
 }

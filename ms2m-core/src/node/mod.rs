@@ -213,6 +213,17 @@ where
         })
     }
 
+    /// The node's instance id.
+    pub fn instance_id(&self) -> &str {
+        self.config.instance_id()
+    }
+
+    /// The id this node serves under: the service's name, or the task's
+    /// id ([`InstanceConfig::service_id`]).
+    pub fn service(&self) -> &str {
+        self.config.service_id_of::<S>()
+    }
+
     /// The node's status, updated while it runs.
     pub fn status(&self) -> tokio::sync::watch::Receiver<NodeStatus> {
         self.status.subscribe()
@@ -229,7 +240,7 @@ where
 
     /// Runs the node through its roles until `shutdown` completes.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
-        let span = info_span!("node", service = S::NAME, instance = %self.config.instance_id());
+        let span = info_span!("node", service = self.service(), instance = %self.config.instance_id());
         async move {
             let (tx, rx) = tokio::sync::watch::channel(false);
             let work = self.roles(Stop(rx));
@@ -250,7 +261,13 @@ where
     }
 
     async fn roles(&self, stop: Stop) -> Result<()> {
-        let view = ChannelView::start(&*self.control, S::NAME, self.config.instance_id(), self.options.lease).await?;
+        let view = ChannelView::start(
+            &*self.control,
+            self.service(),
+            self.config.instance_id(),
+            self.options.lease,
+        )
+        .await?;
         let (announcer, announced) = self.announcer();
         let mut next = self.first_role(&view).await?;
         loop {
@@ -284,6 +301,7 @@ where
         let (tx, mut roles) = tokio::sync::mpsc::unbounded_channel();
         let control = Arc::clone(&self.control);
         let node = self.config.instance_id().to_string();
+        let service = self.service().to_string();
         let task = tokio::spawn(
             async move {
                 while let Some(role) = roles.recv().await {
@@ -291,7 +309,7 @@ where
                         node: node.clone(),
                         role,
                     };
-                    let m = crate::migration::message(S::NAME, "", Sender::Node, body);
+                    let m = crate::migration::message(&service, "", Sender::Node, body);
                     if let Err(e) = crate::migration::publish(&*control, &m).await {
                         warn!(error = %e, ?role, "could not announce the node's role");
                     }
@@ -325,7 +343,7 @@ where
     /// holds it), since the view may lag behind a release another reader
     /// of this node already saw.
     async fn channel_names_me(&self) -> Result<bool> {
-        let owner = crate::migration::current_owner(&*self.control, S::NAME).await?;
+        let owner = crate::migration::current_owner(&*self.control, self.service()).await?;
         Ok(owner.is_some_and(|o| o.instance_id == self.config.instance_id()))
     }
 
@@ -335,7 +353,7 @@ where
     /// this instance id left in flight), the standby loop finds that and
     /// serves once a renewal is read back.
     async fn claim(&self, view: &ChannelView, claim: ControlBody) -> Result<bool> {
-        let m = crate::migration::message(S::NAME, "", Sender::Node, claim);
+        let m = crate::migration::message(self.service(), "", Sender::Node, claim);
         crate::migration::publish(&*self.control, &m).await?;
         let won = view.wait_for(&m).await?;
         Ok(won && view.owner_is(self.config.instance_id()))
@@ -374,7 +392,7 @@ where
                 // No keeper counts these: they only keep standbys waiting.
                 incarnation: 0,
             };
-            let m = crate::migration::message(S::NAME, "", Sender::Node, body);
+            let m = crate::migration::message(self.service(), "", Sender::Node, body);
             if let Err(e) = crate::migration::publish(&*self.control, &m).await {
                 warn!(error = %e, "could not renew the lease while recovering");
             }

@@ -80,7 +80,7 @@ where
     /// The newest snapshot that verifies, restored with outputs suppressed.
     async fn restore_standby(&self, view: &ChannelView) -> Result<Instance<S, L, St, O>> {
         let backends = self.factory.backends().await?;
-        let (loaded, rejected) = store::load_newest_valid::<S, St>(&*backends.store, S::NAME).await?;
+        let (loaded, rejected) = store::load_newest_valid::<S, St>(&*backends.store, self.service()).await?;
         if !rejected.is_empty() {
             warn!(count = rejected.len(), "skipped snapshots that failed verification");
         }
@@ -114,7 +114,7 @@ where
             .await?;
         instance.go_live();
         let labels = [
-            ("service", S::NAME.to_string()),
+            ("service", self.service().to_string()),
             ("instance", self.config.instance_id().to_string()),
         ];
         metrics::counter!(crate::metrics::FAILOVERS, &labels).increment(1);

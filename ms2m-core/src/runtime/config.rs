@@ -43,6 +43,7 @@ pub enum BadMessagePolicy {
 #[derive(Clone, Debug)]
 pub struct InstanceConfig {
     pub(crate) instance_id: String,
+    pub(crate) service_id: Option<String>,
     pub(crate) snapshot_every: Option<u64>,
     pub(crate) snapshot_interval: Option<Duration>,
     pub(crate) keep_snapshots: usize,
@@ -66,6 +67,7 @@ impl InstanceConfig {
     pub fn new(instance_id: impl Into<String>) -> Self {
         Self {
             instance_id: instance_id.into(),
+            service_id: None,
             snapshot_every: Some(100_000),
             snapshot_interval: Some(Duration::from_secs(60)),
             keep_snapshots: 3,
@@ -86,6 +88,22 @@ impl InstanceConfig {
     /// This instance's id (written into its snapshots).
     pub fn instance_id(&self) -> &str {
         &self.instance_id
+    }
+
+    /// Serves `id` instead of the whole service: the key of its control
+    /// records, its snapshot series and its metrics labels. A partitioned
+    /// service runs one instance per task, each with the task's id
+    /// ([`task_id`](crate::fleet::task_id): `{NAME}/p{partition}`).
+    /// Default: the service's [`StatefulService::NAME`](crate::StatefulService::NAME).
+    pub fn service_id(mut self, id: impl Into<String>) -> Self {
+        self.service_id = Some(id.into());
+        self
+    }
+
+    /// The id this instance serves under: the one set with
+    /// [`service_id`](Self::service_id), or `S::NAME`.
+    pub fn service_id_of<S: crate::StatefulService>(&self) -> &str {
+        self.service_id.as_deref().unwrap_or(S::NAME)
     }
 
     /// The longest wait for input (and for a shutdown request to be noticed).

@@ -188,7 +188,7 @@ where
 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Instance")
-            .field("service", &S::NAME)
+            .field("service", &self.config.service_id_of::<S>())
             .field("instance_id", &self.config.instance_id)
             .field("position", &self.position)
             .field("stats", &self.stats)
@@ -211,9 +211,10 @@ where
         config: InstanceConfig,
         listener: &dyn ProgressListener,
     ) -> Result<Self> {
-        let span = info_span!("recover", service = S::NAME, instance = %config.instance_id);
+        let span = info_span!("recover", service = config.service_id_of::<S>(), instance = %config.instance_id);
         async move {
-            let (loaded, rejected) = store::load_newest_valid::<S, St>(&backends.store, S::NAME).await?;
+            let (loaded, rejected) =
+                store::load_newest_valid::<S, St>(&backends.store, config.service_id_of::<S>()).await?;
             if !rejected.is_empty() {
                 warn!(count = rejected.len(), "skipped snapshots that failed verification");
             }
@@ -286,7 +287,7 @@ where
             longest_stall: Duration::ZERO,
             uncommitted_dead_letters: 0,
             stats: InstanceStats::default(),
-            metrics: InstanceMetrics::new(S::NAME, &config.instance_id),
+            metrics: InstanceMetrics::new(config.service_id_of::<S>(), &config.instance_id),
             config,
         })
     }
@@ -386,7 +387,7 @@ where
     /// (finish the message in hand, commit, final snapshot). A shutdown
     /// request is noticed within the poll timeout.
     pub async fn run(&mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        let span = info_span!("run", service = S::NAME, instance = %self.config.instance_id);
+        let span = info_span!("run", service = self.config.service_id_of::<S>(), instance = %self.config.instance_id);
         async move {
             let mut shutdown = std::pin::pin!(shutdown);
             self.go_live_if_standby();
@@ -756,6 +757,7 @@ where
         debug!(?pause, frozen = matches!(state, StateBytes::Frozen(_)), %position, "snapshot taken");
         let store = self.store.clone();
         let instance_id = self.config.instance_id.clone();
+        let service = self.config.service_id_of::<S>().to_string();
         let keep = self.config.keep_snapshots;
         self.since_snapshot = 0;
         self.last_snapshot = Instant::now();
@@ -764,7 +766,7 @@ where
                 // Encoding (of a frozen state), checksumming and sealing run
                 // here, off the apply loop.
                 let state = state.encode().await?;
-                let snapshot = Snapshot::seal(S::NAME, S::SCHEMA_VERSION, position.clone(), instance_id, state);
+                let snapshot = Snapshot::seal(service, S::SCHEMA_VERSION, position.clone(), instance_id, state);
                 let encoded = snapshot.encode()?;
                 let id = store
                     .put(&encoded)
