@@ -21,6 +21,16 @@
 //! ([`KafkaError::ControlDecode`]), and counted once:
 //! [`KafkaControl::skipped_records`] is shared by the channel and its
 //! readers. Records without a value (tombstones) are skipped silently.
+//!
+//! # One consumer per channel
+//!
+//! Every [`reader`](ControlChannel::reader) of one `KafkaControl` is fed by
+//! one consumer that follows the topic's end (started by the first reader),
+//! and [`history`](ControlChannel::history) reads only the records after
+//! those it read before. A host of many partitioned tasks shares one
+//! channel among their nodes, and each of them takes several readers
+//! (view, source, target, coordinator): with a consumer each, the broker
+//! answered tens of thousands of empty fetches a second.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,6 +44,7 @@ use rdkafka::error::KafkaError as RdKafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio::sync::{mpsc, OnceCell};
 use tracing::warn;
 
 use crate::broker::KafkaCluster;
@@ -47,6 +58,34 @@ pub struct KafkaControl {
     service: String,
     producer: FutureProducer,
     skipped: Arc<Skipped>,
+    /// The records read so far: each `history()` reads only the tail.
+    read: Arc<tokio::sync::Mutex<ReadSoFar>>,
+    /// The consumer that feeds every reader, once one was asked for.
+    follower: OnceCell<Follower>,
+}
+
+/// A record the follower read: its offset and message, or its error.
+type Followed = std::result::Result<(i64, ControlMessage), RdKafkaError>;
+
+/// One consumer at the topic's end, copying each record to every reader.
+struct Follower {
+    readers: Arc<Mutex<Vec<mpsc::UnboundedSender<Followed>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for KafkaControl {
+    fn drop(&mut self) {
+        if let Some(f) = self.follower.get() {
+            f.task.abort();
+        }
+    }
+}
+
+/// The decoded prefix of the control topic, and the offset after it.
+#[derive(Default)]
+struct ReadSoFar {
+    records: Vec<ControlMessage>,
+    next: i64,
 }
 
 impl std::fmt::Debug for KafkaControl {
@@ -116,12 +155,70 @@ impl KafkaControl {
             service: config.service().to_string(),
             producer,
             skipped: Arc::default(),
+            read: Arc::default(),
+            follower: OnceCell::new(),
         })
     }
 
     /// The control topic.
     pub fn topic(&self) -> &str {
         &self.topic
+    }
+
+    /// The records from offset `from` (or the topic's start, if later) to
+    /// the end as of now, and the offset after them (below `from` when
+    /// the topic ends before it).
+    async fn read_from(&self, from: i64) -> Result<(Vec<ControlMessage>, i64)> {
+        let mut cc = self.reader_config("50");
+        cc.set("enable.partition.eof", "true");
+        let consumer: BaseConsumer = cc.create().map_err(KafkaError::kafka("create a control reader"))?;
+        let topic = self.topic.clone();
+        let timeout = self.cluster.config().timeout();
+        let skipped = self.skipped.clone();
+        blocking(move || {
+            let (low, high) = consumer
+                .fetch_watermarks(&topic, 0, timeout)
+                .map_err(KafkaError::kafka("fetch control topic watermarks"))?;
+            let start = from.max(low);
+            let mut out = Vec::new();
+            if start >= high {
+                return Ok((out, high));
+            }
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(&topic, 0, Offset::Offset(start))
+                .map_err(KafkaError::kafka("assign the control topic"))?;
+            consumer
+                .assign(&tpl)
+                .map_err(KafkaError::kafka("assign the control topic"))?;
+            let deadline = std::time::Instant::now() + timeout;
+            let mut next = start;
+            while next < high {
+                if std::time::Instant::now() >= deadline {
+                    return Err(KafkaError::Timeout {
+                        operation: "read the control history",
+                        timeout,
+                    });
+                }
+                match consumer.poll(Duration::from_millis(100)) {
+                    None => {}
+                    Some(Err(RdKafkaError::PartitionEOF(_))) => break,
+                    Some(Err(e)) => return Err(KafkaError::kafka("read the control history")(e)),
+                    Some(Ok(m)) => {
+                        if m.offset() >= high {
+                            break;
+                        }
+                        next = m.offset() + 1;
+                        let Some(payload) = m.payload() else { continue };
+                        match ControlMessage::from_bytes(payload) {
+                            Ok(message) => out.push(message),
+                            Err(source) => skipped.record(&topic, m.partition(), m.offset(), source),
+                        }
+                    }
+                }
+            }
+            Ok((out, next))
+        })
+        .await
     }
 
     /// How many distinct undecodable records this channel and its readers
@@ -132,19 +229,15 @@ impl KafkaControl {
     }
 }
 
-/// Reads a [`KafkaControl`] topic in order.
+/// Reads a [`KafkaControl`] topic in order (records copied from the
+/// channel's follower, after the history when it reads from the start).
+#[derive(Debug)]
 pub struct KafkaControlReader {
-    consumer: Arc<StreamConsumer>,
-    topic: String,
-    skipped: Arc<Skipped>,
-}
-
-impl std::fmt::Debug for KafkaControlReader {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KafkaControlReader")
-            .field("topic", &self.topic)
-            .finish_non_exhaustive()
-    }
+    backlog: std::collections::VecDeque<ControlMessage>,
+    /// Followed records below this offset were in the backlog or before
+    /// the reader's start.
+    from: i64,
+    records: mpsc::UnboundedReceiver<Followed>,
 }
 
 #[async_trait]
@@ -163,68 +256,69 @@ impl ControlChannel for KafkaControl {
         Ok(())
     }
 
+    /// Reads only the records after those this channel read before (the
+    /// topic is append-only: never compacted, never deleted, checked at
+    /// start), so a host whose many task nodes each read the history pays
+    /// for each record once. Calls are serialized.
     async fn history(&self) -> Result<Vec<ControlMessage>> {
-        let mut cc = self.cluster.client_config();
-        cc.set(
-            "group.id",
-            format!("{}.control-reader", self.cluster.config().group_id()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("auto.offset.reset", "earliest")
-        .set_default("fetch.wait.max.ms", "50");
-        let consumer: BaseConsumer = cc.create().map_err(KafkaError::kafka("create a control reader"))?;
-        let topic = self.topic.clone();
-        let timeout = self.cluster.config().timeout();
-        let skipped = self.skipped.clone();
+        Ok(self.history_and_next().await?.0)
+    }
+
+    async fn reader(&self, from_start: bool) -> Result<KafkaControlReader> {
+        let follower = self.follower.get_or_try_init(|| self.follow()).await?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        follower.readers.lock().unwrap_or_else(PoisonError::into_inner).push(tx);
+        // Subscribed first: every record past the end read below reaches it.
+        let (backlog, from) = if from_start {
+            self.history_and_next().await?
+        } else {
+            (Vec::new(), self.end().await?)
+        };
+        Ok(KafkaControlReader {
+            backlog: backlog.into(),
+            from,
+            records: rx,
+        })
+    }
+}
+
+impl KafkaControl {
+    /// The whole history and the offset after it (the tail read only).
+    async fn history_and_next(&self) -> Result<(Vec<ControlMessage>, i64)> {
+        let mut read = self.read.lock().await;
+        let from = read.next;
+        let (tail, next) = self.read_from(from).await?;
+        if next < from {
+            // The topic was recreated: read it again from its start.
+            let (all, next) = self.read_from(0).await?;
+            *read = ReadSoFar { records: all, next };
+        } else {
+            read.records.extend(tail);
+            read.next = next;
+        }
+        Ok((read.records.clone(), read.next))
+    }
+
+    /// The topic's end (its high watermark).
+    async fn end(&self) -> Result<i64> {
+        let consumer: BaseConsumer = self
+            .reader_config("50")
+            .create()
+            .map_err(KafkaError::kafka("create a control reader"))?;
+        let (topic, timeout) = (self.topic.clone(), self.cluster.config().timeout());
         blocking(move || {
-            let (low, high) = consumer
-                .fetch_watermarks(&topic, 0, timeout)
-                .map_err(KafkaError::kafka("fetch control topic watermarks"))?;
-            let mut out = Vec::new();
-            if low >= high {
-                return Ok(out);
-            }
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition_offset(&topic, 0, Offset::Offset(low))
-                .map_err(KafkaError::kafka("assign the control topic"))?;
             consumer
-                .assign(&tpl)
-                .map_err(KafkaError::kafka("assign the control topic"))?;
-            let deadline = std::time::Instant::now() + timeout;
-            let mut next = low;
-            while next < high {
-                if std::time::Instant::now() >= deadline {
-                    return Err(KafkaError::Timeout {
-                        operation: "read the control history",
-                        timeout,
-                    });
-                }
-                match consumer.poll(Duration::from_millis(100)) {
-                    None => {}
-                    Some(Err(RdKafkaError::PartitionEOF(_))) => break,
-                    Some(Err(e)) => return Err(KafkaError::kafka("read the control history")(e)),
-                    Some(Ok(m)) => {
-                        next = m.offset() + 1;
-                        if m.offset() >= high {
-                            break;
-                        }
-                        let Some(payload) = m.payload() else { continue };
-                        match ControlMessage::from_bytes(payload) {
-                            Ok(message) => out.push(message),
-                            Err(source) => skipped.record(&topic, m.partition(), m.offset(), source),
-                        }
-                    }
-                }
-            }
-            Ok(out)
+                .fetch_watermarks(&topic, 0, timeout)
+                .map(|(_, high)| high)
+                .map_err(KafkaError::kafka("fetch control topic watermarks"))
         })
         .await
     }
 
-    async fn reader(&self, from_start: bool) -> Result<KafkaControlReader> {
+    /// A control consumer's settings: it never joins a group or commits
+    /// (`group.id` is required by assign only).
+    fn reader_config(&self, fetch_wait_ms: &str) -> rdkafka::ClientConfig {
         let mut cc = self.cluster.client_config();
-        // group.id is required by assign; this consumer never joins or commits.
         cc.set(
             "group.id",
             format!("{}.control-reader", self.cluster.config().group_id()),
@@ -232,30 +326,49 @@ impl ControlChannel for KafkaControl {
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
         .set("auto.offset.reset", "earliest")
+        .set_default("fetch.wait.max.ms", fetch_wait_ms);
+        cc
+    }
+
+    /// Starts the follower at the topic's current end.
+    async fn follow(&self) -> Result<Follower> {
         // Control messages are few and on the migration's critical path
         // (every hop of the cutover is one of them): fetch without waiting.
-        .set_default("fetch.wait.max.ms", "1");
-        let consumer: StreamConsumer = cc.create().map_err(KafkaError::kafka("create a control reader"))?;
-        let consumer = Arc::new(consumer);
-        let c = consumer.clone();
-        let topic = self.topic.clone();
-        let timeout = self.cluster.config().timeout();
-        let (low, high) = blocking(move || {
-            c.fetch_watermarks(&topic, 0, timeout)
-                .map_err(KafkaError::kafka("fetch control topic watermarks"))
-        })
-        .await?;
+        let consumer: StreamConsumer = self
+            .reader_config("1")
+            .create()
+            .map_err(KafkaError::kafka("create a control reader"))?;
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&self.topic, 0, Offset::Offset(if from_start { low } else { high }))
+        tpl.add_partition_offset(&self.topic, 0, Offset::Offset(self.end().await?))
             .map_err(KafkaError::kafka("assign the control topic"))?;
         consumer
             .assign(&tpl)
             .map_err(KafkaError::kafka("assign the control topic"))?;
-        Ok(KafkaControlReader {
-            consumer,
-            topic: self.topic.clone(),
-            skipped: self.skipped.clone(),
-        })
+        let readers: Arc<Mutex<Vec<mpsc::UnboundedSender<Followed>>>> = Arc::default();
+        let (to, topic, skipped) = (Arc::clone(&readers), self.topic.clone(), Arc::clone(&self.skipped));
+        let task = tokio::spawn(async move {
+            loop {
+                let followed = match consumer.recv().await {
+                    Err(e) => Err(e),
+                    Ok(m) => {
+                        // Tombstones (from a cleanup) carry no message and
+                        // undecodable records are not ours to interpret:
+                        // skip both (module docs).
+                        let Some(payload) = m.payload() else { continue };
+                        match ControlMessage::from_bytes(payload) {
+                            Ok(message) => Ok((m.offset(), message)),
+                            Err(source) => {
+                                skipped.record(&topic, m.partition(), m.offset(), source);
+                                continue;
+                            }
+                        }
+                    }
+                };
+                let mut to = to.lock().unwrap_or_else(PoisonError::into_inner);
+                to.retain(|reader| reader.send(followed.clone()).is_ok());
+            }
+        });
+        Ok(Follower { readers, task })
     }
 }
 
@@ -264,18 +377,17 @@ impl ControlReader for KafkaControlReader {
     type Error = KafkaError;
 
     async fn next(&mut self, timeout: Duration) -> Result<Option<ControlMessage>> {
+        if let Some(m) = self.backlog.pop_front() {
+            return Ok(Some(m));
+        }
         let deadline = tokio::time::Instant::now() + timeout;
-        // Tombstones (from a cleanup) carry no message and undecodable
-        // records are not ours to interpret: skip both (module docs).
         loop {
-            let m = match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+            match tokio::time::timeout_at(deadline, self.records.recv()).await {
                 Err(_) => return Ok(None),
-                Ok(r) => r.map_err(KafkaError::kafka("read the control topic"))?,
-            };
-            let Some(payload) = m.payload() else { continue };
-            match ControlMessage::from_bytes(payload) {
-                Ok(message) => return Ok(Some(message)),
-                Err(source) => self.skipped.record(&self.topic, m.partition(), m.offset(), source),
+                Ok(None) => return Err(KafkaError::Config("the control channel was dropped".into())),
+                Ok(Some(Err(e))) => return Err(KafkaError::kafka("read the control topic")(e)),
+                Ok(Some(Ok((offset, m)))) if offset >= self.from => return Ok(Some(m)),
+                Ok(Some(Ok(_))) => {}
             }
         }
     }

@@ -20,6 +20,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ms2m_examples::fleet::{produce_load, verify, Deployment, Verdict};
+use ms2m_examples::ledger::Transaction;
+
 /// The lease settings the process tests use: short, so failovers take
 /// about two seconds.
 #[derive(Clone, Copy, Debug)]
@@ -47,6 +50,8 @@ pub struct Binaries {
     pub node: &'static str,
     /// `ms2m`: the operator CLI.
     pub cli: &'static str,
+    /// `fleet_host`: the ledger host of a partitioned fleet.
+    pub host: &'static str,
 }
 
 /// A node running as its own process.
@@ -63,7 +68,25 @@ impl NodeProcess {
     /// Starts node `id` of the deployment `prefix` at `brokers`, inside
     /// network namespace `netns` if given.
     pub fn spawn(bins: Binaries, id: &str, brokers: &str, prefix: &str, lease: Lease, netns: Option<&str>) -> Self {
-        let node = bins.node;
+        Self::start(bins.node, &[], id, brokers, prefix, lease, netns)
+    }
+
+    /// Starts host `id` of the partitioned deployment `prefix` (the
+    /// `fleet_host` binary: one task per partition of its `partitions`).
+    pub fn spawn_host(bins: Binaries, id: &str, brokers: &str, prefix: &str, lease: Lease, partitions: i32) -> Self {
+        let args = ["--partitions".to_string(), partitions.to_string()];
+        Self::start(bins.host, &args, id, brokers, prefix, lease, None)
+    }
+
+    fn start(
+        node: &str,
+        extra: &[String],
+        id: &str,
+        brokers: &str,
+        prefix: &str,
+        lease: Lease,
+        netns: Option<&str>,
+    ) -> Self {
         let mut command = match netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -77,6 +100,7 @@ impl NodeProcess {
             .args(["--lease-interval-ms", &lease.interval_ms.to_string()])
             .args(["--lease-timeout-ms", &lease.timeout_ms.to_string()])
             .args(["--lease-margin-ms", &lease.margin_ms.to_string()])
+            .args(extra)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,ms2m_core=info".into()),
@@ -107,6 +131,28 @@ impl NodeProcess {
     pub fn role(&self) -> Option<String> {
         let statuses = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
         statuses.last().and_then(|s| s["role"].as_str()).map(str::to_string)
+    }
+
+    /// A host's tasks and their roles, from its latest status line
+    /// (`{"host":..,"tasks":{task: role}}`).
+    pub fn tasks(&self) -> std::collections::BTreeMap<String, String> {
+        let statuses = self.statuses.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(tasks) = statuses.last().and_then(|s| s["tasks"].as_object()) else {
+            return Default::default();
+        };
+        tasks
+            .iter()
+            .filter_map(|(t, r)| Some((t.clone(), r.as_str()?.to_string())))
+            .collect()
+    }
+
+    /// The tasks a host reports owning.
+    pub fn owned(&self) -> std::collections::BTreeSet<String> {
+        self.tasks()
+            .into_iter()
+            .filter(|(_, role)| role == "Owner")
+            .map(|(t, _)| t)
+            .collect()
     }
 
     /// Every role the node reported, in order, without repeats.
@@ -463,4 +509,100 @@ impl Drop for ControlWatch {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// The at-least-once window: outputs a dead or fenced owner sent after its
+/// last commit (it commits every 50 messages or 20 ms), emitted again by
+/// the next owner. Per fault (per task that failed over), generously.
+pub const DUPLICATES_PER_FAULT: usize = 200;
+
+/// The broker a process scenario runs on, kept alive for it: the embedded
+/// one (hosted by the test process) or `MS2M_TEST_BROKERS`.
+pub enum Broker {
+    /// Hosted by this process.
+    Embedded(ms2m_kafka::EmbeddedBroker),
+    /// A running broker's address.
+    External(String),
+}
+
+impl Broker {
+    /// `MS2M_TEST_BROKERS` if set, else an embedded broker.
+    pub fn start() -> Self {
+        match crate::brokers() {
+            Some(address) => Broker::External(address),
+            None => Broker::Embedded(ms2m_kafka::EmbeddedBroker::start(1).expect("embedded broker")),
+        }
+    }
+
+    /// Creates the deployment's topics (input and output over `partitions`)
+    /// where nodes cannot: the embedded broker answers no CreateTopics from
+    /// other processes.
+    pub fn prepare(&self, prefix: &str, partitions: i32) {
+        if let Broker::Embedded(b) = self {
+            let topics = [
+                ("tx", partitions),
+                ("balances", partitions),
+                ("control", 1),
+                ("snapshots", 8),
+            ];
+            for (what, partitions) in topics {
+                b.create_topic(&format!("{prefix}ledger.{what}"), partitions)
+                    .expect("create a topic");
+            }
+        }
+    }
+
+    /// Its bootstrap address.
+    pub fn address(&self) -> String {
+        match self {
+            Broker::Embedded(b) => b.bootstrap_servers().to_string(),
+            Broker::External(a) => a.clone(),
+        }
+    }
+}
+
+/// The test's own runtime (load generator, verifier).
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Produces `n` transactions from `from` at `per_sec` in the background.
+pub fn load(
+    rt: &tokio::runtime::Runtime,
+    brokers: &str,
+    deployment: &Deployment,
+    from: u64,
+    n: u64,
+    per_sec: u64,
+) -> tokio::task::JoinHandle<Vec<(i32, i64, Transaction)>> {
+    let (brokers, deployment) = (brokers.to_string(), deployment.clone());
+    rt.spawn(async move {
+        let cluster = deployment.cluster(&brokers).await.expect("cluster");
+        produce_load(&cluster, &deployment, from, n, per_sec)
+            .await
+            .expect("produce the load")
+    })
+}
+
+/// The independent verifier's verdict on every output for `input`:
+/// asserts 0 lost, 0 wrong, and duplicates within `faults` windows.
+pub fn judge(
+    rt: &tokio::runtime::Runtime,
+    brokers: &str,
+    deployment: &Deployment,
+    input: &[(i32, i64, Transaction)],
+    faults: usize,
+) -> Verdict {
+    let verdict = rt.block_on(verify(brokers, deployment, input)).expect("verify");
+    eprintln!("verdict after {faults} fault(s): {verdict:?}");
+    assert_eq!((verdict.lost, verdict.wrong), (0, 0), "{verdict:?}");
+    assert!(
+        verdict.duplicated <= faults * DUPLICATES_PER_FAULT,
+        "duplicates beyond the at-least-once window: {verdict:?}"
+    );
+    verdict
 }

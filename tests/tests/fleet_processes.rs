@@ -13,13 +13,16 @@
 use std::time::Duration;
 
 use ms2m_core::ControlBody;
-use ms2m_examples::fleet::{produce_load, verify, Deployment, Verdict};
+use ms2m_examples::fleet::Deployment;
 use ms2m_examples::ledger::Transaction;
-use ms2m_tests::processes::{cli_spawn, Binaries, ControlWatch, Hosts, NodeProcess, Tansu, BROKER_HOST, TEST_LEASE};
+use ms2m_tests::processes::{
+    cli_spawn, judge, load, runtime, Binaries, Broker, ControlWatch, Hosts, NodeProcess, Tansu, BROKER_HOST, TEST_LEASE,
+};
 
 const BINS: Binaries = Binaries {
     node: env!("CARGO_BIN_EXE_fleet_node"),
     cli: env!("CARGO_BIN_EXE_ms2m_cli"),
+    host: env!("CARGO_BIN_EXE_fleet_host"),
 };
 
 fn spawn(id: &str, brokers: &str, prefix: &str, netns: Option<&str>) -> NodeProcess {
@@ -30,89 +33,8 @@ fn cli(brokers: &str, prefix: &str, args: &[&str]) -> (bool, serde_json::Value) 
     ms2m_tests::processes::cli(BINS, brokers, prefix, args)
 }
 
-/// The at-least-once window: outputs a dead or fenced owner sent after its
-/// last commit (it commits every 50 messages or 20 ms), emitted again by
-/// the next owner. Per fault, generously.
-const DUPLICATES_PER_FAULT: usize = 200;
-
 /// Enough time for a takeover: the lease timeout, a claim, a recovery.
 const TAKEOVER: Duration = Duration::from_secs(30);
-
-/// The broker the scenario runs on, kept alive for it.
-enum Broker {
-    Embedded(ms2m_kafka::EmbeddedBroker),
-    External(String),
-}
-
-impl Broker {
-    fn start() -> Self {
-        match ms2m_tests::brokers() {
-            Some(address) => Broker::External(address),
-            None => Broker::Embedded(ms2m_kafka::EmbeddedBroker::start(1).expect("embedded broker")),
-        }
-    }
-
-    /// Creates the deployment's topics where nodes cannot: the embedded
-    /// broker answers no CreateTopics from other processes.
-    fn prepare(&self, prefix: &str) {
-        if let Broker::Embedded(b) = self {
-            for (what, partitions) in [("tx", 4), ("balances", 4), ("control", 1), ("snapshots", 8)] {
-                b.create_topic(&format!("{prefix}ledger.{what}"), partitions)
-                    .expect("create a topic");
-            }
-        }
-    }
-
-    fn address(&self) -> String {
-        match self {
-            Broker::Embedded(b) => b.bootstrap_servers().to_string(),
-            Broker::External(a) => a.clone(),
-        }
-    }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-/// Produces `n` transactions from `from` at `per_sec` in the background.
-fn load(
-    rt: &tokio::runtime::Runtime,
-    brokers: &str,
-    deployment: &Deployment,
-    from: u64,
-    n: u64,
-    per_sec: u64,
-) -> tokio::task::JoinHandle<Vec<(i32, i64, Transaction)>> {
-    let (brokers, deployment) = (brokers.to_string(), deployment.clone());
-    rt.spawn(async move {
-        let cluster = deployment.cluster(&brokers).await.expect("cluster");
-        produce_load(&cluster, &deployment, from, n, per_sec)
-            .await
-            .expect("produce the load")
-    })
-}
-
-fn judge(
-    rt: &tokio::runtime::Runtime,
-    brokers: &str,
-    deployment: &Deployment,
-    input: &[(i32, i64, Transaction)],
-    faults: usize,
-) -> Verdict {
-    let verdict = rt.block_on(verify(brokers, deployment, input)).expect("verify");
-    eprintln!("verdict after {faults} fault(s): {verdict:?}");
-    assert_eq!((verdict.lost, verdict.wrong), (0, 0), "{verdict:?}");
-    assert!(
-        verdict.duplicated <= faults * DUPLICATES_PER_FAULT,
-        "duplicates beyond the at-least-once window: {verdict:?}"
-    );
-    verdict
-}
 
 /// The owner the control channel names, through the CLI.
 fn owner(brokers: &str, prefix: &str) -> Option<String> {
@@ -143,7 +65,7 @@ fn listed_as(brokers: &str, prefix: &str, id: &str, role: &str, wait: Duration) 
 
 fn deployment(broker: &Broker, test: &str) -> (Deployment, String) {
     let prefix = ms2m_tests::unique(test) + ".";
-    broker.prepare(&prefix);
+    broker.prepare(&prefix, ms2m_examples::fleet::PARTITIONS);
     (Deployment::new(&prefix), prefix)
 }
 

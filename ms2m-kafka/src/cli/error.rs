@@ -141,6 +141,19 @@ pub enum CliError {
         /// The input offset.
         source_offset: i64,
     },
+    /// `drain --wait`: the host still owns tasks when the wait ran out.
+    #[error(
+        "host {host} still owns {owns} task(s) after {waited:?}: check that the fleet has a live leader and \
+         another live host (`ms2m fleet`), then wait again with `ms2m drain {host} --wait ...`"
+    )]
+    DrainTimeout {
+        /// The host drained.
+        host: String,
+        /// How long the command waited.
+        waited: std::time::Duration,
+        /// Tasks it still owns.
+        owns: usize,
+    },
 }
 
 impl CliError {

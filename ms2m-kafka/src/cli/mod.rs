@@ -10,6 +10,9 @@
 //! ms2m recover                             decide every undecided migration
 //! ms2m snapshots list|inspect ID|verify    the snapshot topic (envelope and checksums, not the state)
 //! ms2m dead-letters list|replay --topic T  dead letters, and putting them back into the input
+//! ms2m fleet                               a partitioned service's hosts and tasks (owner, assignment)
+//! ms2m drain HOST [--wait 60s]             move every task off a host (partitioned services)
+//! ms2m rebalance                           spread tasks evenly over the live hosts now
 //! ```
 //!
 //! Every command takes `--json`. Settings: see [`config`].
@@ -17,6 +20,7 @@
 pub mod config;
 pub mod dead_letters;
 pub mod error;
+pub mod fleet;
 pub mod migrate;
 pub mod output;
 pub mod records;
@@ -69,6 +73,12 @@ pub enum Command {
     /// Dead-letter topics: list, replay into the input; skip a poison input record (audited)
     #[command(subcommand, name = "dead-letters")]
     DeadLetters(dead_letters::DeadLettersCommand),
+    /// A partitioned service's hosts and tasks: liveness, drains, each task's owner and assignment
+    Fleet(fleet::FleetArgs),
+    /// Move every task off a host of a partitioned service (its leader moves them with MS2M)
+    Drain(fleet::DrainArgs),
+    /// Spread a partitioned service's tasks evenly over its live hosts now
+    Rebalance(fleet::RebalanceArgs),
 }
 
 /// The binary's `main`: parses the arguments, runs the command, reports a
@@ -120,6 +130,9 @@ pub async fn run(cli: &Cli) -> Result<(), CliError> {
         Command::Recover(args) => migrate::recover(&cluster, args, cli.json).await,
         Command::Snapshots(command) => snapshots::run(&cluster, command, cli.json).await,
         Command::DeadLetters(command) => dead_letters::run(&cluster, command, cli.json).await,
+        Command::Fleet(args) => fleet::fleet(&cluster, args, cli.json).await,
+        Command::Drain(args) => fleet::drain(&cluster, args, cli.json).await,
+        Command::Rebalance(args) => fleet::rebalance(&cluster, args, cli.json).await,
     }
 }
 
