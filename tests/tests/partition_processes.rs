@@ -84,18 +84,25 @@ impl Fleet {
     /// Waits until the hosts `ids` own every task, each exactly once, `per_host`
     /// each (by their own reports).
     fn wait_spread(&self, ids: &[&str], per_host: usize) {
+        self.wait_owned(ids, |counts| counts.iter().all(|c| *c == per_host));
+    }
+
+    /// Waits until the hosts `ids` own every task between them, each once,
+    /// in counts `spread` accepts.
+    fn wait_owned(&self, ids: &[&str], spread: impl Fn(&[usize]) -> bool) {
         let deadline = Instant::now() + STEP;
         loop {
             let owned: Vec<BTreeSet<String>> = ids.iter().map(|id| self.hosts[*id].owned()).collect();
             let all: BTreeSet<&String> = owned.iter().flatten().collect();
-            let disjoint = owned.iter().map(BTreeSet::len).sum::<usize>() == all.len();
-            if disjoint && all.len() == PARTITIONS as usize && owned.iter().all(|o| o.len() == per_host) {
-                eprintln!("   spread over {ids:?}: {per_host} task(s) each");
+            let counts: Vec<usize> = owned.iter().map(BTreeSet::len).collect();
+            let once = counts.iter().sum::<usize>() == all.len();
+            if once && all.len() == PARTITIONS as usize && spread(&counts) {
+                eprintln!("   owned by {ids:?}: {counts:?}");
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "tasks not spread over {ids:?} ({per_host} each) within {STEP:?}: {:?}",
+                "tasks not owned as expected by {ids:?} within {STEP:?}: {:?}",
                 self.report()
             );
             std::thread::sleep(Duration::from_millis(100));
@@ -158,7 +165,7 @@ fn tasks_spread_fail_over_and_drain_across_host_processes() {
     let failed_over = fleet.hosts["d"].owned().len();
     fleet.under_load("kill -9 d", 15, |f| {
         f.hosts["d"].signal("KILL");
-        f.wait_spread_somehow(&["a", "b", "c"]);
+        f.wait_owned(&["a", "b", "c"], |counts| counts.iter().all(|c| (5..=6).contains(c)));
     });
     fleet.under_load("d starts again", 15, |f| {
         f.hosts.remove("d");
@@ -187,31 +194,5 @@ fn tasks_spread_fail_over_and_drain_across_host_processes() {
     for id in ["c", "d", "a", "b"] {
         let host = fleet.hosts.remove(id).expect("running");
         assert!(host.terminate(), "host {id} shuts down cleanly");
-    }
-}
-
-impl Fleet {
-    /// Waits until the hosts `ids` own every task between them, each once
-    /// (uneven counts allowed: 16 over 3).
-    fn wait_spread_somehow(&self, ids: &[&str]) {
-        let deadline = Instant::now() + STEP;
-        loop {
-            let owned: Vec<BTreeSet<String>> = ids.iter().map(|id| self.hosts[*id].owned()).collect();
-            let all: BTreeSet<&String> = owned.iter().flatten().collect();
-            let total: usize = owned.iter().map(BTreeSet::len).sum();
-            if total == all.len() && all.len() == PARTITIONS as usize && owned.iter().all(|o| o.len() >= 5) {
-                eprintln!(
-                    "   failed over to {ids:?}: {:?}",
-                    owned.iter().map(BTreeSet::len).collect::<Vec<_>>()
-                );
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "tasks not spread over {ids:?} within {STEP:?}: {:?}",
-                self.report()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
     }
 }
