@@ -48,6 +48,9 @@ pub struct HostArgs {
     /// The most tasks moved at once.
     #[arg(long, default_value_t = 4)]
     pub max_moves: usize,
+    /// Warm standbys per task, on other hosts.
+    #[arg(long, default_value_t = 0)]
+    pub standbys: usize,
     /// Move tasks to joining hosts only on `ms2m rebalance`.
     #[arg(long)]
     pub manual_rebalance: bool,
@@ -59,6 +62,7 @@ impl HostArgs {
             heartbeat: Duration::from_millis(self.heartbeat_ms),
             host_timeout: Duration::from_millis(self.host_timeout_ms),
             max_moves: self.max_moves,
+            standbys: self.standbys,
             auto_rebalance: !self.manual_rebalance,
             ..FleetOptions::default()
         }

@@ -72,10 +72,9 @@ impl NodeProcess {
     }
 
     /// Starts host `id` of the partitioned deployment `prefix` (the
-    /// `fleet_host` binary: one task per partition of its `partitions`).
-    pub fn spawn_host(bins: Binaries, id: &str, brokers: &str, prefix: &str, lease: Lease, partitions: i32) -> Self {
-        let args = ["--partitions".to_string(), partitions.to_string()];
-        Self::start(bins.host, &args, id, brokers, prefix, lease, None)
+    /// `fleet_host` binary, `args` its own flags: `--partitions N`, ...).
+    pub fn spawn_host(bins: Binaries, id: &str, brokers: &str, prefix: &str, lease: Lease, args: &[String]) -> Self {
+        Self::start(bins.host, args, id, brokers, prefix, lease, None)
     }
 
     fn start(

@@ -8,7 +8,9 @@
 //! task has exactly one owner, named alike by the control topic and by
 //! the hosts' own reports.
 //!
-//! Runs on the embedded broker and, in the tansu pass, on tansu.
+//! Runs twice, without and with a warm standby per task (`--standbys 1`),
+//! one scenario at a time, on the embedded broker and, in the tansu pass,
+//! on tansu.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -49,10 +51,14 @@ struct Fleet {
     deployment: Deployment,
     hosts: BTreeMap<String, NodeProcess>,
     input: Vec<(i32, i64, Transaction)>,
+    standbys: usize,
 }
 
+/// One scenario at a time: each alone keeps two cores busy.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 impl Fleet {
-    fn start(test: &str) -> Self {
+    fn start(test: &str, standbys: usize) -> Self {
         let broker = Broker::start();
         let prefix = ms2m_tests::unique(test) + ".";
         broker.prepare(&prefix, PARTITIONS);
@@ -64,11 +70,18 @@ impl Fleet {
             prefix,
             hosts: BTreeMap::new(),
             input: Vec::new(),
+            standbys,
         }
     }
 
     fn spawn(&mut self, id: &str) {
-        let host = NodeProcess::spawn_host(BINS, id, &self.brokers, &self.prefix, HOST_LEASE, PARTITIONS);
+        let args = [
+            "--partitions".to_string(),
+            PARTITIONS.to_string(),
+            "--standbys".to_string(),
+            self.standbys.to_string(),
+        ];
+        let host = NodeProcess::spawn_host(BINS, id, &self.brokers, &self.prefix, HOST_LEASE, &args);
         self.hosts.insert(id.to_string(), host);
     }
 
@@ -103,6 +116,30 @@ impl Fleet {
             assert!(
                 Instant::now() < deadline,
                 "tasks not owned as expected by {ids:?} within {STEP:?}: {:?}",
+                self.report()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until every task also stands by on one of the hosts `ids`
+    /// other than its owner (with `--standbys 1`).
+    fn wait_standbys(&self, ids: &[&str]) {
+        let deadline = Instant::now() + STEP;
+        loop {
+            let standing: BTreeSet<String> = ids
+                .iter()
+                .flat_map(|id| self.hosts[*id].tasks())
+                .filter(|(_, role)| role == "Standby")
+                .map(|(task, _)| task)
+                .collect();
+            if standing.len() == PARTITIONS as usize {
+                eprintln!("   every task stands by on another host");
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not every task stands by on {ids:?} within {STEP:?}: {:?}",
                 self.report()
             );
             std::thread::sleep(Duration::from_millis(100));
@@ -153,7 +190,18 @@ impl Fleet {
 
 #[test]
 fn tasks_spread_fail_over_and_drain_across_host_processes() {
-    let mut fleet = Fleet::start("tasks");
+    scale_out_fail_over_drain("tasks", 0);
+}
+
+#[test]
+fn with_a_warm_standby_per_task_too() {
+    scale_out_fail_over_drain("standbys", 1);
+}
+
+/// 1 -> 4 hosts, kill -9 of one and its restart, drain 4 -> 2, under load.
+fn scale_out_fail_over_drain(test: &str, standbys: usize) {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let mut fleet = Fleet::start(test, standbys);
     fleet.spawn("a");
     fleet.wait_spread(&["a"], 16);
     fleet.under_load("scale out 1 -> 4", 20, |f| {
@@ -186,8 +234,11 @@ fn tasks_spread_fail_over_and_drain_across_host_processes() {
     });
     let verdict = judge(&fleet.rt, &fleet.brokers, &fleet.deployment, &fleet.input, failed_over);
     fleet.one_owner_per_task(&["a", "b"]);
+    if standbys > 0 {
+        fleet.wait_standbys(&["a", "b"]);
+    }
     eprintln!(
-        "summary: 16 tasks, 1 -> 4 -> (kill -9 d: {failed_over} task(s) failed over) -> 4 -> 2 hosts; \
+        "summary ({standbys} standby per task): 16 tasks, 1 -> 4 -> (kill -9 d: {failed_over} task(s) failed over) -> 4 -> 2 hosts; \
          {} transactions; verdict {verdict:?}",
         fleet.input.len()
     );

@@ -225,7 +225,7 @@ impl<C: ControlChannel> TaskHost<C> {
                 }
                 Some(r) if !wanted && r.status.borrow().role == NodeRole::Standby => {
                     let r = running.remove(task).expect("present");
-                    info!(%task, "task assigned elsewhere and standing by here: stopping its node");
+                    info!(%task, "task neither assigned nor kept as a standby here: stopping its node");
                     let _ = r.stop.send(());
                     stopping_ids.insert(task.clone());
                     let task = task.clone();
@@ -240,11 +240,18 @@ impl<C: ControlChannel> TaskHost<C> {
         Ok(())
     }
 
-    /// A task is wanted here while assigned here or owned here (an owner
-    /// serves until a migration or a claim takes the task).
+    /// A task is wanted here while assigned here, owned here (an owner
+    /// serves until a migration or a claim takes the task), or kept here
+    /// as one of its standbys.
     fn wants(&self, fleet: &FleetState, task: &str) -> bool {
+        let standby = || {
+            let n = self.options.standbys;
+            let (now, timeout) = (Instant::now().into_std(), self.options.host_timeout);
+            n > 0 && fleet.standby_hosts(task, n, now, timeout).contains(&self.host)
+        };
         fleet.assigned(task) == Some(self.host.as_str())
             || fleet.owner(task).is_some_and(|o| o.instance_id == self.host)
+            || standby()
     }
 
     fn start<S, L, St, O, F>(&self, task: &str, node: Node<S, L, St, O, C, F>) -> Result<RunningTask>

@@ -31,6 +31,10 @@
 //!      old host stops its node once it stood by
 //! ```
 //!
+//! With [`FleetOptions::standbys`] above 0, each task also keeps warm
+//! standbys on the next hosts after its assigned one
+//! ([`FleetState::standby_hosts`]).
+//!
 //! Operators: `Drain{host}` empties a host (it keeps serving each task
 //! until that task moved); `Rebalance` spreads tasks evenly now, for fleets
 //! with [`FleetOptions::auto_rebalance`] off (on by default: joins,
@@ -68,6 +72,12 @@ pub struct FleetOptions {
     pub host_timeout: Duration,
     /// The most migrations the leader runs at once. Default: 4.
     pub max_moves: usize,
+    /// Warm standbys per task, on other hosts
+    /// ([`FleetState::standby_hosts`]): each restores the task's snapshot
+    /// and replays its partition behind the owner, so a failover or a move
+    /// there starts warm. Each costs a node (a consumer of the partition)
+    /// on its host. Default: 0 (a task's new host restores when assigned).
+    pub standbys: usize,
     /// Rebalance on every join, death and drain (`false`: only tasks of
     /// dead or drained hosts move, and a `Rebalance` record spreads the
     /// rest). Default: `true`.
@@ -87,6 +97,7 @@ impl Default for FleetOptions {
             heartbeat: Duration::from_millis(500),
             host_timeout: Duration::from_secs(3),
             max_moves: 4,
+            standbys: 0,
             auto_rebalance: true,
             migration: MigrationConfig::default(),
             strategy: Strategy::Ms2m,

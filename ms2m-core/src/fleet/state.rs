@@ -158,6 +158,27 @@ impl FleetState {
             .collect()
     }
 
+    /// The `n` hosts that keep a warm standby of `task`: the eligible hosts
+    /// after its assigned host in id order, wrapping around, never the
+    /// assigned host itself (none while it has no assignment). A function
+    /// of the records and liveness, so every host computes the same.
+    pub fn standby_hosts(&self, task: &str, n: usize, now: Instant, timeout: Duration) -> Vec<String> {
+        let Some(assigned) = self.assigned(task) else {
+            return Vec::new();
+        };
+        let hosts = self.eligible_hosts(now, timeout);
+        let after = hosts.iter().position(|h| h.as_str() > assigned).unwrap_or(0);
+        hosts
+            .iter()
+            .cycle()
+            .skip(after)
+            .take(hosts.len())
+            .filter(|h| h.as_str() != assigned)
+            .take(n)
+            .cloned()
+            .collect()
+    }
+
     /// The tasks `host` owns now.
     pub fn owned_by(&self, host: &str) -> Vec<&str> {
         self.tasks
@@ -250,5 +271,39 @@ mod tests {
         );
         assert_eq!(placement.get("svc/p2"), None, "nowhere live: must move");
         assert_eq!(fleet.owned_by("a"), vec!["svc/p0"]);
+    }
+
+    #[test]
+    fn standbys_sit_on_the_next_eligible_hosts_after_the_assigned_one() {
+        let now = Instant::now();
+        let timeout = Duration::from_secs(3);
+        let mut fleet = FleetState::new("svc", vec!["svc/p0".into(), "svc/p1".into()]);
+        for h in ["a", "b", "c"] {
+            fleet.observe(&heartbeat(h), now);
+        }
+        assert!(fleet.standby_hosts("svc/p0", 1, now, timeout).is_empty(), "unassigned");
+        let assign = |task: &str, host: &str| ControlBody::Assign {
+            task: task.into(),
+            host: host.into(),
+        };
+        fleet.observe(&record("svc", Role::Coordinator, assign("svc/p0", "b")), now);
+        fleet.observe(&record("svc", Role::Coordinator, assign("svc/p1", "c")), now);
+        assert_eq!(fleet.standby_hosts("svc/p0", 1, now, timeout), ["c"]);
+        assert_eq!(
+            fleet.standby_hosts("svc/p0", 5, now, timeout),
+            ["c", "a"],
+            "at most the others"
+        );
+        assert_eq!(fleet.standby_hosts("svc/p1", 1, now, timeout), ["a"], "wraps around");
+        let drain = ControlBody::Drain {
+            host: "a".into(),
+            operator: "ops".into(),
+        };
+        fleet.observe(&record("svc", Role::Operator, drain), now);
+        assert_eq!(
+            fleet.standby_hosts("svc/p1", 1, now, timeout),
+            ["b"],
+            "never on a drained host"
+        );
     }
 }
