@@ -64,8 +64,8 @@ pub struct KafkaControl {
     follower: OnceCell<Follower>,
 }
 
-/// A record the follower read: its offset and message, or its error.
-type Followed = std::result::Result<(i64, ControlMessage), RdKafkaError>;
+/// A record the follower read: its offset and message.
+type Followed = (i64, ControlMessage);
 
 /// One consumer at the topic's end, copying each record to every reader.
 struct Follower {
@@ -167,8 +167,9 @@ impl KafkaControl {
 
     /// The records from offset `from` (or the topic's start, if later) to
     /// the end as of now, and the offset after them (below `from` when
-    /// the topic ends before it).
-    async fn read_from(&self, from: i64) -> Result<(Vec<ControlMessage>, i64)> {
+    /// the topic ends before it); when the read was cut short (timeout,
+    /// error), the records read until then and why.
+    async fn read_from(&self, from: i64) -> Result<(Vec<ControlMessage>, i64, Option<KafkaError>)> {
         let mut cc = self.reader_config("50");
         cc.set("enable.partition.eof", "true");
         let consumer: BaseConsumer = cc.create().map_err(KafkaError::kafka("create a control reader"))?;
@@ -182,7 +183,7 @@ impl KafkaControl {
             let start = from.max(low);
             let mut out = Vec::new();
             if start >= high {
-                return Ok((out, high));
+                return Ok((out, high, None));
             }
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition_offset(&topic, 0, Offset::Offset(start))
@@ -194,15 +195,19 @@ impl KafkaControl {
             let mut next = start;
             while next < high {
                 if std::time::Instant::now() >= deadline {
-                    return Err(KafkaError::Timeout {
+                    let cut = KafkaError::Timeout {
                         operation: "read the control history",
                         timeout,
-                    });
+                    };
+                    return Ok((out, next, Some(cut)));
                 }
                 match consumer.poll(Duration::from_millis(100)) {
                     None => {}
-                    Some(Err(RdKafkaError::PartitionEOF(_))) => break,
-                    Some(Err(e)) => return Err(KafkaError::kafka("read the control history")(e)),
+                    // The end as of the start is the target: an end-of-partition
+                    // event before it (a broker answering a fetch with nothing
+                    // yet) is not the end of the history.
+                    Some(Err(RdKafkaError::PartitionEOF(_))) => {}
+                    Some(Err(e)) => return Ok((out, next, Some(KafkaError::kafka("read the control history")(e)))),
                     Some(Ok(m)) => {
                         if m.offset() >= high {
                             break;
@@ -216,7 +221,7 @@ impl KafkaControl {
                     }
                 }
             }
-            Ok((out, next))
+            Ok((out, next, None))
         })
         .await
     }
@@ -287,16 +292,20 @@ impl KafkaControl {
     async fn history_and_next(&self) -> Result<(Vec<ControlMessage>, i64)> {
         let mut read = self.read.lock().await;
         let from = read.next;
-        let (tail, next) = self.read_from(from).await?;
+        let (mut tail, mut next, mut cut) = self.read_from(from).await?;
         if next < from {
             // The topic was recreated: read it again from its start.
-            let (all, next) = self.read_from(0).await?;
-            *read = ReadSoFar { records: all, next };
-        } else {
-            read.records.extend(tail);
-            read.next = next;
+            (tail, next, cut) = self.read_from(0).await?;
+            read.records.clear();
         }
-        Ok((read.records.clone(), read.next))
+        // Progress is kept when the read was cut short: a long history is
+        // read over several calls rather than never.
+        read.records.extend(tail);
+        read.next = next;
+        match cut {
+            Some(e) => Err(e),
+            None => Ok((read.records.clone(), read.next)),
+        }
     }
 
     /// The topic's end (its high watermark).
@@ -349,14 +358,20 @@ impl KafkaControl {
         let task = tokio::spawn(async move {
             loop {
                 let followed = match consumer.recv().await {
-                    Err(e) => Err(e),
+                    // librdkafka retries by itself: readers see silence
+                    // (as in an outage), not one error each.
+                    Err(e) => {
+                        warn!(error = %e, topic = %topic, "reading the control topic failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
                     Ok(m) => {
                         // Tombstones (from a cleanup) carry no message and
                         // undecodable records are not ours to interpret:
                         // skip both (module docs).
                         let Some(payload) = m.payload() else { continue };
                         match ControlMessage::from_bytes(payload) {
-                            Ok(message) => Ok((m.offset(), message)),
+                            Ok(message) => (m.offset(), message),
                             Err(source) => {
                                 skipped.record(&topic, m.partition(), m.offset(), source);
                                 continue;
@@ -385,9 +400,8 @@ impl ControlReader for KafkaControlReader {
             match tokio::time::timeout_at(deadline, self.records.recv()).await {
                 Err(_) => return Ok(None),
                 Ok(None) => return Err(KafkaError::Config("the control channel was dropped".into())),
-                Ok(Some(Err(e))) => return Err(KafkaError::kafka("read the control topic")(e)),
-                Ok(Some(Ok((offset, m)))) if offset >= self.from => return Ok(Some(m)),
-                Ok(Some(Ok(_))) => {}
+                Ok(Some((offset, m))) if offset >= self.from => return Ok(Some(m)),
+                Ok(Some(_)) => {}
             }
         }
     }

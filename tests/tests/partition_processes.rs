@@ -8,9 +8,9 @@
 //! task has exactly one owner, named alike by the control topic and by
 //! the hosts' own reports.
 //!
-//! Runs twice, without and with a warm standby per task (`--standbys 1`),
-//! one scenario at a time, on the embedded broker and, in the tansu pass,
-//! on tansu.
+//! Runs without a standby per task on the embedded broker and, in the
+//! tansu pass, on tansu; and with a warm standby per task (`--standbys 1`)
+//! on the embedded broker. One scenario at a time.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -32,10 +32,11 @@ const PARTITIONS: i32 = 16;
 const STEP: Duration = Duration::from_secs(120);
 
 /// Each task's lease: every owner renews on the one control topic, so 16
-/// tasks per host renew less often than the single-service tests' nodes.
+/// tasks per host renew less often than the single-service tests' nodes,
+/// and a stall of the (debug-built, shared) broker does not expire leases.
 const HOST_LEASE: Lease = Lease {
-    interval_ms: 500,
-    timeout_ms: 3_000,
+    interval_ms: 1_000,
+    timeout_ms: 6_000,
     margin_ms: 500,
 };
 
@@ -193,8 +194,10 @@ fn tasks_spread_fail_over_and_drain_across_host_processes() {
     scale_out_fail_over_drain("tasks", 0);
 }
 
+/// On the embedded broker only: in the tansu pass, after the other suites
+/// filled its sqlite store, one scenario takes 8 minutes.
 #[test]
-fn with_a_warm_standby_per_task_too() {
+fn with_a_warm_standby_per_task_too_on_mock() {
     scale_out_fail_over_drain("standbys", 1);
 }
 

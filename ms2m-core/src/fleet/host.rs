@@ -41,6 +41,16 @@ pub struct TaskHost<C> {
     options: FleetOptions,
 }
 
+/// The nodes this host runs, and those it is stopping.
+#[derive(Default)]
+struct Nodes {
+    running: BTreeMap<String, RunningTask>,
+    stopping: JoinSet<String>,
+    stopping_ids: BTreeSet<String>,
+    /// When a task whose node ended on its own may start again.
+    restart_at: BTreeMap<String, Instant>,
+}
+
 /// A node this host runs.
 struct RunningTask {
     stop: oneshot::Sender<()>,
@@ -51,13 +61,14 @@ struct RunningTask {
 /// The leader's bookkeeping.
 #[derive(Default)]
 struct Leading {
-    /// Assignments published and not read back yet.
-    sent: BTreeMap<String, String>,
+    /// Assignments published and not read back yet, and when (one not
+    /// read back within the host timeout is published again).
+    sent: BTreeMap<String, (String, Instant)>,
     /// Tasks being moved by this host.
     moving: BTreeSet<String>,
     /// When a failed move of a task may be tried again.
     retry_at: BTreeMap<String, Instant>,
-    /// Rebalance requests acted on.
+    /// Rebalance requests seen (acted on if this host led then).
     rebalances: u64,
 }
 
@@ -105,41 +116,45 @@ impl<C: ControlChannel> TaskHost<C> {
         async move {
             let (mut records, mut fleet) = self.read_fleet().await?;
             let started = Instant::now();
-            let mut running: BTreeMap<String, RunningTask> = BTreeMap::new();
-            let mut stopping: JoinSet<String> = JoinSet::new();
-            let mut stopping_ids: BTreeSet<String> = BTreeSet::new();
+            let mut nodes = Nodes::default();
             let mut moves: JoinSet<(String, Result<()>)> = JoinSet::new();
-            let mut leading = Leading::default();
+            // Requests made before this host started are not for it to act on.
+            let mut leading = Leading {
+                rebalances: fleet.rebalance_requests(),
+                ..Leading::default()
+            };
             let mut heartbeat = tokio::time::interval(self.options.heartbeat);
             let mut tick = tokio::time::interval(TICK);
             tokio::pin!(shutdown);
             info!(tasks = self.tasks.len(), "host started");
-            loop {
+            let result = loop {
                 tokio::select! {
-                    () = &mut shutdown => break,
+                    () = &mut shutdown => break Ok(()),
                     _ = heartbeat.tick() => self.heartbeat(),
                     m = records.recv() => match m {
                         Some(m) => fleet.observe(&m, Instant::now().into_std()),
-                        None => return Err(Error::Config("the control channel's reader stopped".into())),
+                        None => break Err(Error::Config("the control channel's reader stopped".into())),
                     },
-                    Some(done) = stopping.join_next(), if !stopping.is_empty() => {
-                        if let Ok(task) = done { stopping_ids.remove(&task); }
+                    Some(done) = nodes.stopping.join_next(), if !nodes.stopping.is_empty() => {
+                        if let Ok(task) = done { nodes.stopping_ids.remove(&task); }
                     }
                     Some(done) = moves.join_next(), if !moves.is_empty() => {
                         if let Ok((task, result)) = done { self.moved(&mut leading, task, result); }
                     }
                     _ = tick.tick() => {
-                        self.reap(&mut running);
-                        self.reconcile(&fleet, &mut running, &mut stopping, &mut stopping_ids, &mut make_node)?;
+                        self.reap(&mut nodes).await;
+                        if let Err(e) = self.reconcile(&fleet, &mut nodes, &mut make_node) {
+                            break Err(e);
+                        }
                         if started.elapsed() >= self.options.host_timeout {
                             self.lead(&fleet, &mut leading, &mut moves);
                         }
                     }
                 }
-            }
+            };
             moves.abort_all();
-            self.stop_all(running, stopping).await;
-            Ok(())
+            self.stop_all(nodes).await;
+            result
         }
         .instrument(span)
         .await
@@ -184,30 +199,30 @@ impl<C: ControlChannel> TaskHost<C> {
         );
     }
 
-    /// Forgets nodes that ended on their own (an error, logged); the next
-    /// reconcile starts them again if they are still wanted.
-    fn reap(&self, running: &mut BTreeMap<String, RunningTask>) {
-        let ended: Vec<String> = running
+    /// Collects nodes that ended on their own (logging why); each task's
+    /// node starts again after `retry_after` if the task is still wanted.
+    async fn reap(&self, nodes: &mut Nodes) {
+        let ended: Vec<String> = nodes
+            .running
             .iter()
             .filter(|(_, r)| r.done.is_finished())
             .map(|(t, _)| t.clone())
             .collect();
         for task in ended {
-            warn!(%task, "task node ended on its own; starting it again if still assigned");
-            running.remove(&task);
+            let r = nodes.running.remove(&task).expect("listed");
+            let retry_in = self.options.retry_after;
+            match r.done.await {
+                Ok(Ok(())) => warn!(%task, ?retry_in, "task node stopped on its own"),
+                Ok(Err(e)) => warn!(%task, error = %e, ?retry_in, "task node failed"),
+                Err(e) => warn!(%task, error = %e, ?retry_in, "task node panicked"),
+            }
+            nodes.restart_at.insert(task, Instant::now() + retry_in);
         }
     }
 
-    /// Starts a node for each task assigned here or owned here, and stops
-    /// each node that stands by for a task assigned elsewhere.
-    fn reconcile<S, L, St, O, F, M>(
-        &self,
-        fleet: &FleetState,
-        running: &mut BTreeMap<String, RunningTask>,
-        stopping: &mut JoinSet<String>,
-        stopping_ids: &mut BTreeSet<String>,
-        make_node: &mut M,
-    ) -> Result<()>
+    /// Starts a node for each task wanted here (assigned, owned, or kept
+    /// as a standby), and stops each node that stands by for a task not.
+    fn reconcile<S, L, St, O, F, M>(&self, fleet: &FleetState, nodes: &mut Nodes, make_node: &mut M) -> Result<()>
     where
         S: StatefulService,
         L: MessageLog,
@@ -216,23 +231,21 @@ impl<C: ControlChannel> TaskHost<C> {
         F: BackendFactory<L, St, O>,
         M: FnMut(&str, i32) -> Result<Node<S, L, St, O, C, F>>,
     {
+        let now = Instant::now();
         for (task, partition) in self.tasks.iter().zip(&self.partitions) {
             let wanted = self.wants(fleet, task);
-            match running.get(task) {
-                None if wanted && !stopping_ids.contains(task) => {
+            match nodes.running.get(task) {
+                None if wanted && !nodes.stopping_ids.contains(task) => {
+                    if nodes.restart_at.get(task).is_some_and(|at| now < *at) {
+                        continue;
+                    }
                     let node = make_node(task, *partition)?;
-                    running.insert(task.clone(), self.start(task, node)?);
+                    nodes.running.insert(task.clone(), self.start(task, node)?);
                 }
                 Some(r) if !wanted && r.status.borrow().role == NodeRole::Standby => {
-                    let r = running.remove(task).expect("present");
+                    let r = nodes.running.remove(task).expect("present");
                     info!(%task, "task neither assigned nor kept as a standby here: stopping its node");
-                    let _ = r.stop.send(());
-                    stopping_ids.insert(task.clone());
-                    let task = task.clone();
-                    stopping.spawn(async move {
-                        let _ = tokio::time::timeout(STOP_WAIT, r.done).await;
-                        task
-                    });
+                    nodes.stop(task.clone(), r);
                 }
                 _ => {}
             }
@@ -287,19 +300,21 @@ impl<C: ControlChannel> TaskHost<C> {
     fn lead(&self, fleet: &FleetState, leading: &mut Leading, moves: &mut JoinSet<(String, Result<()>)>) {
         let now = Instant::now();
         let (std_now, timeout) = (now.into_std(), self.options.host_timeout);
+        let requested = fleet.rebalance_requests() > leading.rebalances;
+        leading.rebalances = fleet.rebalance_requests();
         if fleet.leader(std_now, timeout).as_deref() != Some(self.host.as_str()) {
             return;
         }
         let hosts = fleet.eligible_hosts(std_now, timeout);
-        let requested = fleet.rebalance_requests() > leading.rebalances;
-        leading.rebalances = fleet.rebalance_requests();
         let balance = self.options.auto_rebalance || requested;
         let desired = assign(&self.tasks, &hosts, &fleet.placement(std_now, timeout), balance);
+        leading
+            .sent
+            .retain(|t, (h, at)| fleet.assigned(t) != Some(h.as_str()) && now < *at + timeout);
         for (task, host) in &desired {
-            leading.sent.retain(|t, h| fleet.assigned(t) != Some(h.as_str()));
-            if fleet.assigned(task) != Some(host) && leading.sent.get(task) != Some(host) {
+            if fleet.assigned(task) != Some(host) && leading.sent.get(task).map(|(h, _)| h) != Some(host) {
                 info!(%task, %host, "assigning");
-                leading.sent.insert(task.clone(), host.clone());
+                leading.sent.insert(task.clone(), (host.clone(), now));
                 let body = ControlBody::Assign {
                     task: task.clone(),
                     host: host.clone(),
@@ -364,16 +379,33 @@ impl<C: ControlChannel> TaskHost<C> {
         }
     }
 
-    /// Stops every node and waits (bounded) for each.
-    async fn stop_all(&self, running: BTreeMap<String, RunningTask>, mut stopping: JoinSet<String>) {
-        info!(nodes = running.len(), "host stopping its nodes");
-        for (_, r) in running {
-            let _ = r.stop.send(());
-            stopping.spawn(async move {
-                let _ = tokio::time::timeout(STOP_WAIT, r.done).await;
-                String::new()
-            });
+    /// Stops every node and waits for each (each aborted after [`STOP_WAIT`]).
+    async fn stop_all(&self, mut nodes: Nodes) {
+        info!(nodes = nodes.running.len(), "host stopping its nodes");
+        for (task, r) in std::mem::take(&mut nodes.running) {
+            nodes.stop(task, r);
         }
-        while stopping.join_next().await.is_some() {}
+        while nodes.stopping.join_next().await.is_some() {}
+    }
+}
+
+impl Nodes {
+    /// Asks `task`'s node to stop; aborts it if it has not within [`STOP_WAIT`]
+    /// (a node of the task is never started while one still runs).
+    fn stop(&mut self, task: String, r: RunningTask) {
+        let _ = r.stop.send(());
+        self.stopping_ids.insert(task.clone());
+        let mut done = r.done;
+        self.stopping.spawn(
+            async move {
+                if tokio::time::timeout(STOP_WAIT, &mut done).await.is_err() {
+                    warn!(%task, "task node did not stop in time: aborting it");
+                    done.abort();
+                    let _ = done.await;
+                }
+                task
+            }
+            .in_current_span(),
+        );
     }
 }

@@ -36,9 +36,10 @@
 //! ([`FleetState::standby_hosts`]).
 //!
 //! Operators: `Drain{host}` empties a host (it keeps serving each task
-//! until that task moved); `Rebalance` spreads tasks evenly now, for fleets
-//! with [`FleetOptions::auto_rebalance`] off (on by default: joins,
-//! deaths and drains rebalance at once).
+//! until that task moved; the id stays drained: restart under a new id);
+//! `Rebalance` spreads tasks evenly now, for fleets with
+//! [`FleetOptions::auto_rebalance`] off (on by default: joins, deaths and
+//! drains rebalance at once).
 //!
 //! Whole-service state stays the default: a service that does not run
 //! through a `TaskHost` keeps one state keyed by its name.
@@ -67,8 +68,9 @@ pub struct FleetOptions {
     pub heartbeat: Duration,
     /// A host not heard from for this long is dead: its tasks are assigned
     /// to others. Also how long a starting host listens before it may lead
-    /// (so it has heard every live host). Default: 3 s; keep it above the
-    /// lease timeout's order and well above `heartbeat`.
+    /// (so it has heard every live host). Default: 3 s; keep it several
+    /// heartbeats long. A dead host's tasks are claimed only once their
+    /// leases expired (the nodes' lease timeout), whatever this is.
     pub host_timeout: Duration,
     /// The most migrations the leader runs at once. Default: 4.
     pub max_moves: usize,

@@ -141,6 +141,14 @@ pub enum CliError {
         /// The input offset.
         source_offset: i64,
     },
+    /// `drain` of a host the control topic never names.
+    #[error("no host `{host}` on the control topic (hosts: {known:?}): check the id with `ms2m fleet`")]
+    UnknownHost {
+        /// The id given.
+        host: String,
+        /// The hosts named.
+        known: Vec<String>,
+    },
     /// `drain --wait`: the host still owns tasks when the wait ran out.
     #[error(
         "host {host} still owns {owns} task(s) after {waited:?}: check that the fleet has a live leader and \

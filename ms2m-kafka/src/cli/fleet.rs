@@ -201,9 +201,16 @@ pub async fn fleet(cluster: &KafkaCluster, args: &FleetArgs, json: bool) -> Resu
     Ok(())
 }
 
-/// Runs `ms2m drain HOST`.
+/// Runs `ms2m drain HOST` (refused for a host the channel never named).
 pub async fn drain(cluster: &KafkaCluster, args: &DrainArgs, json: bool) -> Result<(), CliError> {
     let control = control(cluster).await?;
+    let before = read(cluster, &control, FleetArgs::default_timeout()).await?;
+    if before.host(&args.host).is_none() {
+        return Err(CliError::UnknownHost {
+            host: args.host.clone(),
+            known: before.hosts.iter().map(|h| h.host.clone()).collect(),
+        });
+    }
     let operator = operator(&args.operator);
     let body = ControlBody::Drain {
         host: args.host.clone(),
