@@ -236,9 +236,13 @@ async fn a_prometheus_scrape_shows_the_runtime_migration_and_client_metrics() {
     assert!(pauses >= 2.0, "our checkpoint and the migration's: {pauses}");
     assert!(value(&format!("{}_sum", m::CHECKPOINT_BYTES), &[]) >= checkpoint.bytes as f64);
     let target_l = [r#"instance="target""#];
+    // How many deposits fall between the checkpoint and the cutover depends
+    // on how fast the migration runs (on a fast run, none): the series must
+    // be there; the replay rate only once something was replayed.
     let replayed = sample(&scrape, m::APPLIED, &[target_l[0], r#"mode="replay""#]).expect("target replay");
-    assert!(replayed >= 1.0, "the target replays from the checkpoint: {replayed}");
-    assert!(sample(&scrape, m::REPLAY_RATE, &target_l).is_some());
+    if replayed >= 1.0 {
+        assert!(sample(&scrape, m::REPLAY_RATE, &target_l).is_some());
+    }
     for p in 0..PARTITIONS {
         let partition = format!(r#"partition="{p}""#);
         assert_eq!(sample(&scrape, m::POSITION_LAG, &[target_l[0], &partition]), Some(0.0));
