@@ -30,7 +30,9 @@
 //! those it read before. A host of many partitioned tasks shares one
 //! channel among their nodes, and each of them takes several readers
 //! (view, source, target, coordinator): with a consumer each, the broker
-//! answered tens of thousands of empty fetches a second.
+//! answered tens of thousands of empty fetches a second. The follower runs
+//! while the channel or any of its readers lives: a reader keeps reading
+//! after the channel it came from was dropped.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -68,18 +70,16 @@ pub struct KafkaControl {
 type Followed = (i64, ControlMessage);
 
 /// One consumer at the topic's end, copying each record to every reader.
+/// It runs while the channel or any of its readers lives (a reader
+/// outlives the channel it came from, as it did with a consumer of its own).
 struct Follower {
     readers: Arc<Mutex<Vec<mpsc::UnboundedSender<Followed>>>>,
-    task: tokio::task::JoinHandle<()>,
+    /// Dropped with the channel: the follower then stops with its last reader.
+    _channel_alive: Arc<()>,
 }
 
-impl Drop for KafkaControl {
-    fn drop(&mut self) {
-        if let Some(f) = self.follower.get() {
-            f.task.abort();
-        }
-    }
-}
+/// How often an idle follower checks whether anyone still listens.
+const FOLLOWER_CHECK: Duration = Duration::from_secs(1);
 
 /// The decoded prefix of the control topic, and the offset after it.
 #[derive(Default)]
@@ -355,9 +355,22 @@ impl KafkaControl {
             .map_err(KafkaError::kafka("assign the control topic"))?;
         let readers: Arc<Mutex<Vec<mpsc::UnboundedSender<Followed>>>> = Arc::default();
         let (to, topic, skipped) = (Arc::clone(&readers), self.topic.clone(), Arc::clone(&self.skipped));
-        let task = tokio::spawn(async move {
+        let channel_alive = Arc::new(());
+        let alive = Arc::downgrade(&channel_alive);
+        tokio::spawn(async move {
             loop {
-                let followed = match consumer.recv().await {
+                let received = match tokio::time::timeout(FOLLOWER_CHECK, consumer.recv()).await {
+                    Ok(received) => received,
+                    Err(_) => {
+                        let mut to = to.lock().unwrap_or_else(PoisonError::into_inner);
+                        to.retain(|reader| !reader.is_closed());
+                        if to.is_empty() && alive.upgrade().is_none() {
+                            break;
+                        }
+                        continue;
+                    }
+                };
+                let followed = match received {
                     // librdkafka retries by itself: readers see silence
                     // (as in an outage), not one error each.
                     Err(e) => {
@@ -382,8 +395,13 @@ impl KafkaControl {
                 let mut to = to.lock().unwrap_or_else(PoisonError::into_inner);
                 to.retain(|reader| reader.send(followed.clone()).is_ok());
             }
+            // Closing a consumer can block (~100 ms): not on a runtime worker.
+            tokio::task::spawn_blocking(move || drop(consumer));
         });
-        Ok(Follower { readers, task })
+        Ok(Follower {
+            readers,
+            _channel_alive: channel_alive,
+        })
     }
 }
 
