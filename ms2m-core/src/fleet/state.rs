@@ -41,11 +41,6 @@ impl FleetState {
         }
     }
 
-    /// Whether `service_id` is this fleet's (the service or one of its tasks).
-    pub fn concerns(&self, service_id: &str) -> bool {
-        service_id == self.service || self.decisions.contains_key(service_id)
-    }
-
     /// Folds one record, read at `now`. Folding a record twice changes
     /// nothing but the time a heartbeat was heard.
     pub fn observe(&mut self, m: &ControlMessage, now: Instant) {
@@ -117,11 +112,6 @@ impl FleetState {
     /// The owner the channel names for `task`.
     pub fn owner(&self, task: &str) -> Option<&Owner> {
         self.decisions.get(task).and_then(Decisions::owner)
-    }
-
-    /// Whether a migration of `task` is open on the channel.
-    pub fn is_moving(&self, task: &str) -> bool {
-        self.decisions.get(task).is_some_and(|d| d.undecided().next().is_some())
     }
 
     /// The host the latest `Assign` names for `task`.
