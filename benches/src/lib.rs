@@ -5,7 +5,7 @@
 //!
 //! * `benches/*.rs`: criterion micro benchmarks (codec and snapshot
 //!   envelope, digest, checkpoint pause), `cargo bench -p ms2m-benches`.
-//! * `src/bin/harness.rs`: the comparison harness (B1–B7, memory, F1–F2). Every
+//! * `src/bin/harness.rs`: the comparison harness (B1–B7, memory, F1–F2, S1). Every
 //!   comparison runs side by side in one process on the same broker, the
 //!   ratio is computed per run, and the table shows medians over runs:
 //!   `cargo run --release -p ms2m-benches --bin harness -- --help`.
@@ -23,6 +23,8 @@
 //!   processes, for the peak memory per role.
 //! * [`failover`]: F1 (failover gap) and F2 (standby lag) of a fleet of
 //!   nodes, each its own process ([`nodes`]), measured from outside.
+//! * [`tasks`]: S1, a partitioned service's tasks moved to a new host
+//!   process, per-task stalls measured from outside.
 
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
 #![forbid(unsafe_code)]
@@ -36,6 +38,7 @@ pub mod report;
 pub mod roles;
 pub mod services;
 pub mod snapshots;
+pub mod tasks;
 pub mod throughput;
 
 use std::sync::atomic::{AtomicU64, Ordering};

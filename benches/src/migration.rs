@@ -57,7 +57,7 @@ fn instance_config(id: &str, output: &str) -> InstanceConfig {
 }
 
 /// Sends input at `rate` msg/s (in 10 ms ticks) until `running` is cleared.
-fn paced<F>(rate: u64, running: Arc<AtomicBool>, mut batch: F) -> JoinHandle<Result<u64, BoxError>>
+pub(crate) fn paced<F>(rate: u64, running: Arc<AtomicBool>, mut batch: F) -> JoinHandle<Result<u64, BoxError>>
 where
     F: FnMut(u64, u64) -> Result<(), BoxError> + Send + 'static,
 {

@@ -30,6 +30,12 @@
 //! output arrivals and between consecutive committed-position advances
 //! ([`Observer::gaps`]).
 //!
+//! For a partitioned service ([`Watch::per_task`]), the observer also reads
+//! each output's task from a JSON field (the game writes its input
+//! `partition`) and timestamps arrivals per task, so a move of some tasks
+//! can be judged task by task ([`Observer::task_gap`]): the moved tasks'
+//! stalls, and whether the others kept flowing.
+//!
 //! Resolution: the input arrives in 10 ms ticks, so output gaps below ~10 ms
 //! are the input's own rhythm, not downtime; the service commits every 500
 //! messages or 20 ms, so committed-position gaps below ~20 ms are the commit
@@ -44,7 +50,7 @@ use std::time::Duration;
 use ms2m_kafka::KafkaCluster;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
 use crate::support::BoxError;
@@ -84,6 +90,12 @@ pub struct Watch {
     pub input_topic: String,
     /// The service's consumer group, whose committed offsets are watched.
     pub input_group: String,
+    /// For a partitioned service: the integer field of each (JSON) output
+    /// that names the task it came from (the game's `partition`), so gaps
+    /// can be measured per task ([`Observer::task_gap`]). `None`: outputs
+    /// are only counted.
+    #[serde(default)]
+    pub task_field: Option<String>,
 }
 
 impl Watch {
@@ -100,7 +112,15 @@ impl Watch {
             output_topic: output.to_string(),
             input_topic: input.to_string(),
             input_group: cluster.config().group_id(),
+            task_field: None,
         }
+    }
+
+    /// The same watch, timing each task's outputs apart: `field` is the
+    /// integer field of the JSON outputs that names their task.
+    pub fn per_task(mut self, field: &str) -> Self {
+        self.task_field = Some(field.to_string());
+        self
     }
 
     fn client_config(&self, group: &str) -> ClientConfig {
@@ -127,6 +147,9 @@ enum Event {
     Ready { at_us: u64 },
     /// `count` output records arrived (drained together) at `at_us`.
     Output { at_us: u64, count: u32 },
+    /// Of those, the tasks (values of [`Watch::task_field`]) that had an
+    /// output among them.
+    Tasks { at_us: u64, tasks: Vec<i64> },
     /// The committed input position (sum over partitions) advanced.
     Committed { at_us: u64, position: i64 },
     /// The observer cannot go on.
@@ -185,10 +208,28 @@ pub struct OutsideGaps {
     pub resumed: bool,
 }
 
+/// What the observer saw of one task's outputs around a window.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct TaskGap {
+    /// Largest gap between the task's output arrivals overlapping the
+    /// window: the task's outside-visible stall.
+    pub gap_ms: f64,
+    /// When that gap began (the task's last output before it), in ms after
+    /// the window's start.
+    pub began_ms: f64,
+    /// Largest in the second before the window (the task's own rhythm).
+    pub baseline_ms: f64,
+    /// The task had an output after the window; if not, the gap runs to
+    /// the end of the observation and is a lower bound.
+    pub resumed: bool,
+}
+
 #[derive(Debug, Default)]
 struct Timeline {
     ready: bool,
     outputs: Vec<u64>,
+    /// Output arrivals per task (with [`Watch::task_field`]).
+    by_task: std::collections::HashMap<i64, Vec<u64>>,
     commits: Vec<u64>,
     failed: Option<String>,
     closed: bool,
@@ -199,6 +240,11 @@ impl Timeline {
         match event {
             Event::Ready { .. } => self.ready = true,
             Event::Output { at_us, .. } => self.outputs.push(at_us),
+            Event::Tasks { at_us, tasks } => {
+                for task in tasks {
+                    self.by_task.entry(task).or_default().push(at_us);
+                }
+            }
             Event::Committed { at_us, .. } => self.commits.push(at_us),
             Event::Failed { error } => self.failed = Some(error),
         }
@@ -304,6 +350,35 @@ impl Observer {
             output_batches_in_window: in_window(&t.outputs),
             resumed: t.outputs.last().is_some_and(|&x| x > to) && t.commits.last().is_some_and(|&x| x > to),
         }
+    }
+
+    /// The largest gap between `task`'s output arrivals that overlaps
+    /// `[from_us, to_us]` (no margin), and the largest in the second
+    /// before (needs [`Watch::per_task`]).
+    pub fn task_gap(&self, task: i64, from_us: u64, to_us: u64) -> TaskGap {
+        let t = self.timeline.lock().unwrap_or_else(|p| p.into_inner());
+        let times = t.by_task.get(&task).map_or(&[][..], Vec::as_slice);
+        let (began, ended) = largest_gap_span(times, from_us, to_us, now_us());
+        TaskGap {
+            gap_ms: (ended - began) as f64 / 1e3,
+            began_ms: ms_after(began, from_us),
+            baseline_ms: largest_gap(times, from_us.saturating_sub(BASELINE_US), from_us, from_us),
+            resumed: times.last().is_some_and(|&x| x > to_us),
+        }
+    }
+
+    /// Waits until every task in `tasks` had an output after `after_us`;
+    /// `false` after `timeout`.
+    pub async fn await_tasks_resumed(&self, tasks: &[i64], after_us: u64, timeout: Duration) -> bool {
+        let resumed = |t: &Timeline| {
+            tasks.iter().all(|task| {
+                t.by_task
+                    .get(task)
+                    .and_then(|v| v.last())
+                    .is_some_and(|&x| x > after_us)
+            })
+        };
+        self.wait_for(timeout, resumed).await.is_ok()
     }
 
     async fn wait_for(&self, timeout: Duration, done: impl Fn(&Timeline) -> bool) -> Result<(), String> {
@@ -437,6 +512,12 @@ fn watch_commits(consumer: BaseConsumer, tpl: TopicPartitionList, mut last: i64)
     }
 }
 
+/// The integer `field` of a JSON object `payload` (an output's task).
+fn task_of(payload: Option<&[u8]>, field: &str) -> Option<i64> {
+    let value: serde_json::Value = serde_json::from_slice(payload?).ok()?;
+    value.get(field)?.as_i64()
+}
+
 fn observe(watch: &Watch) -> Result<(), BoxError> {
     let outputs = output_consumer(watch)?;
     let group: BaseConsumer = watch.client_config(&watch.input_group).create()?;
@@ -461,9 +542,14 @@ fn observe(watch: &Watch) -> Result<(), BoxError> {
         let at_us = now_us();
         // Records already fetched arrived together: one event for all.
         let mut count = 0;
+        let mut tasks = std::collections::BTreeSet::new();
         for record in std::iter::once(first).chain(std::iter::from_fn(|| outputs.poll(Duration::ZERO))) {
             match record {
-                Ok(_) => count += 1,
+                Ok(record) => {
+                    count += 1;
+                    let field = watch.task_field.as_deref();
+                    tasks.extend(field.and_then(|f| task_of(record.payload(), f)));
+                }
                 // Transient (a broker reconnecting): the gap will show it.
                 Err(e) => eprintln!("observer: reading outputs: {e}"),
             }
@@ -471,12 +557,27 @@ fn observe(watch: &Watch) -> Result<(), BoxError> {
         if count > 0 {
             emit(&Event::Output { at_us, count });
         }
+        if !tasks.is_empty() {
+            emit(&Event::Tasks {
+                at_us,
+                tasks: tasks.into_iter().collect(),
+            });
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::largest_gap;
+    use super::{largest_gap, task_of};
+
+    #[test]
+    fn an_output_names_its_task_by_an_integer_field() {
+        let output = br#"{"player":7,"score":0,"partition":12,"offset":40}"#;
+        assert_eq!(task_of(Some(output), "partition"), Some(12));
+        assert_eq!(task_of(Some(output), "task"), None);
+        assert_eq!(task_of(Some(b"not json"), "partition"), None);
+        assert_eq!(task_of(None, "partition"), None);
+    }
 
     #[test]
     fn a_gap_overlapping_the_window_counts_whole() {

@@ -52,13 +52,14 @@ use tracing::warn;
 use crate::broker::KafkaCluster;
 use crate::config::SetDefault;
 use crate::error::{blocking, KafkaError, Result};
+use crate::off_runtime::OffRuntime;
 
 /// A [`ControlChannel`] on a single-partition Kafka topic.
 pub struct KafkaControl {
     cluster: KafkaCluster,
     topic: String,
     service: String,
-    producer: FutureProducer,
+    producer: OffRuntime<FutureProducer>,
     skipped: Arc<Skipped>,
     /// The records read so far: each `history()` reads only the tail.
     read: Arc<tokio::sync::Mutex<ReadSoFar>>,
@@ -153,7 +154,7 @@ impl KafkaControl {
             cluster: cluster.clone(),
             topic,
             service: config.service().to_string(),
-            producer,
+            producer: OffRuntime::new(producer),
             skipped: Arc::default(),
             read: Arc::default(),
             follower: OnceCell::new(),

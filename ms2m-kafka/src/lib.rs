@@ -82,6 +82,7 @@ pub mod config;
 pub mod control;
 pub mod error;
 pub mod log;
+mod off_runtime;
 pub mod preflight;
 pub mod sink;
 pub mod store;

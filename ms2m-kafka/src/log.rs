@@ -53,6 +53,7 @@ use tracing::{debug, warn};
 use crate::broker::{partition_count, KafkaCluster};
 use crate::config::SetDefault;
 use crate::error::{blocking, KafkaError, Result};
+use crate::off_runtime::OffRuntime;
 use crate::telemetry::ClientTelemetry;
 
 /// Lag of one partition: how far the log's end is ahead of the next offset
@@ -70,7 +71,7 @@ pub struct PartitionLag {
 
 /// A [`MessageLog`] over Kafka partitions, read with manual assignment.
 pub struct KafkaLog {
-    consumer: Arc<StreamConsumer<ClientTelemetry>>,
+    consumer: OffRuntime<Arc<StreamConsumer<ClientTelemetry>>>,
     cluster: KafkaCluster,
     explicit: Option<Vec<TopicPartition>>,
     /// Turns messages into records (here and in prefetch tasks).
@@ -147,7 +148,7 @@ impl KafkaLog {
             }
         }
         Ok(Self {
-            consumer: Arc::new(consumer),
+            consumer: OffRuntime::new(Arc::new(consumer)),
             cluster: cluster.clone(),
             explicit,
             records: RecordBuilder {

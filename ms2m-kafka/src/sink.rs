@@ -58,6 +58,7 @@ use tracing::{debug, info, warn};
 use crate::broker::{partition_count, KafkaCluster};
 use crate::config::SetDefault;
 use crate::error::{blocking, KafkaError, Result};
+use crate::off_runtime::OffRuntime;
 use crate::telemetry::ClientTelemetry;
 
 /// Outputs delivered before `commit` starts waiting for acknowledgements.
@@ -67,11 +68,11 @@ const MAX_PENDING: usize = 100_000;
 pub struct KafkaSink {
     delivery: Delivery,
     cluster: KafkaCluster,
-    producer: FutureProducer<ClientTelemetry>,
+    producer: OffRuntime<FutureProducer<ClientTelemetry>>,
     /// Group `{service}`: commits offsets, reads committed offsets, and
     /// supplies the group metadata for `send_offsets_to_transaction`. Never
     /// joins the group.
-    group: Arc<BaseConsumer>,
+    group: OffRuntime<Arc<BaseConsumer>>,
     /// At-least-once: deliveries not yet acknowledged.
     pending: VecDeque<DeliveryFuture>,
     /// Exactly-once: a transaction is open.
@@ -125,8 +126,8 @@ impl KafkaSink {
         Ok(Self {
             delivery,
             cluster: cluster.clone(),
-            producer,
-            group: Arc::new(group),
+            producer: OffRuntime::new(producer),
+            group: OffRuntime::new(Arc::new(group)),
             pending: VecDeque::new(),
             in_txn: false,
             claimed: false,
@@ -245,7 +246,7 @@ impl OutputSink for KafkaSink {
                 // a producer initializes transactions once, and a fenced one
                 // is dead, so take a fresh one with the same transactional id.
                 self.pending.clear();
-                self.producer = Self::producer(&self.cluster, self.delivery).await?;
+                self.producer = OffRuntime::new(Self::producer(&self.cluster, self.delivery).await?);
             }
             let producer = self.producer.clone();
             let timeout = self.timeout();

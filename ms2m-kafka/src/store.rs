@@ -58,6 +58,7 @@ use crate::broker::KafkaCluster;
 use crate::config::SetDefault;
 use crate::config::{DEFAULT_EMBEDDED_SNAPSHOT_PARTITIONS, DEFAULT_SNAPSHOT_PARTITIONS};
 use crate::error::{blocking, KafkaError, Result};
+use crate::off_runtime::OffRuntime;
 
 const MANIFEST_FORMAT: u32 = 1;
 /// Chunks in flight at once while writing a snapshot.
@@ -97,9 +98,9 @@ pub struct KafkaSnapshotStore {
     service: String,
     partitions: i32,
     chunk_size: usize,
-    producer: FutureProducer,
+    producer: OffRuntime<FutureProducer>,
     /// Reads partition 0 (manifests); used by one refresh at a time.
-    scanner: Arc<BaseConsumer>,
+    scanner: OffRuntime<Arc<BaseConsumer>>,
     catalog: Arc<Mutex<Catalog>>,
     /// Serializes refreshes and id allocation.
     refresh: tokio::sync::Mutex<()>,
@@ -170,8 +171,8 @@ impl KafkaSnapshotStore {
             service: config.service().to_string(),
             partitions,
             chunk_size,
-            producer,
-            scanner: Arc::new(scanner),
+            producer: OffRuntime::new(producer),
+            scanner: OffRuntime::new(Arc::new(scanner)),
             catalog: Arc::new(Mutex::new(Catalog::default())),
             refresh: tokio::sync::Mutex::new(()),
         })

@@ -7,6 +7,7 @@
 //! cargo run --release -p ms2m-benches --bin harness -- --quick           # CI smoke test (no thresholds asserted)
 //! cargo run --release -p ms2m-benches --bin harness -- --only B2,B3 --runs 5
 //! cargo run --release -p ms2m-benches --bin harness -- --only F1,F2 --runs 5   # failover, standby lag
+//! cargo run --release -p ms2m-benches --bin harness -- --only S1 --runs 5      # tasks moved to a new host
 //! cargo run --release -p ms2m-benches --bin harness -- --brokers 127.0.0.1:9092   # tansu or any Kafka
 //! ```
 //!
@@ -19,7 +20,7 @@ use std::time::Instant;
 use clap::Parser;
 use ms2m_benches::migration::B1Options;
 use ms2m_benches::report::{markdown, Row};
-use ms2m_benches::{failover, migration, snapshots, throughput, Bench, BoxError};
+use ms2m_benches::{failover, migration, snapshots, tasks, throughput, Bench, BoxError};
 
 /// Benchmarks ms2m against raw rdkafka and the MS2M paper's baselines.
 #[derive(Debug, Parser)]
@@ -36,7 +37,7 @@ struct Args {
     /// meaningful tail).
     #[arg(long)]
     runs: Option<usize>,
-    /// Benchmarks to run (comma-separated: B1..B7, F1, F2; MEM comes with B1).
+    /// Benchmarks to run (comma-separated: B1..B7, F1, F2, S1; MEM comes with B1).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Write the rows and every sample as JSON to this file.
@@ -51,6 +52,9 @@ struct Args {
     /// B1 also runs the 64 MiB case at this rate (0: off; default 20000, quick 0).
     #[arg(long)]
     b1_high_rate: Option<u64>,
+    /// S1 state per task in MiB (default 16, quick 1).
+    #[arg(long)]
+    s1_task_mib: Option<u64>,
 }
 
 #[tokio::main]
@@ -65,6 +69,10 @@ async fn main() -> Result<(), BoxError> {
     }
     // And the fleet nodes of F1 and F2.
     if let Some(code) = ms2m_benches::nodes::run_node_if_requested().await {
+        std::process::exit(code);
+    }
+    // And the task hosts of S1.
+    if let Some(code) = ms2m_benches::tasks::run_host_if_requested().await {
         std::process::exit(code);
     }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into());
@@ -89,6 +97,7 @@ async fn main() -> Result<(), BoxError> {
         rate: args.b1_rate,
         high_rate: args.b1_high_rate.unwrap_or(if args.quick { 0 } else { 20_000 }),
     };
+    let s1_mib = args.s1_task_mib.unwrap_or(if args.quick { 1 } else { 16 });
     println!(
         "ms2m benchmarks on {}, {} run(s) each{}",
         bench.broker_label(),
@@ -97,7 +106,7 @@ async fn main() -> Result<(), BoxError> {
     );
     let started = Instant::now();
     let mut rows: Vec<Row> = Vec::new();
-    for id in ["B5", "B2", "B3", "B4", "B6", "B7", "B1", "F1", "F2"] {
+    for id in ["B5", "B2", "B3", "B4", "B6", "B7", "B1", "F1", "F2", "S1"] {
         if !wanted(id) {
             continue;
         }
@@ -112,6 +121,7 @@ async fn main() -> Result<(), BoxError> {
             "B6" => throughput::b6(&bench).await,
             "F1" => failover::f1(&bench).await,
             "F2" => failover::f2(&bench).await,
+            "S1" => tasks::s1(&bench, s1_mib).await,
             _ => migration::b7(&bench).await,
         };
         let new = result.map_err(|e| format!("{id} failed: {e}"))?;
@@ -139,10 +149,13 @@ async fn main() -> Result<(), BoxError> {
 }
 
 fn order(id: &str) -> (u32, String) {
-    // The B rows first, then the F rows.
-    let (offset, rest) = match id.strip_prefix('F') {
-        Some(rest) => (100, rest),
-        None => (0, id.trim_start_matches('B')),
+    // The B rows first, then the F rows, then the S rows.
+    let (offset, rest) = if let Some(rest) = id.strip_prefix('F') {
+        (100, rest)
+    } else if let Some(rest) = id.strip_prefix('S') {
+        (200, rest)
+    } else {
+        (0, id.trim_start_matches('B'))
     };
     let n = rest
         .chars()
