@@ -84,6 +84,7 @@ pub mod error;
 pub mod fleet;
 pub mod fs_store;
 pub mod health;
+pub mod heavy;
 pub mod log;
 #[cfg(any(test, feature = "test"))]
 pub mod memory;

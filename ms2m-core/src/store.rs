@@ -93,10 +93,7 @@ pub async fn load_newest_valid<S: ServiceState, St: SnapshotStore + ?Sized>(
                 .get(id)
                 .await
                 .map_err(|e| Error::backend(Component::SnapshotStore, "read snapshot", e))?;
-            let snapshot = Snapshot::decode(bytes)?;
-            snapshot.check_service(service)?;
-            let state = S::restore(snapshot.header.schema_version, &snapshot.state)?;
-            Ok::<_, Error>((snapshot, state))
+            decode_and_restore::<S>(bytes, service).await
         };
         match attempt.await {
             Ok((snapshot, state)) => {
@@ -110,6 +107,30 @@ pub async fn load_newest_valid<S: ServiceState, St: SnapshotStore + ?Sized>(
         }
     }
     Ok((None, rejected))
+}
+
+/// Verifies stored snapshot `bytes` of `service` and restores its state,
+/// off the apply loop ([`crate::heavy`]: both take time proportional to
+/// the state).
+pub(crate) async fn decode_and_restore<S: ServiceState>(bytes: Bytes, service: &str) -> Result<(Snapshot, S), Error> {
+    let service = service.to_string();
+    let decoded = crate::heavy::off_loop(move || {
+        let snapshot = Snapshot::decode(bytes)?;
+        snapshot.check_service(&service)?;
+        let state = S::restore(snapshot.header.schema_version, &snapshot.state)?;
+        Ok::<_, Error>((snapshot, state))
+    })
+    .await;
+    match decoded {
+        Ok(restored) => restored,
+        Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+        Err(join) => Err(Error::Backend {
+            component: Component::SnapshotStore,
+            operation: "decode a snapshot",
+            kind: ErrorKind::Other,
+            source: Box::new(join),
+        }),
+    }
 }
 
 fn is_fatal(e: &Error) -> bool {

@@ -55,6 +55,9 @@ struct Args {
     /// S1 state per task in MiB (default 16, quick 1).
     #[arg(long)]
     s1_task_mib: Option<u64>,
+    /// S1: the most tasks moved at once (default 8: all of them).
+    #[arg(long, default_value_t = tasks::MOVED)]
+    s1_max_moves: usize,
 }
 
 #[tokio::main]
@@ -97,7 +100,10 @@ async fn main() -> Result<(), BoxError> {
         rate: args.b1_rate,
         high_rate: args.b1_high_rate.unwrap_or(if args.quick { 0 } else { 20_000 }),
     };
-    let s1_mib = args.s1_task_mib.unwrap_or(if args.quick { 1 } else { 16 });
+    let s1 = tasks::S1Options {
+        task_mib: args.s1_task_mib.unwrap_or(if args.quick { 1 } else { 16 }),
+        max_moves: args.s1_max_moves,
+    };
     println!(
         "ms2m benchmarks on {}, {} run(s) each{}",
         bench.broker_label(),
@@ -121,7 +127,7 @@ async fn main() -> Result<(), BoxError> {
             "B6" => throughput::b6(&bench).await,
             "F1" => failover::f1(&bench).await,
             "F2" => failover::f2(&bench).await,
-            "S1" => tasks::s1(&bench, s1_mib).await,
+            "S1" => tasks::s1(&bench, s1).await,
             _ => migration::b7(&bench).await,
         };
         let new = result.map_err(|e| format!("{id} failed: {e}"))?;

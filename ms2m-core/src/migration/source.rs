@@ -99,7 +99,9 @@ where
 /// A callback that sees the instance between steps (a node's status).
 type Observer<S, L, St, O> = Box<dyn FnMut(&Instance<S, L, St, O>, &Decisions) + Send>;
 
-type DigestTask = tokio::task::JoinHandle<(crate::position::Position, crate::digest::StateDigest)>;
+type DigestTask = tokio::task::JoinHandle<
+    std::result::Result<(crate::position::Position, crate::digest::StateDigest), tokio::task::JoinError>,
+>;
 
 /// The longest stall of the apply loop during a migration: the longest gap
 /// between two steps of the loop (the agent's own protocol work, a
@@ -491,7 +493,7 @@ where
         let position = self.instance.position().clone();
         match self.instance.state().freeze() {
             Some(frozen) => {
-                let task = tokio::task::spawn_blocking(move || (position, frozen.digest()));
+                let task = tokio::spawn(crate::heavy::off_loop(move || (position, frozen.digest())));
                 self.digest_task = Some(task);
                 None
             }
@@ -506,7 +508,7 @@ where
         if !self.digest_task.as_ref().is_some_and(|t| t.is_finished()) {
             return None;
         }
-        match self.digest_task.take()?.await {
+        match self.digest_task.take()?.await.and_then(|digested| digested) {
             Ok((position, digest)) => Some(SourceEvent::DigestTaken { position, digest }),
             Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
             // Aborted: only when the agent is dropped.

@@ -19,7 +19,6 @@ use crate::position::Position;
 use crate::runtime::{Backends, Instance, InstanceConfig, ProgressListener, ProgressPhase, RateMeter};
 use crate::service::StatefulService;
 use crate::sink::OutputSink;
-use crate::snapshot::Snapshot;
 use crate::store::{LoadedSnapshot, SnapshotId, SnapshotStore};
 
 /// How the target behaves.
@@ -162,7 +161,7 @@ where
                     Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => return Err(closed()),
                     Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {}
                 }
-                if let Some(event) = self.at_digest_point() {
+                if let Some(event) = self.at_digest_point().await {
                     return Ok(event);
                 }
                 if self.replay.progress_due(self.options.progress_interval) {
@@ -200,15 +199,19 @@ where
     }
 
     /// The digest point's event once replay is there (the ceiling holds it
-    /// there): the digest, taken on the replay loop (the source serves
-    /// meanwhile), or the position if replay had gone past it.
-    fn at_digest_point(&mut self) -> Option<TargetEvent> {
+    /// there): the digest (the source serves meanwhile), or the position if
+    /// replay had gone past it.
+    async fn at_digest_point(&mut self) -> Option<TargetEvent> {
         let (point, instance) = (self.replay.digest_point.as_ref()?, self.instance.as_ref()?);
         let position = instance.position();
         let event = if !point.reaches(position) {
             TargetEvent::PastDigestPoint(position.clone())
         } else if position.reaches(point) {
-            TargetEvent::ReachedDigestPoint(instance.digest())
+            let digest = match instance.state().freeze() {
+                Some(frozen) => digest_off_loop(frozen).await,
+                None => instance.digest(),
+            };
+            TargetEvent::ReachedDigestPoint(digest)
         } else {
             return None;
         };
@@ -433,10 +436,22 @@ async fn fetch_and_restore<S: StatefulService, St: SnapshotStore>(
         .map_err(|e| Error::backend(Component::SnapshotStore, "fetch migration snapshot", e))?;
     let transfer = started.elapsed();
     let t = Instant::now();
-    let snapshot = Snapshot::decode(bytes)?;
-    snapshot.check_service(service)?;
-    let state = S::restore(snapshot.header.schema_version, &snapshot.state)?;
+    let (snapshot, state) = crate::store::decode_and_restore::<S>(bytes, service).await?;
     Ok((LoadedSnapshot { id, snapshot, state }, transfer, t.elapsed()))
+}
+
+/// The digest of a frozen copy of the state, on the blocking pool
+/// ([`crate::heavy`]: the other tasks of this process keep their worker
+/// threads).
+async fn digest_off_loop(frozen: crate::state::Frozen) -> crate::StateDigest {
+    let frozen = Arc::new(frozen);
+    let copy = Arc::clone(&frozen);
+    match crate::heavy::off_loop(move || copy.digest()).await {
+        Ok(digest) => digest,
+        Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+        // Cancelled (the runtime is shutting down): here, then.
+        Err(_) => frozen.digest(),
+    }
 }
 
 /// Replay measurements: the source's position (our ceiling) and the rates

@@ -125,7 +125,7 @@ impl StateBytes {
     async fn encode(self) -> Result<Bytes> {
         match self {
             StateBytes::Encoded(bytes) => Ok(bytes),
-            StateBytes::Frozen(frozen) => match tokio::task::spawn_blocking(move || frozen.snapshot()).await {
+            StateBytes::Frozen(frozen) => match crate::heavy::off_loop(move || frozen.snapshot()).await {
                 Ok(encoded) => Ok(Bytes::from(encoded?)),
                 Err(join) => Err(Error::Backend {
                     component: Component::SnapshotStore,

@@ -1,0 +1,79 @@
+//! State-sized work off the apply loops, a bounded amount at a time.
+//!
+//! Encoding a snapshot, digesting a state and decoding a checkpoint take
+//! time proportional to the state. On a runtime worker they stall every
+//! task that worker runs — in a host of many task nodes, tasks that have
+//! nothing to do with the one being moved. They run on tokio's blocking
+//! pool instead ([`off_loop`]), and at most `available_parallelism − 1` of
+//! them at once per process (at least one): a host that moves eight tasks
+//! at once serializes their states a few at a time and keeps a core for
+//! the apply loops, instead of giving every core to serialization.
+//!
+//! The cost: such jobs queue behind each other. A migration's checkpoint
+//! may wait for a periodic snapshot of another task being encoded; on a
+//! machine of one or two cores, one job runs at a time.
+
+use std::num::NonZeroUsize;
+use std::sync::{Arc, OnceLock};
+
+use tokio::sync::Semaphore;
+use tokio::task::JoinError;
+
+static SLOTS: OnceLock<Arc<Semaphore>> = OnceLock::new();
+
+/// How many state-sized jobs run at once in this process.
+pub fn slots() -> usize {
+    let cores = std::thread::available_parallelism().map_or(2, NonZeroUsize::get);
+    cores.saturating_sub(1).max(1)
+}
+
+fn semaphore() -> Arc<Semaphore> {
+    Arc::clone(SLOTS.get_or_init(|| Arc::new(Semaphore::new(slots()))))
+}
+
+/// Runs `work` on the blocking pool once a slot is free; the slot is held
+/// until `work` returns, even if the caller stops waiting.
+pub(crate) async fn off_loop<T, F>(work: F) -> Result<T, JoinError>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let slot = semaphore()
+        .acquire_owned()
+        .await
+        .expect("the semaphore is never closed");
+    tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        work()
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::{off_loop, slots};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_more_jobs_run_at_once_than_there_are_slots() {
+        let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let jobs: Vec<_> = (0..slots() + 3)
+            .map(|_| {
+                let (running, most) = (Arc::clone(&running), Arc::clone(&most));
+                tokio::spawn(off_loop(move || {
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(20));
+                    running.fetch_sub(1, Ordering::SeqCst);
+                }))
+            })
+            .collect();
+        for job in jobs {
+            job.await.unwrap().unwrap();
+        }
+        assert_eq!(most.load(Ordering::SeqCst), slots());
+    }
+}
