@@ -4,7 +4,7 @@
 //! time proportional to the state. On a runtime worker they stall every
 //! task that worker runs — in a host of many task nodes, tasks that have
 //! nothing to do with the one being moved. They run on tokio's blocking
-//! pool instead ([`off_loop`]), and at most `available_parallelism − 1` of
+//! pool instead, and at most `available_parallelism − 1` of
 //! them at once per process (at least one): a host that moves eight tasks
 //! at once serializes their states a few at a time and keeps a core for
 //! the apply loops, instead of giving every core to serialization.
