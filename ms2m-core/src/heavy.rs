@@ -1,7 +1,8 @@
 //! State-sized work off the apply loops, a bounded amount at a time.
 //!
-//! Encoding a snapshot, digesting a state and decoding a checkpoint take
-//! time proportional to the state. On a runtime worker they stall every
+//! Encoding a frozen state, digesting it and decoding a checkpoint take
+//! time proportional to the state (a state that does not freeze is still
+//! encoded and digested on its apply loop: there is no copy to hand off). On a runtime worker they stall every
 //! task that worker runs — in a host of many task nodes, tasks that have
 //! nothing to do with the one being moved. They run on tokio's blocking
 //! pool instead, and at most `available_parallelism − 1` of
@@ -19,16 +20,24 @@ use std::sync::{Arc, OnceLock};
 use tokio::sync::Semaphore;
 use tokio::task::JoinError;
 
-static SLOTS: OnceLock<Arc<Semaphore>> = OnceLock::new();
+/// The slots, and how many there are.
+static SLOTS: OnceLock<(usize, Arc<Semaphore>)> = OnceLock::new();
+
+fn slots_and_semaphore() -> &'static (usize, Arc<Semaphore>) {
+    SLOTS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(2, NonZeroUsize::get);
+        let slots = cores.saturating_sub(1).max(1);
+        (slots, Arc::new(Semaphore::new(slots)))
+    })
+}
 
 /// How many state-sized jobs run at once in this process.
 pub fn slots() -> usize {
-    let cores = std::thread::available_parallelism().map_or(2, NonZeroUsize::get);
-    cores.saturating_sub(1).max(1)
+    slots_and_semaphore().0
 }
 
 fn semaphore() -> Arc<Semaphore> {
-    Arc::clone(SLOTS.get_or_init(|| Arc::new(Semaphore::new(slots()))))
+    Arc::clone(&slots_and_semaphore().1)
 }
 
 /// Runs `work` on the blocking pool once a slot is free; the slot is held
@@ -74,6 +83,7 @@ mod tests {
         for job in jobs {
             job.await.unwrap().unwrap();
         }
-        assert_eq!(most.load(Ordering::SeqCst), slots());
+        // Other tests of this process may hold slots meanwhile: at most.
+        assert!(most.load(Ordering::SeqCst) <= slots(), "more jobs at once than slots");
     }
 }

@@ -154,7 +154,7 @@ impl KafkaControl {
             cluster: cluster.clone(),
             topic,
             service: config.service().to_string(),
-            producer: OffRuntime::new(producer),
+            producer: OffRuntime::new(producer, cluster),
             skipped: Arc::default(),
             read: Arc::default(),
             follower: OnceCell::new(),

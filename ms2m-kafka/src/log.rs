@@ -148,7 +148,7 @@ impl KafkaLog {
             }
         }
         Ok(Self {
-            consumer: OffRuntime::new(Arc::new(consumer)),
+            consumer: OffRuntime::new(Arc::new(consumer), cluster),
             cluster: cluster.clone(),
             explicit,
             records: RecordBuilder {

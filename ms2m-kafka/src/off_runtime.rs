@@ -12,14 +12,18 @@
 
 use std::ops::Deref;
 
+use crate::broker::KafkaCluster;
+
 /// A client that is dropped on tokio's blocking pool when dropped inside a
-/// runtime (inline elsewhere). Derefs to the client.
-#[derive(Clone)]
-pub(crate) struct OffRuntime<T: Send + 'static>(Option<T>);
+/// runtime (inline elsewhere). Derefs to the client; not `Clone` (clone the
+/// client itself: only the last handle's drop closes it). It holds a
+/// handle on the cluster and lets it go after the client, so an embedded
+/// broker is not shut down under a client still closing.
+pub(crate) struct OffRuntime<T: Send + 'static>(Option<(T, KafkaCluster)>);
 
 impl<T: Send + 'static> OffRuntime<T> {
-    pub(crate) fn new(client: T) -> Self {
-        Self(Some(client))
+    pub(crate) fn new(client: T, cluster: &KafkaCluster) -> Self {
+        Self(Some((client, cluster.clone())))
     }
 }
 
@@ -27,16 +31,20 @@ impl<T: Send + 'static> Deref for OffRuntime<T> {
     type Target = T;
 
     fn deref(&self) -> &T {
-        self.0.as_ref().expect("an OffRuntime holds its client until dropped")
+        &self.0.as_ref().expect("an OffRuntime holds its client until dropped").0
     }
 }
 
 impl<T: Send + 'static> Drop for OffRuntime<T> {
     fn drop(&mut self) {
-        let Some(client) = self.0.take() else { return };
+        let Some((client, cluster)) = self.0.take() else { return };
+        let close = move || {
+            drop(client);
+            drop(cluster);
+        };
         match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => drop(runtime.spawn_blocking(move || drop(client))),
-            Err(_) => drop(client),
+            Ok(runtime) => drop(runtime.spawn_blocking(close)),
+            Err(_) => close(),
         }
     }
 }
@@ -47,6 +55,7 @@ mod tests {
     use std::thread::ThreadId;
 
     use super::OffRuntime;
+    use crate::{KafkaCluster, KafkaConfig};
 
     /// Records the thread it is dropped on.
     struct Probe(Arc<Mutex<Option<ThreadId>>>);
@@ -57,23 +66,31 @@ mod tests {
         }
     }
 
+    fn cluster() -> KafkaCluster {
+        KafkaCluster::connect(KafkaConfig::new("off-runtime").bootstrap_servers("127.0.0.1:1")).expect("a config")
+    }
+
     #[test]
     fn outside_a_runtime_it_drops_inline() {
         let on: Arc<Mutex<Option<ThreadId>>> = Arc::default();
-        drop(OffRuntime::new(Probe(Arc::clone(&on))));
+        drop(OffRuntime::new(Probe(Arc::clone(&on)), &cluster()));
         assert_eq!(*on.lock().unwrap(), Some(std::thread::current().id()));
     }
 
     #[tokio::test]
     async fn inside_a_runtime_it_drops_on_the_blocking_pool() {
         let on: Arc<Mutex<Option<ThreadId>>> = Arc::default();
-        drop(OffRuntime::new(Probe(Arc::clone(&on))));
-        let dropped_on = loop {
-            if let Some(id) = *on.lock().unwrap() {
-                break id;
+        drop(OffRuntime::new(Probe(Arc::clone(&on)), &cluster()));
+        let dropped_on = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                if let Some(id) = *on.lock().unwrap() {
+                    break id;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-        };
+        })
+        .await
+        .expect("dropped within 10 s");
         assert_ne!(
             dropped_on,
             std::thread::current().id(),

@@ -82,6 +82,15 @@ pub struct KafkaSink {
     plain_commit_after_txn: bool,
 }
 
+impl Drop for KafkaSink {
+    fn drop(&mut self) {
+        // Outputs still queued must not go out once this sink is gone (a new
+        // owner may be serving): purge them now. Closing the producer (its
+        // flush and threads) happens on the blocking pool (`OffRuntime`).
+        self.producer.purge(PurgeConfig::default().queue().non_blocking());
+    }
+}
+
 impl std::fmt::Debug for KafkaSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KafkaSink")
@@ -126,8 +135,8 @@ impl KafkaSink {
         Ok(Self {
             delivery,
             cluster: cluster.clone(),
-            producer: OffRuntime::new(producer),
-            group: OffRuntime::new(Arc::new(group)),
+            producer: OffRuntime::new(producer, cluster),
+            group: OffRuntime::new(Arc::new(group), cluster),
             pending: VecDeque::new(),
             in_txn: false,
             claimed: false,
@@ -246,7 +255,7 @@ impl OutputSink for KafkaSink {
                 // a producer initializes transactions once, and a fenced one
                 // is dead, so take a fresh one with the same transactional id.
                 self.pending.clear();
-                self.producer = OffRuntime::new(Self::producer(&self.cluster, self.delivery).await?);
+                self.producer = OffRuntime::new(Self::producer(&self.cluster, self.delivery).await?, &self.cluster);
             }
             let producer = self.producer.clone();
             let timeout = self.timeout();

@@ -171,8 +171,8 @@ impl KafkaSnapshotStore {
             service: config.service().to_string(),
             partitions,
             chunk_size,
-            producer: OffRuntime::new(producer),
-            scanner: OffRuntime::new(Arc::new(scanner)),
+            producer: OffRuntime::new(producer, cluster),
+            scanner: OffRuntime::new(Arc::new(scanner), cluster),
             catalog: Arc::new(Mutex::new(Catalog::default())),
             refresh: tokio::sync::Mutex::new(()),
         })
@@ -259,6 +259,18 @@ impl KafkaSnapshotStore {
             }
         }
     }
+}
+
+/// The chunks, each one's CRC-32C and the whole's, computed on the
+/// blocking pool: checksumming a large snapshot on a runtime worker stalls
+/// every task that worker runs.
+async fn checksummed(chunks: Vec<Bytes>) -> Result<(Vec<Bytes>, Vec<u32>, u32)> {
+    blocking(move || {
+        let crcs = chunks.iter().map(|c| crc32c::crc32c(c)).collect();
+        let whole = chunks.iter().fold(0, |whole, c| crc32c::crc32c_append(whole, c));
+        Ok((chunks, crcs, whole))
+    })
+    .await
 }
 
 async fn delivered(f: DeliveryFuture) -> Result<(i32, i64)> {
@@ -487,14 +499,12 @@ impl SnapshotStore for KafkaSnapshotStore {
         let parts = self.chunk_partitions();
         let rotate = id as usize % parts.len();
         let mut chunks: Vec<(i32, i64, u32, u32)> = Vec::new();
-        let mut whole = 0u32;
+        let (pieces, crcs, whole) = checksummed(snapshot.chunks(self.chunk_size).collect()).await?;
         let mut in_flight: FuturesOrdered<_> = FuturesOrdered::new();
         let mut meta: VecDeque<(u32, u32)> = VecDeque::new();
-        for (i, chunk) in snapshot.chunks(self.chunk_size).enumerate() {
+        for (i, (chunk, crc)) in pieces.iter().zip(crcs).enumerate() {
             let partition = parts[(rotate + i) % parts.len()];
-            let crc = crc32c::crc32c(&chunk);
-            whole = crc32c::crc32c_append(whole, &chunk);
-            let f = self.produce(partition, &self.chunk_key(id, i), Some(&chunk)).await?;
+            let f = self.produce(partition, &self.chunk_key(id, i), Some(chunk)).await?;
             in_flight.push_back(delivered(f));
             meta.push_back((chunk.len() as u32, crc));
             if in_flight.len() >= WINDOW {

@@ -56,7 +56,7 @@ struct Args {
     #[arg(long)]
     s1_task_mib: Option<u64>,
     /// S1: the most tasks moved at once (default 8: all of them).
-    #[arg(long, default_value_t = tasks::MOVED)]
+    #[arg(long, default_value_t = tasks::MOVED, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     s1_max_moves: usize,
 }
 

@@ -444,13 +444,11 @@ async fn fetch_and_restore<S: StatefulService, St: SnapshotStore>(
 /// ([`crate::heavy`]: the other tasks of this process keep their worker
 /// threads).
 async fn digest_off_loop(frozen: crate::state::Frozen) -> crate::StateDigest {
-    let frozen = Arc::new(frozen);
-    let copy = Arc::clone(&frozen);
-    match crate::heavy::off_loop(move || copy.digest()).await {
+    match crate::heavy::off_loop(move || frozen.digest()).await {
         Ok(digest) => digest,
         Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
-        // Cancelled (the runtime is shutting down): here, then.
-        Err(_) => frozen.digest(),
+        // Cancelled: only when the runtime shuts down, which drops us too.
+        Err(_) => std::future::pending().await,
     }
 }
 

@@ -251,10 +251,16 @@ where
                 std::future::pending::<()>().await
             };
             tokio::pin!(work, requested);
-            tokio::select! {
+            let result = tokio::select! {
                 result = &mut work => result,
                 () = &mut requested => unreachable!("pending never completes"),
+            };
+            if result.is_err() {
+                // A node that fails must not go on reporting its last role
+                // (an `Owner` that no longer serves).
+                self.report(NodeRole::Stopped, None, |_| {});
             }
+            result
         }
         .instrument(span)
         .await
