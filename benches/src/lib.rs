@@ -19,6 +19,8 @@
 //! * [`snapshots`]: B4 (snapshot store) and B5 (checkpoint pause).
 //! * [`migration`]: B1 (downtime), B7 (threshold cutoff) and peak memory.
 //! * [`mem`]: peak RSS from `/proc/<pid>/status`.
+//! * [`child`]: the harness re-executed as a child process (the roles,
+//!   nodes and hosts below).
 //! * [`roles`]: the source and the target of a migration as separate
 //!   processes, for the peak memory per role.
 //! * [`failover`]: F1 (failover gap) and F2 (standby lag) of a fleet of
@@ -29,6 +31,7 @@
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
 #![forbid(unsafe_code)]
 
+pub mod child;
 pub mod failover;
 pub mod kafka;
 pub mod mem;

@@ -11,8 +11,6 @@
 //! `SIGKILL` the child ([`NodeProcess::kill`]), and kills it when the
 //! [`NodeProcess`] is dropped, on every exit path.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,6 +22,7 @@ use ms2m_examples::observer::now_us;
 use ms2m_kafka::{KafkaCluster, KafkaConfig};
 use serde::{Deserialize, Serialize};
 
+use crate::child::{exit_code, parent_gone, Child};
 use crate::BoxError;
 
 /// The first argument that turns the harness into a fleet node.
@@ -115,31 +114,21 @@ struct Beats {
 #[derive(Debug)]
 pub struct NodeProcess {
     child: Child,
-    stdin: Option<ChildStdin>,
     beats: Arc<Mutex<Beats>>,
 }
 
 impl NodeProcess {
     /// Starts the harness again as the node `spec`.
     pub fn start(spec: &NodeSpec) -> Result<Self, BoxError> {
-        let mut child = Command::new(std::env::current_exe()?)
-            .arg(NODE_FLAG)
-            .arg(serde_json::to_string(spec)?)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let stdout = child.stdout.take().ok_or("node stdout not captured")?;
         let beats: Arc<Mutex<Beats>> = Arc::default();
-        let sink = beats.clone();
-        std::thread::Builder::new()
-            .name("ms2m-node-beats".into())
-            .spawn(move || collect(stdout, &sink))?;
-        Ok(Self {
-            stdin: child.stdin.take(),
-            child,
-            beats,
-        })
+        let (sink, closed) = (beats.clone(), beats.clone());
+        let child = Child::start(
+            NODE_FLAG,
+            spec,
+            move |line| record(&line, &sink),
+            move || lock(&closed).closed = true,
+        )?;
+        Ok(Self { child, beats })
     }
 
     /// The latest beat.
@@ -184,58 +173,41 @@ impl NodeProcess {
     /// `SIGKILL`s the child; returns the instant just before the signal.
     pub fn kill(&mut self) -> u64 {
         let at = now_us();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.kill();
         at
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Beats> {
-        self.beats.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.beats)
     }
 }
 
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        drop(self.stdin.take());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn lock(beats: &Mutex<Beats>) -> std::sync::MutexGuard<'_, Beats> {
+    beats.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn collect(stdout: std::process::ChildStdout, beats: &Mutex<Beats>) {
-    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-        let Ok(beat) = serde_json::from_str::<Beat>(&line) else {
-            continue;
-        };
-        let mut b = beats.lock().unwrap_or_else(|p| p.into_inner());
-        if b.last.as_ref().is_none_or(|l| l.role != beat.role) {
-            b.roles.push((beat.at_us, beat.role));
-        }
-        b.last = Some(beat);
+/// Records a status line of the child.
+fn record(line: &str, beats: &Mutex<Beats>) {
+    let Ok(beat) = serde_json::from_str::<Beat>(line) else {
+        return;
+    };
+    let mut b = lock(beats);
+    if b.last.as_ref().is_none_or(|l| l.role != beat.role) {
+        b.roles.push((beat.at_us, beat.role));
     }
-    beats.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
+    b.last = Some(beat);
 }
 
 /// In a node child (first argument [`NODE_FLAG`]), runs the node and
 /// returns the exit code; elsewhere `None` at once.
 pub async fn run_node_if_requested() -> Option<i32> {
-    let mut args = std::env::args().skip(1);
-    if args.next().as_deref() != Some(NODE_FLAG) {
-        return None;
-    }
+    let spec = crate::child::requested::<NodeSpec>(NODE_FLAG)?;
     ms2m_examples::support::init_logging();
-    let result = match args.next().map(|json| serde_json::from_str::<NodeSpec>(&json)) {
-        Some(Ok(spec)) => run(&spec).await,
-        Some(Err(e)) => Err(e.into()),
-        None => Err("missing the node argument".into()),
+    let result = match spec {
+        Ok(spec) => run(&spec).await,
+        Err(e) => Err(e),
     };
-    Some(match result {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("node process: {e}");
-            1
-        }
-    })
+    Some(exit_code("node process", result))
 }
 
 /// The instance settings of every node: commits as in B1, no periodic
@@ -294,9 +266,4 @@ async fn print_beats(mut status: tokio::sync::watch::Receiver<NodeStatus>) {
             last = Some(beat);
         }
     }
-}
-
-/// Resolves once the parent closed our stdin (or died).
-async fn parent_gone() {
-    let _ = tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink())).await;
 }

@@ -11,12 +11,10 @@
 //! child's whole life: for the source that includes building its state from
 //! the joins, for the target restoring it.
 //!
-//! A child prints `ready` on stdout once it serves (source) or waits as a
-//! standby (target), and stops when its stdin closes; the parent kills it
-//! when the [`RoleProcess`] is dropped, on every exit path.
+//! A child ([`crate::child`]) prints `ready` on stdout once it serves
+//! (source) or waits as a standby (target), and stops when its stdin
+//! closes; the parent kills it when the [`RoleProcess`] is dropped.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +26,7 @@ use ms2m_examples::support::spawn_serving_target;
 use ms2m_kafka::{KafkaCluster, KafkaConfig};
 use serde::{Deserialize, Serialize};
 
+use crate::child::{exit_code, parent_gone, Child};
 use crate::mem::{self, ProcMemory};
 use crate::BoxError;
 
@@ -73,34 +72,20 @@ impl RoleSpec {
 #[derive(Debug)]
 pub struct RoleProcess {
     child: Child,
-    stdin: Option<ChildStdin>,
     ready: Option<std::sync::mpsc::Receiver<()>>,
 }
 
 impl RoleProcess {
     /// Starts the harness again as `spec.role`.
     pub fn start(spec: &RoleSpec) -> Result<Self, BoxError> {
-        let mut child = Command::new(std::env::current_exe()?)
-            .arg(ROLE_FLAG)
-            .arg(serde_json::to_string(spec)?)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let stdout = child.stdout.take().ok_or("role stdout not captured")?;
         let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.trim() == "ready" {
-                    let _ = tx.send(());
-                }
+        let on_line = move |line: String| {
+            if line.trim() == "ready" {
+                let _ = tx.send(());
             }
-        });
-        Ok(Self {
-            stdin: child.stdin.take(),
-            child,
-            ready: Some(rx),
-        })
+        };
+        let child = Child::start(ROLE_FLAG, spec, on_line, || {})?;
+        Ok(Self { child, ready: Some(rx) })
     }
 
     /// Waits until the child says it is ready (`timeout` at most).
@@ -114,15 +99,15 @@ impl RoleProcess {
 
     /// The child's memory now (`VmHWM` is its peak so far).
     pub fn memory(&self) -> Option<ProcMemory> {
-        mem::of_pid(self.child.id())
+        mem::of_pid(self.child.pid())
     }
 
     /// Closes the child's stdin (it stops) and waits up to `timeout` for it.
     pub async fn finish(mut self, timeout: Duration) {
-        drop(self.stdin.take());
+        self.child.close_stdin();
         let deadline = tokio::time::Instant::now() + timeout;
         while tokio::time::Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
+            if self.child.exited() {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -130,33 +115,14 @@ impl RoleProcess {
     }
 }
 
-impl Drop for RoleProcess {
-    fn drop(&mut self) {
-        drop(self.stdin.take());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// In a role child (first argument [`ROLE_FLAG`]), plays the role and
 /// returns the exit code; elsewhere `None` at once.
 pub async fn run_role_if_requested() -> Option<i32> {
-    let mut args = std::env::args().skip(1);
-    if args.next().as_deref() != Some(ROLE_FLAG) {
-        return None;
-    }
-    let result = match args.next().map(|json| serde_json::from_str::<RoleSpec>(&json)) {
-        Some(Ok(spec)) => play(&spec).await,
-        Some(Err(e)) => Err(e.into()),
-        None => Err("missing the role argument".into()),
+    let result = match crate::child::requested::<RoleSpec>(ROLE_FLAG)? {
+        Ok(spec) => play(&spec).await,
+        Err(e) => Err(e),
     };
-    Some(match result {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("role process: {e}");
-            1
-        }
-    })
+    Some(exit_code("role process", result))
 }
 
 fn instance_config(id: &str, output: &str) -> InstanceConfig {
@@ -166,11 +132,6 @@ fn instance_config(id: &str, output: &str) -> InstanceConfig {
         .commit_every(500, Duration::from_millis(20))
         .poll(500, Duration::from_millis(5))
         .output_topic(output.to_string())
-}
-
-/// Resolves once the parent closed our stdin (or died).
-async fn parent_gone() {
-    let _ = tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink())).await;
 }
 
 async fn play(spec: &RoleSpec) -> Result<(), BoxError> {

@@ -38,8 +38,6 @@
 //! resume within 10 s after the move.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -57,6 +55,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::child::{exit_code, parent_gone, Child};
 use crate::kafka::{bulk_producer, send_retrying};
 use crate::migration::{key, paced};
 use crate::report::{median, p99, ratios, Goal, Row, Stat};
@@ -158,32 +157,22 @@ struct Beats {
 /// A host child, seen from the parent. Dropping it kills the child.
 #[derive(Debug)]
 pub struct HostProcess {
-    child: Child,
-    stdin: Option<ChildStdin>,
+    _child: Child,
     beats: Arc<Mutex<Beats>>,
 }
 
 impl HostProcess {
     /// Starts the harness again as the host `spec`.
     pub fn start(spec: &HostSpec) -> Result<Self, BoxError> {
-        let mut child = Command::new(std::env::current_exe()?)
-            .arg(HOST_FLAG)
-            .arg(serde_json::to_string(spec)?)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let stdout = child.stdout.take().ok_or("host stdout not captured")?;
         let beats: Arc<Mutex<Beats>> = Arc::default();
-        let sink = beats.clone();
-        std::thread::Builder::new()
-            .name("ms2m-host-beats".into())
-            .spawn(move || collect(stdout, &sink))?;
-        Ok(Self {
-            stdin: child.stdin.take(),
-            child,
-            beats,
-        })
+        let (sink, closed) = (beats.clone(), beats.clone());
+        let child = Child::start(
+            HOST_FLAG,
+            spec,
+            move |line| record(&line, &sink),
+            move || lock(&closed).closed = true,
+        )?;
+        Ok(Self { _child: child, beats })
     }
 
     /// The latest beat.
@@ -227,61 +216,45 @@ impl HostProcess {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Beats> {
-        self.beats.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.beats)
     }
 }
 
-impl Drop for HostProcess {
-    fn drop(&mut self) {
-        drop(self.stdin.take());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn lock(beats: &Mutex<Beats>) -> std::sync::MutexGuard<'_, Beats> {
+    beats.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn collect(stdout: std::process::ChildStdout, beats: &Mutex<Beats>) {
-    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-        let Ok(beat) = serde_json::from_str::<HostBeat>(&line) else {
-            continue;
+/// Records a status line of the child.
+fn record(line: &str, beats: &Mutex<Beats>) {
+    let Ok(beat) = serde_json::from_str::<HostBeat>(line) else {
+        return;
+    };
+    let mut b = lock(beats);
+    for (&p, &role) in &beat.tasks {
+        let since = match role {
+            NodeRole::Owner => &mut b.owner_since,
+            NodeRole::Standby => &mut b.standby_since,
+            _ => continue,
         };
-        let mut b = beats.lock().unwrap_or_else(|p| p.into_inner());
-        for (&p, &role) in &beat.tasks {
-            let since = match role {
-                NodeRole::Owner => &mut b.owner_since,
-                NodeRole::Standby => &mut b.standby_since,
-                _ => continue,
-            };
-            since.entry(p).or_insert(beat.at_us);
-        }
-        b.last = beat;
+        since.entry(p).or_insert(beat.at_us);
     }
-    beats.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
+    b.last = beat;
 }
 
 /// In a host child (first argument [`HOST_FLAG`]), runs the host and
 /// returns the exit code; elsewhere `None` at once.
 pub async fn run_host_if_requested() -> Option<i32> {
-    let mut args = std::env::args().skip(1);
-    if args.next().as_deref() != Some(HOST_FLAG) {
-        return None;
-    }
+    let spec = crate::child::requested::<HostSpec>(HOST_FLAG)?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
-    let result = match args.next().map(|json| serde_json::from_str::<HostSpec>(&json)) {
-        Some(Ok(spec)) => run_host(&spec).await,
-        Some(Err(e)) => Err(e.into()),
-        None => Err("missing the host argument".into()),
+    let result = match spec {
+        Ok(spec) => run_host(&spec).await,
+        Err(e) => Err(e),
     };
-    Some(match result {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("host process: {e}");
-            1
-        }
-    })
+    Some(exit_code("host process", result))
 }
 
 /// Each task's instance settings: as B1's (commits every 500 messages or
@@ -351,11 +324,6 @@ async fn print_beats(statuses: Statuses) {
             (last, printed_at) = (tasks, at_us);
         }
     }
-}
-
-/// Resolves once the parent closed our stdin (or died).
-async fn parent_gone() {
-    let _ = tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink())).await;
 }
 
 /// Player `k` of `partition`'s task.
