@@ -55,7 +55,7 @@ use ms2m_core::{ControlBody, ControlMessage};
 use ms2m_examples::game::GameEvent;
 use ms2m_examples::observer::{now_us, Observer, Watch, Window};
 use ms2m_examples::support::{produce_json, producer};
-use ms2m_kafka::{KafkaCluster, KafkaConfig};
+use ms2m_kafka::KafkaCluster;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::task::JoinHandle;
@@ -91,20 +91,11 @@ struct Fleet {
 
 impl Fleet {
     async fn start(b: &Bench, what: &str, mib: u64) -> Result<Self, BoxError> {
-        let service = b.unique(&format!("{what}-{mib}m"));
-        let (input, output) = (format!("{service}.in"), format!("{service}.out"));
         let snapshot_partitions = if mib > 64 { 128 } else { 64 };
-        let cluster = b.cluster.for_service(
-            KafkaConfig::new(&service)
-                .input_topic(&input)
-                .snapshot_partitions(snapshot_partitions),
-        );
-        cluster.create_topic(&input, PARTITIONS, &[]).await?;
-        cluster.create_topic(&output, PARTITIONS, &[]).await?;
-        // Every topic exists before the children connect: their clients
-        // cannot create topics on the embedded broker.
-        drop(cluster.snapshot_store().await?);
-        drop(cluster.control().await?);
+        let (cluster, input, output) = b
+            .deployment(&format!("{what}-{mib}m"), PARTITIONS, snapshot_partitions)
+            .await?;
+        let service = cluster.config().service_name().to_string();
         let observer = Observer::start(&Watch::of(&cluster, &input, &output)).await?;
         let control = ControlWatch::start(&cluster)?;
         let spec = |instance: &str| NodeSpec {

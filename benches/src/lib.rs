@@ -103,6 +103,31 @@ impl Bench {
         self.cluster.for_service(KafkaConfig::new(service).input_topic(input))
     }
 
+    /// A fresh service for child processes: `{unique}.in` and
+    /// `{unique}.out` with `partitions` partitions each, and the service's
+    /// snapshot and control topics, all created before any child connects
+    /// (their clients cannot create topics on the embedded broker).
+    /// Returns the cluster configured for it, the input and the output.
+    pub async fn deployment(
+        &self,
+        what: &str,
+        partitions: i32,
+        snapshot_partitions: i32,
+    ) -> Result<(KafkaCluster, String, String), BoxError> {
+        let service = self.unique(what);
+        let (input, output) = (format!("{service}.in"), format!("{service}.out"));
+        let cluster = self.cluster.for_service(
+            KafkaConfig::new(&service)
+                .input_topic(&input)
+                .snapshot_partitions(snapshot_partitions),
+        );
+        cluster.create_topic(&input, partitions, &[]).await?;
+        cluster.create_topic(&output, partitions, &[]).await?;
+        drop(cluster.snapshot_store().await?);
+        drop(cluster.control().await?);
+        Ok((cluster, input, output))
+    }
+
     /// A broker label for the report.
     pub fn broker_label(&self) -> String {
         if self.embedded() {

@@ -439,20 +439,11 @@ impl Deployment {
     /// task, the load, and a steady stretch.
     async fn start(b: &Bench, options: S1Options, stop_and_copy: bool) -> Result<Self, BoxError> {
         let mib = options.task_mib;
-        let service = b.unique(&format!("s1-{mib}m"));
-        let (input, output) = (format!("{service}.in"), format!("{service}.out"));
         let snapshot_partitions = 64;
-        let cluster = b.cluster.for_service(
-            KafkaConfig::new(&service)
-                .input_topic(&input)
-                .snapshot_partitions(snapshot_partitions),
-        );
-        cluster.create_topic(&input, PARTITIONS, &[]).await?;
-        cluster.create_topic(&output, PARTITIONS, &[]).await?;
-        // Every topic exists before the children connect: their clients
-        // cannot create topics on the embedded broker.
-        drop(cluster.snapshot_store().await?);
-        drop(cluster.control().await?);
+        let (cluster, input, output) = b
+            .deployment(&format!("s1-{mib}m"), PARTITIONS, snapshot_partitions)
+            .await?;
+        let service = cluster.config().service_name().to_string();
         let observer = Observer::start(&Watch::of(&cluster, &input, &output).per_task("partition")).await?;
         join_players(&cluster, &input, mib).await?;
         let spec = HostSpec {
