@@ -47,7 +47,10 @@ pub(crate) fn key(player: u64) -> Vec<u8> {
     player.to_be_bytes().to_vec()
 }
 
-fn instance_config(id: &str, output: &str) -> InstanceConfig {
+/// The instance settings of every benchmark instance (B1, the role, node
+/// and host children): commits every 500 messages or 20 ms, polls of up to
+/// 500, no periodic snapshots.
+pub(crate) fn instance_config(id: &str, output: &str) -> InstanceConfig {
     InstanceConfig::new(id)
         .snapshot_every(None)
         .snapshot_interval(None)

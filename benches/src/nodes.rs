@@ -214,12 +214,7 @@ pub async fn run_node_if_requested() -> Option<i32> {
 /// snapshots (the standby replays the joins, which rebuild the state; a
 /// warm standby's takeover restores nothing).
 fn instance_config(spec: &NodeSpec) -> InstanceConfig {
-    InstanceConfig::new(&spec.instance)
-        .snapshot_every(None)
-        .snapshot_interval(None)
-        .commit_every(500, Duration::from_millis(20))
-        .poll(500, Duration::from_millis(5))
-        .output_topic(spec.output.clone())
+    crate::migration::instance_config(&spec.instance, &spec.output)
 }
 
 async fn run(spec: &NodeSpec) -> Result<(), BoxError> {

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ms2m_core::migration::{SourceAgent, SourceOptions};
-use ms2m_core::{no_progress, Delivery, Instance, InstanceConfig};
+use ms2m_core::{no_progress, Delivery, Instance};
 use ms2m_examples::game::GameSessions;
 use ms2m_examples::support::spawn_serving_target;
 use ms2m_kafka::{KafkaCluster, KafkaConfig};
@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::child::{exit_code, parent_gone, Child};
 use crate::mem::{self, ProcMemory};
+use crate::migration::instance_config;
 use crate::BoxError;
 
 /// The first argument that turns the harness into one role of a migration.
@@ -123,15 +124,6 @@ pub async fn run_role_if_requested() -> Option<i32> {
         Err(e) => Err(e),
     };
     Some(exit_code("role process", result))
-}
-
-fn instance_config(id: &str, output: &str) -> InstanceConfig {
-    InstanceConfig::new(id)
-        .snapshot_every(None)
-        .snapshot_interval(None)
-        .commit_every(500, Duration::from_millis(20))
-        .poll(500, Duration::from_millis(5))
-        .output_topic(output.to_string())
 }
 
 async fn play(spec: &RoleSpec) -> Result<(), BoxError> {

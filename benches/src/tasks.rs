@@ -257,16 +257,9 @@ pub async fn run_host_if_requested() -> Option<i32> {
     Some(exit_code("host process", result))
 }
 
-/// Each task's instance settings: as B1's (commits every 500 messages or
-/// 20 ms, no periodic snapshots).
+/// Each task's instance settings: B1's, under the task's service id.
 fn instance_config(spec: &HostSpec, task: &str) -> InstanceConfig {
-    InstanceConfig::new(&spec.host)
-        .service_id(task)
-        .snapshot_every(None)
-        .snapshot_interval(None)
-        .commit_every(500, Duration::from_millis(20))
-        .poll(500, Duration::from_millis(5))
-        .output_topic(spec.output.clone())
+    crate::migration::instance_config(&spec.host, &spec.output).service_id(task)
 }
 
 type Statuses = Arc<Mutex<BTreeMap<i32, watch::Receiver<NodeStatus>>>>;

@@ -219,9 +219,6 @@ pub struct TaskGap {
     pub began_ms: f64,
     /// Largest in the second before the window (the task's own rhythm).
     pub baseline_ms: f64,
-    /// The task had an output after the window; if not, the gap runs to
-    /// the end of the observation and is a lower bound.
-    pub resumed: bool,
 }
 
 #[derive(Debug, Default)]
@@ -354,7 +351,9 @@ impl Observer {
 
     /// The largest gap between `task`'s output arrivals that overlaps
     /// `[from_us, to_us]` (no margin), and the largest in the second
-    /// before (needs [`Watch::per_task`]).
+    /// before (needs [`Watch::per_task`]). A task with no output after
+    /// `to_us` has its gap run to now: check [`Observer::await_tasks_resumed`]
+    /// first.
     pub fn task_gap(&self, task: i64, from_us: u64, to_us: u64) -> TaskGap {
         let t = self.timeline.lock().unwrap_or_else(|p| p.into_inner());
         let times = t.by_task.get(&task).map_or(&[][..], Vec::as_slice);
@@ -363,7 +362,6 @@ impl Observer {
             gap_ms: (ended - began) as f64 / 1e3,
             began_ms: ms_after(began, from_us),
             baseline_ms: largest_gap(times, from_us.saturating_sub(BASELINE_US), from_us, from_us),
-            resumed: times.last().is_some_and(|&x| x > to_us),
         }
     }
 

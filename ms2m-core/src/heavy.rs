@@ -1,14 +1,15 @@
 //! State-sized work off the apply loops, a bounded amount at a time.
 //!
 //! Encoding a frozen state, digesting it and decoding a checkpoint take
-//! time proportional to the state (a state that does not freeze is still
-//! encoded and digested on its apply loop: there is no copy to hand off). On a runtime worker they stall every
+//! time proportional to the state. On a runtime worker they stall every
 //! task that worker runs — in a host of many task nodes, tasks that have
 //! nothing to do with the one being moved. They run on tokio's blocking
-//! pool instead, and at most `available_parallelism − 1` of
-//! them at once per process (at least one): a host that moves eight tasks
-//! at once serializes their states a few at a time and keeps a core for
-//! the apply loops, instead of giving every core to serialization.
+//! pool instead, and at most `available_parallelism − 1` of them at once
+//! per process (at least one): a host that moves eight tasks at once
+//! serializes their states a few at a time and keeps a core for the apply
+//! loops, instead of giving every core to serialization. (A state that
+//! does not freeze is still encoded and digested on its apply loop: there
+//! is no copy to hand off.)
 //!
 //! The cost: such jobs queue behind each other. A migration's checkpoint
 //! may wait for a periodic snapshot of another task being encoded; on a
