@@ -23,17 +23,28 @@
 //!   headers are copied into `Bytes` of their own (one allocation each, so a
 //!   service that keeps a payload keeps only that payload alive, never a
 //!   batch buffer), topic names are shared `Arc<str>`s.
-//! * Per message the cost is librdkafka's queue pop, these copies and the
-//!   header parse (see [`KafkaLog::without_headers`]); everything else
+//! * Per message the cost is librdkafka's queue pop and message destroy
+//!   (as in any rdkafka loop), the header parse (librdkafka allocates,
+//!   reads and frees a buffer per message even when it has no headers; see
+//!   [`KafkaLog::without_headers`]) and these copies; everything else
 //!   (waker registration, next-offset bookkeeping) happens once per poll or
 //!   once per run of records from one partition.
-//! * During catch-up that per-message cost is taken off the apply loop: a
-//!   poll that returns a full batch starts a prefetch of the next one on
-//!   the blocking pool (already-fetched messages only, it never waits), and
-//!   the next poll returns what it took. Only one task polls the consumer at
-//!   a time (a poll or a seek joins a running prefetch first), so order and
-//!   exact offsets are kept and a seek never mixes in records of the old
-//!   assignment. At most one batch is held this way.
+//! * During catch-up the consumer side of that cost is taken off the apply
+//!   loop: a poll that returns a full batch starts a prefetch on the
+//!   blocking pool, which takes already-fetched messages (it never waits)
+//!   batch after batch while they come full, and the following polls
+//!   return its batches. It holds at most two batches (one handed over, one
+//!   being taken). Only one task polls the consumer at a time (a poll waits
+//!   for the prefetch's next batch or its end, a seek stops and joins it
+//!   first), so order and exact offsets are kept and a seek never mixes in
+//!   records of the old assignment.
+//! * A prefetch copies keys and payloads into one buffer per batch; the
+//!   polling task then gives each its own allocation, so the thread that
+//!   frees a record's memory is the one that allocated it. (Allocated by
+//!   the prefetch and freed by the applying task, each record took the
+//!   lock of the prefetch thread's malloc arena, which librdkafka's header
+//!   parse there needs for every message: in benchmark B2 that contention
+//!   made up a third of the header parse's cost.)
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -47,6 +58,7 @@ use rdkafka::consumer::{Consumer, MessageStream, StreamConsumer};
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
@@ -86,14 +98,38 @@ pub struct KafkaLog {
     warned_at: Option<std::time::Instant>,
     /// Records taken off the consumer by a prefetch, not delivered yet.
     ready: Vec<Record>,
-    /// A prefetch draining the consumer on the blocking pool while the
-    /// caller applies the previous batch.
+    /// A prefetch taking records off the consumer on the blocking pool
+    /// while the caller applies the previous batches.
     prefetch: Option<Prefetch>,
 }
 
-/// Already-fetched records taken by a blocking task, and the error that
-/// stopped it (after those records).
-type Prefetch = JoinHandle<(Vec<Record>, Option<RdKafkaError>)>;
+/// A blocking task taking already-fetched records off the consumer, batch
+/// after batch, for as long as they come full.
+struct Prefetch {
+    /// Its batches in order, each with the error that stopped the task
+    /// (after that batch's records), if one did. Holds one batch at most.
+    batches: mpsc::Receiver<(StagedBatch, Option<RdKafkaError>)>,
+    task: JoinHandle<()>,
+}
+
+/// Records taken by a prefetch, their keys and payloads still in one
+/// buffer (see [`StagedBatch::into_records`]).
+struct StagedBatch {
+    /// The records, without key and payload.
+    records: Vec<Record>,
+    /// Each record's key and payload: where they are in `bodies`.
+    spans: Vec<(Option<Span>, Option<Span>)>,
+    bodies: Vec<u8>,
+}
+
+/// A byte range of [`StagedBatch::bodies`].
+type Span = std::ops::Range<usize>;
+
+/// Where [`RecordBuilder::drain`] puts the records it takes.
+trait TakenRecords {
+    fn count(&self) -> usize;
+    fn take(&mut self, builder: &RecordBuilder, m: &BorrowedMessage<'_>);
+}
 
 /// Turns consumed messages into [`Record`]s.
 #[derive(Clone, Debug)]
@@ -168,9 +204,10 @@ impl KafkaLog {
     ///
     /// librdkafka parses a message's headers on first access, and that
     /// parse (a buffer allocated, read and freed per message, even when the
-    /// message has no headers) is the largest single cost of turning a
-    /// message into a [`Record`]: about a fifth of the instructions of the
-    /// replay loop for small messages (benchmark B2). Only for services that
+    /// message has no headers; its public API has no cheaper test) is the
+    /// largest single cost of turning a message into a [`Record`]: about an
+    /// eighth of the consuming thread's time for small messages (benchmark
+    /// B2, where it costs about 0.07 of the ratio). Only for services that
     /// never read [`ApplyContext::headers`](ms2m_core::ApplyContext::headers);
     /// messages they send to a dead-letter topic lack the original headers.
     pub fn without_headers(mut self) -> Self {
@@ -221,32 +258,64 @@ impl KafkaLog {
         Ok(out)
     }
 
-    /// Starts taking the next `max` already-fetched records on the blocking
-    /// pool. Only this task polls the consumer until it is joined.
+    /// Starts taking already-fetched records on the blocking pool in
+    /// batches of `max`, until one comes out short (the backlog is taken),
+    /// an error stops it or the log stops listening. Only this task polls
+    /// the consumer until it is joined.
     fn start_prefetch(&mut self, max: usize) {
         let consumer = self.consumer.clone();
         let records = self.records.clone();
-        self.prefetch = Some(tokio::task::spawn_blocking(move || {
-            let mut out = Vec::with_capacity(max);
-            let error = records.drain(&mut consumer.stream(), &mut out, max);
-            (out, error)
-        }));
+        let (sender, batches) = mpsc::channel(1);
+        let task = tokio::task::spawn_blocking(move || {
+            let mut stream = consumer.stream();
+            loop {
+                let mut batch = StagedBatch::with_capacity(max);
+                let error = records.drain(&mut stream, &mut batch, max);
+                let backlog_left = batch.count() == max && error.is_none();
+                if batch.count() == 0 && error.is_none() {
+                    return;
+                }
+                if sender.blocking_send((batch, error)).is_err() || !backlog_left {
+                    return;
+                }
+            }
+        });
+        self.prefetch = Some(Prefetch { batches, task });
     }
 
-    /// Waits for a running prefetch and keeps what it took: its records in
-    /// `ready`, its error in `deferred` (returned after those records).
-    async fn join_prefetch(&mut self) -> Result<()> {
-        let Some(prefetch) = self.prefetch.as_mut() else {
-            return Ok(());
-        };
-        let joined = prefetch.await;
-        self.prefetch = None;
-        let (records, error) = joined.map_err(KafkaError::Join)?;
-        self.ready.extend(records);
-        if let Some(e) = error {
-            self.deferred = Some(self.consume_error(e));
+    /// Takes a running prefetch's next batch: its records into `ready`, its
+    /// error into `deferred` (returned after those records). Joins the
+    /// prefetch once it has ended.
+    async fn receive_prefetched(&mut self) -> Result<()> {
+        while self.ready.is_empty() && self.deferred.is_none() {
+            let Some(prefetch) = self.prefetch.as_mut() else {
+                return Ok(());
+            };
+            match prefetch.batches.recv().await {
+                Some((batch, error)) => {
+                    self.ready = batch.into_records();
+                    if let Some(e) = error {
+                        self.deferred = Some(self.consume_error(e));
+                    }
+                }
+                None => {
+                    let joined = (&mut prefetch.task).await;
+                    self.prefetch = None;
+                    joined.map_err(KafkaError::Join)?;
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Stops a running prefetch and waits for it to end; what it took is
+    /// dropped.
+    async fn stop_prefetch(&mut self) {
+        if let Some(prefetch) = self.prefetch.as_mut() {
+            prefetch.batches.close();
+            let _ = (&mut prefetch.task).await;
+            self.prefetch = None;
+        }
     }
 
     /// Up to `max` of the records a prefetch took, in order.
@@ -352,10 +421,7 @@ impl MessageLog for KafkaLog {
         }
         // Records a prefetch took for the old assignment are dropped; the
         // task is joined first so that nothing polls during the assign.
-        if let Some(prefetch) = self.prefetch.as_mut() {
-            let _ = prefetch.await;
-            self.prefetch = None;
-        }
+        self.stop_prefetch().await;
         self.ready.clear();
         // A fresh assignment discards whatever was fetched for the old one
         // (librdkafka drops messages of an outdated fetch version).
@@ -369,16 +435,18 @@ impl MessageLog for KafkaLog {
         Ok(())
     }
 
-    /// Returns records a prefetch already took, or waits up to `timeout`
-    /// for the first record and takes whatever else is already fetched, up
-    /// to `max`. A full batch means a backlog: the next batch is then
-    /// prefetched on the blocking pool while the caller applies this one.
+    /// Returns records a prefetch took (waiting for its next batch while it
+    /// runs), or waits up to `timeout` for the first record and takes
+    /// whatever else is already fetched, up to `max`. A full batch means a
+    /// backlog: a prefetch then takes the next batches on the blocking pool
+    /// while the caller applies this one.
     ///
     /// Cancel-safe: a cancelled poll loses no record (rdkafka's message
-    /// stream is cancel-safe, a prefetch's handle stays until it is joined,
-    /// and records are moved into the result only when it is returned).
+    /// stream and tokio's channel receive are cancel-safe, a prefetch's
+    /// handle stays until it is joined, and records are moved into the
+    /// result only when it is returned).
     async fn poll(&mut self, max: usize, timeout: Duration) -> Result<Vec<Record>> {
-        self.join_prefetch().await?;
+        self.receive_prefetched().await?;
         if self.ready.is_empty() {
             if let Some(e) = self.deferred.take() {
                 return Err(e);
@@ -391,9 +459,9 @@ impl MessageLog for KafkaLog {
         let mut out = self.take_ready(max);
         if out.is_empty() {
             out = self.wait_and_drain(max, timeout).await?;
-        }
-        if out.len() == max && self.ready.is_empty() && self.deferred.is_none() {
-            self.start_prefetch(max);
+            if out.len() == max && self.deferred.is_none() {
+                self.start_prefetch(max);
+            }
         }
         self.advance_next(&out);
         Ok(out)
@@ -427,6 +495,15 @@ impl RecordBuilder {
     }
 
     fn record(&self, m: &BorrowedMessage<'_>) -> Record {
+        Record {
+            key: m.key().map(Bytes::copy_from_slice),
+            payload: m.payload().map(Bytes::copy_from_slice),
+            ..self.record_without_body(m)
+        }
+    }
+
+    /// A record of `m` with its headers but without key and payload.
+    fn record_without_body(&self, m: &BorrowedMessage<'_>) -> Record {
         let headers = self
             .read_headers
             .then(|| m.headers())
@@ -450,8 +527,8 @@ impl RecordBuilder {
             partition: m.partition(),
             offset: m.offset(),
             timestamp_ms: m.timestamp().to_millis(),
-            key: m.key().map(Bytes::copy_from_slice),
-            payload: m.payload().map(Bytes::copy_from_slice),
+            key: None,
+            payload: None,
             headers,
         }
     }
@@ -462,18 +539,73 @@ impl RecordBuilder {
     fn drain(
         &self,
         stream: &mut MessageStream<'_, ClientTelemetry>,
-        out: &mut Vec<Record>,
+        out: &mut impl TakenRecords,
         max: usize,
     ) -> Option<RdKafkaError> {
-        while out.len() < max {
+        while out.count() < max {
             match stream.next().now_or_never() {
                 None | Some(None) => break,
-                Some(Some(Ok(m))) => out.push(self.record(&m)),
+                Some(Some(Ok(m))) => out.take(self, &m),
                 Some(Some(Err(e))) if is_transient(&e) => break,
                 Some(Some(Err(e))) => return Some(e),
             }
         }
         None
+    }
+}
+
+impl TakenRecords for Vec<Record> {
+    fn count(&self) -> usize {
+        self.len()
+    }
+
+    fn take(&mut self, builder: &RecordBuilder, m: &BorrowedMessage<'_>) {
+        self.push(builder.record(m));
+    }
+}
+
+impl TakenRecords for StagedBatch {
+    fn count(&self) -> usize {
+        self.records.len()
+    }
+
+    fn take(&mut self, builder: &RecordBuilder, m: &BorrowedMessage<'_>) {
+        let key = m.key().map(|k| self.stage(k));
+        let payload = m.payload().map(|p| self.stage(p));
+        self.records.push(builder.record_without_body(m));
+        self.spans.push((key, payload));
+    }
+}
+
+impl StagedBatch {
+    fn with_capacity(records: usize) -> Self {
+        Self {
+            records: Vec::with_capacity(records),
+            spans: Vec::with_capacity(records),
+            bodies: Vec::new(),
+        }
+    }
+
+    /// Appends `bytes` to the batch's buffer.
+    fn stage(&mut self, bytes: &[u8]) -> Span {
+        let start = self.bodies.len();
+        self.bodies.extend_from_slice(bytes);
+        start..self.bodies.len()
+    }
+
+    /// The records, each given its own copy of its key and payload.
+    fn into_records(self) -> Vec<Record> {
+        let StagedBatch {
+            mut records,
+            spans,
+            bodies,
+        } = self;
+        let copy = |span: Span| Bytes::copy_from_slice(&bodies[span]);
+        for (record, (key, payload)) in records.iter_mut().zip(spans) {
+            record.key = key.map(copy);
+            record.payload = payload.map(copy);
+        }
+        records
     }
 }
 
