@@ -54,6 +54,9 @@ pub enum CodecError {
     /// The bytes decoded but were followed by unexpected extra bytes.
     #[error("{0} unexpected bytes after the encoded value")]
     TrailingBytes(usize),
+    /// Reading or writing a streamed encoding failed.
+    #[error("streamed encoding failed")]
+    Io(#[source] std::io::Error),
     /// Output encoding as JSON failed.
     #[error("failed to encode as JSON")]
     Json(#[source] serde_json::Error),
@@ -65,6 +68,27 @@ pub enum CodecError {
 /// Encodes `value` with the binary codec.
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
     bincode::serde::encode_to_vec(value, config()).map_err(CodecError::Encode)
+}
+
+/// Encodes `value` into `out` as it goes (no buffer of the whole
+/// encoding; `out` sees many small writes).
+pub fn encode_to<T: Serialize + ?Sized>(value: &T, out: &mut dyn std::io::Write) -> Result<(), CodecError> {
+    bincode::serde::encode_into_std_write(value, &mut &mut *out, config())
+        .map(drop)
+        .map_err(CodecError::Encode)
+}
+
+/// Decodes a `T` from the start of `input`, reading no further than the
+/// value (the caller checks that nothing follows, if that matters).
+pub fn decode_from<T: DeserializeOwned>(input: &mut dyn std::io::Read) -> Result<T, CodecError> {
+    bincode::serde::decode_from_std_read(&mut &mut *input, config()).map_err(CodecError::Decode)
+}
+
+/// Reads all of `input` (for decoders that need the bytes in one piece).
+pub fn read_all(input: &mut dyn std::io::Read) -> Result<Vec<u8>, CodecError> {
+    let mut bytes = Vec::new();
+    input.read_to_end(&mut bytes).map_err(CodecError::Io)?;
+    Ok(bytes)
 }
 
 /// Decodes a `T` that must span all of `bytes`.

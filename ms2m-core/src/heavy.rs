@@ -1,24 +1,25 @@
 //! State-sized work off the apply loops, a bounded amount at a time.
 //!
-//! Encoding a frozen state, digesting it and decoding a checkpoint take
-//! time proportional to the state. On a runtime worker they stall every
-//! task that worker runs — in a host of many task nodes, tasks that have
-//! nothing to do with the one being moved. They run on tokio's blocking
-//! pool instead, and at most `available_parallelism − 1` of them at once
-//! per process (at least one): a host that moves eight tasks at once
-//! serializes their states a few at a time and keeps a core for the apply
-//! loops, instead of giving every core to serialization. (A state that
-//! does not freeze is still encoded and digested on its apply loop: there
-//! is no copy to hand off.)
+//! Digesting a frozen copy of the state takes time proportional to the
+//! state. On a runtime worker it stalls every task that worker runs — in a
+//! host of many task nodes, tasks that have nothing to do with the one
+//! being moved. It runs on tokio's blocking pool instead, and at most
+//! `available_parallelism − 1` such jobs at once per process (at least
+//! one): a host that moves eight tasks at once digests a few at a time
+//! and keeps a core for the apply loops. (A state that does not freeze is
+//! still encoded and digested on its apply loop: there is no copy to hand
+//! off.) Encoding and decoding a streamed snapshot
+//! ([`streamed`](crate::streamed)) hold a slot too, but give it back while
+//! they wait for the store: they are paced by its transfer, seconds on a
+//! slow broker, and would otherwise hold up every other job that long.
 //!
-//! The cost: such jobs queue behind each other. A migration's checkpoint
-//! may wait for a periodic snapshot of another task being encoded; on a
-//! machine of one or two cores, one job runs at a time.
+//! The cost: such jobs queue behind each other; on a machine of one or two
+//! cores, one runs at a time.
 
 use std::num::NonZeroUsize;
 use std::sync::{Arc, OnceLock};
 
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinError;
 
 /// The slots, and how many there are.
@@ -57,6 +58,31 @@ where
         work()
     })
     .await
+}
+
+/// A slot held by a job on the blocking pool that also waits for I/O: it
+/// gives the slot back while it waits.
+pub(crate) struct Slot(Option<OwnedSemaphorePermit>);
+
+impl Slot {
+    /// Waits for a slot. Call on the blocking pool (it blocks the thread).
+    pub(crate) fn acquire_blocking() -> Self {
+        Self(Some(take_blocking()))
+    }
+
+    /// Runs `wait` without the slot, then waits for one again.
+    pub(crate) fn released_while<T>(&mut self, wait: impl FnOnce() -> T) -> T {
+        self.0 = None;
+        let out = wait();
+        self.0 = Some(take_blocking());
+        out
+    }
+}
+
+fn take_blocking() -> OwnedSemaphorePermit {
+    tokio::runtime::Handle::current()
+        .block_on(semaphore().acquire_owned())
+        .expect("the semaphore is never closed")
 }
 
 #[cfg(test)]

@@ -99,6 +99,7 @@ pub mod sink;
 pub mod snapshot;
 pub mod state;
 pub mod store;
+pub mod streamed;
 #[cfg(any(test, feature = "test"))]
 pub mod testkit;
 

@@ -13,6 +13,7 @@
 //! CRC-32C. The header has its own checksum so a flipped bit in the position
 //! can never silently move where replay starts.
 
+use std::io::Read;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
@@ -72,6 +73,9 @@ pub enum SnapshotError {
     /// The state was written with a codec this build cannot read.
     #[error("snapshot state uses codec {0:?}, which this build cannot read")]
     UnsupportedCodec(CodecId),
+    /// Reading a streamed snapshot failed (not the bytes: the reading).
+    #[error("reading the snapshot failed")]
+    Read(#[source] std::io::Error),
 }
 
 /// The verified metadata of a snapshot.
@@ -93,6 +97,106 @@ pub struct SnapshotHeader {
     pub state_len: u64,
     /// CRC-32C of the state bytes.
     pub state_crc32c: u32,
+}
+
+impl SnapshotHeader {
+    /// The header of a snapshot taken now by `instance_id`, before its
+    /// state's length and checksum are known (both zero).
+    pub fn unsealed(
+        service: impl Into<String>,
+        schema_version: u32,
+        position: Position,
+        instance_id: impl Into<String>,
+    ) -> Self {
+        Self {
+            service: service.into(),
+            schema_version,
+            position,
+            created_at_ms: now_ms(),
+            instance_id: instance_id.into(),
+            codec: CURRENT_CODEC,
+            state_len: 0,
+            state_crc32c: 0,
+        }
+    }
+
+    /// The envelope up to the state bytes: magic, format, this header and
+    /// its checksum.
+    pub fn prefix(&self) -> Result<Bytes, CodecError> {
+        let header = codec::encode(self)?;
+        let mut prefix = BytesMut::with_capacity(FIXED_PREFIX + header.len() + 4);
+        prefix.extend_from_slice(MAGIC);
+        prefix.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        prefix.extend_from_slice(&(header.len() as u32).to_le_bytes());
+        prefix.extend_from_slice(&header);
+        prefix.extend_from_slice(&crc32c::crc32c(&header).to_le_bytes());
+        Ok(prefix.freeze())
+    }
+
+    /// Reads and verifies the envelope's prefix from `input`, leaving it at
+    /// the first state byte. Checks what [`Snapshot::decode`] checks
+    /// before the state.
+    pub fn read_prefix(input: &mut dyn std::io::Read) -> Result<Self, SnapshotError> {
+        let mut fixed = [0u8; FIXED_PREFIX];
+        let got = read_up_to(input, &mut fixed)?;
+        if got >= 4 && &fixed[..4] != MAGIC {
+            return Err(SnapshotError::BadMagic);
+        }
+        if got < FIXED_PREFIX {
+            return Err(SnapshotError::Truncated {
+                expected: FIXED_PREFIX as u64,
+                actual: got as u64,
+            });
+        }
+        let format = u16::from_le_bytes([fixed[4], fixed[5]]);
+        if format != FORMAT_VERSION {
+            return Err(SnapshotError::UnsupportedFormat(format));
+        }
+        let header_len = u32::from_le_bytes(fixed[6..10].try_into().expect("4 bytes")) as u64;
+        let mut header_bytes = Vec::new();
+        let mut with_crc = input.take(header_len + 4);
+        with_crc.read_to_end(&mut header_bytes).map_err(SnapshotError::Read)?;
+        if (header_bytes.len() as u64) < header_len + 4 {
+            return Err(SnapshotError::Truncated {
+                expected: FIXED_PREFIX as u64 + header_len + 4,
+                actual: (FIXED_PREFIX + header_bytes.len()) as u64,
+            });
+        }
+        let (header_bytes, crc) = header_bytes.split_at(header_len as usize);
+        if crc32c::crc32c(header_bytes) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
+            return Err(SnapshotError::HeaderChecksum);
+        }
+        let header: SnapshotHeader = codec::decode(header_bytes).map_err(SnapshotError::Header)?;
+        if header.codec != CURRENT_CODEC {
+            return Err(SnapshotError::UnsupportedCodec(header.codec));
+        }
+        Ok(header)
+    }
+
+    /// Checks that the snapshot was written by `service`.
+    pub fn check_service(&self, service: &str) -> Result<(), SnapshotError> {
+        if self.service != service {
+            return Err(SnapshotError::WrongService {
+                expected: service.to_string(),
+                found: self.service.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Fills `buf` from `input` as far as it goes; how many bytes it got.
+fn read_up_to(input: &mut dyn std::io::Read, buf: &mut [u8]) -> Result<usize, SnapshotError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match input.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(SnapshotError::Read(e)),
+        }
+    }
+    Ok(got)
 }
 
 /// A decoded snapshot: header plus state bytes.
@@ -175,30 +279,27 @@ impl Snapshot {
         instance_id: impl Into<String>,
         state: Bytes,
     ) -> Self {
+        Self::seal_under(
+            SnapshotHeader::unsealed(service, schema_version, position, instance_id),
+            state,
+        )
+    }
+
+    /// Wraps state bytes in an envelope under `header`, setting its state
+    /// length and checksum.
+    pub fn seal_under(header: SnapshotHeader, state: Bytes) -> Self {
         let header = SnapshotHeader {
-            service: service.into(),
-            schema_version,
-            position,
-            created_at_ms: now_ms(),
-            instance_id: instance_id.into(),
-            codec: CURRENT_CODEC,
             state_len: state.len() as u64,
             state_crc32c: crc32c::crc32c(&state),
+            ..header
         };
         Self { header, state }
     }
 
     /// Encodes the envelope.
     pub fn encode(&self) -> Result<EncodedSnapshot, CodecError> {
-        let header = codec::encode(&self.header)?;
-        let mut prefix = BytesMut::with_capacity(FIXED_PREFIX + header.len() + 4);
-        prefix.extend_from_slice(MAGIC);
-        prefix.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        prefix.extend_from_slice(&(header.len() as u32).to_le_bytes());
-        prefix.extend_from_slice(&header);
-        prefix.extend_from_slice(&crc32c::crc32c(&header).to_le_bytes());
         Ok(EncodedSnapshot {
-            prefix: prefix.freeze(),
+            prefix: self.header.prefix()?,
             state: self.state.clone(),
         })
     }
@@ -262,13 +363,7 @@ impl Snapshot {
 
     /// Checks that the snapshot was written by `service`.
     pub fn check_service(&self, service: &str) -> Result<(), SnapshotError> {
-        if self.header.service != service {
-            return Err(SnapshotError::WrongService {
-                expected: service.to_string(),
-                found: self.header.service.clone(),
-            });
-        }
-        Ok(())
+        self.header.check_service(service)
     }
 }
 

@@ -24,6 +24,34 @@ pub trait ServiceState: Sized + Send + 'static {
     /// Rebuilds the state from bytes written at `schema_version`.
     fn restore(schema_version: u32, bytes: &[u8]) -> Result<Self, StateError>;
 
+    /// Encodes the state into `out` as it goes: the bytes
+    /// [`snapshot`](Self::snapshot) returns, never all in memory at once
+    /// when the implementation streams. A frozen state's checkpoint is
+    /// written this way, straight into the snapshot store, so a checkpoint
+    /// costs no second copy of the state.
+    ///
+    /// The default encodes with [`snapshot`](Self::snapshot) and writes
+    /// the result; `#[derive(ServiceState)]` streams.
+    fn snapshot_to(&self, out: &mut dyn std::io::Write) -> Result<(), CodecError> {
+        out.write_all(&self.snapshot()?).map_err(CodecError::Io)
+    }
+
+    /// Rebuilds the state from `input`, which holds exactly the bytes
+    /// [`restore`](Self::restore) would get, as the snapshot store delivers
+    /// them: a restore then never holds the encoded state and the state at
+    /// once.
+    ///
+    /// The default reads everything and calls [`restore`](Self::restore);
+    /// `#[derive(ServiceState)]` decodes the current schema version as it
+    /// reads (older versions are read whole, then upgraded).
+    fn restore_from(schema_version: u32, input: &mut dyn std::io::Read) -> Result<Self, StateError> {
+        let bytes = crate::codec::read_all(input).map_err(|source| StateError::Decode {
+            version: schema_version,
+            source,
+        })?;
+        Self::restore(schema_version, &bytes)
+    }
+
     /// A digest that is equal for equal states, whatever the iteration order
     /// of maps and sets inside. Compared at migration cutover.
     fn digest(&self) -> StateDigest;
@@ -50,19 +78,30 @@ pub trait ServiceState: Sized + Send + 'static {
 /// | state | apply-loop pause per snapshot | extra memory while a snapshot is written |
 /// |---|---|---|
 /// | plain (`freeze` returns `None`) | the whole serialization, O(state) | the encoded bytes |
-/// | `#[state(freeze)]` with persistent collections | the clone, O(1) | the encoded bytes, plus copies of the parts changed meanwhile (copy-on-write) |
-/// | `#[state(freeze)]` with plain collections | the clone, O(state) (a memory copy, cheaper than encoding) | a full copy of the state, plus the encoded bytes |
+/// | `#[state(freeze)]` with persistent collections | the clone, O(1) | the pieces of the encoding not yet stored (bounded, see [`streamed`](crate::streamed)), plus copies of the parts changed meanwhile (copy-on-write) |
+/// | `#[state(freeze)]` with plain collections | the clone, O(state) (a memory copy, cheaper than encoding) | a full copy of the state, plus the pieces not yet stored |
+///
+/// A frozen state is encoded straight into the store
+/// ([`ServiceState::snapshot_to`], [`SnapshotStore::put_streamed`](crate::SnapshotStore::put_streamed)):
+/// with a store that writes pieces as they come (the Kafka store does) the
+/// encoding never exists in one piece; a store that does not (the default
+/// `put_streamed`) collects it first.
 pub struct Frozen(Box<dyn FrozenState>);
 
 /// What [`Frozen`] needs of the copy (every `Sync` [`ServiceState`]).
 trait FrozenState: Send + Sync + 'static {
     fn encode(&self) -> Result<Vec<u8>, CodecError>;
+    fn encode_to(&self, out: &mut dyn std::io::Write) -> Result<(), CodecError>;
     fn digest_of(&self) -> StateDigest;
 }
 
 impl<T: ServiceState + Sync> FrozenState for T {
     fn encode(&self) -> Result<Vec<u8>, CodecError> {
         self.snapshot()
+    }
+
+    fn encode_to(&self, out: &mut dyn std::io::Write) -> Result<(), CodecError> {
+        self.snapshot_to(out)
     }
 
     fn digest_of(&self) -> StateDigest {
@@ -79,6 +118,12 @@ impl Frozen {
     /// Encodes the frozen state (the bytes [`ServiceState::snapshot`] gives).
     pub fn snapshot(&self) -> Result<Vec<u8>, CodecError> {
         self.0.encode()
+    }
+
+    /// Encodes the frozen state into `out` as it goes (as
+    /// [`ServiceState::snapshot_to`]).
+    pub fn snapshot_to(&self, out: &mut dyn std::io::Write) -> Result<(), CodecError> {
+        self.0.encode_to(out)
     }
 
     /// The frozen state's digest (as [`ServiceState::digest`]).

@@ -1,11 +1,12 @@
 //! Where snapshots are kept, and the recovery rule for choosing one.
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use crate::error::{BackendError, Component, Error, ErrorKind};
-use crate::snapshot::{EncodedSnapshot, Snapshot};
+use crate::snapshot::{EncodedSnapshot, SnapshotHeader};
 use crate::state::ServiceState;
+use crate::streamed::{restore_streamed, SnapshotPieces, StreamedSnapshot};
 
 /// Identifies a stored snapshot. Ids grow with every `put`, so the largest
 /// id is the newest snapshot.
@@ -32,6 +33,36 @@ pub trait SnapshotStore: Send + Sync + 'static {
 
     /// Deletes one snapshot.
     async fn delete(&self, id: SnapshotId) -> Result<(), Self::Error>;
+
+    /// Stores a snapshot whose state is still being encoded: its pieces
+    /// come from [`StreamedSnapshot::next_piece`], the envelope's prefix
+    /// (which goes first) from [`StreamedSnapshot::prefix`] after the last
+    /// piece. A store that writes pieces as they come keeps only a few in
+    /// memory (see [`streamed`](crate::streamed)).
+    ///
+    /// The default collects the pieces and calls [`put`](Self::put).
+    async fn put_streamed(&self, mut snapshot: StreamedSnapshot) -> Result<SnapshotId, Self::Error> {
+        let mut state = BytesMut::new();
+        while let Some(piece) = snapshot.next_piece().await {
+            state.extend_from_slice(&piece);
+        }
+        let prefix = snapshot.prefix().expect("the state is complete");
+        self.put(&EncodedSnapshot {
+            prefix,
+            state: state.freeze(),
+        })
+        .await
+    }
+
+    /// The encoded bytes of one snapshot in pieces, in order, for a restore
+    /// that decodes as they arrive. An error found before the first piece
+    /// (no such snapshot, store unreachable) is returned here; one found
+    /// later ends the pieces.
+    ///
+    /// The default fetches the whole snapshot with [`get`](Self::get).
+    async fn get_streamed(&self, id: SnapshotId) -> Result<SnapshotPieces<Self::Error>, Self::Error> {
+        Ok(SnapshotPieces::whole(self.get(id).await?))
+    }
 }
 
 /// Deletes all but the newest `keep` snapshots; returns how many were deleted.
@@ -64,8 +95,8 @@ pub struct RejectedSnapshot {
 pub struct LoadedSnapshot<S> {
     /// The id of the snapshot used.
     pub id: SnapshotId,
-    /// Its verified envelope (state bytes included).
-    pub snapshot: Snapshot,
+    /// Its verified header (position, schema version, writer).
+    pub header: SnapshotHeader,
     /// The restored state.
     pub state: S,
 }
@@ -88,17 +119,8 @@ pub async fn load_newest_valid<S: ServiceState, St: SnapshotStore + ?Sized>(
         .map_err(|e| Error::backend(Component::SnapshotStore, "list snapshots", e))?;
     let mut rejected = Vec::new();
     for id in ids.into_iter().rev() {
-        let attempt = async {
-            let bytes = store
-                .get(id)
-                .await
-                .map_err(|e| Error::backend(Component::SnapshotStore, "read snapshot", e))?;
-            decode_and_restore::<S>(bytes, service).await
-        };
-        match attempt.await {
-            Ok((snapshot, state)) => {
-                return Ok((Some(LoadedSnapshot { id, snapshot, state }), rejected));
-            }
+        match fetch_and_restore::<S, St>(store, service, id).await {
+            Ok(loaded) => return Ok((Some(loaded), rejected)),
             Err(e) if is_fatal(&e) => return Err(e),
             Err(reason) => {
                 tracing::warn!(snapshot = id, error = %error_chain(&reason), "snapshot rejected, trying an older one");
@@ -109,28 +131,34 @@ pub async fn load_newest_valid<S: ServiceState, St: SnapshotStore + ?Sized>(
     Ok((None, rejected))
 }
 
-/// Verifies stored snapshot `bytes` of `service` and restores its state,
-/// off the apply loop ([`crate::heavy`]: both take time proportional to
-/// the state).
-pub(crate) async fn decode_and_restore<S: ServiceState>(bytes: Bytes, service: &str) -> Result<(Snapshot, S), Error> {
-    let service = service.to_string();
-    let decoded = crate::heavy::off_loop(move || {
-        let snapshot = Snapshot::decode(bytes)?;
-        snapshot.check_service(&service)?;
-        let state = S::restore(snapshot.header.schema_version, &snapshot.state)?;
-        Ok::<_, Error>((snapshot, state))
-    })
-    .await;
-    match decoded {
-        Ok(restored) => restored,
-        Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
-        Err(join) => Err(Error::Backend {
-            component: Component::SnapshotStore,
-            operation: "decode a snapshot",
-            kind: ErrorKind::Other,
-            source: Box::new(join),
-        }),
-    }
+/// Fetches snapshot `id` of `service`, verifies it and restores its state
+/// as its pieces arrive (see [`streamed`](crate::streamed): the encoded
+/// snapshot is never held whole unless the store fetches it whole).
+pub async fn fetch_and_restore<S: ServiceState, St: SnapshotStore + ?Sized>(
+    store: &St,
+    service: &str,
+    id: SnapshotId,
+) -> Result<LoadedSnapshot<S>, Error> {
+    Ok(fetch_and_restore_timed(store, service, id).await?.0)
+}
+
+/// [`fetch_and_restore`], and when the store's last piece arrived.
+pub(crate) async fn fetch_and_restore_timed<S: ServiceState, St: SnapshotStore + ?Sized>(
+    store: &St,
+    service: &str,
+    id: SnapshotId,
+) -> Result<(LoadedSnapshot<S>, std::time::Instant), Error> {
+    let pieces = store
+        .get_streamed(id)
+        .await
+        .map_err(|e| Error::backend(Component::SnapshotStore, "read snapshot", e))?;
+    let restored = restore_streamed::<S, St::Error>(pieces, service).await?;
+    let loaded = LoadedSnapshot {
+        id,
+        header: restored.header,
+        state: restored.state,
+    };
+    Ok((loaded, restored.last_piece_at))
 }
 
 fn is_fatal(e: &Error) -> bool {

@@ -43,12 +43,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use futures::future::{BoxFuture, FutureExt};
 use futures::stream::{FuturesOrdered, StreamExt};
 use ms2m_core::snapshot::EncodedSnapshot;
+use ms2m_core::streamed::{SnapshotPieces, StreamedSnapshot};
 use ms2m_core::{SnapshotId, SnapshotStore};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
+use rdkafka::message::BorrowedMessage;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
@@ -63,6 +66,10 @@ use crate::off_runtime::OffRuntime;
 const MANIFEST_FORMAT: u32 = 1;
 /// Chunks in flight at once while writing a snapshot.
 const WINDOW: usize = 32;
+/// Chunks fetched and waiting, in order, for a streamed restore.
+const READ_AHEAD: usize = 4;
+/// What a snapshot reader's client may hold fetched ahead of the decoder.
+const READER_QUEUE_KIB: usize = 8 * 1024;
 
 /// The manifest of one snapshot (JSON, readable with any Kafka tool).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -202,6 +209,50 @@ impl KafkaSnapshotStore {
             .ok_or(KafkaError::SnapshotNotFound(id))
     }
 
+    /// Allocates the next snapshot id (after reading partition 0 up to date).
+    async fn next_id(&self) -> Result<SnapshotId> {
+        let _guard = self.refresh.lock().await;
+        self.refresh_locked().await?;
+        let mut cat = lock(&self.catalog);
+        cat.max_id += 1;
+        Ok(cat.max_id)
+    }
+
+    /// The manifest of snapshot `id`, checked to be this service's, and a
+    /// consumer to fetch its chunks with.
+    async fn open_chunks(&self, id: SnapshotId) -> Result<(Manifest, BaseConsumer)> {
+        let manifest = self.manifest(id).await?;
+        if manifest.service != self.service {
+            return Err(KafkaError::corrupt(
+                id,
+                format!("manifest belongs to `{}`", manifest.service),
+            ));
+        }
+        let mut cc = self.cluster.client_config();
+        // group.id is required by assign; this consumer never joins or commits.
+        cc.set(
+            "group.id",
+            format!("{}.snapshot-reader", self.cluster.config().group_id()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("auto.offset.reset", "error")
+        .set_default("fetch.wait.max.ms", "50")
+        // Chunks fetched ahead of the decoder wait here: bounded, and
+        // fetching resumes soon after the decoder caught up (librdkafka's
+        // default backoff once the queue is full is a second).
+        .set_default("queued.max.messages.kbytes", READER_QUEUE_KIB.to_string())
+        .set_default("fetch.queue.backoff.ms", "5")
+        // One fetch response is one buffer, freed when its last chunk is:
+        // with the default (50 MB) one response could hold the snapshot.
+        .set_default(
+            "fetch.max.bytes",
+            (READER_QUEUE_KIB * 1024 / 2).max(2 * self.chunk_size).to_string(),
+        );
+        let consumer = cc.create().map_err(KafkaError::kafka("create a snapshot reader"))?;
+        Ok((manifest, consumer))
+    }
+
     fn chunk_partitions(&self) -> Vec<i32> {
         if self.partitions <= 1 {
             vec![0]
@@ -261,16 +312,137 @@ impl KafkaSnapshotStore {
     }
 }
 
-/// The chunks, each one's CRC-32C and the whole's, computed on the
-/// blocking pool: checksumming a large snapshot on a runtime worker stalls
-/// every task that worker runs.
-async fn checksummed(chunks: Vec<Bytes>) -> Result<(Vec<Bytes>, Vec<u32>, u32)> {
+/// The chunks and each one's CRC-32C, computed on the blocking pool:
+/// checksumming a large snapshot on a runtime worker stalls every task that
+/// worker runs.
+async fn checksummed(chunks: Vec<Bytes>) -> Result<(Vec<Bytes>, Vec<u32>)> {
     blocking(move || {
         let crcs = chunks.iter().map(|c| crc32c::crc32c(c)).collect();
-        let whole = chunks.iter().fold(0, |whole, c| crc32c::crc32c_append(whole, c));
-        Ok((chunks, crcs, whole))
+        Ok((chunks, crcs))
     })
     .await
+}
+
+/// The chunks of one snapshot being written: at most [`WINDOW`] in
+/// flight, then the manifest that makes the snapshot visible.
+struct ChunkUpload<'a> {
+    store: &'a KafkaSnapshotStore,
+    id: SnapshotId,
+    parts: Vec<i32>,
+    rotate: usize,
+    in_flight: FuturesOrdered<BoxFuture<'static, Result<(i32, i64)>>>,
+    /// `(index, length, crc)` of each chunk in flight, in send order.
+    sent: VecDeque<(usize, u32, u32)>,
+    /// `(partition, offset, length, crc)` by chunk index.
+    stored: BTreeMap<usize, (i32, i64, u32, u32)>,
+}
+
+impl<'a> ChunkUpload<'a> {
+    fn new(store: &'a KafkaSnapshotStore, id: SnapshotId) -> Self {
+        let parts = store.chunk_partitions();
+        let rotate = id as usize % parts.len();
+        Self {
+            store,
+            id,
+            parts,
+            rotate,
+            in_flight: FuturesOrdered::new(),
+            sent: VecDeque::new(),
+            stored: BTreeMap::new(),
+        }
+    }
+
+    /// Sends chunk `index`; waits for the oldest in flight when the window is full.
+    async fn send(&mut self, index: usize, chunk: Bytes, crc: u32) -> Result<()> {
+        let partition = self.parts[(self.rotate + index) % self.parts.len()];
+        let key = self.store.chunk_key(self.id, index);
+        let f = self.store.produce(partition, &key, Some(&chunk)).await?;
+        self.in_flight.push_back(delivered(f).boxed());
+        self.sent.push_back((index, chunk.len() as u32, crc));
+        if self.in_flight.len() >= WINDOW {
+            self.settle_one().await?;
+        }
+        Ok(())
+    }
+
+    async fn settle_one(&mut self) -> Result<()> {
+        let (p, o) = self.in_flight.next().await.expect("non-empty")?;
+        let (index, len, crc) = self.sent.pop_front().expect("in step");
+        self.stored.insert(index, (p, o, len, crc));
+        Ok(())
+    }
+
+    /// Waits for every chunk, then writes the manifest (chunks `0..n`,
+    /// none missing).
+    async fn finish(mut self) -> Result<Manifest> {
+        while !self.in_flight.is_empty() {
+            self.settle_one().await?;
+        }
+        let chunks: Vec<_> = self.stored.into_values().collect();
+        let manifest = Manifest {
+            format: MANIFEST_FORMAT,
+            service: self.store.service.clone(),
+            id: self.id,
+            total_len: chunks.iter().map(|c| c.2 as u64).sum(),
+            crc32c: whole_crc(&chunks),
+            chunk_size: self.store.chunk_size as u64,
+            chunks,
+        };
+        let bytes = serde_json::to_vec(&manifest).expect("manifests serialize");
+        let f = self
+            .store
+            .produce(0, &self.store.manifest_key(self.id), Some(&bytes))
+            .await?;
+        delivered(f).await?;
+        lock(&self.store.catalog).manifests.insert(self.id, manifest.clone());
+        Ok(manifest)
+    }
+}
+
+/// The CRC-32C of the chunks' concatenation, from their own CRCs.
+fn whole_crc(chunks: &[(i32, i64, u32, u32)]) -> u32 {
+    chunks.iter().fold(0, |whole, &(_, _, len, crc)| {
+        crc32c::crc32c_combine(whole, crc, len as usize)
+    })
+}
+
+/// Hands fetched chunks to a streamed restore in index order, holding the
+/// ones that arrived early.
+struct InOrder<'a> {
+    to_decoder: &'a tokio::sync::mpsc::Sender<Result<Bytes>>,
+    next: usize,
+    early: BTreeMap<usize, Bytes>,
+    early_bytes: usize,
+    /// The most bytes held early at once (logged: it is memory).
+    most_early_bytes: usize,
+}
+
+impl<'a> InOrder<'a> {
+    fn new(to_decoder: &'a tokio::sync::mpsc::Sender<Result<Bytes>>) -> Self {
+        Self {
+            to_decoder,
+            next: 0,
+            early: BTreeMap::new(),
+            early_bytes: 0,
+            most_early_bytes: 0,
+        }
+    }
+
+    /// Takes chunk `index`; sends every chunk now in order (blocking while
+    /// the decoder is behind). Fails when the decoder stopped reading.
+    fn deliver(&mut self, index: usize, chunk: Bytes) -> Result<()> {
+        self.early_bytes += chunk.len();
+        self.most_early_bytes = self.most_early_bytes.max(self.early_bytes);
+        self.early.insert(index, chunk);
+        while let Some(chunk) = self.early.remove(&self.next) {
+            self.early_bytes -= chunk.len();
+            self.to_decoder
+                .blocking_send(Ok(chunk))
+                .map_err(|_| KafkaError::kafka("hand a snapshot chunk over")(RdKafkaError::Canceled))?;
+            self.next += 1;
+        }
+        Ok(())
+    }
 }
 
 async fn delivered(f: DeliveryFuture) -> Result<(i32, i64)> {
@@ -360,58 +532,19 @@ fn scan_manifests(
     Ok((events, next.max(start)))
 }
 
-/// Fetches and verifies every chunk of `manifest` (blocking).
+/// Fetches and verifies every chunk of `manifest` (blocking), handing each
+/// to `deliver` with its index as it arrives (in no particular order).
 fn fetch_chunks(
     consumer: &BaseConsumer,
     topic: &str,
     service: &str,
     manifest: &Manifest,
     timeout: Duration,
-) -> Result<Bytes> {
+    deliver: &mut dyn FnMut(usize, Bytes) -> Result<()>,
+) -> Result<()> {
     let id = manifest.id;
-    let total: u64 = manifest.chunks.iter().map(|c| c.2 as u64).sum();
-    if total != manifest.total_len {
-        return Err(KafkaError::corrupt(
-            id,
-            format!("chunk lengths add up to {total}, manifest says {}", manifest.total_len),
-        ));
-    }
-    // Where each chunk goes in the reassembled buffer, and what to expect per partition.
-    let mut starts = Vec::with_capacity(manifest.chunks.len());
-    let mut acc = 0usize;
-    let mut expected: HashMap<i32, VecDeque<(i64, usize)>> = HashMap::new();
-    for (i, &(p, o, len, _)) in manifest.chunks.iter().enumerate() {
-        starts.push(acc);
-        acc += len as usize;
-        expected.entry(p).or_default().push_back((o, i));
-    }
-    let mut tpl = TopicPartitionList::new();
-    for (p, list) in expected.iter_mut() {
-        list.make_contiguous().sort_unstable();
-        let (first, _) = list[0];
-        let (last, last_index) = *list.back().expect("non-empty");
-        let (low, high) = consumer
-            .fetch_watermarks(topic, *p, timeout)
-            .map_err(KafkaError::kafka("fetch snapshot topic watermarks"))?;
-        if first < low {
-            return Err(KafkaError::corrupt(
-                id,
-                format!("chunk at {topic}/{p}@{first} was deleted or evicted (partition now starts at {low})"),
-            ));
-        }
-        if last >= high {
-            return Err(KafkaError::corrupt(
-                id,
-                format!("chunk {last_index} at {topic}/{p}@{last} is beyond the partition's end ({high})"),
-            ));
-        }
-        tpl.add_partition_offset(topic, *p, Offset::Offset(first))
-            .map_err(KafkaError::kafka("assign snapshot partitions"))?;
-    }
-    consumer
-        .assign(&tpl)
-        .map_err(KafkaError::kafka("assign snapshot partitions"))?;
-    let mut buf = vec![0u8; manifest.total_len as usize];
+    check_manifest(manifest)?;
+    let mut expected = assign_chunks(consumer, topic, manifest, timeout)?;
     let mut remaining = manifest.chunks.len();
     let mut last_progress = Instant::now();
     while remaining > 0 {
@@ -448,39 +581,102 @@ fn fetch_chunks(
             continue;
         }
         list.pop_front();
-        let (_, _, len, crc) = manifest.chunks[i];
-        let want_key = format!("{service}/{id}/{i}");
-        if m.key() != Some(want_key.as_bytes()) {
-            return Err(KafkaError::corrupt(
-                id,
-                format!("{topic}/{p}@{o} holds another record than chunk {i}"),
-            ));
-        }
-        let Some(payload) = m.payload() else {
-            return Err(KafkaError::corrupt(id, format!("chunk {i} was deleted (tombstone)")));
-        };
-        if payload.len() != len as usize || crc32c::crc32c(payload) != crc {
-            return Err(KafkaError::corrupt(
-                id,
-                format!("chunk {i} at {topic}/{p}@{o} fails its checksum"),
-            ));
-        }
-        buf[starts[i]..starts[i] + len as usize].copy_from_slice(payload);
+        deliver(i, verified_chunk(&m, service, manifest, i)?)?;
         remaining -= 1;
         last_progress = Instant::now();
     }
     let _ = consumer.unassign();
-    let actual = crc32c::crc32c(&buf);
-    if actual != manifest.crc32c {
+    Ok(())
+}
+
+/// Checks that the manifest's chunks add up to its length and checksum.
+fn check_manifest(manifest: &Manifest) -> Result<()> {
+    let total: u64 = manifest.chunks.iter().map(|c| c.2 as u64).sum();
+    if total != manifest.total_len {
         return Err(KafkaError::corrupt(
-            id,
+            manifest.id,
+            format!("chunk lengths add up to {total}, manifest says {}", manifest.total_len),
+        ));
+    }
+    let whole = whole_crc(&manifest.chunks);
+    if whole != manifest.crc32c {
+        return Err(KafkaError::corrupt(
+            manifest.id,
             format!(
-                "reassembled snapshot hashes to {actual:#010x}, manifest says {:#010x}",
+                "the chunks' checksums combine to {whole:#010x}, manifest says {:#010x}",
                 manifest.crc32c
             ),
         ));
     }
-    Ok(Bytes::from(buf))
+    Ok(())
+}
+
+/// Assigns every partition holding a chunk, at its first chunk; the
+/// `(offset, index)` expected next per partition. A chunk below the
+/// partition's start or beyond its end is [`KafkaError::CorruptSnapshot`].
+fn assign_chunks(
+    consumer: &BaseConsumer,
+    topic: &str,
+    manifest: &Manifest,
+    timeout: Duration,
+) -> Result<HashMap<i32, VecDeque<(i64, usize)>>> {
+    let id = manifest.id;
+    let mut expected: HashMap<i32, VecDeque<(i64, usize)>> = HashMap::new();
+    for (i, &(p, o, _, _)) in manifest.chunks.iter().enumerate() {
+        expected.entry(p).or_default().push_back((o, i));
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (p, list) in expected.iter_mut() {
+        list.make_contiguous().sort_unstable();
+        let (first, _) = list[0];
+        let (last, last_index) = *list.back().expect("non-empty");
+        let (low, high) = consumer
+            .fetch_watermarks(topic, *p, timeout)
+            .map_err(KafkaError::kafka("fetch snapshot topic watermarks"))?;
+        if first < low {
+            return Err(KafkaError::corrupt(
+                id,
+                format!("chunk at {topic}/{p}@{first} was deleted or evicted (partition now starts at {low})"),
+            ));
+        }
+        if last >= high {
+            return Err(KafkaError::corrupt(
+                id,
+                format!("chunk {last_index} at {topic}/{p}@{last} is beyond the partition's end ({high})"),
+            ));
+        }
+        tpl.add_partition_offset(topic, *p, Offset::Offset(first))
+            .map_err(KafkaError::kafka("assign snapshot partitions"))?;
+    }
+    consumer
+        .assign(&tpl)
+        .map_err(KafkaError::kafka("assign snapshot partitions"))?;
+    Ok(expected)
+}
+
+/// Chunk `i`'s bytes from the record at its listed offset, after checking
+/// its key, length and checksum.
+fn verified_chunk(m: &BorrowedMessage<'_>, service: &str, manifest: &Manifest, i: usize) -> Result<Bytes> {
+    let (id, p, o) = (manifest.id, m.partition(), m.offset());
+    let topic = m.topic();
+    let (_, _, len, crc) = manifest.chunks[i];
+    let want_key = format!("{service}/{id}/{i}");
+    if m.key() != Some(want_key.as_bytes()) {
+        return Err(KafkaError::corrupt(
+            id,
+            format!("{topic}/{p}@{o} holds another record than chunk {i}"),
+        ));
+    }
+    let Some(payload) = m.payload() else {
+        return Err(KafkaError::corrupt(id, format!("chunk {i} was deleted (tombstone)")));
+    };
+    if payload.len() != len as usize || crc32c::crc32c(payload) != crc {
+        return Err(KafkaError::corrupt(
+            id,
+            format!("chunk {i} at {topic}/{p}@{o} fails its checksum"),
+        ));
+    }
+    Ok(Bytes::copy_from_slice(payload))
 }
 
 #[async_trait]
@@ -488,51 +684,75 @@ impl SnapshotStore for KafkaSnapshotStore {
     type Error = KafkaError;
 
     async fn put(&self, snapshot: &EncodedSnapshot) -> Result<SnapshotId> {
-        let id = {
-            let _guard = self.refresh.lock().await;
-            self.refresh_locked().await?;
-            let mut cat = lock(&self.catalog);
-            cat.max_id += 1;
-            cat.max_id
-        };
+        let id = self.next_id().await?;
         let started = Instant::now();
-        let parts = self.chunk_partitions();
-        let rotate = id as usize % parts.len();
-        let mut chunks: Vec<(i32, i64, u32, u32)> = Vec::new();
-        let (pieces, crcs, whole) = checksummed(snapshot.chunks(self.chunk_size).collect()).await?;
-        let mut in_flight: FuturesOrdered<_> = FuturesOrdered::new();
-        let mut meta: VecDeque<(u32, u32)> = VecDeque::new();
-        for (i, (chunk, crc)) in pieces.iter().zip(crcs).enumerate() {
-            let partition = parts[(rotate + i) % parts.len()];
-            let f = self.produce(partition, &self.chunk_key(id, i), Some(chunk)).await?;
-            in_flight.push_back(delivered(f));
-            meta.push_back((chunk.len() as u32, crc));
-            if in_flight.len() >= WINDOW {
-                let (p, o) = in_flight.next().await.expect("non-empty")?;
-                let (len, crc) = meta.pop_front().expect("in step");
-                chunks.push((p, o, len, crc));
+        let (pieces, crcs) = checksummed(snapshot.chunks(self.chunk_size).collect()).await?;
+        let mut upload = ChunkUpload::new(self, id);
+        for (index, (chunk, crc)) in pieces.into_iter().zip(crcs).enumerate() {
+            upload.send(index, chunk, crc).await?;
+        }
+        let manifest = upload.finish().await?;
+        debug!(id, bytes = snapshot.len(), chunks = manifest.chunks.len(), elapsed = ?started.elapsed(), "snapshot written");
+        Ok(id)
+    }
+
+    /// Writes the state's chunks as they are encoded (chunks `1..`), then
+    /// the envelope's prefix as chunk 0, then the manifest: a few chunks
+    /// in memory at a time, never the whole snapshot.
+    async fn put_streamed(&self, mut snapshot: StreamedSnapshot) -> Result<SnapshotId> {
+        let id = self.next_id().await?;
+        let started = Instant::now();
+        let mut upload = ChunkUpload::new(self, id);
+        let mut pending = BytesMut::new();
+        let mut index = 1;
+        while let Some(piece) = snapshot.next_piece().await {
+            pending.extend_from_slice(&piece);
+            while pending.len() >= self.chunk_size {
+                let chunk = pending.split_to(self.chunk_size).freeze();
+                upload.send(index, chunk.clone(), crc32c::crc32c(&chunk)).await?;
+                index += 1;
             }
         }
-        while let Some(r) = in_flight.next().await {
-            let (p, o) = r?;
-            let (len, crc) = meta.pop_front().expect("in step");
-            chunks.push((p, o, len, crc));
+        if !pending.is_empty() {
+            let chunk = pending.freeze();
+            upload.send(index, chunk.clone(), crc32c::crc32c(&chunk)).await?;
         }
-        let manifest = Manifest {
-            format: MANIFEST_FORMAT,
-            service: self.service.clone(),
-            id,
-            total_len: snapshot.len() as u64,
-            crc32c: whole,
-            chunk_size: self.chunk_size as u64,
-            chunks,
-        };
-        let bytes = serde_json::to_vec(&manifest).expect("manifests serialize");
-        let f = self.produce(0, &self.manifest_key(id), Some(&bytes)).await?;
-        delivered(f).await?;
-        debug!(id, bytes = snapshot.len(), chunks = manifest.chunks.len(), elapsed = ?started.elapsed(), "snapshot written");
-        lock(&self.catalog).manifests.insert(id, manifest);
+        let prefix = snapshot.prefix().expect("the state is complete");
+        upload.send(0, prefix.clone(), crc32c::crc32c(&prefix)).await?;
+        let manifest = upload.finish().await?;
+        debug!(id, bytes = manifest.total_len, chunks = manifest.chunks.len(), elapsed = ?started.elapsed(), "streamed snapshot written");
         Ok(id)
+    }
+
+    /// Fetches the chunks on a blocking thread and hands them over in
+    /// order as they arrive (at most [`READ_AHEAD`] wait for the decoder).
+    async fn get_streamed(&self, id: SnapshotId) -> Result<SnapshotPieces<KafkaError>> {
+        let (manifest, consumer) = self.open_chunks(id).await?;
+        let (tx, pieces) = SnapshotPieces::channel(READ_AHEAD);
+        let (topic, service) = (self.topic.clone(), self.service.clone());
+        let timeout = self.cluster.config().timeout();
+        // Held until the reader is gone: an embedded broker outlives it.
+        let cluster = self.cluster.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut in_order = InOrder::new(&tx);
+            let fetched = fetch_chunks(&consumer, &topic, &service, &manifest, timeout, &mut |i, chunk| {
+                in_order.deliver(i, chunk)
+            });
+            debug!(
+                id,
+                most_early_bytes = in_order.most_early_bytes,
+                "snapshot chunks fetched"
+            );
+            if let Err(e) = fetched {
+                // Nobody reading any more is not worth reporting.
+                let _ = tx.blocking_send(Err(e));
+            }
+            // The pieces end before the reader closes.
+            drop(tx);
+            drop(consumer);
+            drop(cluster);
+        });
+        Ok(pieces)
     }
 
     async fn list(&self) -> Result<Vec<SnapshotId>> {
@@ -542,28 +762,27 @@ impl SnapshotStore for KafkaSnapshotStore {
     }
 
     async fn get(&self, id: SnapshotId) -> Result<Bytes> {
-        let manifest = self.manifest(id).await?;
-        if manifest.service != self.service {
-            return Err(KafkaError::corrupt(
-                id,
-                format!("manifest belongs to `{}`", manifest.service),
-            ));
-        }
-        let mut cc = self.cluster.client_config();
-        // group.id is required by assign; this consumer never joins or commits.
-        cc.set(
-            "group.id",
-            format!("{}.snapshot-reader", self.cluster.config().group_id()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .set("auto.offset.reset", "error")
-        .set_default("fetch.wait.max.ms", "50");
-        let consumer: BaseConsumer = cc.create().map_err(KafkaError::kafka("create a snapshot reader"))?;
-        let topic = self.topic.clone();
-        let service = self.service.clone();
+        let (manifest, consumer) = self.open_chunks(id).await?;
+        let (topic, service) = (self.topic.clone(), self.service.clone());
         let timeout = self.cluster.config().timeout();
-        blocking(move || fetch_chunks(&consumer, &topic, &service, &manifest, timeout)).await
+        blocking(move || {
+            let starts: Vec<usize> = manifest
+                .chunks
+                .iter()
+                .scan(0usize, |at, c| {
+                    let start = *at;
+                    *at += c.2 as usize;
+                    Some(start)
+                })
+                .collect();
+            let mut buf = vec![0u8; manifest.total_len as usize];
+            fetch_chunks(&consumer, &topic, &service, &manifest, timeout, &mut |i, chunk| {
+                buf[starts[i]..starts[i] + chunk.len()].copy_from_slice(&chunk);
+                Ok(())
+            })?;
+            Ok(Bytes::from(buf))
+        })
+        .await
     }
 
     async fn delete(&self, id: SnapshotId) -> Result<()> {

@@ -36,7 +36,9 @@ fn expand(input: &Input<'_>) -> TokenStream {
         items,
         bounds,
         snapshot,
+        snapshot_to,
         current,
+        current_read,
         rebuilds,
         digest,
     } = match &input.body {
@@ -99,6 +101,29 @@ fn expand(input: &Input<'_>) -> TokenStream {
                     #snapshot
                 }
 
+                fn snapshot_to(
+                    &self,
+                    __ms2m_out: &mut dyn ::std::io::Write,
+                ) -> ::core::result::Result<(), #krate::codec::CodecError> {
+                    #snapshot_to
+                }
+
+                fn restore_from(
+                    __ms2m_version: u32,
+                    __ms2m_input: &mut dyn ::std::io::Read,
+                ) -> ::core::result::Result<Self, #state_error> {
+                    if __ms2m_version != #version {
+                        // Older versions are read whole, then upgraded by `restore`.
+                        let __ms2m_bytes = #krate::codec::read_all(__ms2m_input)
+                            .map_err(|source| #state_error::Decode { version: __ms2m_version, source })?;
+                        return <Self as #krate::ServiceState>::restore(__ms2m_version, &__ms2m_bytes);
+                    }
+                    #[allow(unused_mut)]
+                    let mut __ms2m_state: Self = #current_read;
+                    #rebuilds
+                    ::core::result::Result::Ok(__ms2m_state)
+                }
+
                 fn restore(
                     __ms2m_version: u32,
                     __ms2m_bytes: &[u8],
@@ -132,8 +157,14 @@ fn expand(input: &Input<'_>) -> TokenStream {
 struct Parts {
     items: TokenStream,
     bounds: TokenStream,
+    /// Encodes into a `Vec`.
     snapshot: TokenStream,
+    /// Encodes into `__ms2m_out`.
+    snapshot_to: TokenStream,
+    /// The current version, decoded from `__ms2m_bytes`.
     current: TokenStream,
+    /// The current version, decoded from `__ms2m_input` as it is read.
+    current_read: TokenStream,
     rebuilds: TokenStream,
     digest: TokenStream,
 }
@@ -191,11 +222,13 @@ fn expand_struct(input: &Input<'_>, fields: &[Field<'_>]) -> Parts {
         .map(|ty| quote_spanned!(ty.span()=> #ty: __Ms2mSerde,))
         .collect();
 
-    let snapshot = quote! {
-        #krate::codec::encode(&__Ms2mStored {
+    let stored_value = quote! {
+        &__Ms2mStored {
             #(#names: &self.#members,)*
-        })
+        }
     };
+    let snapshot = quote!(#krate::codec::encode(#stored_value));
+    let snapshot_to = quote!(#krate::codec::encode_to(#stored_value, __ms2m_out));
 
     let skipped_inits = fields.iter().filter_map(|f| {
         let FieldKind::Skipped { default, .. } = &f.kind else {
@@ -209,14 +242,19 @@ fn expand_struct(input: &Input<'_>, fields: &[Field<'_>]) -> Parts {
         };
         Some(quote!(#member: #init))
     });
-    let current = quote! {{
-        let __ms2m_stored: __Ms2mStored<#(#tys),*> = #krate::codec::decode(__ms2m_bytes)
-            .map_err(|source| #krate::StateError::Decode { version: #version, source })?;
-        #ident {
-            #(#members: __ms2m_stored.#names,)*
-            #(#skipped_inits,)*
-        }
-    }};
+    let skipped_inits: Vec<_> = skipped_inits.collect();
+    let current_by = |decode: TokenStream| {
+        quote! {{
+            let __ms2m_stored: __Ms2mStored<#(#tys),*> = #decode
+                .map_err(|source| #krate::StateError::Decode { version: #version, source })?;
+            #ident {
+                #(#members: __ms2m_stored.#names,)*
+                #(#skipped_inits,)*
+            }
+        }}
+    };
+    let current = current_by(quote!(#krate::codec::decode(__ms2m_bytes)));
+    let current_read = current_by(quote!(#krate::codec::decode_from(__ms2m_input)));
 
     let rebuilds = fields
         .iter()
@@ -251,7 +289,9 @@ fn expand_struct(input: &Input<'_>, fields: &[Field<'_>]) -> Parts {
         items,
         bounds,
         snapshot,
+        snapshot_to,
         current,
+        current_read,
         rebuilds,
         digest,
     }
@@ -265,16 +305,22 @@ fn expand_enum(input: &Input<'_>) -> Parts {
     let version = Literal::u32_unsuffixed(input.version);
     let bounds = quote_spanned!(ident.span()=> #ident: __Ms2mSerde,);
     let snapshot = quote!(#krate::codec::encode::<Self>(self));
-    let current = quote! {
-        #krate::codec::decode::<Self>(__ms2m_bytes)
-            .map_err(|source| #krate::StateError::Decode { version: #version, source })?
+    let snapshot_to = quote!(#krate::codec::encode_to::<Self>(self, __ms2m_out));
+    let current_by = |decode: TokenStream| {
+        quote! {
+            #decode.map_err(|source| #krate::StateError::Decode { version: #version, source })?
+        }
     };
+    let current = current_by(quote!(#krate::codec::decode::<Self>(__ms2m_bytes)));
+    let current_read = current_by(quote!(#krate::codec::decode_from::<Self>(__ms2m_input)));
     let digest = quote!(#krate::digest::digest_of::<Self>(self));
     Parts {
         items: serde_bound(krate),
         bounds,
         snapshot,
+        snapshot_to,
         current,
+        current_read,
         rebuilds: TokenStream::new(),
         digest,
     }

@@ -7,9 +7,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ms2m_core::snapshot::EncodedSnapshot;
-use ms2m_core::store::{load_newest_valid, retain_newest};
+use ms2m_core::store::{fetch_and_restore, load_newest_valid, retain_newest};
+use ms2m_core::streamed::encode_streamed;
 use ms2m_core::{
-    BackendError, ErrorKind, Position, ServiceState, Snapshot, SnapshotStore, StatefulService, TopicPartition,
+    BackendError, ErrorKind, Frozen, Position, ServiceState, Snapshot, SnapshotHeader, SnapshotStore, StatefulService,
+    TopicPartition,
 };
 use ms2m_kafka::KafkaSnapshotStore;
 use ms2m_tests::*;
@@ -87,6 +89,55 @@ async fn big_snapshot_round_trip() {
     let store = cluster.snapshot_store().await.unwrap();
     let len = if on_mock() { 32 << 20 } else { 256 << 20 };
     round_trip(&store, len).await;
+}
+
+/// A state of about `bytes` encoded bytes.
+fn summer_of(bytes: usize) -> Summer {
+    let mut s = Summer::default();
+    for p in 0..(bytes / 12) as i32 {
+        s.partitions.entry(p).or_default().push(p as u64 * 7919);
+    }
+    s
+}
+
+/// A frozen state written as it is encoded (`put_streamed`: chunk 0, the
+/// envelope's prefix, written last) reads back whole and streamed, and a
+/// whole snapshot reads back streamed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_snapshots_round_trip() {
+    let service = unique("streamed");
+    let cluster = connect(config(&service).snapshot_chunk_size(64 * 1024).snapshot_partitions(5));
+    let store = cluster.snapshot_store().await.unwrap();
+    let state = summer_of(3 << 20);
+    let position: Position = [(TopicPartition::new("in", 0), 42)].into_iter().collect();
+    let header = SnapshotHeader::unsealed(Summer::NAME, Summer::SCHEMA_VERSION, position.clone(), "test");
+    let (streamed, encoder) = encode_streamed(Frozen::new(state.clone()), header);
+    let id = store.put_streamed(streamed).await.unwrap();
+    let state_len = encoder.await.unwrap().unwrap();
+
+    let whole = Snapshot::decode(store.get(id).await.unwrap()).unwrap();
+    assert_eq!(whole.header.position, position);
+    assert_eq!(whole.state.len() as u64, state_len);
+    assert_eq!(Summer::restore(1, &whole.state).unwrap(), state);
+    let manifest = store.manifest(id).await.unwrap();
+    assert!(manifest.chunks.len() > 40, "{} chunks", manifest.chunks.len());
+    assert!(
+        manifest.chunks.iter().all(|c| c.2 as usize <= 64 * 1024),
+        "chunks within the chunk size"
+    );
+
+    let loaded = fetch_and_restore::<Summer, _>(&store, Summer::NAME, id).await.unwrap();
+    assert_eq!(loaded.state, state);
+    assert_eq!(loaded.header.position, position);
+
+    let older = store
+        .put(&encoded(Bytes::from(ServiceState::snapshot(&state).unwrap()), 7))
+        .await
+        .unwrap();
+    let loaded = fetch_and_restore::<Summer, _>(&store, Summer::NAME, older)
+        .await
+        .unwrap();
+    assert_eq!(loaded.state, state);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

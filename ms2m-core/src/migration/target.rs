@@ -13,7 +13,7 @@ use super::protocol::target::{TargetAction, TargetEvent, TargetMachine, TargetPh
 use super::protocol::Decisions;
 use super::{forward_control, publish_as, read_history, MigrationError};
 use crate::control::{ControlBody, ControlChannel, ControlMessage, Role};
-use crate::error::{Component, Error, Result};
+use crate::error::{Error, Result};
 use crate::log::MessageLog;
 use crate::position::Position;
 use crate::runtime::{Backends, Instance, InstanceConfig, ProgressListener, ProgressPhase, RateMeter};
@@ -422,22 +422,22 @@ fn closed() -> Error {
     })
 }
 
-/// Fetches snapshot `id`, verifies it and restores the state; the fetch and
-/// restore times.
+/// Fetches snapshot `id`, verifies it and restores the state as it
+/// arrives; how long until the last piece arrived (the transfer) and the
+/// decoding that was left after it (the restore).
 async fn fetch_and_restore<S: StatefulService, St: SnapshotStore>(
     store: &St,
     service: &str,
     id: SnapshotId,
 ) -> Result<(LoadedSnapshot<S>, Duration, Duration)> {
     let started = Instant::now();
-    let bytes = store
-        .get(id)
-        .await
-        .map_err(|e| Error::backend(Component::SnapshotStore, "fetch migration snapshot", e))?;
-    let transfer = started.elapsed();
-    let t = Instant::now();
-    let (snapshot, state) = crate::store::decode_and_restore::<S>(bytes, service).await?;
-    Ok((LoadedSnapshot { id, snapshot, state }, transfer, t.elapsed()))
+    let (loaded, transferred_at) = crate::store::fetch_and_restore_timed::<S, St>(store, service, id).await?;
+    let restored_at = Instant::now();
+    Ok((
+        loaded,
+        transferred_at.duration_since(started),
+        restored_at.duration_since(transferred_at),
+    ))
 }
 
 /// The digest of a frozen copy of the state, on the blocking pool

@@ -27,14 +27,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::FutureExt;
 use serde::{Deserialize, Serialize};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinError, JoinHandle};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 pub use config::{BadMessagePolicy, InstanceConfig, StartFrom};
 pub(crate) use progress::{eta, RateMeter};
 pub use progress::{no_progress, Progress, ProgressListener, ProgressPhase, SharedListener};
 
-use crate::codec::{DecodeError, MessageFormat};
+use crate::codec::{CodecError, DecodeError, MessageFormat};
 use crate::digest::StateDigest;
 use crate::error::{BackendError, BoxError, Component, Error, ErrorKind, Result};
 use crate::health::Health;
@@ -44,7 +44,7 @@ use crate::position::{Position, TopicPartition};
 use crate::record::{OutputRecord, Record};
 use crate::service::{ApplyContext, Mode, OutputBuffer, StatefulService};
 use crate::sink::OutputSink;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{Snapshot, SnapshotHeader};
 use crate::state::Frozen;
 use crate::store::{self, LoadedSnapshot, SnapshotId, SnapshotStore};
 
@@ -122,19 +122,50 @@ enum StateBytes {
 }
 
 impl StateBytes {
-    async fn encode(self) -> Result<Bytes> {
-        match self {
-            StateBytes::Encoded(bytes) => Ok(bytes),
-            StateBytes::Frozen(frozen) => match crate::heavy::off_loop(move || frozen.snapshot()).await {
-                Ok(encoded) => Ok(Bytes::from(encoded?)),
-                Err(join) => Err(Error::Backend {
-                    component: Component::SnapshotStore,
-                    operation: "encode a frozen state",
-                    kind: ErrorKind::Other,
-                    source: Box::new(join),
-                }),
-            },
-        }
+    /// Seals and stores the state under `header` (its length and checksum
+    /// are computed here); the stored id and envelope length. A frozen
+    /// state is encoded straight into the store ([`crate::streamed`]).
+    async fn store<St: SnapshotStore>(self, store: &St, header: SnapshotHeader) -> Result<(SnapshotId, u64)> {
+        let stored = match self {
+            StateBytes::Encoded(state) => {
+                let encoded = Snapshot::seal_under(header, state).encode()?;
+                let id = store.put(&encoded).await;
+                id.map(|id| (id, encoded.len() as u64))
+            }
+            StateBytes::Frozen(frozen) => {
+                let (streamed, mut encoder) = crate::streamed::encode_streamed(frozen, header);
+                let put = store.put_streamed(streamed);
+                tokio::pin!(put);
+                tokio::select! {
+                    stored = &mut put => match stored {
+                        // The encoder stops at its next piece: nothing reads them.
+                        Err(e) => Err(e),
+                        Ok(id) => Ok((id, joined_encoder(encoder.await)?)),
+                    },
+                    encoded = &mut encoder => {
+                        // Failed: the store waits for pieces that never come.
+                        let state_len = joined_encoder(encoded)?;
+                        put.await.map(|id| (id, state_len))
+                    }
+                }
+            }
+        };
+        stored.map_err(|e| Error::backend(Component::SnapshotStore, "store snapshot", e))
+    }
+}
+
+/// The streamed encoder's outcome: the state's length, or the error that
+/// fails the checkpoint.
+fn joined_encoder(joined: std::result::Result<std::result::Result<u64, CodecError>, JoinError>) -> Result<u64> {
+    match joined {
+        Ok(encoded) => Ok(encoded?),
+        Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+        Err(join) => Err(Error::Backend {
+            component: Component::SnapshotStore,
+            operation: "encode a frozen state",
+            kind: ErrorKind::Other,
+            source: Box::new(join),
+        }),
     }
 }
 
@@ -249,8 +280,8 @@ where
         let Backends { mut log, store, sink } = backends;
         let (state, snapshot_position) = match loaded {
             Some(l) => {
-                info!(snapshot = l.id, position = %l.snapshot.header.position, "restoring snapshot");
-                (l.state, l.snapshot.header.position)
+                info!(snapshot = l.id, position = %l.header.position, "restoring snapshot");
+                (l.state, l.header.position)
             }
             None => {
                 info!(start = ?config.start_from, "no snapshot; starting from a fresh state");
@@ -485,7 +516,11 @@ where
                 }
             }
         }
-        self.pending = held;
+        // Everything was taken off `pending`: keep its buffer for the next
+        // batch unless records are held.
+        if !held.is_empty() {
+            self.pending = held;
+        }
         Ok(applied)
     }
 
@@ -765,18 +800,13 @@ where
             async move {
                 // Encoding (of a frozen state), checksumming and sealing run
                 // here, off the apply loop.
-                let state = state.encode().await?;
-                let snapshot = Snapshot::seal(service, S::SCHEMA_VERSION, position.clone(), instance_id, state);
-                let encoded = snapshot.encode()?;
-                let id = store
-                    .put(&encoded)
-                    .await
-                    .map_err(|e| Error::backend(Component::SnapshotStore, "store snapshot", e))?;
+                let header = SnapshotHeader::unsealed(service, S::SCHEMA_VERSION, position.clone(), instance_id);
+                let (id, bytes) = state.store(&*store, header).await?;
                 store::retain_newest(&*store, keep).await?;
                 Ok(CheckpointInfo {
                     id,
                     position,
-                    bytes: encoded.len() as u64,
+                    bytes,
                     pause,
                 })
             }
