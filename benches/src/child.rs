@@ -21,17 +21,20 @@ pub struct Child {
 }
 
 impl Child {
-    /// Starts the harness again with `flag` and `spec`; each line the child
-    /// prints goes to `on_line`, and `on_close` runs once its stdout closes.
+    /// Starts the harness again with `flag` and `spec` (and `env` added to
+    /// its environment); each line the child prints goes to `on_line`, and
+    /// `on_close` runs once its stdout closes.
     pub fn start(
         flag: &str,
         spec: &impl Serialize,
+        env: &[(&str, &str)],
         mut on_line: impl FnMut(String) + Send + 'static,
         on_close: impl FnOnce() + Send + 'static,
     ) -> Result<Self, BoxError> {
         let mut process = Command::new(std::env::current_exe()?)
             .arg(flag)
             .arg(serde_json::to_string(spec)?)
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -125,6 +125,7 @@ impl NodeProcess {
         let child = Child::start(
             NODE_FLAG,
             spec,
+            &[],
             move |line| record(&line, &sink),
             move || lock(&closed).closed = true,
         )?;

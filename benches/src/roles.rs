@@ -77,15 +77,16 @@ pub struct RoleProcess {
 }
 
 impl RoleProcess {
-    /// Starts the harness again as `spec.role`.
-    pub fn start(spec: &RoleSpec) -> Result<Self, BoxError> {
+    /// Starts the harness again as `spec.role`, `env` added to its
+    /// environment.
+    pub fn start(spec: &RoleSpec, env: &[(&str, &str)]) -> Result<Self, BoxError> {
         let (tx, rx) = std::sync::mpsc::channel();
         let on_line = move |line: String| {
             if line.trim() == "ready" {
                 let _ = tx.send(());
             }
         };
-        let child = Child::start(ROLE_FLAG, spec, on_line, || {})?;
+        let child = Child::start(ROLE_FLAG, spec, env, on_line, || {})?;
         Ok(Self { child, ready: Some(rx) })
     }
 

@@ -169,6 +169,7 @@ impl HostProcess {
         let child = Child::start(
             HOST_FLAG,
             spec,
+            &[],
             move |line| record(&line, &sink),
             move || lock(&closed).closed = true,
         )?;

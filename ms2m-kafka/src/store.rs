@@ -38,7 +38,7 @@
 //! detected on read (offset below the partition's start, or a different key
 //! at the listed offset).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -70,6 +70,10 @@ const WINDOW: usize = 32;
 const READ_AHEAD: usize = 4;
 /// What a snapshot reader's client may hold fetched ahead of the decoder.
 const READER_QUEUE_KIB: usize = 8 * 1024;
+/// How far past the chunk a streamed restore waits for a reader fetches:
+/// a partition whose next chunk lies further ahead is paused until the
+/// restore comes near, so chunks held early stay within this.
+const EARLY_BYTES: usize = 8 * 1024 * 1024;
 
 /// The manifest of one snapshot (JSON, readable with any Kafka tool).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -248,7 +252,10 @@ impl KafkaSnapshotStore {
         .set_default(
             "fetch.max.bytes",
             (READER_QUEUE_KIB * 1024 / 2).max(2 * self.chunk_size).to_string(),
-        );
+        )
+        // About one chunk per partition per fetch: a partition's later
+        // chunks are far ahead of the restore (see `Throttle`).
+        .set_default("max.partition.fetch.bytes", (self.chunk_size + 64 * 1024).to_string());
         let consumer = cc.create().map_err(KafkaError::kafka("create a snapshot reader"))?;
         Ok((manifest, consumer))
     }
@@ -429,8 +436,9 @@ impl<'a> InOrder<'a> {
     }
 
     /// Takes chunk `index`; sends every chunk now in order (blocking while
-    /// the decoder is behind). Fails when the decoder stopped reading.
-    fn deliver(&mut self, index: usize, chunk: Bytes) -> Result<()> {
+    /// the decoder is behind) and answers the index awaited next. Fails
+    /// when the decoder stopped reading.
+    fn deliver(&mut self, index: usize, chunk: Bytes) -> Result<Option<usize>> {
         self.early_bytes += chunk.len();
         self.most_early_bytes = self.most_early_bytes.max(self.early_bytes);
         self.early.insert(index, chunk);
@@ -441,7 +449,7 @@ impl<'a> InOrder<'a> {
                 .map_err(|_| KafkaError::kafka("hand a snapshot chunk over")(RdKafkaError::Canceled))?;
             self.next += 1;
         }
-        Ok(())
+        Ok(Some(self.next))
     }
 }
 
@@ -534,17 +542,23 @@ fn scan_manifests(
 
 /// Fetches and verifies every chunk of `manifest` (blocking), handing each
 /// to `deliver` with its index as it arrives (in no particular order).
+/// When `ordered`, `deliver` answers the index it awaits next, and only
+/// the partitions whose next chunk lies within [`EARLY_BYTES`] of it are
+/// read meanwhile.
 fn fetch_chunks(
     consumer: &BaseConsumer,
     topic: &str,
     service: &str,
     manifest: &Manifest,
     timeout: Duration,
-    deliver: &mut dyn FnMut(usize, Bytes) -> Result<()>,
+    ordered: bool,
+    deliver: &mut dyn FnMut(usize, Bytes) -> Result<Option<usize>>,
 ) -> Result<()> {
     let id = manifest.id;
     check_manifest(manifest)?;
-    let mut expected = assign_chunks(consumer, topic, manifest, timeout)?;
+    let mut expected = expected_chunks(consumer, topic, manifest, timeout)?;
+    let mut window = Window::new(topic, manifest);
+    window.apply(consumer, &expected, ordered.then_some(0))?;
     let mut remaining = manifest.chunks.len();
     let mut last_progress = Instant::now();
     while remaining > 0 {
@@ -581,12 +595,75 @@ fn fetch_chunks(
             continue;
         }
         list.pop_front();
-        deliver(i, verified_chunk(&m, service, manifest, i)?)?;
+        let awaited = deliver(i, verified_chunk(&m, service, manifest, i)?)?;
+        window.apply(consumer, &expected, awaited)?;
         remaining -= 1;
         last_progress = Instant::now();
     }
     let _ = consumer.unassign();
     Ok(())
+}
+
+/// Keeps assigned only the partitions whose next chunk is within reach of
+/// the one a streamed restore awaits; the others are unassigned and
+/// assigned again, at that chunk, as the restore comes near. (Pausing
+/// would do, but a paused partition resumes from the last record handed
+/// out, which a partition not read from yet does not have.)
+struct Window<'a> {
+    topic: &'a str,
+    /// Chunks past the awaited one that may be fetched.
+    ahead: usize,
+    assigned: HashSet<i32>,
+}
+
+impl<'a> Window<'a> {
+    fn new(topic: &'a str, manifest: &Manifest) -> Self {
+        let largest = manifest.chunks.iter().map(|c| c.2 as usize).max().unwrap_or(1);
+        Self {
+            topic,
+            ahead: (EARLY_BYTES / largest.max(1)).max(1),
+            assigned: HashSet::new(),
+        }
+    }
+
+    /// Assigns the partitions now within reach of `awaited` (all of them
+    /// for `None`) and unassigns the rest.
+    fn apply(
+        &mut self,
+        consumer: &BaseConsumer,
+        expected: &HashMap<i32, VecDeque<(i64, usize)>>,
+        awaited: Option<usize>,
+    ) -> Result<()> {
+        let (mut add, mut drop) = (TopicPartitionList::new(), TopicPartitionList::new());
+        for (&p, list) in expected {
+            // The lowest index left, not the next offset's: the prefix
+            // (chunk 0) is written last, after later chunks of its partition.
+            let lowest = list.iter().map(|&(_, i)| i).min();
+            let within = match (lowest, awaited) {
+                (None, _) => false,
+                (Some(_), None) => true,
+                (Some(i), Some(awaited)) => i < awaited + self.ahead,
+            };
+            if within && self.assigned.insert(p) {
+                let (offset, _) = list[0];
+                add.add_partition_offset(self.topic, p, Offset::Offset(offset))
+                    .map_err(KafkaError::kafka("assign snapshot partitions"))?;
+            } else if !within && self.assigned.remove(&p) {
+                drop.add_partition(self.topic, p);
+            }
+        }
+        if drop.count() > 0 {
+            consumer
+                .incremental_unassign(&drop)
+                .map_err(KafkaError::kafka("unassign snapshot partitions"))?;
+        }
+        if add.count() > 0 {
+            consumer
+                .incremental_assign(&add)
+                .map_err(KafkaError::kafka("assign snapshot partitions"))?;
+        }
+        Ok(())
+    }
 }
 
 /// Checks that the manifest's chunks add up to its length and checksum.
@@ -611,10 +688,9 @@ fn check_manifest(manifest: &Manifest) -> Result<()> {
     Ok(())
 }
 
-/// Assigns every partition holding a chunk, at its first chunk; the
-/// `(offset, index)` expected next per partition. A chunk below the
+/// The `(offset, index)` of the chunks each partition holds, in order. A chunk below the
 /// partition's start or beyond its end is [`KafkaError::CorruptSnapshot`].
-fn assign_chunks(
+fn expected_chunks(
     consumer: &BaseConsumer,
     topic: &str,
     manifest: &Manifest,
@@ -625,7 +701,6 @@ fn assign_chunks(
     for (i, &(p, o, _, _)) in manifest.chunks.iter().enumerate() {
         expected.entry(p).or_default().push_back((o, i));
     }
-    let mut tpl = TopicPartitionList::new();
     for (p, list) in expected.iter_mut() {
         list.make_contiguous().sort_unstable();
         let (first, _) = list[0];
@@ -645,12 +720,7 @@ fn assign_chunks(
                 format!("chunk {last_index} at {topic}/{p}@{last} is beyond the partition's end ({high})"),
             ));
         }
-        tpl.add_partition_offset(topic, *p, Offset::Offset(first))
-            .map_err(KafkaError::kafka("assign snapshot partitions"))?;
     }
-    consumer
-        .assign(&tpl)
-        .map_err(KafkaError::kafka("assign snapshot partitions"))?;
     Ok(expected)
 }
 
@@ -735,7 +805,7 @@ impl SnapshotStore for KafkaSnapshotStore {
         let cluster = self.cluster.clone();
         tokio::task::spawn_blocking(move || {
             let mut in_order = InOrder::new(&tx);
-            let fetched = fetch_chunks(&consumer, &topic, &service, &manifest, timeout, &mut |i, chunk| {
+            let fetched = fetch_chunks(&consumer, &topic, &service, &manifest, timeout, true, &mut |i, chunk| {
                 in_order.deliver(i, chunk)
             });
             debug!(
@@ -776,9 +846,9 @@ impl SnapshotStore for KafkaSnapshotStore {
                 })
                 .collect();
             let mut buf = vec![0u8; manifest.total_len as usize];
-            fetch_chunks(&consumer, &topic, &service, &manifest, timeout, &mut |i, chunk| {
+            fetch_chunks(&consumer, &topic, &service, &manifest, timeout, false, &mut |i, chunk| {
                 buf[starts[i]..starts[i] + chunk.len()].copy_from_slice(&chunk);
-                Ok(())
+                Ok(None)
             })?;
             Ok(Bytes::from(buf))
         })
