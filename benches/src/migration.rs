@@ -538,10 +538,28 @@ async fn mem_per_role(b: &Bench, state_mib: u64, rate: u64, malloc: Malloc) -> R
         mib_of(target_end.peak),
         mib_of(target_start.rss)
     );
-    let suffix = if malloc == Malloc::Default { "-glibc-default" } else { "" };
+    let suffix = if malloc == Malloc::Default {
+        "-glibc-default"
+    } else {
+        ""
+    };
     Ok(vec![
-        role_row(&format!("MEM-source{suffix}"), "source", state_mib, malloc, source_start, source_end),
-        role_row(&format!("MEM-target{suffix}"), "target", state_mib, malloc, target_start, target_end),
+        role_row(
+            &format!("MEM-source{suffix}"),
+            "source",
+            state_mib,
+            malloc,
+            source_start,
+            source_end,
+        ),
+        role_row(
+            &format!("MEM-target{suffix}"),
+            "target",
+            state_mib,
+            malloc,
+            target_start,
+            target_end,
+        ),
     ])
 }
 

@@ -805,9 +805,15 @@ impl SnapshotStore for KafkaSnapshotStore {
         let cluster = self.cluster.clone();
         tokio::task::spawn_blocking(move || {
             let mut in_order = InOrder::new(&tx);
-            let fetched = fetch_chunks(&consumer, &topic, &service, &manifest, timeout, true, &mut |i, chunk| {
-                in_order.deliver(i, chunk)
-            });
+            let fetched = fetch_chunks(
+                &consumer,
+                &topic,
+                &service,
+                &manifest,
+                timeout,
+                true,
+                &mut |i, chunk| in_order.deliver(i, chunk),
+            );
             debug!(
                 id,
                 most_early_bytes = in_order.most_early_bytes,
@@ -846,10 +852,18 @@ impl SnapshotStore for KafkaSnapshotStore {
                 })
                 .collect();
             let mut buf = vec![0u8; manifest.total_len as usize];
-            fetch_chunks(&consumer, &topic, &service, &manifest, timeout, false, &mut |i, chunk| {
-                buf[starts[i]..starts[i] + chunk.len()].copy_from_slice(&chunk);
-                Ok(None)
-            })?;
+            fetch_chunks(
+                &consumer,
+                &topic,
+                &service,
+                &manifest,
+                timeout,
+                false,
+                &mut |i, chunk| {
+                    buf[starts[i]..starts[i] + chunk.len()].copy_from_slice(&chunk);
+                    Ok(None)
+                },
+            )?;
             Ok(Bytes::from(buf))
         })
         .await
