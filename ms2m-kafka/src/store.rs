@@ -64,8 +64,10 @@ use crate::error::{blocking, KafkaError, Result};
 use crate::off_runtime::OffRuntime;
 
 const MANIFEST_FORMAT: u32 = 1;
-/// Chunks in flight at once while writing a snapshot.
-const WINDOW: usize = 32;
+/// Bytes of chunks in flight at once while writing a snapshot (at least
+/// two chunks). Small on purpose: a broker serves requests in order, and a
+/// service's outputs queue behind the chunks already sent to it.
+const UPLOAD_IN_FLIGHT_BYTES: usize = 2 * 1024 * 1024;
 /// Chunks fetched and waiting, in order, for a streamed restore.
 const READ_AHEAD: usize = 4;
 /// What a snapshot reader's client may hold fetched ahead of the decoder.
@@ -330,14 +332,17 @@ async fn checksummed(chunks: Vec<Bytes>) -> Result<(Vec<Bytes>, Vec<u32>)> {
     .await
 }
 
-/// The chunks of one snapshot being written: at most [`WINDOW`] in
-/// flight, then the manifest that makes the snapshot visible.
+/// The chunks of one snapshot being written: at most
+/// [`UPLOAD_IN_FLIGHT_BYTES`] in flight, then the manifest that makes the
+/// snapshot visible.
 struct ChunkUpload<'a> {
     store: &'a KafkaSnapshotStore,
     id: SnapshotId,
     parts: Vec<i32>,
     rotate: usize,
     in_flight: FuturesOrdered<BoxFuture<'static, Result<(i32, i64)>>>,
+    /// Chunks in flight at most.
+    window: usize,
     /// `(index, length, crc)` of each chunk in flight, in send order.
     sent: VecDeque<(usize, u32, u32)>,
     /// `(partition, offset, length, crc)` by chunk index.
@@ -354,6 +359,7 @@ impl<'a> ChunkUpload<'a> {
             parts,
             rotate,
             in_flight: FuturesOrdered::new(),
+            window: (UPLOAD_IN_FLIGHT_BYTES / store.chunk_size.max(1)).max(2),
             sent: VecDeque::new(),
             stored: BTreeMap::new(),
         }
@@ -366,7 +372,7 @@ impl<'a> ChunkUpload<'a> {
         let f = self.store.produce(partition, &key, Some(&chunk)).await?;
         self.in_flight.push_back(delivered(f).boxed());
         self.sent.push_back((index, chunk.len() as u32, crc));
-        if self.in_flight.len() >= WINDOW {
+        if self.in_flight.len() >= self.window {
             self.settle_one().await?;
         }
         Ok(())

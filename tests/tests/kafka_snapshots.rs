@@ -140,6 +140,33 @@ async fn streamed_snapshots_round_trip() {
     assert_eq!(loaded.state, state);
 }
 
+/// A streamed restore of a snapshot larger than the reader's window (8 MiB
+/// past the chunk the decoder awaits): partitions whose next chunk is
+/// further ahead are unassigned and assigned again at that chunk, and the
+/// prefix (chunk 0, written last, after chunk 40 of its partition) is
+/// still found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_restore_beyond_the_read_window() {
+    let service = unique("window");
+    let cluster = connect(config(&service).snapshot_chunk_size(256 * 1024).snapshot_partitions(41));
+    let store = cluster.snapshot_store().await.unwrap();
+    let state = summer_of(12 << 20);
+    let position: Position = [(TopicPartition::new("in", 0), 7)].into_iter().collect();
+    let header = SnapshotHeader::unsealed(Summer::NAME, Summer::SCHEMA_VERSION, position.clone(), "test");
+    let (streamed, encoder) = encode_streamed(Frozen::new(state.clone()), header);
+    let id = store.put_streamed(streamed).await.unwrap();
+    encoder.await.unwrap().unwrap();
+    let chunks = store.manifest(id).await.unwrap().chunks.len();
+    assert!(
+        chunks > 32 + 8,
+        "{chunks} chunks: more than the window and one round of partitions"
+    );
+
+    let loaded = fetch_and_restore::<Summer, _>(&store, Summer::NAME, id).await.unwrap();
+    assert_eq!(loaded.state, state);
+    assert_eq!(loaded.header.position, position);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_or_missing_chunks_fall_back_to_an_older_snapshot() {
     let service = unique("corrupt");
