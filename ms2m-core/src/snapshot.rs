@@ -26,6 +26,10 @@ const MAGIC: &[u8; 4] = b"MS2M";
 /// The envelope format this build writes and reads.
 pub const FORMAT_VERSION: u16 = 1;
 const FIXED_PREFIX: usize = 4 + 2 + 4;
+/// The longest header a streamed read accepts before its checksum can be
+/// checked (a header lists a position per input partition: a few dozen
+/// bytes each), so a corrupt length never buffers the snapshot.
+const MAX_HEADER_LEN: u64 = 1 << 20;
 
 /// A snapshot failed verification. Never a panic, never a wrong state.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +52,9 @@ pub enum SnapshotError {
     /// The header's checksum does not match.
     #[error("snapshot header checksum mismatch")]
     HeaderChecksum,
+    /// The envelope gives a header length beyond what any header needs.
+    #[error("snapshot header length {0} is beyond the limit (corrupt envelope)")]
+    HeaderTooLong(u64),
     /// The header did not decode.
     #[error("snapshot header is malformed")]
     Header(#[source] CodecError),
@@ -153,6 +160,9 @@ impl SnapshotHeader {
             return Err(SnapshotError::UnsupportedFormat(format));
         }
         let header_len = u32::from_le_bytes(fixed[6..10].try_into().expect("4 bytes")) as u64;
+        if header_len > MAX_HEADER_LEN {
+            return Err(SnapshotError::HeaderTooLong(header_len));
+        }
         let mut header_bytes = Vec::new();
         let mut with_crc = input.take(header_len + 4);
         with_crc.read_to_end(&mut header_bytes).map_err(SnapshotError::Read)?;
@@ -378,6 +388,20 @@ mod tests {
             .into_iter()
             .collect();
         Snapshot::seal("svc", 3, pos, "i-1", Bytes::copy_from_slice(state))
+    }
+
+    #[test]
+    fn a_corrupt_header_length_is_refused_before_reading_on() {
+        let encoded = sample(&[7; 64]).encode().unwrap();
+        let mut bytes = encoded.to_bytes().to_vec();
+        bytes[6..10].copy_from_slice(&u32::MAX.to_le_bytes());
+        let err = SnapshotHeader::read_prefix(&mut bytes.as_slice()).unwrap_err();
+        assert!(
+            matches!(err, SnapshotError::HeaderTooLong(len) if len == u32::MAX as u64),
+            "{err}"
+        );
+        let header = SnapshotHeader::read_prefix(&mut encoded.to_bytes().as_ref()).unwrap();
+        assert_eq!(header.service, "svc");
     }
 
     #[test]

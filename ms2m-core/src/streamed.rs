@@ -231,7 +231,9 @@ impl<E> SnapshotPieces<E> {
 pub(crate) struct Restored<S> {
     pub(crate) header: SnapshotHeader,
     pub(crate) state: S,
-    /// When the store's pieces ended (the restore may finish later).
+    /// When the decoder found the store's pieces ended (it may have taken
+    /// the last piece after the store sent it; the restore may finish
+    /// later).
     pub(crate) last_piece_at: Instant,
 }
 

@@ -22,6 +22,15 @@
 //!   first chunk) and verifies every chunk and the whole. A missing, evicted,
 //!   replaced or damaged chunk is [`ErrorKind::Corrupt`](ms2m_core::ErrorKind::Corrupt):
 //!   the runtime then falls back to an older snapshot.
+//! * `put_streamed` writes chunks as the encoder produces them (at most
+//!   2 MiB in flight: a broker serves requests in order, and the service's
+//!   outputs wait behind the chunks already sent), the state's bytes as
+//!   chunks `1..`, then the envelope's prefix (known only once the state's
+//!   length and checksum are) as chunk 0, then the manifest.
+//! * `get_streamed` hands chunks over in index order as they arrive: chunk
+//!   0 first, read on its own, then only the partitions whose next chunk is
+//!   within 8 MiB of the one the decoder awaits are assigned (`Window`),
+//!   so chunks held early stay within that.
 //! * `delete` writes tombstones for the manifest, then every chunk; log
 //!   compaction removes them.
 //! * Ids: `1 +` the highest id this store has seen for the service in
@@ -256,7 +265,7 @@ impl KafkaSnapshotStore {
             (READER_QUEUE_KIB * 1024 / 2).max(2 * self.chunk_size).to_string(),
         )
         // About one chunk per partition per fetch: a partition's later
-        // chunks are far ahead of the restore (see `Throttle`).
+        // chunks are far ahead of the restore (see `Window`).
         .set_default("max.partition.fetch.bytes", (self.chunk_size + 64 * 1024).to_string());
         let consumer = cc.create().map_err(KafkaError::kafka("create a snapshot reader"))?;
         Ok((manifest, consumer))
@@ -550,7 +559,8 @@ fn scan_manifests(
 /// to `deliver` with its index as it arrives (in no particular order).
 /// When `ordered`, `deliver` answers the index it awaits next, and only
 /// the partitions whose next chunk lies within [`EARLY_BYTES`] of it are
-/// read meanwhile.
+/// read meanwhile; chunk 0 is then read first, on its own: a streamed
+/// snapshot writes it last, after later chunks of its partition.
 fn fetch_chunks(
     consumer: &BaseConsumer,
     topic: &str,
@@ -560,54 +570,106 @@ fn fetch_chunks(
     ordered: bool,
     deliver: &mut dyn FnMut(usize, Bytes) -> Result<Option<usize>>,
 ) -> Result<()> {
-    let id = manifest.id;
     check_manifest(manifest)?;
     let mut expected = expected_chunks(consumer, topic, manifest, timeout)?;
-    let mut window = Window::new(topic, manifest);
-    window.apply(consumer, &expected, ordered.then_some(0))?;
-    let mut remaining = manifest.chunks.len();
-    let mut last_progress = Instant::now();
-    while remaining > 0 {
-        if last_progress.elapsed() >= timeout {
-            return Err(KafkaError::Timeout {
-                operation: "read snapshot chunks",
-                timeout,
-            });
-        }
-        let m = match consumer.poll(Duration::from_millis(100)) {
-            None => continue,
-            Some(Err(RdKafkaError::PartitionEOF(_))) => continue,
-            Some(Err(e)) => {
-                return Err(match e.rdkafka_error_code() {
-                    Some(RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange) => {
-                        KafkaError::corrupt(id, "a chunk was evicted while it was being read")
-                    }
-                    _ => KafkaError::kafka("read snapshot chunks")(e),
-                })
-            }
-            Some(Ok(m)) => m,
-        };
-        let p = m.partition();
-        let Some(list) = expected.get_mut(&p) else { continue };
-        // Offsets listed in the manifest that were skipped are gone.
-        let Some(&(o, i)) = list.front() else { continue };
-        if o < m.offset() {
-            return Err(KafkaError::corrupt(
-                id,
-                format!("chunk {i} at {topic}/{p}@{o} is missing (compacted or deleted)"),
-            ));
-        }
-        if o != m.offset() {
-            continue;
-        }
-        list.pop_front();
-        let awaited = deliver(i, verified_chunk(&m, service, manifest, i)?)?;
-        window.apply(consumer, &expected, awaited)?;
-        remaining -= 1;
-        last_progress = Instant::now();
+    let reader = ChunkReader {
+        consumer,
+        topic,
+        service,
+        manifest,
+        timeout,
+        ordered,
+    };
+    if ordered {
+        reader.read(take_chunk(&mut expected, 0), deliver)?;
     }
-    let _ = consumer.unassign();
-    Ok(())
+    reader.read(expected, deliver)
+}
+
+/// Chunk `index` taken out of `expected`, as a list of its own.
+fn take_chunk(
+    expected: &mut HashMap<i32, VecDeque<(i64, usize)>>,
+    index: usize,
+) -> HashMap<i32, VecDeque<(i64, usize)>> {
+    let mut taken = HashMap::new();
+    for (&p, list) in expected.iter_mut() {
+        if let Some(at) = list.iter().position(|&(_, i)| i == index) {
+            taken.insert(p, list.remove(at).into_iter().collect());
+            break;
+        }
+    }
+    expected.retain(|_, list| !list.is_empty());
+    taken
+}
+
+/// What reading one snapshot's chunks needs (see [`fetch_chunks`]).
+struct ChunkReader<'a> {
+    consumer: &'a BaseConsumer,
+    topic: &'a str,
+    service: &'a str,
+    manifest: &'a Manifest,
+    timeout: Duration,
+    ordered: bool,
+}
+
+impl ChunkReader<'_> {
+    /// Reads the chunks `expected` lists (per partition, in offset order),
+    /// then unassigns every partition.
+    fn read(
+        &self,
+        mut expected: HashMap<i32, VecDeque<(i64, usize)>>,
+        deliver: &mut dyn FnMut(usize, Bytes) -> Result<Option<usize>>,
+    ) -> Result<()> {
+        let (id, topic) = (self.manifest.id, self.topic);
+        let mut window = Window::new(topic, self.manifest);
+        let first = expected.values().flatten().map(|&(_, i)| i).min();
+        window.apply(self.consumer, &expected, first.filter(|_| self.ordered))?;
+        let mut remaining: usize = expected.values().map(VecDeque::len).sum();
+        let mut last_progress = Instant::now();
+        while remaining > 0 {
+            if last_progress.elapsed() >= self.timeout {
+                return Err(KafkaError::Timeout {
+                    operation: "read snapshot chunks",
+                    timeout: self.timeout,
+                });
+            }
+            let Some(m) = self.poll()? else { continue };
+            let p = m.partition();
+            let Some(list) = expected.get_mut(&p) else { continue };
+            // Offsets listed in the manifest that were skipped are gone.
+            let Some(&(o, i)) = list.front() else { continue };
+            if o < m.offset() {
+                return Err(KafkaError::corrupt(
+                    id,
+                    format!("chunk {i} at {topic}/{p}@{o} is missing (compacted or deleted)"),
+                ));
+            }
+            if o != m.offset() {
+                continue;
+            }
+            list.pop_front();
+            let awaited = deliver(i, verified_chunk(&m, self.service, self.manifest, i)?)?;
+            window.apply(self.consumer, &expected, awaited.filter(|_| self.ordered))?;
+            remaining -= 1;
+            last_progress = Instant::now();
+        }
+        let _ = self.consumer.unassign();
+        Ok(())
+    }
+
+    /// The next record, if one came within 100 ms.
+    fn poll(&self) -> Result<Option<BorrowedMessage<'_>>> {
+        match self.consumer.poll(Duration::from_millis(100)) {
+            None | Some(Err(RdKafkaError::PartitionEOF(_))) => Ok(None),
+            Some(Err(e)) => Err(match e.rdkafka_error_code() {
+                Some(RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange) => {
+                    KafkaError::corrupt(self.manifest.id, "a chunk was evicted while it was being read")
+                }
+                _ => KafkaError::kafka("read snapshot chunks")(e),
+            }),
+            Some(Ok(m)) => Ok(Some(m)),
+        }
+    }
 }
 
 /// Keeps assigned only the partitions whose next chunk is within reach of

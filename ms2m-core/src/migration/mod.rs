@@ -271,9 +271,12 @@ pub struct MigrationReport {
     pub total_ms: f64,
     /// Phase 1: checkpoint taken and stored.
     pub checkpoint_ms: f64,
-    /// Phase 2: target fetched the snapshot.
+    /// Phase 2: target fetched the snapshot. The target decodes chunks as
+    /// they arrive, so this ends when the decoder took the last chunk and
+    /// includes the decoding that overlapped the fetch.
     pub transfer_ms: f64,
-    /// Phase 3: target verified and restored it.
+    /// Phase 3: target verified and restored it: what decoding and
+    /// checking was left after the last chunk (often under a millisecond).
     pub restore_ms: f64,
     /// Phase 4: replay while the source served.
     pub replay_ms: f64,

@@ -423,7 +423,7 @@ fn closed() -> Error {
 }
 
 /// Fetches snapshot `id`, verifies it and restores the state as it
-/// arrives; how long until the last piece arrived (the transfer) and the
+/// arrives; how long until the decoder took the last piece (the transfer) and the
 /// decoding that was left after it (the restore).
 async fn fetch_and_restore<S: StatefulService, St: SnapshotStore>(
     store: &St,

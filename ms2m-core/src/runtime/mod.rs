@@ -66,7 +66,8 @@ pub struct CheckpointInfo {
     pub id: SnapshotId,
     /// The position it reflects.
     pub position: Position,
-    /// Encoded size in bytes.
+    /// The encoded state's size in bytes (the envelope's header, a few
+    /// hundred bytes, not counted).
     pub bytes: u64,
     /// How long the apply loop was paused to serialize the state.
     pub pause: Duration,
@@ -123,14 +124,15 @@ enum StateBytes {
 
 impl StateBytes {
     /// Seals and stores the state under `header` (its length and checksum
-    /// are computed here); the stored id and envelope length. A frozen
+    /// are computed here); the stored id and the encoded state's length. A frozen
     /// state is encoded straight into the store ([`crate::streamed`]).
     async fn store<St: SnapshotStore>(self, store: &St, header: SnapshotHeader) -> Result<(SnapshotId, u64)> {
         let stored = match self {
             StateBytes::Encoded(state) => {
+                let state_len = state.len() as u64;
                 let encoded = Snapshot::seal_under(header, state).encode()?;
                 let id = store.put(&encoded).await;
-                id.map(|id| (id, encoded.len() as u64))
+                id.map(|id| (id, state_len))
             }
             StateBytes::Frozen(frozen) => {
                 let (streamed, mut encoder) = crate::streamed::encode_streamed(frozen, header);
@@ -143,7 +145,8 @@ impl StateBytes {
                         Ok(id) => Ok((id, joined_encoder(encoder.await)?)),
                     },
                     encoded = &mut encoder => {
-                        // Failed: the store waits for pieces that never come.
+                        // Done, or failed: then the store would wait for
+                        // pieces that never come, so the error returns here.
                         let state_len = joined_encoder(encoded)?;
                         put.await.map(|id| (id, state_len))
                     }
