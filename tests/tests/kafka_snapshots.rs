@@ -10,8 +10,8 @@ use ms2m_core::snapshot::EncodedSnapshot;
 use ms2m_core::store::{fetch_and_restore, load_newest_valid, retain_newest};
 use ms2m_core::streamed::encode_streamed;
 use ms2m_core::{
-    BackendError, ErrorKind, Frozen, Position, ServiceState, Snapshot, SnapshotHeader, SnapshotStore, StatefulService,
-    TopicPartition,
+    BackendError, ErrorKind, Frozen, Position, ServiceState, Snapshot, SnapshotHeader, SnapshotId, SnapshotStore,
+    StatefulService, TopicPartition,
 };
 use ms2m_kafka::KafkaSnapshotStore;
 use ms2m_tests::*;
@@ -100,6 +100,17 @@ fn summer_of(bytes: usize) -> Summer {
     s
 }
 
+/// Writes `state` frozen and streamed, at position `in/0@offset`; the id,
+/// the position and the state's encoded length.
+async fn put_streamed_summer(store: &KafkaSnapshotStore, state: &Summer, offset: i64) -> (SnapshotId, Position, u64) {
+    let position: Position = [(TopicPartition::new("in", 0), offset)].into_iter().collect();
+    let header = SnapshotHeader::unsealed(Summer::NAME, Summer::SCHEMA_VERSION, position.clone(), "test");
+    let (streamed, encoder) = encode_streamed(Frozen::new(state.clone()), header);
+    let id = store.put_streamed(streamed).await.unwrap();
+    let state_len = encoder.await.unwrap().unwrap();
+    (id, position, state_len)
+}
+
 /// A frozen state written as it is encoded (`put_streamed`: chunk 0, the
 /// envelope's prefix, written last) reads back whole and streamed, and a
 /// whole snapshot reads back streamed.
@@ -109,11 +120,7 @@ async fn streamed_snapshots_round_trip() {
     let cluster = connect(config(&service).snapshot_chunk_size(64 * 1024).snapshot_partitions(5));
     let store = cluster.snapshot_store().await.unwrap();
     let state = summer_of(3 << 20);
-    let position: Position = [(TopicPartition::new("in", 0), 42)].into_iter().collect();
-    let header = SnapshotHeader::unsealed(Summer::NAME, Summer::SCHEMA_VERSION, position.clone(), "test");
-    let (streamed, encoder) = encode_streamed(Frozen::new(state.clone()), header);
-    let id = store.put_streamed(streamed).await.unwrap();
-    let state_len = encoder.await.unwrap().unwrap();
+    let (id, position, state_len) = put_streamed_summer(&store, &state, 42).await;
 
     let whole = Snapshot::decode(store.get(id).await.unwrap()).unwrap();
     assert_eq!(whole.header.position, position);
@@ -151,11 +158,7 @@ async fn streamed_restore_beyond_the_read_window() {
     let cluster = connect(config(&service).snapshot_chunk_size(256 * 1024).snapshot_partitions(41));
     let store = cluster.snapshot_store().await.unwrap();
     let state = summer_of(12 << 20);
-    let position: Position = [(TopicPartition::new("in", 0), 7)].into_iter().collect();
-    let header = SnapshotHeader::unsealed(Summer::NAME, Summer::SCHEMA_VERSION, position.clone(), "test");
-    let (streamed, encoder) = encode_streamed(Frozen::new(state.clone()), header);
-    let id = store.put_streamed(streamed).await.unwrap();
-    encoder.await.unwrap().unwrap();
+    let (id, position, _) = put_streamed_summer(&store, &state, 7).await;
     let chunks = store.manifest(id).await.unwrap().chunks.len();
     assert!(
         chunks > 32 + 8,
