@@ -5,7 +5,7 @@
 //! on the other side. Here the state flows in pieces instead:
 //!
 //! * **Writing** ([`StreamedSnapshot`]): a frozen state is encoded on a
-//!   blocking thread ([`ServiceState::snapshot_to`](crate::ServiceState::snapshot_to))
+//!   blocking thread ([`ServiceState::snapshot_to`])
 //!   into pieces of [`PIECE_SIZE`] bytes that go through a channel of
 //!   [`PIECES_IN_FLIGHT`] to the store's
 //!   [`put_streamed`](crate::SnapshotStore::put_streamed), which stores
@@ -18,7 +18,7 @@
 //!   [`get_streamed`](crate::SnapshotStore::get_streamed) sends the encoded
 //!   snapshot's pieces in order; a blocking thread reads the envelope's
 //!   prefix and decodes the state as the pieces arrive
-//!   ([`ServiceState::restore_from`](crate::ServiceState::restore_from)),
+//!   ([`ServiceState::restore_from`]),
 //!   dropping each piece once read, and checks the state's length and
 //!   checksum at the end. A state whose bytes fail the checksum is
 //!   discarded and reported as [`SnapshotError::StateChecksum`], whatever

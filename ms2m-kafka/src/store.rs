@@ -863,7 +863,7 @@ impl SnapshotStore for KafkaSnapshotStore {
     }
 
     /// Fetches the chunks on a blocking thread and hands them over in
-    /// order as they arrive (at most [`READ_AHEAD`] wait for the decoder).
+    /// order as they arrive (at most `READ_AHEAD`, 4, wait for the decoder).
     async fn get_streamed(&self, id: SnapshotId) -> Result<SnapshotPieces<KafkaError>> {
         let (manifest, consumer) = self.open_chunks(id).await?;
         let (tx, pieces) = SnapshotPieces::channel(READ_AHEAD);
