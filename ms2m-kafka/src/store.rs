@@ -28,7 +28,8 @@
 //!   chunks `1..`, then the envelope's prefix (known only once the state's
 //!   length and checksum are) as chunk 0, then the manifest.
 //! * `get_streamed` hands chunks over in index order as they arrive: chunk
-//!   0 first, read on its own, then only the partitions whose next chunk is
+//!   0 first (read on its own when later chunks precede it in its
+//!   partition), then only the partitions whose next chunk is
 //!   within 8 MiB of the one the decoder awaits are assigned (`Window`),
 //!   so chunks held early stay within that.
 //! * `delete` writes tombstones for the manifest, then every chunk; log
@@ -559,8 +560,8 @@ fn scan_manifests(
 /// to `deliver` with its index as it arrives (in no particular order).
 /// When `ordered`, `deliver` answers the index it awaits next, and only
 /// the partitions whose next chunk lies within [`EARLY_BYTES`] of it are
-/// read meanwhile; chunk 0 is then read first, on its own: a streamed
-/// snapshot writes it last, after later chunks of its partition.
+/// read meanwhile; chunk 0 is then read first, on its own, when a streamed
+/// snapshot wrote it last, after later chunks of its partition.
 fn fetch_chunks(
     consumer: &BaseConsumer,
     topic: &str,
@@ -580,10 +581,19 @@ fn fetch_chunks(
         timeout,
         ordered,
     };
-    if ordered {
+    if ordered && !first_in_its_partition(&expected, 0) {
         reader.read(take_chunk(&mut expected, 0), deliver)?;
     }
     reader.read(expected, deliver)
+}
+
+/// Whether chunk `index` comes first, by offset, in its partition (a whole
+/// snapshot's chunk 0 does; a streamed one's, written last, does only when
+/// it is alone there).
+fn first_in_its_partition(expected: &HashMap<i32, VecDeque<(i64, usize)>>, index: usize) -> bool {
+    expected
+        .values()
+        .any(|list| list.front().is_some_and(|&(_, i)| i == index))
 }
 
 /// Chunk `index` taken out of `expected`, as a list of its own.
@@ -695,7 +705,8 @@ impl<'a> Window<'a> {
     }
 
     /// Assigns the partitions now within reach of `awaited` (all of them
-    /// for `None`) and unassigns the rest.
+    /// for `None`) and unassigns those beyond it; partitions read to their
+    /// end stay as they are.
     fn apply(
         &mut self,
         consumer: &BaseConsumer,
@@ -706,12 +717,11 @@ impl<'a> Window<'a> {
         for (&p, list) in expected {
             // The lowest index left, not the next offset's: the prefix
             // (chunk 0) is written last, after later chunks of its partition.
-            let lowest = list.iter().map(|&(_, i)| i).min();
-            let within = match (lowest, awaited) {
-                (None, _) => false,
-                (Some(_), None) => true,
-                (Some(i), Some(awaited)) => i < awaited + self.ahead,
+            let Some(lowest) = list.iter().map(|&(_, i)| i).min() else {
+                // Read to its end: left as it is until the reader unassigns.
+                continue;
             };
+            let within = awaited.is_none_or(|awaited| lowest < awaited + self.ahead);
             if within && self.assigned.insert(p) {
                 let (offset, _) = list[0];
                 add.add_partition_offset(self.topic, p, Offset::Offset(offset))
