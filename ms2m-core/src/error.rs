@@ -176,6 +176,21 @@ impl Error {
         }
     }
 
+    /// A snapshot job on the blocking pool that did not finish: its panic
+    /// goes on in the caller; a cancellation (the runtime shutting down)
+    /// is a snapshot-store error of kind `Other`.
+    pub(crate) fn snapshot_job_failed(operation: &'static str, join: tokio::task::JoinError) -> Self {
+        if join.is_panic() {
+            std::panic::resume_unwind(join.into_panic());
+        }
+        Error::Backend {
+            component: Component::SnapshotStore,
+            operation,
+            kind: ErrorKind::Other,
+            source: Box::new(join),
+        }
+    }
+
     /// The backend kind, for [`Error::Backend`]; `None` otherwise.
     pub fn backend_kind(&self) -> Option<ErrorKind> {
         match self {

@@ -38,7 +38,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 
 use crate::codec::CodecError;
-use crate::error::{BackendError, Component, Error, ErrorKind};
+use crate::error::{BackendError, Component, Error};
 use crate::heavy::Slot;
 use crate::snapshot::{SnapshotError, SnapshotHeader};
 use crate::state::{Frozen, ServiceState, StateError};
@@ -343,13 +343,7 @@ pub(crate) async fn restore_streamed<S: ServiceState, E: BackendError>(
                 last_piece_at,
             })
         }
-        Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
-        Err(join) => Err(Error::Backend {
-            component: Component::SnapshotStore,
-            operation: "decode a snapshot",
-            kind: ErrorKind::Other,
-            source: Box::new(join),
-        }),
+        Err(join) => Err(Error::snapshot_job_failed("decode a snapshot", join)),
     }
 }
 
@@ -395,6 +389,7 @@ fn restore_from_reader<S: ServiceState>(input: &mut dyn Read, service: &str) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorKind;
     use crate::memory::MemoryError;
     use crate::position::Position;
     use crate::snapshot::Snapshot;
@@ -434,6 +429,14 @@ mod tests {
         }
         encoder.await.unwrap().unwrap();
         (pieces, snapshot.prefix().unwrap())
+    }
+
+    /// A streamed snapshot of `blob` as one envelope, and its prefix's length.
+    async fn envelope_of(blob: Blob) -> (Vec<u8>, usize) {
+        let (pieces, prefix) = store_streamed(blob).await;
+        let mut all = prefix.to_vec();
+        pieces.iter().for_each(|p| all.extend_from_slice(p));
+        (all, prefix.len())
     }
 
     fn blob(len: usize) -> Blob {
@@ -488,10 +491,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_flipped_state_bit_is_a_checksum_error_not_a_decode_error() {
-        let (pieces, prefix) = store_streamed(blob(1000)).await;
-        let mut all = prefix.to_vec();
-        pieces.iter().for_each(|p| all.extend_from_slice(p));
-        for at in [prefix.len(), prefix.len() + 1, all.len() - 1] {
+        let (all, prefix_len) = envelope_of(blob(1000)).await;
+        for at in [prefix_len, prefix_len + 1, all.len() - 1] {
             let mut bad = all.clone();
             bad[at] ^= 0x40;
             let e = restore_bytes(bad).await;
@@ -504,10 +505,8 @@ mod tests {
 
     #[tokio::test]
     async fn truncation_and_trailing_bytes_are_typed_errors() {
-        let (pieces, prefix) = store_streamed(blob(1000)).await;
-        let mut all = prefix.to_vec();
-        pieces.iter().for_each(|p| all.extend_from_slice(p));
-        for cut in [0, 3, prefix.len() - 1, prefix.len() + 10, all.len() - 1] {
+        let (all, prefix_len) = envelope_of(blob(1000)).await;
+        for cut in [0, 3, prefix_len - 1, prefix_len + 10, all.len() - 1] {
             let e = restore_bytes(all[..cut].to_vec()).await;
             assert!(
                 matches!(e, Error::Snapshot(SnapshotError::Truncated { .. })),

@@ -162,13 +162,7 @@ impl StateBytes {
 fn joined_encoder(joined: std::result::Result<std::result::Result<u64, CodecError>, JoinError>) -> Result<u64> {
     match joined {
         Ok(encoded) => Ok(encoded?),
-        Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
-        Err(join) => Err(Error::Backend {
-            component: Component::SnapshotStore,
-            operation: "encode a frozen state",
-            kind: ErrorKind::Other,
-            source: Box::new(join),
-        }),
+        Err(join) => Err(Error::snapshot_job_failed("encode a frozen state", join)),
     }
 }
 
