@@ -115,7 +115,7 @@ pub use runtime::{
     ProgressListener, ProgressPhase, StartFrom,
 };
 pub use service::{ApplyContext, Mode, StatefulService};
-pub use sink::{Delivery, OutputSink};
+pub use sink::{BackgroundCommit, Delivery, OutputSink};
 pub use snapshot::{Snapshot, SnapshotError, SnapshotHeader};
 pub use state::{Frozen, ServiceState, StateError};
 pub use store::{SnapshotId, SnapshotStore};

@@ -20,7 +20,7 @@ use crate::error::{BackendError, ErrorKind};
 use crate::log::{MessageLog, Watermarks};
 use crate::position::{Position, TopicPartition};
 use crate::record::{OutputRecord, Record};
-use crate::sink::{Delivery, OutputSink};
+use crate::sink::{BackgroundCommit, Delivery, OutputSink};
 use crate::snapshot::EncodedSnapshot;
 use crate::store::{SnapshotId, SnapshotStore};
 
@@ -316,9 +316,21 @@ struct SinkShared {
 
 /// The committed side of an in-memory, transactional output topic. Clone to
 /// share; `sink()` makes an [`OutputSink`] writing to it.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct MemoryOutputs {
     shared: Arc<Mutex<SinkShared>>,
+    /// Background commits wait while this is `true` (see
+    /// [`hold_background_commits`](Self::hold_background_commits)).
+    commits_held: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Default for MemoryOutputs {
+    fn default() -> Self {
+        Self {
+            shared: Arc::default(),
+            commits_held: Arc::new(tokio::sync::watch::Sender::new(false)),
+        }
+    }
 }
 
 impl MemoryOutputs {
@@ -333,7 +345,24 @@ impl MemoryOutputs {
             outputs: self.clone(),
             epoch: 0,
             pending: Vec::new(),
+            background: false,
         }
+    }
+
+    /// A new sink that also commits in the background
+    /// ([`OutputSink::commit_in_background`]), as the Kafka sink does with
+    /// at-least-once.
+    pub fn sink_committing_in_background(&self) -> MemorySink {
+        MemorySink {
+            background: true,
+            ..self.sink()
+        }
+    }
+
+    /// While `held`, background commits wait before committing (a broker
+    /// slow to acknowledge).
+    pub fn hold_background_commits(&self, held: bool) {
+        self.commits_held.send_replace(held);
     }
 
     /// Every committed output, in commit order.
@@ -354,18 +383,24 @@ pub struct MemorySink {
     outputs: MemoryOutputs,
     epoch: u64,
     pending: Vec<OutputRecord>,
+    /// Whether it offers background commits.
+    background: bool,
 }
 
 impl MemorySink {
     fn check_epoch(&self, shared: &SinkShared) -> Result<(), MemoryError> {
-        if shared.epoch != self.epoch {
-            return Err(MemoryError::Fenced {
-                current: shared.epoch,
-                mine: self.epoch,
-            });
-        }
-        Ok(())
+        check_epoch(shared, self.epoch)
     }
+}
+
+fn check_epoch(shared: &SinkShared, mine: u64) -> Result<(), MemoryError> {
+    if shared.epoch != mine {
+        return Err(MemoryError::Fenced {
+            current: shared.epoch,
+            mine,
+        });
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -395,6 +430,24 @@ impl OutputSink for MemorySink {
         s.committed.append(&mut self.pending);
         s.position = Some(position.clone());
         Ok(())
+    }
+
+    fn commit_in_background(&mut self, position: &Position) -> Option<BackgroundCommit<MemoryError>> {
+        if !self.background {
+            return None;
+        }
+        let mut outputs = std::mem::take(&mut self.pending);
+        let (shared, mut held) = (self.outputs.shared.clone(), self.outputs.commits_held.subscribe());
+        let (position, epoch) = (position.clone(), self.epoch);
+        Some(Box::pin(async move {
+            // Cannot fail: the sender lives as long as `shared`'s outputs.
+            let _ = held.wait_for(|held| !held).await;
+            let mut s = lock(&shared);
+            check_epoch(&s, epoch)?;
+            s.committed.append(&mut outputs);
+            s.position = Some(position);
+            Ok(())
+        }))
     }
 
     async fn abort(&mut self) -> Result<(), MemoryError> {

@@ -19,6 +19,9 @@ pub enum Delivery {
     AtLeastOnce,
 }
 
+/// A commit finishing on its own (see [`OutputSink::commit_in_background`]).
+pub type BackgroundCommit<E> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), E>> + Send + 'static>>;
+
 /// A destination for outputs that commits them with the input position.
 ///
 /// The committed position is the *output watermark*: on recovery, messages
@@ -44,6 +47,24 @@ pub trait OutputSink: Send + 'static {
     /// Makes every output sent so far visible, together with `position` (the
     /// input position that produced them) as the new output watermark.
     async fn commit(&mut self, position: &Position) -> Result<(), Self::Error>;
+
+    /// Starts the same commit as [`commit`](Self::commit) without holding
+    /// the caller: the returned future finishes it (waits for the outputs'
+    /// acknowledgements, then stores `position`) and owns what it needs, so
+    /// the runtime runs it on its own task while the apply loop goes on
+    /// sending. On a broker slowed by other traffic (a snapshot upload or
+    /// download), waiting for acknowledgements on the apply loop stalled
+    /// every output behind it.
+    ///
+    /// `None` (the default) means the sink only commits through `commit`
+    /// (the Kafka sink with exactly-once: a transaction's outputs and
+    /// offsets commit together). The runtime runs at most one such commit
+    /// at a time and lets it finish before any other call that depends on
+    /// what is committed (`commit`, `claim`, `abort`, `committed`).
+    fn commit_in_background(&mut self, position: &Position) -> Option<BackgroundCommit<Self::Error>> {
+        let _ = position;
+        None
+    }
 
     /// Drops outputs sent since the last commit (used when handing back
     /// ownership after a failed cutover).

@@ -6,7 +6,9 @@ use bytes::{Bytes, BytesMut};
 use crate::error::{BackendError, Component, Error, ErrorKind};
 use crate::snapshot::{EncodedSnapshot, SnapshotHeader};
 use crate::state::ServiceState;
-use crate::streamed::{restore_streamed, SnapshotPieces, StreamedSnapshot};
+use crate::codec::CodecError;
+use crate::state::Frozen;
+use crate::streamed::{encode_streamed, restore_streamed, SnapshotPieces, StreamedSnapshot};
 
 /// Identifies a stored snapshot. Ids grow with every `put`, so the largest
 /// id is the newest snapshot.
@@ -140,6 +142,48 @@ pub async fn fetch_and_restore<S: ServiceState, St: SnapshotStore + ?Sized>(
     id: SnapshotId,
 ) -> Result<LoadedSnapshot<S>, Error> {
     Ok(fetch_and_restore_timed(store, service, id).await?.0)
+}
+
+/// Stores a frozen state as a snapshot under `header`, encoding it while the
+/// store uploads it ([`SnapshotStore::put_streamed`]; see
+/// [`streamed`](crate::streamed)): the header's state length and checksum
+/// are filled in as the pieces pass. Returns the snapshot's id and the
+/// encoded state's length.
+///
+/// An encoding error fails the call and nothing is stored (the store's
+/// `put_streamed` is dropped before it writes its manifest); so does a store
+/// error, which also stops the encoder at its next piece.
+pub async fn store_frozen<St: SnapshotStore + ?Sized>(
+    store: &St,
+    frozen: Frozen,
+    header: SnapshotHeader,
+) -> Result<(SnapshotId, u64), Error> {
+    let (streamed, mut encoder) = encode_streamed(frozen, header);
+    let put = store.put_streamed(streamed);
+    tokio::pin!(put);
+    let stored = tokio::select! {
+        stored = &mut put => match stored {
+            // The encoder stops at its next piece: nothing reads them.
+            Err(e) => Err(e),
+            Ok(id) => Ok((id, joined_encoder(encoder.await)?)),
+        },
+        encoded = &mut encoder => {
+            // Done, or failed: then the store would wait for pieces that
+            // never come, so the error returns here.
+            let state_len = joined_encoder(encoded)?;
+            put.await.map(|id| (id, state_len))
+        }
+    };
+    stored.map_err(|e| Error::backend(Component::SnapshotStore, "store snapshot", e))
+}
+
+/// The streamed encoder's outcome: the state's length, or the error that
+/// fails the snapshot.
+fn joined_encoder(joined: Result<Result<u64, CodecError>, tokio::task::JoinError>) -> Result<u64, Error> {
+    match joined {
+        Ok(encoded) => Ok(encoded?),
+        Err(join) => Err(Error::snapshot_job_failed("encode a frozen state", join)),
+    }
 }
 
 /// [`fetch_and_restore`], and when the store's last piece arrived.

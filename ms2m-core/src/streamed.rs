@@ -32,6 +32,8 @@
 //! state-sized job of the process.
 
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
@@ -75,9 +77,10 @@ impl std::fmt::Debug for StreamedSnapshot {
 
 impl StreamedSnapshot {
     /// The next piece of the state, in order; `None` once the state is
-    /// complete. If encoding fails this never completes: the instance then
-    /// drops the `put_streamed` future (nothing may be stored) and reports
-    /// the encoding error.
+    /// complete. If encoding fails this never completes:
+    /// [`store_frozen`](crate::store::store_frozen), which made this
+    /// snapshot, then drops the `put_streamed` future (nothing may be
+    /// stored) and reports the encoding error.
     pub async fn next_piece(&mut self) -> Option<Bytes> {
         if self.ended {
             return None;
@@ -169,10 +172,10 @@ impl Write for PieceWriter {
 /// Starts encoding `frozen` for a snapshot with `header` (its state length
 /// and checksum are filled in as the pieces pass). Returns the snapshot to
 /// hand to the store, and the encoder to join: the state's length, or the
-/// encoding error, which is then the checkpoint's error. (The instance
-/// does this for every frozen state's snapshot; public so a store's
-/// [`put_streamed`](crate::SnapshotStore::put_streamed) can be tested.)
-pub fn encode_streamed(
+/// encoding error, which is then the checkpoint's error. The two must be
+/// raced (if the encoder fails, the store waits for pieces that never
+/// come): [`store_frozen`](crate::store::store_frozen) does that.
+pub(crate) fn encode_streamed(
     frozen: Frozen,
     header: SnapshotHeader,
 ) -> (StreamedSnapshot, tokio::task::JoinHandle<Result<u64, CodecError>>) {
@@ -245,6 +248,19 @@ struct PiecesReader<E> {
     failed: Option<E>,
     ended_at: Option<Instant>,
     slot: Slot,
+    /// Set when the restore's future is dropped: reading fails at the next
+    /// piece, so the decoder stops and the store stops fetching.
+    abandoned: Arc<AtomicBool>,
+}
+
+/// Marks a restore abandoned when its future is dropped (see
+/// [`PiecesReader::abandoned`]).
+struct AbandonOnDrop(Arc<AtomicBool>);
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 impl<E> PiecesReader<E> {
@@ -266,6 +282,9 @@ impl<E> Read for PiecesReader<E> {
         while self.current.is_empty() {
             if self.failed.is_some() {
                 return Err(std::io::Error::other("the snapshot store failed"));
+            }
+            if self.abandoned.load(Ordering::Relaxed) {
+                return Err(std::io::Error::other("the restore was abandoned"));
             }
             match self.next_piece() {
                 Some(Ok(piece)) => self.current = piece,
@@ -311,13 +330,17 @@ impl StateBytes<'_> {
 
 /// Restores an `S` of `service` from `pieces`: verifies the envelope's
 /// prefix, decodes the state as it arrives and checks its length and
-/// checksum. Runs on the blocking pool (see the module docs).
+/// checksum. Runs on the blocking pool (see the module docs); dropping the
+/// future stops the decoder at its next piece, and with it the store's
+/// fetch.
 pub(crate) async fn restore_streamed<S: ServiceState, E: BackendError>(
     pieces: SnapshotPieces<E>,
     service: &str,
 ) -> Result<Restored<S>, Error> {
     let service = service.to_string();
     let pieces = pieces.pieces;
+    let abandoned = Arc::new(AtomicBool::new(false));
+    let _abandon_on_drop = AbandonOnDrop(Arc::clone(&abandoned));
     let restored = tokio::task::spawn_blocking(move || {
         let mut reader = PiecesReader {
             pieces,
@@ -325,6 +348,7 @@ pub(crate) async fn restore_streamed<S: ServiceState, E: BackendError>(
             failed: None,
             ended_at: None,
             slot: Slot::acquire_blocking(),
+            abandoned,
         };
         let restored = restore_from_reader::<S>(&mut reader, &service);
         (restored, reader)
@@ -549,6 +573,72 @@ mod tests {
             ),
             "{e:?}"
         );
+    }
+
+    /// Encodes a few pieces, then fails.
+    struct FailsMidway;
+
+    impl ServiceState for FailsMidway {
+        const SCHEMA_VERSION: u32 = 1;
+        fn snapshot(&self) -> Result<Vec<u8>, CodecError> {
+            unreachable!("only streamed here")
+        }
+        fn restore(_: u32, _: &[u8]) -> Result<Self, StateError> {
+            unreachable!("never restored")
+        }
+        fn snapshot_to(&self, out: &mut dyn Write) -> Result<(), CodecError> {
+            out.write_all(&vec![7; 3 * PIECE_SIZE]).map_err(CodecError::Io)?;
+            Err(CodecError::TrailingBytes(1))
+        }
+        fn digest(&self) -> crate::StateDigest {
+            crate::digest::digest_of(&0u8)
+        }
+    }
+
+    /// Guards a test against a hang (a bug here would wait forever).
+    async fn within_a_minute<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(std::time::Duration::from_secs(60), f)
+            .await
+            .expect("hung")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_encoder_fails_store_frozen_and_stores_nothing() {
+        let store = crate::memory::MemorySnapshotStore::new();
+        let stored = within_a_minute(crate::store::store_frozen(&store, Frozen::new(FailsMidway), header())).await;
+        let e = stored.unwrap_err();
+        assert!(
+            matches!(e, Error::Codec(CodecError::TrailingBytes(1))),
+            "the encoder's own error: {e:?}"
+        );
+        assert!(crate::SnapshotStore::list(&store).await.unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_restore_stops_reading_the_store() {
+        let (envelope, _) = envelope_of(blob(8 * PIECE_SIZE)).await;
+        let (tx, pieces) = SnapshotPieces::<MemoryError>::channel(1);
+        tx.send(Ok(Bytes::copy_from_slice(&envelope[..PIECE_SIZE]))).await.unwrap();
+        // Boxed, so that dropping it drops the future (a pinned local would live on).
+        let mut restore = Box::pin(restore_streamed::<Blob, MemoryError>(pieces, "svc"));
+        // Polled until the decoder took the first piece and waits for more.
+        tokio::select! {
+            _ = &mut restore => panic!("restored from a part of the envelope"),
+            sent = tx.send(Ok(Bytes::copy_from_slice(&envelope[PIECE_SIZE..2 * PIECE_SIZE]))) => sent.unwrap(),
+        }
+        drop(restore);
+        // The store keeps sending; the decoder stops at the next piece it
+        // takes and closes the channel.
+        let rest = envelope[2 * PIECE_SIZE..].chunks(PIECE_SIZE);
+        within_a_minute(async {
+            for piece in rest {
+                if tx.send(Ok(Bytes::copy_from_slice(piece))).await.is_err() {
+                    return;
+                }
+            }
+            tx.closed().await;
+        })
+        .await;
     }
 
     #[tokio::test]

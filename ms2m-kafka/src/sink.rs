@@ -22,11 +22,17 @@
 //! An idempotent producer (`enable.idempotence=true`: no duplicates from
 //! producer retries, per-partition order kept). `commit(position)` waits
 //! until every output sent so far is acknowledged, then commits the position
-//! as the group's offsets. **Duplicate window:** a crash after outputs were
-//! delivered but before the offset commit re-emits, on recovery, the outputs
-//! of every message applied since the last commit: at most
-//! `InstanceConfig::commit_every` messages or `commit_interval` worth. A
-//! crash never loses an output (offsets are committed only after delivery).
+//! as the group's offsets. The runtime's periodic commits run that wait on
+//! their own task ([`OutputSink::commit_in_background`]): the apply loop
+//! keeps sending while a slow broker acknowledges; a migration's stop, a
+//! snapshot and a shutdown still commit and wait. **Duplicate window:** a
+//! crash after outputs were delivered but before the offset commit
+//! re-emits, on recovery, the outputs of every message applied since the
+//! last finished commit: the one still running covers at most
+//! `InstanceConfig::commit_every` messages or `commit_interval` worth, and
+//! the runtime waits for it once as many again were applied (so at most
+//! twice that, plus a poll batch each). A crash never loses an output
+//! (offsets are committed only after delivery).
 //! `claim` fences nothing in this mode, and `abort` can only purge outputs
 //! not yet handed to the network.
 //!
@@ -45,7 +51,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ms2m_core::sink::{Delivery, OutputSink};
+use ms2m_core::sink::{BackgroundCommit, Delivery, OutputSink};
 use ms2m_core::{OutputRecord, Position, TopicPartition};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
@@ -100,6 +106,28 @@ impl std::fmt::Debug for KafkaSink {
             .field("claimed", &self.claimed)
             .finish_non_exhaustive()
     }
+}
+
+/// Waits for one output's acknowledgement.
+async fn delivered(f: DeliveryFuture) -> Result<()> {
+    match f.await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((e, _))) => Err(KafkaError::kafka("deliver an output")(e)),
+        Err(_) => Err(KafkaError::kafka("deliver an output")(RdKafkaError::Canceled)),
+    }
+}
+
+/// Commits input offsets through the group's client (on the blocking pool).
+async fn commit_offsets(group: Arc<BaseConsumer>, tpl: TopicPartitionList) -> Result<()> {
+    if tpl.count() == 0 {
+        return Ok(());
+    }
+    blocking(move || {
+        group
+            .commit(&tpl, CommitMode::Sync)
+            .map_err(KafkaError::kafka("commit input offsets"))
+    })
+    .await
 }
 
 fn offsets(position: &Position) -> Result<TopicPartitionList> {
@@ -194,27 +222,14 @@ impl KafkaSink {
     }
 
     async fn await_oldest(&mut self) -> Result<()> {
-        if let Some(f) = self.pending.pop_front() {
-            match f.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err(KafkaError::kafka("deliver an output")(e)),
-                Err(_) => return Err(KafkaError::kafka("deliver an output")(RdKafkaError::Canceled)),
-            }
+        match self.pending.pop_front() {
+            Some(f) => delivered(f).await,
+            None => Ok(()),
         }
-        Ok(())
     }
 
     async fn commit_offsets_plain(&self, tpl: TopicPartitionList) -> Result<()> {
-        if tpl.count() == 0 {
-            return Ok(());
-        }
-        let group = self.group.clone();
-        blocking(move || {
-            group
-                .commit(&tpl, CommitMode::Sync)
-                .map_err(KafkaError::kafka("commit input offsets"))
-        })
-        .await
+        commit_offsets(self.group.clone(), tpl).await
     }
 
     /// The input partitions whose committed offsets form the watermark.
@@ -364,6 +379,27 @@ impl OutputSink for KafkaSink {
         }
         debug!(%position, "outputs and position committed");
         Ok(())
+    }
+
+    /// At-least-once: the outputs sent so far are awaited and the offsets
+    /// committed on the caller's task, while later outputs are sent.
+    fn commit_in_background(&mut self, position: &Position) -> Option<BackgroundCommit<KafkaError>> {
+        if self.delivery != Delivery::AtLeastOnce {
+            return None;
+        }
+        let tpl = offsets(position);
+        let pending = std::mem::take(&mut self.pending);
+        let group = self.group.clone();
+        Some(Box::pin(async move {
+            let started = std::time::Instant::now();
+            for f in pending {
+                delivered(f).await?;
+            }
+            let delivered = started.elapsed();
+            commit_offsets(group, tpl?).await?;
+            debug!(?delivered, committed = ?started.elapsed(), "outputs delivered and position committed (background)");
+            Ok(())
+        }))
     }
 
     async fn abort(&mut self) -> Result<()> {

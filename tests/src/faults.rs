@@ -27,7 +27,7 @@
 //! * outputs: none missing; none duplicated on the in-memory backends
 //!   (`MemorySink` is a faithful transactional sink). On the embedded mock
 //!   and on tansu duplicates are counted and must stay within the
-//!   at-least-once window (`commit_every + batch - 1` outputs per crash): the mock does
+//!   at-least-once window (`2 × (commit_every + batch - 1)` outputs per crash): the mock does
 //!   not implement transactions and tansu has none, so exactly-once cannot
 //!   be shown there;
 //! * exactly one owner at the end: the control channel's order decides a

@@ -35,14 +35,16 @@ async fn recovers_from_snapshot_and_tail_after_random_crashes() {
         let end = end_position(&cluster, &input, PARTITIONS).await;
 
         let commit_every = rng.gen_range(20..120);
-        max_commit_window = max_commit_window.max(commit_every);
+        let poll_batch = rng.gen_range(10..200);
+        // A commit running in the background and as much applied meanwhile.
+        max_commit_window = max_commit_window.max(2 * (commit_every + poll_batch as u64 - 1));
         let config = InstanceConfig::new(format!("i{round}"))
             .output_topic(output.as_str())
             .snapshot_every(Some(rng.gen_range(50..250)))
             .snapshot_interval(None)
             .keep_snapshots(2)
             .commit_every(commit_every, Duration::from_secs(3600))
-            .poll(rng.gen_range(10..200), Duration::from_millis(100));
+            .poll(poll_batch, Duration::from_millis(100));
         let backends = cluster.backends(Delivery::AtLeastOnce).await.unwrap();
         let mut instance = Instance::<Summer, _, _, _>::recover(backends, config, &*ms2m_core::no_progress())
             .await

@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ms2m_core::snapshot::EncodedSnapshot;
-use ms2m_core::store::{fetch_and_restore, load_newest_valid, retain_newest};
-use ms2m_core::streamed::encode_streamed;
+use ms2m_core::store::{fetch_and_restore, load_newest_valid, retain_newest, store_frozen};
 use ms2m_core::{
     BackendError, ErrorKind, Frozen, Position, ServiceState, Snapshot, SnapshotHeader, SnapshotId, SnapshotStore,
     StatefulService, TopicPartition,
@@ -105,9 +104,7 @@ fn summer_of(bytes: usize) -> Summer {
 async fn put_streamed_summer(store: &KafkaSnapshotStore, state: &Summer, offset: i64) -> (SnapshotId, Position, u64) {
     let position: Position = [(TopicPartition::new("in", 0), offset)].into_iter().collect();
     let header = SnapshotHeader::unsealed(Summer::NAME, Summer::SCHEMA_VERSION, position.clone(), "test");
-    let (streamed, encoder) = encode_streamed(Frozen::new(state.clone()), header);
-    let id = store.put_streamed(streamed).await.unwrap();
-    let state_len = encoder.await.unwrap().unwrap();
+    let (id, state_len) = store_frozen(&store, Frozen::new(state.clone()), header).await.unwrap();
     (id, position, state_len)
 }
 

@@ -27,14 +27,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::FutureExt;
 use serde::{Deserialize, Serialize};
-use tokio::task::{JoinError, JoinHandle};
+use tokio::task::JoinHandle;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 pub use config::{BadMessagePolicy, InstanceConfig, StartFrom};
 pub(crate) use progress::{eta, RateMeter};
 pub use progress::{no_progress, Progress, ProgressListener, ProgressPhase, SharedListener};
 
-use crate::codec::{CodecError, DecodeError, MessageFormat};
+use crate::codec::{DecodeError, MessageFormat};
 use crate::digest::StateDigest;
 use crate::error::{BackendError, BoxError, Component, Error, ErrorKind, Result};
 use crate::health::Health;
@@ -114,6 +114,32 @@ enum OutputMode {
 
 type Upload = JoinHandle<Result<CheckpointInfo>>;
 
+/// A sink's commit error as the instance reports it.
+fn commit_failed<E: BackendError>(e: E) -> Error {
+    match e.kind() {
+        ErrorKind::Fenced => {
+            warn!("output sink fenced: another instance owns this service now");
+            Error::backend(Component::Sink, "commit (fenced by a newer owner)", e)
+        }
+        _ => Error::backend(Component::Sink, "commit", e),
+    }
+}
+
+/// A commit running on its own task: how long it took once it is done, and
+/// the dead letters it commits (logged when it is joined). Dropped unjoined
+/// (the instance dropped or taken apart, as in a crash), it is aborted: a
+/// discarded owner commits nothing more.
+struct RunningCommit {
+    task: JoinHandle<Result<Duration>>,
+    dead_letters: u64,
+}
+
+impl Drop for RunningCommit {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// A snapshot's state as taken on the apply loop.
 enum StateBytes {
     /// Serialized there (plain states).
@@ -127,42 +153,16 @@ impl StateBytes {
     /// are computed here); the stored id and the encoded state's length. A frozen
     /// state is encoded straight into the store ([`crate::streamed`]).
     async fn store<St: SnapshotStore>(self, store: &St, header: SnapshotHeader) -> Result<(SnapshotId, u64)> {
-        let stored = match self {
+        match self {
             StateBytes::Encoded(state) => {
                 let state_len = state.len() as u64;
                 let encoded = Snapshot::seal_under(header, state).encode()?;
                 let id = store.put(&encoded).await;
                 id.map(|id| (id, state_len))
+                    .map_err(|e| Error::backend(Component::SnapshotStore, "store snapshot", e))
             }
-            StateBytes::Frozen(frozen) => {
-                let (streamed, mut encoder) = crate::streamed::encode_streamed(frozen, header);
-                let put = store.put_streamed(streamed);
-                tokio::pin!(put);
-                tokio::select! {
-                    stored = &mut put => match stored {
-                        // The encoder stops at its next piece: nothing reads them.
-                        Err(e) => Err(e),
-                        Ok(id) => Ok((id, joined_encoder(encoder.await)?)),
-                    },
-                    encoded = &mut encoder => {
-                        // Done, or failed: then the store would wait for
-                        // pieces that never come, so the error returns here.
-                        let state_len = joined_encoder(encoded)?;
-                        put.await.map(|id| (id, state_len))
-                    }
-                }
-            }
-        };
-        stored.map_err(|e| Error::backend(Component::SnapshotStore, "store snapshot", e))
-    }
-}
-
-/// The streamed encoder's outcome: the state's length, or the error that
-/// fails the checkpoint.
-fn joined_encoder(joined: std::result::Result<std::result::Result<u64, CodecError>, JoinError>) -> Result<u64> {
-    match joined {
-        Ok(encoded) => Ok(encoded?),
-        Err(join) => Err(Error::snapshot_job_failed("encode a frozen state", join)),
+            StateBytes::Frozen(frozen) => crate::store::store_frozen(store, frozen, header).await,
+        }
     }
 }
 
@@ -202,6 +202,9 @@ where
     longest_stall: Duration,
     /// Dead letters sent since the last commit (logged once committed).
     uncommitted_dead_letters: u64,
+    /// A commit finishing on its own task (at most one; see
+    /// [`OutputSink::commit_in_background`]).
+    committing: Option<RunningCommit>,
     stats: InstanceStats,
     /// Metric handles and health (see [`crate::metrics`]).
     metrics: InstanceMetrics,
@@ -314,6 +317,7 @@ where
             requested: None,
             longest_stall: Duration::ZERO,
             uncommitted_dead_letters: 0,
+            committing: None,
             stats: InstanceStats::default(),
             metrics: InstanceMetrics::new(config.service_id_of::<S>(), &config.instance_id),
             config,
@@ -324,6 +328,7 @@ where
     /// Outputs sent but not yet committed are aborted with the old claim:
     /// [`commit`](Self::commit) first if the instance has been serving.
     pub async fn claim(&mut self) -> Result<()> {
+        self.reap_commit(true).await?;
         self.sink
             .claim()
             .await
@@ -353,6 +358,7 @@ where
 
     /// The output sink's committed position (the output watermark).
     pub(crate) async fn read_watermark(&mut self) -> Result<Option<Position>> {
+        self.reap_commit(true).await?;
         self.sink
             .committed()
             .await
@@ -696,12 +702,21 @@ where
 
     /// Commits and snapshots when due.
     async fn housekeeping(&mut self, idle: bool) -> Result<()> {
-        if self.live_since_commit > 0
+        self.reap_commit(false).await?;
+        let due = self.live_since_commit > 0
             && (idle
                 || self.live_since_commit >= self.config.commit_every
-                || self.last_commit.elapsed() >= self.config.commit_interval)
-        {
-            self.commit().await?;
+                || self.last_commit.elapsed() >= self.config.commit_interval);
+        if due && self.committing.is_some() && self.live_since_commit >= self.config.commit_every {
+            // A full commit's worth applied while the last one runs: wait
+            // for it, so at most two commits' worth is ever uncommitted
+            // (the at-least-once duplicate window).
+            let started = Instant::now();
+            self.reap_commit(true).await?;
+            self.note_stall(started.elapsed());
+        }
+        if due && self.committing.is_none() {
+            self.commit_without_waiting().await?;
         }
         self.reap_upload(false).await;
         if !self.is_live() {
@@ -722,33 +737,77 @@ where
         Ok(())
     }
 
-    /// Commits outputs sent so far together with the position. A no-op
-    /// when nothing was applied live since the last commit: committing a
-    /// replay position would move the output watermark backwards.
+    /// Commits outputs sent so far together with the position, and waits
+    /// until it is done (and any commit still running in the background).
+    /// A no-op when nothing was applied live since the last commit:
+    /// committing a replay position would move the output watermark
+    /// backwards.
     pub async fn commit(&mut self) -> Result<()> {
-        if self.live_since_commit == 0 {
+        if self.live_since_commit == 0 && self.committing.is_none() {
             return Ok(());
         }
         let started = Instant::now();
-        self.sink.commit(&self.position).await.map_err(|e| match e.kind() {
-            ErrorKind::Fenced => {
-                warn!("output sink fenced: another instance owns this service now");
-                Error::backend(Component::Sink, "commit (fenced by a newer owner)", e)
-            }
-            _ => Error::backend(Component::Sink, "commit", e),
-        })?;
+        self.reap_commit(true).await?;
+        if self.live_since_commit > 0 {
+            self.sink.commit(&self.position).await.map_err(commit_failed)?;
+            let dead_letters = self.commit_started();
+            self.commit_finished(started.elapsed(), dead_letters);
+        }
+        self.note_stall(started.elapsed());
+        Ok(())
+    }
+
+    /// Starts a commit on its own task when the sink can finish it there
+    /// (the apply loop goes on meanwhile), else commits and waits.
+    async fn commit_without_waiting(&mut self) -> Result<()> {
+        let Some(finish) = self.sink.commit_in_background(&self.position) else {
+            return self.commit().await;
+        };
+        let dead_letters = self.commit_started();
+        let started = Instant::now();
+        let task = tokio::spawn(async move {
+            finish.await.map_err(commit_failed)?;
+            Ok(started.elapsed())
+        });
+        self.committing = Some(RunningCommit { task, dead_letters });
+        Ok(())
+    }
+
+    /// Joins the background commit if it is done (or, with `wait`, once it
+    /// is); its error fails the instance like a commit's.
+    async fn reap_commit(&mut self, wait: bool) -> Result<()> {
+        if !wait && !self.committing.as_ref().is_some_and(|c| c.task.is_finished()) {
+            return Ok(());
+        }
+        let Some(mut commit) = self.committing.take() else {
+            return Ok(());
+        };
+        let dead_letters = commit.dead_letters;
+        let took = (&mut commit.task).await.map_err(|join| Error::Backend {
+            component: Component::Sink,
+            operation: "commit",
+            kind: ErrorKind::Other,
+            source: format!("the background commit did not finish: {join}").into(),
+        })??;
+        self.commit_finished(took, dead_letters);
+        Ok(())
+    }
+
+    /// A commit of everything applied so far has started: the next one
+    /// counts from here. Returns the dead letters it covers.
+    fn commit_started(&mut self) -> u64 {
         self.live_since_commit = 0;
         self.last_commit = Instant::now();
+        std::mem::take(&mut self.uncommitted_dead_letters)
+    }
+
+    fn commit_finished(&mut self, took: Duration, dead_letters: u64) {
         self.stats.commits += 1;
-        let took = started.elapsed();
-        self.metrics.committed(took, self.uncommitted_dead_letters);
-        if self.uncommitted_dead_letters > 0 {
+        self.metrics.committed(took, dead_letters);
+        if dead_letters > 0 {
             // Only now are they acknowledged: say so now, not at the send.
-            info!(count = self.uncommitted_dead_letters, "dead-lettered records committed");
-            self.uncommitted_dead_letters = 0;
+            info!(count = dead_letters, "dead-lettered records committed");
         }
-        self.note_stall(took);
-        Ok(())
     }
 
     fn note_stall(&mut self, stall: Duration) {
@@ -919,6 +978,8 @@ where
         for upload in [self.upload, self.requested].into_iter().flatten() {
             upload.abort();
         }
+        // Like a crash: a commit still running is aborted (dropped with
+        // the rest), whether or not it committed.
         (
             self.state,
             self.position,
@@ -932,6 +993,7 @@ where
 
     /// Drops uncommitted outputs (a source handing ownership away).
     pub async fn abort_outputs(&mut self) -> Result<()> {
+        self.reap_commit(true).await?;
         self.sink
             .abort()
             .await

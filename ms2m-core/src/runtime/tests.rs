@@ -17,6 +17,8 @@ struct World {
     store: MemorySnapshotStore,
     outputs: MemoryOutputs,
     input: Vec<(i32, i64, Deposit)>,
+    /// Sinks commit in the background ([`OutputSink::commit_in_background`]).
+    background_commits: bool,
 }
 
 impl World {
@@ -26,6 +28,7 @@ impl World {
             store: MemorySnapshotStore::new(),
             outputs: MemoryOutputs::new(),
             input: Vec::new(),
+            background_commits: false,
         }
     }
 
@@ -42,7 +45,11 @@ impl World {
         Backends {
             log: self.log.reader(),
             store: Arc::new(self.store.clone()),
-            sink: self.outputs.sink(),
+            sink: if self.background_commits {
+                self.outputs.sink_committing_in_background()
+            } else {
+                self.outputs.sink()
+            },
         }
     }
 
@@ -104,9 +111,11 @@ proptest! {
         snapshot_every in 1u64..60,
         crash_a in 0.0f64..1.0,
         crash_b in 0.0f64..1.0,
+        background_commits in any::<bool>(),
     ) {
         rt().block_on(async {
             let mut world = World::new(partitions);
+            world.background_commits = background_commits;
             world.produce(n, partitions);
             let mut crash_points = [(crash_a * n as f64) as i64, (crash_b * n as f64) as i64];
             crash_points.sort();
@@ -405,6 +414,47 @@ async fn a_fenced_sink_stops_the_old_owner() {
     world.produce(5, 1);
     let err = drain(&mut old, &world.log).await.and(old.commit().await).unwrap_err();
     assert_eq!(err.backend_kind(), Some(ErrorKind::Fenced), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_background_commit_lets_the_loop_go_on_and_commit_waits_for_it() {
+    let mut world = World::new(1);
+    world.background_commits = true;
+    let mut instance = world.recover(config(1000)).await.unwrap();
+    world.outputs.hold_background_commits(true);
+    world.produce(10, 1);
+    // 10 applied: a commit is due (every 7) and starts, held by the broker.
+    drain(&mut instance, &world.log).await.unwrap();
+    assert_eq!(instance.position().total(), 10);
+    assert_eq!(world.outputs.committed_position(), None);
+    // The loop goes on while it is held (fewer than 7 more: no wait).
+    world.produce(3, 1);
+    drain(&mut instance, &world.log).await.unwrap();
+    assert_eq!(instance.position().total(), 13);
+    assert!(world.committed_outputs().is_empty());
+    assert_eq!(instance.stats().commits, 0);
+    // `commit` waits for the running commit, then commits the rest.
+    world.outputs.hold_background_commits(false);
+    instance.commit().await.unwrap();
+    assert_eq!(world.outputs.committed_position(), Some(world.log.end_position()));
+    assert_eq!(world.committed_outputs().len(), 13);
+    assert_eq!(instance.stats().commits, 2);
+}
+
+#[tokio::test]
+async fn a_failed_background_commit_fails_the_instance() {
+    let mut world = World::new(1);
+    world.background_commits = true;
+    let mut old = world.recover(config(1000)).await.unwrap();
+    world.outputs.hold_background_commits(true);
+    world.produce(10, 1);
+    drain(&mut old, &world.log).await.unwrap();
+    // A newer owner claims while the old owner's commit is held: it fails.
+    let _new = world.recover(config(1000)).await.unwrap();
+    world.outputs.hold_background_commits(false);
+    let err = old.commit().await.unwrap_err();
+    assert_eq!(err.backend_kind(), Some(ErrorKind::Fenced), "{err:?}");
+    assert!(world.committed_outputs().is_empty());
 }
 
 /// [`Balances`] whose snapshots freeze and encode only once [`FREEZE_GATE`]

@@ -27,8 +27,8 @@ pub enum Guarantee {
     /// A transactional sink: every output exactly once, and a released
     /// owner's commits are fenced.
     ExactlyOnce,
-    /// Outputs after the last commit may be emitted again: at most
-    /// `commit_every + poll batch - 1` duplicates per crash.
+    /// Outputs after the last finished commit may be emitted again: at most
+    /// `2 × (commit_every + poll batch - 1)` duplicates per crash.
     AtLeastOnce,
 }
 

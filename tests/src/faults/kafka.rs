@@ -5,8 +5,9 @@
 //!
 //! Output duplicates are counted, not forbidden: the mock does not
 //! implement transactions and tansu has none, so the guarantee shown here
-//! is at-least-once with its window (`commit_every + poll batch - 1`
-//! outputs per crash); exactly-once is shown on the in-memory backends.
+//! is at-least-once with its window (`2 × (commit_every + poll batch - 1)`
+//! outputs per crash: a commit in the background and the messages applied
+//! meanwhile); exactly-once is shown on the in-memory backends.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

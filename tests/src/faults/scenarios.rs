@@ -207,10 +207,11 @@ impl<D: Deployment> Run<D> {
             }
             Guarantee::AtLeastOnce => {
                 self.outcome.duplicated_at_least_once += n;
-                let per_crash = self.sc.commit_every + D::TIMING.poll_batch - 1;
+                // Two commits' worth: one running in the background, one applied meanwhile.
+                let per_crash = 2 * (self.sc.commit_every + D::TIMING.poll_batch - 1);
                 assert!(
                     n <= (self.crashes + 1) * per_crash,
-                    "{n} {what} duplicated beyond the at-least-once window ({} crashes x (commit_every {} + batch {} - 1))",
+                    "{n} {what} duplicated beyond the at-least-once window ({} crashes x 2 x (commit_every {} + batch {} - 1))",
                     self.crashes + 1,
                     self.sc.commit_every,
                     D::TIMING.poll_batch
