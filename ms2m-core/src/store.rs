@@ -3,11 +3,11 @@
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 
+use crate::codec::CodecError;
 use crate::error::{BackendError, Component, Error, ErrorKind};
 use crate::snapshot::{EncodedSnapshot, SnapshotHeader};
-use crate::state::ServiceState;
-use crate::codec::CodecError;
 use crate::state::Frozen;
+use crate::state::ServiceState;
 use crate::streamed::{encode_streamed, restore_streamed, SnapshotPieces, StreamedSnapshot};
 
 /// Identifies a stored snapshot. Ids grow with every `put`, so the largest

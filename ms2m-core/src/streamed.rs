@@ -618,7 +618,9 @@ mod tests {
     async fn a_dropped_restore_stops_reading_the_store() {
         let (envelope, _) = envelope_of(blob(8 * PIECE_SIZE)).await;
         let (tx, pieces) = SnapshotPieces::<MemoryError>::channel(1);
-        tx.send(Ok(Bytes::copy_from_slice(&envelope[..PIECE_SIZE]))).await.unwrap();
+        tx.send(Ok(Bytes::copy_from_slice(&envelope[..PIECE_SIZE])))
+            .await
+            .unwrap();
         // Boxed, so that dropping it drops the future (a pinned local would live on).
         let mut restore = Box::pin(restore_streamed::<Blob, MemoryError>(pieces, "svc"));
         // Polled until the decoder took the first piece and waits for more.

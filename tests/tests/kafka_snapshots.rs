@@ -104,7 +104,7 @@ fn summer_of(bytes: usize) -> Summer {
 async fn put_streamed_summer(store: &KafkaSnapshotStore, state: &Summer, offset: i64) -> (SnapshotId, Position, u64) {
     let position: Position = [(TopicPartition::new("in", 0), offset)].into_iter().collect();
     let header = SnapshotHeader::unsealed(Summer::NAME, Summer::SCHEMA_VERSION, position.clone(), "test");
-    let (id, state_len) = store_frozen(&store, Frozen::new(state.clone()), header).await.unwrap();
+    let (id, state_len) = store_frozen(store, Frozen::new(state.clone()), header).await.unwrap();
     (id, position, state_len)
 }
 
