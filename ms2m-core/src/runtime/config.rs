@@ -133,8 +133,11 @@ impl InstanceConfig {
     }
 
     /// Commit outputs and position after this many messages or this much time,
-    /// whichever comes first. Checked after each batch, so an at-least-once
-    /// crash re-emits at most `messages + batch - 1` outputs (see [`poll`](Self::poll)).
+    /// whichever comes first. Checked after each batch, so a commit covers at
+    /// most `messages + batch - 1` outputs (see [`poll`](Self::poll)). An
+    /// at-least-once crash re-emits what the last finished commit did not
+    /// cover: at most that, or twice that while a commit waits for the
+    /// broker in the background (see the runtime's module docs).
     /// Default: 1,000 messages or 100 ms.
     pub fn commit_every(mut self, messages: u64, interval: Duration) -> Self {
         self.commit_every = messages.max(1);

@@ -8,7 +8,13 @@
 //!    output sink (fencing any older owner), and replay up to the output
 //!    watermark with outputs suppressed.
 //! 2. [`Instance::run`]: apply messages live, emit outputs, commit the
-//!    position with them, snapshot every N messages and/or T seconds.
+//!    position with them, snapshot every N messages and/or T seconds. A
+//!    sink that can ([`OutputSink::commit_in_background`]: the Kafka sink
+//!    with at-least-once) finishes periodic commits on their own task, so
+//!    the apply loop never waits for a broker's acknowledgements; at most
+//!    one runs, and the loop waits for it only once a whole commit's worth
+//!    more was applied, or before anything that needs the commit done (a
+//!    snapshot, a migration's stop, a claim, shutdown).
 //! 3. On shutdown: finish the message in hand, commit, take a final snapshot.
 //!
 //! Migration drives the same instance through lower-level steps
