@@ -14,8 +14,9 @@ pub enum Delivery {
     /// after any crash, every output is visible exactly once.
     ExactlyOnce,
     /// Outputs are flushed, then the position is committed: a crash between
-    /// the two re-emits the outputs of the last uncommitted batch (at most
-    /// `commit_every` messages' worth).
+    /// the two re-emits the outputs of what the last finished commit did not
+    /// cover (one commit's worth, `commit_every` messages or
+    /// `commit_interval`; two while a commit finishes in the background).
     AtLeastOnce,
 }
 

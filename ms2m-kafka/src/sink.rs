@@ -30,8 +30,8 @@
 //! re-emits, on recovery, the outputs of every message applied since the
 //! last finished commit: the one still running covers at most
 //! `InstanceConfig::commit_every` messages or `commit_interval` worth, and
-//! the runtime waits for it once as many again were applied (so at most
-//! twice that, plus a poll batch each). A crash never loses an output
+//! the runtime waits for it once the next commit is due by either (so at
+//! most twice that, plus a poll batch each). A crash never loses an output
 //! (offsets are committed only after delivery).
 //! `claim` fences nothing in this mode, and `abort` can only purge outputs
 //! not yet handed to the network.

@@ -511,9 +511,12 @@ impl Drop for ControlWatch {
 }
 
 /// The at-least-once window: outputs a dead or fenced owner sent after its
-/// last commit (it commits every 50 messages or 20 ms), emitted again by
-/// the next owner. Per fault (per task that failed over), generously.
-pub const DUPLICATES_PER_FAULT: usize = 200;
+/// last finished commit, emitted again by the next owner. It commits every
+/// 50 messages or 20 ms, and one commit may still be waiting for
+/// acknowledgements in the background when the fault hits, so two commits'
+/// worth (see `OutputSink::commit_in_background`). Per fault (per task that
+/// failed over), generously.
+pub const DUPLICATES_PER_FAULT: usize = 400;
 
 /// The broker a process scenario runs on, kept alive for it: the embedded
 /// one (hosted by the test process) or `MS2M_TEST_BROKERS`.

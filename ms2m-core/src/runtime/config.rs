@@ -136,8 +136,9 @@ impl InstanceConfig {
     /// whichever comes first. Checked after each batch, so a commit covers at
     /// most `messages + batch - 1` outputs (see [`poll`](Self::poll)). An
     /// at-least-once crash re-emits what the last finished commit did not
-    /// cover: at most that, or twice that while a commit waits for the
-    /// broker in the background (see the runtime's module docs).
+    /// cover: at most that (or `interval` worth), or twice that while a
+    /// commit waits for the broker in the background (see the runtime's
+    /// module docs).
     /// Default: 1,000 messages or 100 ms.
     pub fn commit_every(mut self, messages: u64, interval: Duration) -> Self {
         self.commit_every = messages.max(1);

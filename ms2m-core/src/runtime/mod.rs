@@ -12,9 +12,9 @@
 //!    sink that can ([`OutputSink::commit_in_background`]: the Kafka sink
 //!    with at-least-once) finishes periodic commits on their own task, so
 //!    the apply loop never waits for a broker's acknowledgements; at most
-//!    one runs, and the loop waits for it only once a whole commit's worth
-//!    more was applied, or before anything that needs the commit done (a
-//!    snapshot, a migration's stop, a claim, shutdown).
+//!    one runs, and the loop waits for it only once the next commit is due
+//!    (by count or by time), or before anything that needs the commit done
+//!    (a snapshot, a migration's stop, a claim, shutdown).
 //! 3. On shutdown: finish the message in hand, commit, take a final snapshot.
 //!
 //! Migration drives the same instance through lower-level steps
@@ -133,8 +133,12 @@ fn commit_failed<E: BackendError>(e: E) -> Error {
 
 /// A commit running on its own task: how long it took once it is done, and
 /// the dead letters it commits (logged when it is joined). Dropped unjoined
-/// (the instance dropped or taken apart, as in a crash), it is aborted: a
-/// discarded owner commits nothing more.
+/// (the instance dropped or taken apart, as in a crash), its task is
+/// aborted: it waits for no more acknowledgements and starts no offset
+/// commit. An offset commit it had already handed to the client may still
+/// land, as a commit in flight when a process dies may (at-least-once
+/// allows it: the watermark can only fall back to a position whose outputs
+/// were delivered).
 struct RunningCommit {
     task: JoinHandle<Result<Duration>>,
     dead_letters: u64,
@@ -709,14 +713,13 @@ where
     /// Commits and snapshots when due.
     async fn housekeeping(&mut self, idle: bool) -> Result<()> {
         self.reap_commit(false).await?;
-        let due = self.live_since_commit > 0
-            && (idle
-                || self.live_since_commit >= self.config.commit_every
-                || self.last_commit.elapsed() >= self.config.commit_interval);
-        if due && self.committing.is_some() && self.live_since_commit >= self.config.commit_every {
-            // A full commit's worth applied while the last one runs: wait
-            // for it, so at most two commits' worth is ever uncommitted
-            // (the at-least-once duplicate window).
+        let due_by_policy = self.live_since_commit >= self.config.commit_every
+            || self.last_commit.elapsed() >= self.config.commit_interval;
+        let due = self.live_since_commit > 0 && (idle || due_by_policy);
+        if due && due_by_policy && self.committing.is_some() {
+            // The next commit is due (by count or time) while the last one
+            // still runs: wait for it, so at most two commits' worth is ever
+            // uncommitted (the at-least-once duplicate window).
             let started = Instant::now();
             self.reap_commit(true).await?;
             self.note_stall(started.elapsed());
@@ -755,9 +758,10 @@ where
         let started = Instant::now();
         self.reap_commit(true).await?;
         if self.live_since_commit > 0 {
+            let committing = Instant::now();
             self.sink.commit(&self.position).await.map_err(commit_failed)?;
             let dead_letters = self.commit_started();
-            self.commit_finished(started.elapsed(), dead_letters);
+            self.commit_finished(committing.elapsed(), dead_letters);
         }
         self.note_stall(started.elapsed());
         Ok(())
@@ -780,16 +784,19 @@ where
     }
 
     /// Joins the background commit if it is done (or, with `wait`, once it
-    /// is); its error fails the instance like a commit's.
+    /// is); its error fails the instance like a commit's. Cancel-safe: the
+    /// commit is let go of only once it has finished.
     async fn reap_commit(&mut self, wait: bool) -> Result<()> {
-        if !wait && !self.committing.as_ref().is_some_and(|c| c.task.is_finished()) {
-            return Ok(());
-        }
-        let Some(mut commit) = self.committing.take() else {
+        let Some(running) = self.committing.as_mut() else {
             return Ok(());
         };
-        let dead_letters = commit.dead_letters;
-        let took = (&mut commit.task).await.map_err(|join| Error::Backend {
+        if !wait && !running.task.is_finished() {
+            return Ok(());
+        }
+        let joined = (&mut running.task).await;
+        let dead_letters = running.dead_letters;
+        self.committing = None;
+        let took = joined.map_err(|join| Error::Backend {
             component: Component::Sink,
             operation: "commit",
             kind: ErrorKind::Other,
@@ -985,7 +992,7 @@ where
             upload.abort();
         }
         // Like a crash: a commit still running is aborted (dropped with
-        // the rest), whether or not it committed.
+        // the rest; see `RunningCommit`).
         (
             self.state,
             self.position,

@@ -416,7 +416,16 @@ async fn a_fenced_sink_stops_the_old_owner() {
     assert_eq!(err.backend_kind(), Some(ErrorKind::Fenced), "{err:?}");
 }
 
-#[tokio::test]
+/// `drain`, failing instead of hanging if it waits more than a (paused,
+/// so auto-advanced) second: only a wait for a held commit can last that long.
+async fn drain_without_waiting(instance: &mut TestInstance, log: &MemoryLog) {
+    tokio::time::timeout(Duration::from_secs(1), drain(instance, log))
+        .await
+        .expect("the loop waited for the held commit")
+        .unwrap();
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_background_commit_lets_the_loop_go_on_and_commit_waits_for_it() {
     let mut world = World::new(1);
     world.background_commits = true;
@@ -424,12 +433,12 @@ async fn a_background_commit_lets_the_loop_go_on_and_commit_waits_for_it() {
     world.outputs.hold_background_commits(true);
     world.produce(10, 1);
     // 10 applied: a commit is due (every 7) and starts, held by the broker.
-    drain(&mut instance, &world.log).await.unwrap();
+    drain_without_waiting(&mut instance, &world.log).await;
     assert_eq!(instance.position().total(), 10);
     assert_eq!(world.outputs.committed_position(), None);
-    // The loop goes on while it is held (fewer than 7 more: no wait).
+    // The loop goes on while it is held (fewer than 7 more: no commit due).
     world.produce(3, 1);
-    drain(&mut instance, &world.log).await.unwrap();
+    drain_without_waiting(&mut instance, &world.log).await;
     assert_eq!(instance.position().total(), 13);
     assert!(world.committed_outputs().is_empty());
     assert_eq!(instance.stats().commits, 0);
@@ -438,6 +447,28 @@ async fn a_background_commit_lets_the_loop_go_on_and_commit_waits_for_it() {
     instance.commit().await.unwrap();
     assert_eq!(world.outputs.committed_position(), Some(world.log.end_position()));
     assert_eq!(world.committed_outputs().len(), 13);
+    assert_eq!(instance.stats().commits, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_running_commit_is_waited_for_once_the_next_is_due() {
+    let mut world = World::new(1);
+    world.background_commits = true;
+    let mut instance = world.recover(config(1000)).await.unwrap();
+    world.outputs.hold_background_commits(true);
+    world.produce(10, 1);
+    drain_without_waiting(&mut instance, &world.log).await;
+    // 10 more: the next commit is due while the first is held, so the loop
+    // waits (at most two commits' worth uncommitted).
+    world.produce(10, 1);
+    let waited = tokio::time::timeout(Duration::from_secs(1), drain(&mut instance, &world.log)).await;
+    assert!(waited.is_err(), "the loop went on with two commits' worth uncommitted");
+    // The cancelled wait let go of nothing: `commit` still finds the held
+    // commit, waits for it, then commits the rest.
+    world.outputs.hold_background_commits(false);
+    instance.commit().await.unwrap();
+    assert_eq!(world.outputs.committed_position(), Some(world.log.end_position()));
+    assert_eq!(world.committed_outputs().len(), 20);
     assert_eq!(instance.stats().commits, 2);
 }
 
