@@ -425,51 +425,53 @@ async fn drain_without_waiting(instance: &mut TestInstance, log: &MemoryLog) {
         .unwrap();
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_background_commit_lets_the_loop_go_on_and_commit_waits_for_it() {
+/// An instance over background-committing sinks whose first commit (of 10
+/// messages) is running, held by the "broker".
+async fn with_a_held_commit() -> (World, TestInstance) {
     let mut world = World::new(1);
     world.background_commits = true;
     let mut instance = world.recover(config(1000)).await.unwrap();
     world.outputs.hold_background_commits(true);
     world.produce(10, 1);
-    // 10 applied: a commit is due (every 7) and starts, held by the broker.
+    // 10 applied: a commit is due (every 7) and starts.
     drain_without_waiting(&mut instance, &world.log).await;
     assert_eq!(instance.position().total(), 10);
     assert_eq!(world.outputs.committed_position(), None);
+    (world, instance)
+}
+
+/// Releases the held commit: `commit` waits for it, then commits the rest;
+/// `outputs` in all, in two commits.
+async fn release_and_commit(world: &World, instance: &mut TestInstance, outputs: usize) {
+    world.outputs.hold_background_commits(false);
+    instance.commit().await.unwrap();
+    assert_eq!(world.outputs.committed_position(), Some(world.log.end_position()));
+    assert_eq!(world.committed_outputs().len(), outputs);
+    assert_eq!(instance.stats().commits, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_background_commit_lets_the_loop_go_on_and_commit_waits_for_it() {
+    let (mut world, mut instance) = with_a_held_commit().await;
     // The loop goes on while it is held (fewer than 7 more: no commit due).
     world.produce(3, 1);
     drain_without_waiting(&mut instance, &world.log).await;
     assert_eq!(instance.position().total(), 13);
     assert!(world.committed_outputs().is_empty());
     assert_eq!(instance.stats().commits, 0);
-    // `commit` waits for the running commit, then commits the rest.
-    world.outputs.hold_background_commits(false);
-    instance.commit().await.unwrap();
-    assert_eq!(world.outputs.committed_position(), Some(world.log.end_position()));
-    assert_eq!(world.committed_outputs().len(), 13);
-    assert_eq!(instance.stats().commits, 2);
+    release_and_commit(&world, &mut instance, 13).await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_running_commit_is_waited_for_once_the_next_is_due() {
-    let mut world = World::new(1);
-    world.background_commits = true;
-    let mut instance = world.recover(config(1000)).await.unwrap();
-    world.outputs.hold_background_commits(true);
-    world.produce(10, 1);
-    drain_without_waiting(&mut instance, &world.log).await;
+    let (mut world, mut instance) = with_a_held_commit().await;
     // 10 more: the next commit is due while the first is held, so the loop
     // waits (at most two commits' worth uncommitted).
     world.produce(10, 1);
     let waited = tokio::time::timeout(Duration::from_secs(1), drain(&mut instance, &world.log)).await;
     assert!(waited.is_err(), "the loop went on with two commits' worth uncommitted");
-    // The cancelled wait let go of nothing: `commit` still finds the held
-    // commit, waits for it, then commits the rest.
-    world.outputs.hold_background_commits(false);
-    instance.commit().await.unwrap();
-    assert_eq!(world.outputs.committed_position(), Some(world.log.end_position()));
-    assert_eq!(world.committed_outputs().len(), 20);
-    assert_eq!(instance.stats().commits, 2);
+    // The cancelled wait let go of nothing: the held commit is still there.
+    release_and_commit(&world, &mut instance, 20).await;
 }
 
 #[tokio::test]
