@@ -34,6 +34,12 @@ pub trait MessageLog: Send + 'static {
 
     /// Starts (or restarts) reading each partition of `position` at its
     /// offset. Records buffered from before the call are discarded.
+    ///
+    /// Seeking again to the position of the previous seek, with no `poll`
+    /// in between, may keep what the backend fetched ahead meanwhile (the
+    /// records are the same): a migration target seeks as soon as it knows
+    /// the snapshot's position, so the input's tail is fetched while the
+    /// snapshot transfers, and the restored instance seeks there again.
     async fn seek(&mut self, position: &Position) -> Result<(), Self::Error>;
 
     /// Up to `max` next records, waiting at most `timeout` for the first one.

@@ -8,7 +8,7 @@ use crate::error::{BackendError, Component, Error, ErrorKind};
 use crate::snapshot::{EncodedSnapshot, SnapshotHeader};
 use crate::state::Frozen;
 use crate::state::ServiceState;
-use crate::streamed::{encode_streamed, restore_streamed, SnapshotPieces, StreamedSnapshot};
+use crate::streamed::{encode_streamed, restore_streamed_announcing, SnapshotPieces, StreamedSnapshot};
 
 /// Identifies a stored snapshot. Ids grow with every `put`, so the largest
 /// id is the newest snapshot.
@@ -141,7 +141,7 @@ pub async fn fetch_and_restore<S: ServiceState, St: SnapshotStore + ?Sized>(
     service: &str,
     id: SnapshotId,
 ) -> Result<LoadedSnapshot<S>, Error> {
-    Ok(fetch_and_restore_timed(store, service, id).await?.0)
+    Ok(fetch_and_restore_timed(store, service, id, None).await?.0)
 }
 
 /// Stores a frozen state as a snapshot under `header`, encoding it while the
@@ -186,17 +186,19 @@ fn joined_encoder(joined: Result<Result<u64, CodecError>, tokio::task::JoinError
     }
 }
 
-/// [`fetch_and_restore`], and when the store's last piece arrived.
+/// [`fetch_and_restore`], and when the store's last piece arrived; the
+/// header goes to `header_read` as soon as it is read and checked.
 pub(crate) async fn fetch_and_restore_timed<S: ServiceState, St: SnapshotStore + ?Sized>(
     store: &St,
     service: &str,
     id: SnapshotId,
+    header_read: Option<tokio::sync::oneshot::Sender<SnapshotHeader>>,
 ) -> Result<(LoadedSnapshot<S>, std::time::Instant), Error> {
     let pieces = store
         .get_streamed(id)
         .await
         .map_err(|e| Error::backend(Component::SnapshotStore, "read snapshot", e))?;
-    let restored = restore_streamed::<S, St::Error>(pieces, service).await?;
+    let restored = restore_streamed_announcing::<S, St::Error>(pieces, service, header_read).await?;
     let loaded = LoadedSnapshot {
         id,
         header: restored.header,

@@ -328,14 +328,28 @@ impl StateBytes<'_> {
     }
 }
 
+/// [`restore_streamed_announcing`] without the header's announcement.
+#[cfg(test)]
+pub(crate) async fn restore_streamed<S: ServiceState, E: BackendError>(
+    pieces: SnapshotPieces<E>,
+    service: &str,
+) -> Result<Restored<S>, Error> {
+    restore_streamed_announcing(pieces, service, None).await
+}
+
 /// Restores an `S` of `service` from `pieces`: verifies the envelope's
 /// prefix, decodes the state as it arrives and checks its length and
 /// checksum. Runs on the blocking pool (see the module docs); dropping the
 /// future stops the decoder at its next piece, and with it the store's
 /// fetch.
-pub(crate) async fn restore_streamed<S: ServiceState, E: BackendError>(
+///
+/// The header goes to `header_read` as soon as it is read and checked,
+/// before the state is decoded: a migration target starts fetching the log
+/// from the header's position meanwhile.
+pub(crate) async fn restore_streamed_announcing<S: ServiceState, E: BackendError>(
     pieces: SnapshotPieces<E>,
     service: &str,
+    header_read: Option<tokio::sync::oneshot::Sender<SnapshotHeader>>,
 ) -> Result<Restored<S>, Error> {
     let service = service.to_string();
     let pieces = pieces.pieces;
@@ -350,7 +364,7 @@ pub(crate) async fn restore_streamed<S: ServiceState, E: BackendError>(
             slot: Slot::acquire_blocking(),
             abandoned,
         };
-        let restored = restore_from_reader::<S>(&mut reader, &service);
+        let restored = restore_from_reader::<S>(&mut reader, &service, header_read);
         (restored, reader)
     })
     .await;
@@ -371,9 +385,17 @@ pub(crate) async fn restore_streamed<S: ServiceState, E: BackendError>(
     }
 }
 
-fn restore_from_reader<S: ServiceState>(input: &mut dyn Read, service: &str) -> Result<(SnapshotHeader, S), Error> {
+fn restore_from_reader<S: ServiceState>(
+    input: &mut dyn Read,
+    service: &str,
+    header_read: Option<tokio::sync::oneshot::Sender<SnapshotHeader>>,
+) -> Result<(SnapshotHeader, S), Error> {
     let header = SnapshotHeader::read_prefix(input)?;
     header.check_service(service)?;
+    if let Some(announce) = header_read {
+        // Nobody listening any more is fine: the announcement is a hint.
+        let _ = announce.send(header.clone());
+    }
     let mut state = StateBytes {
         input,
         remaining: header.state_len,

@@ -5,7 +5,13 @@
 //!   instance. `group.id` is set (to the service's group) but the consumer
 //!   never joins the group and never commits; committed offsets are the
 //!   sink's business.
-//! * `seek` re-assigns every partition at an explicit offset.
+//! * `seek` re-assigns every partition at an explicit offset; a seek to
+//!   where the log already stands, with nothing polled since, keeps the
+//!   assignment and what librdkafka fetched for it. A migration target
+//!   seeks as soon as it has read the snapshot's header, so librdkafka
+//!   fetches the input's tail (up to `queued.min.messages` records and
+//!   `queued.max.messages.kbytes`) while the snapshot transfers, and the
+//!   catch-up replay reads it locally.
 //! * `auto.offset.reset=error`: a read position that falls below the log's
 //!   start (retention, or the mock cluster's eviction) is reported as
 //!   [`KafkaError::LogTruncated`] instead of silently jumping. Before
@@ -101,6 +107,9 @@ pub struct KafkaLog {
     /// A prefetch taking records off the consumer on the blocking pool
     /// while the caller applies the previous batches.
     prefetch: Option<Prefetch>,
+    /// The position of the last seek while nothing has been polled since:
+    /// a seek there again keeps what librdkafka fetched meanwhile.
+    unread_seek: Option<Position>,
 }
 
 /// A blocking task taking already-fetched records off the consumer, batch
@@ -197,6 +206,7 @@ impl KafkaLog {
             warned_at: None,
             ready: Vec::new(),
             prefetch: None,
+            unread_seek: None,
         })
     }
 
@@ -414,6 +424,13 @@ impl MessageLog for KafkaLog {
     }
 
     async fn seek(&mut self, position: &Position) -> Result<()> {
+        if self.unread_seek.as_ref() == Some(position) {
+            // Assigned here and never polled since: librdkafka's queue holds
+            // exactly the records from `position` on (a target seeks as soon
+            // as it reads the snapshot's header; see the trait's docs).
+            debug!(%position, "input log already assigned here; keeping what it fetched");
+            return Ok(());
+        }
         let mut tpl = TopicPartitionList::new();
         for (tp, offset) in position.iter() {
             tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(offset))
@@ -431,6 +448,7 @@ impl MessageLog for KafkaLog {
         self.next = position.iter().map(|(tp, o)| (tp.clone(), o)).collect();
         self.records.assigned_topic = self.records.single_topic(position);
         self.deferred = None;
+        self.unread_seek = Some(position.clone());
         debug!(%position, "input log assigned");
         Ok(())
     }
@@ -446,6 +464,7 @@ impl MessageLog for KafkaLog {
     /// handle stays until it is joined, and records are moved into the
     /// result only when it is returned).
     async fn poll(&mut self, max: usize, timeout: Duration) -> Result<Vec<Record>> {
+        self.unread_seek = None;
         self.receive_prefetched().await?;
         if self.ready.is_empty() {
             if let Some(e) = self.deferred.take() {

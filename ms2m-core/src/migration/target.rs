@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::protocol::target::{TargetAction, TargetEvent, TargetMachine, TargetPhase};
 use super::protocol::Decisions;
@@ -302,11 +302,11 @@ where
             rate: 0.0,
             eta: None,
         });
-        let Some((backends, config)) = self.parts.take() else {
+        let Some((mut backends, config)) = self.parts.take() else {
             return Ok(TargetEvent::RestoreFailed("restored twice".into()));
         };
         let (loaded, transfer, restore) = match snapshot_id {
-            Some(id) => match fetch_and_restore::<S, St>(&*backends.store, &self.service, id).await {
+            Some(id) => match fetch_and_restore_reading_ahead(&mut backends, &self.service, id).await {
                 Ok((loaded, transfer, restore)) => (Some(loaded), transfer, restore),
                 Err(e) => return Ok(TargetEvent::RestoreFailed(crate::store::error_chain(&e))),
             },
@@ -425,13 +425,37 @@ fn closed() -> Error {
 /// Fetches snapshot `id`, verifies it and restores the state as it
 /// arrives; how long until the decoder took the last piece (the transfer) and the
 /// decoding that was left after it (the restore).
-async fn fetch_and_restore<S: StatefulService, St: SnapshotStore>(
-    store: &St,
+/// Fetches and restores snapshot `id`, and meanwhile, as soon as its header
+/// is read, seeks the input log to the snapshot's position: the log's
+/// backend then fetches the input's tail (what arrived since the
+/// checkpoint) while the snapshot transfers, so the catch-up replay reads
+/// it locally instead of asking the broker for all of it in one burst at
+/// the end. The instance's own seek to that position keeps what was
+/// fetched ([`MessageLog::seek`]). Returns the transfer and restore times.
+async fn fetch_and_restore_reading_ahead<S, L, St, O>(
+    backends: &mut Backends<L, St, O>,
     service: &str,
     id: SnapshotId,
-) -> Result<(LoadedSnapshot<S>, Duration, Duration)> {
+) -> Result<(LoadedSnapshot<S>, Duration, Duration)>
+where
+    S: StatefulService,
+    L: MessageLog,
+    St: SnapshotStore,
+{
     let started = Instant::now();
-    let (loaded, transferred_at) = crate::store::fetch_and_restore_timed::<S, St>(store, service, id).await?;
+    let (header_read, header) = tokio::sync::oneshot::channel();
+    let restore = crate::store::fetch_and_restore_timed::<S, St>(&*backends.store, service, id, Some(header_read));
+    let log = &mut backends.log;
+    let read_ahead = async move {
+        if let Ok(header) = header.await {
+            if let Err(e) = log.seek(&header.position).await {
+                // Only a head start lost: the instance seeks again.
+                debug!(error = %e, "could not start reading the input ahead of the restore");
+            }
+        }
+    };
+    let (restored, ()) = tokio::join!(restore, read_ahead);
+    let (loaded, transferred_at) = restored?;
     let restored_at = Instant::now();
     Ok((
         loaded,
