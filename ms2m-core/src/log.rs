@@ -33,7 +33,8 @@ pub trait MessageLog: Send + 'static {
     async fn partitions(&mut self) -> Result<Vec<TopicPartition>, Self::Error>;
 
     /// Starts (or restarts) reading each partition of `position` at its
-    /// offset. Records buffered from before the call are discarded.
+    /// offset. Records buffered from before the call are discarded, except
+    /// as follows.
     ///
     /// Seeking again to the position of the previous seek, with no `poll`
     /// in between, may keep what the backend fetched ahead meanwhile (the

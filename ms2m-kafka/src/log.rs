@@ -431,6 +431,8 @@ impl MessageLog for KafkaLog {
             debug!(%position, "input log already assigned here; keeping what it fetched");
             return Ok(());
         }
+        // Until this assignment succeeds, no position is "already assigned".
+        self.unread_seek = None;
         let mut tpl = TopicPartitionList::new();
         for (tp, offset) in position.iter() {
             tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(offset))

@@ -306,7 +306,7 @@ where
             return Ok(TargetEvent::RestoreFailed("restored twice".into()));
         };
         let (loaded, transfer, restore) = match snapshot_id {
-            Some(id) => match fetch_and_restore_reading_ahead(&mut backends, &self.service, id).await {
+            Some(id) => match fetch_and_restore_reading_ahead(&mut backends, &config, &self.service, id).await {
                 Ok((loaded, transfer, restore)) => (Some(loaded), transfer, restore),
                 Err(e) => return Ok(TargetEvent::RestoreFailed(crate::store::error_chain(&e))),
             },
@@ -422,18 +422,20 @@ fn closed() -> Error {
     })
 }
 
-/// Fetches snapshot `id`, verifies it and restores the state as it
-/// arrives; how long until the decoder took the last piece (the transfer) and the
-/// decoding that was left after it (the restore).
-/// Fetches and restores snapshot `id`, and meanwhile, as soon as its header
-/// is read, seeks the input log to the snapshot's position: the log's
+/// Fetches, verifies and restores snapshot `id` as it arrives, and
+/// meanwhile, as soon as its header is read, seeks the input log to where
+/// the instance will start reading (the snapshot's position, checked
+/// against the log's watermarks as [`Instance::restore`] does): the log's
 /// backend then fetches the input's tail (what arrived since the
 /// checkpoint) while the snapshot transfers, so the catch-up replay reads
 /// it locally instead of asking the broker for all of it in one burst at
 /// the end. The instance's own seek to that position keeps what was
-/// fetched ([`MessageLog::seek`]). Returns the transfer and restore times.
-async fn fetch_and_restore_reading_ahead<S, L, St, O>(
+/// fetched ([`MessageLog::seek`]). Returns how long until the decoder took
+/// the last piece (the transfer) and the decoding left after it (the
+/// restore).
+pub(super) async fn fetch_and_restore_reading_ahead<S, L, St, O>(
     backends: &mut Backends<L, St, O>,
+    config: &InstanceConfig,
     service: &str,
     id: SnapshotId,
 ) -> Result<(LoadedSnapshot<S>, Duration, Duration)>
@@ -444,19 +446,27 @@ where
 {
     let started = Instant::now();
     let (header_read, header) = tokio::sync::oneshot::channel();
-    let restore = crate::store::fetch_and_restore_timed::<S, St>(&*backends.store, service, id, Some(header_read));
+    let store = &*backends.store;
+    let restore = async move {
+        let restored = crate::store::fetch_and_restore_timed::<S, St>(store, service, id, Some(header_read)).await;
+        (restored, Instant::now())
+    };
     let log = &mut backends.log;
     let read_ahead = async move {
-        if let Ok(header) = header.await {
-            if let Err(e) = log.seek(&header.position).await {
-                // Only a head start lost: the instance seeks again.
-                debug!(error = %e, "could not start reading the input ahead of the restore");
-            }
+        let Ok(header) = header.await else { return };
+        // A log that no longer reaches back to the snapshot is left alone:
+        // the instance reports it (or skips the gap, if allowed) itself.
+        let seeked = match crate::runtime::start_position(log, &header.position, config).await {
+            Ok(start) => log.seek(&start).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = seeked {
+            // Only a head start lost: the instance seeks itself.
+            debug!(error = %e, "not reading the input ahead of the restore");
         }
     };
-    let (restored, ()) = tokio::join!(restore, read_ahead);
+    let ((restored, restored_at), ()) = tokio::join!(restore, read_ahead);
     let (loaded, transferred_at) = restored?;
-    let restored_at = Instant::now();
     Ok((
         loaded,
         transferred_at.duration_since(started),

@@ -1053,3 +1053,144 @@ async fn regression_model_a_source_restarted_while_stopped_stays_at_its_pf() {
     await_committed(&cluster, 500).await;
     stop_owner_and_check(&cluster, second).await;
 }
+
+/// A log that records the calls made to it.
+struct RecordingLog<L> {
+    inner: L,
+    calls: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+#[async_trait]
+impl<L: crate::MessageLog> crate::MessageLog for RecordingLog<L> {
+    type Error = L::Error;
+
+    async fn partitions(&mut self) -> Result<Vec<crate::TopicPartition>, Self::Error> {
+        self.inner.partitions().await
+    }
+
+    async fn seek(&mut self, position: &crate::Position) -> Result<(), Self::Error> {
+        self.calls.lock().unwrap().push(format!("seek {position}"));
+        self.inner.seek(position).await
+    }
+
+    async fn poll(&mut self, max: usize, timeout: Duration) -> Result<Vec<crate::Record>, Self::Error> {
+        self.calls.lock().unwrap().push("poll".into());
+        self.inner.poll(max, timeout).await
+    }
+
+    async fn watermarks(&mut self, tp: &crate::TopicPartition) -> Result<crate::Watermarks, Self::Error> {
+        self.inner.watermarks(tp).await
+    }
+}
+
+/// A store that hands out a snapshot's pieces up to its last byte, then
+/// waits for `release` before the last byte: a restore from it cannot
+/// finish before the test says so.
+struct HoldsLastByte {
+    inner: MemorySnapshotStore,
+    release: Arc<tokio::sync::Notify>,
+}
+
+#[async_trait]
+impl crate::SnapshotStore for HoldsLastByte {
+    type Error = MemoryError;
+
+    async fn put(&self, snapshot: &crate::snapshot::EncodedSnapshot) -> Result<crate::SnapshotId, MemoryError> {
+        self.inner.put(snapshot).await
+    }
+
+    async fn list(&self) -> Result<Vec<crate::SnapshotId>, MemoryError> {
+        self.inner.list().await
+    }
+
+    async fn get(&self, id: crate::SnapshotId) -> Result<bytes::Bytes, MemoryError> {
+        self.inner.get(id).await
+    }
+
+    async fn delete(&self, id: crate::SnapshotId) -> Result<(), MemoryError> {
+        self.inner.delete(id).await
+    }
+
+    async fn get_streamed(
+        &self,
+        id: crate::SnapshotId,
+    ) -> Result<crate::streamed::SnapshotPieces<MemoryError>, MemoryError> {
+        let mut bytes = self.inner.get(id).await?;
+        let last = bytes.split_off(bytes.len() - 1);
+        let (tx, pieces) = crate::streamed::SnapshotPieces::channel(2);
+        let release = Arc::clone(&self.release);
+        tokio::spawn(async move {
+            let _ = tx.send(Ok(bytes)).await;
+            release.notified().await;
+            let _ = tx.send(Ok(last)).await;
+        });
+        Ok(pieces)
+    }
+}
+
+/// The target seeks its log to the checkpoint's position while it restores
+/// (so a Kafka log fetches the input's tail during the transfer), and the
+/// restored instance seeks there again with nothing polled in between
+/// (which a Kafka log turns into keeping what it fetched).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_target_seeks_its_log_to_the_checkpoint_while_it_restores() {
+    let cluster = Cluster::new();
+    cluster.produce_now(300);
+    let mut source: Inst<Balances> = Instance::recover(cluster.backends(), config("src"), &*no_progress())
+        .await
+        .unwrap();
+    while source.position().total() < 300 {
+        source.step().await.unwrap();
+    }
+    let checkpoint = source.checkpoint().await.unwrap();
+    cluster.produce_now(100);
+
+    let calls: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let plain = cluster.backends();
+    let mut backends = crate::Backends {
+        log: RecordingLog {
+            inner: plain.log,
+            calls: Arc::clone(&calls),
+        },
+        store: Arc::new(HoldsLastByte {
+            inner: cluster.store.clone(),
+            release: Arc::clone(&release),
+        }),
+        sink: plain.sink,
+    };
+    let seek_at_checkpoint = format!("seek {}", checkpoint.position);
+    let target_config = config("tgt");
+    let restore = target::fetch_and_restore_reading_ahead::<Balances, _, _, _>(
+        &mut backends,
+        &target_config,
+        "balances",
+        checkpoint.id,
+    );
+    let released_once_seeked = async {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while calls.lock().unwrap().is_empty() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("the log is seeked before the snapshot's last byte arrives");
+        release.notify_one();
+    };
+    let (restored, ()) = tokio::join!(restore, released_once_seeked);
+    let (loaded, _, _) = restored.unwrap();
+    assert_eq!(*calls.lock().unwrap(), std::slice::from_ref(&seek_at_checkpoint));
+
+    let mut target = Instance::<Balances, _, _, _>::restore(backends, target_config, Some(loaded))
+        .await
+        .unwrap();
+    assert_eq!(
+        *calls.lock().unwrap(),
+        [seek_at_checkpoint.clone(), seek_at_checkpoint],
+        "the instance seeks to the same position, with no poll in between"
+    );
+    while target.position().total() < 400 {
+        target.step().await.unwrap();
+    }
+    assert_eq!(target.state(), &reference_fold(&cluster.produced()).0);
+}

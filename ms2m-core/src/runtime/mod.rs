@@ -1078,7 +1078,7 @@ impl BadStage {
 /// The position reading starts at: the snapshot's, plus the configured start
 /// for partitions it does not mention. Fails if the log no longer reaches
 /// back to it (unless gaps are allowed).
-async fn start_position<L: MessageLog>(
+pub(crate) async fn start_position<L: MessageLog>(
     log: &mut L,
     from_snapshot: &Position,
     config: &InstanceConfig,
