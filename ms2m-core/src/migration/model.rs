@@ -445,8 +445,8 @@ impl MigrationModel {
     fn target_action(&self, w: &mut World, i: usize, action: TargetAction) -> Option<TargetEvent> {
         let node = &mut w.nodes[i];
         match action {
-            TargetAction::Restore(id) => {
-                let at = match id {
+            TargetAction::Restore { snapshot_id, .. } => {
+                let at = match snapshot_id {
                     Some(id) => *w.store.get(id as usize)?,
                     None => 0,
                 };

@@ -253,7 +253,10 @@ where
 
     async fn perform(&mut self, action: TargetAction) -> Result<Performed> {
         Ok(match action {
-            TargetAction::Restore(snapshot_id) => Performed::Next(self.restore(snapshot_id).await?),
+            TargetAction::Restore {
+                snapshot_id,
+                read_ahead,
+            } => Performed::Next(self.restore(snapshot_id, read_ahead).await?),
             TargetAction::SetCeiling(position) => {
                 self.instance_mut()?.set_ceiling(Some(position.clone()));
                 self.replay.source_position = position;
@@ -294,7 +297,7 @@ where
 
     /// Fetches, verifies and restores the checkpoint (or sets up the empty
     /// state of a cold start) and builds the standby instance.
-    async fn restore(&mut self, snapshot_id: Option<SnapshotId>) -> Result<TargetEvent> {
+    async fn restore(&mut self, snapshot_id: Option<SnapshotId>, read_ahead: bool) -> Result<TargetEvent> {
         self.listener.on_progress(&crate::Progress {
             phase: ProgressPhase::Restore,
             applied: 0,
@@ -306,7 +309,7 @@ where
             return Ok(TargetEvent::RestoreFailed("restored twice".into()));
         };
         let (loaded, transfer, restore) = match snapshot_id {
-            Some(id) => match fetch_and_restore_reading_ahead(&mut backends, &config, &self.service, id).await {
+            Some(id) => match fetch_and_restore(&mut backends, &config, &self.service, id, read_ahead).await {
                 Ok((loaded, transfer, restore)) => (Some(loaded), transfer, restore),
                 Err(e) => return Ok(TargetEvent::RestoreFailed(crate::store::error_chain(&e))),
             },
@@ -422,8 +425,9 @@ fn closed() -> Error {
     })
 }
 
-/// Fetches, verifies and restores snapshot `id` as it arrives, and
-/// meanwhile, as soon as its header is read, seeks the input log to where
+/// Fetches, verifies and restores snapshot `id` as it arrives, and, if
+/// `read_ahead`, meanwhile, as soon as its header is read, seeks the input
+/// log to where
 /// the instance will start reading (the snapshot's position, checked
 /// against the log's watermarks as [`Instance::restore`] does): the log's
 /// backend then fetches the input's tail (what arrived since the
@@ -433,11 +437,12 @@ fn closed() -> Error {
 /// fetched ([`MessageLog::seek`]). Returns how long until the decoder took
 /// the last piece (the transfer) and the decoding left after it (the
 /// restore).
-pub(super) async fn fetch_and_restore_reading_ahead<S, L, St, O>(
+pub(super) async fn fetch_and_restore<S, L, St, O>(
     backends: &mut Backends<L, St, O>,
     config: &InstanceConfig,
     service: &str,
     id: SnapshotId,
+    read_ahead: bool,
 ) -> Result<(LoadedSnapshot<S>, Duration, Duration)>
 where
     S: StatefulService,
@@ -446,9 +451,10 @@ where
 {
     let started = Instant::now();
     let (header_read, header) = tokio::sync::oneshot::channel();
+    let header_read = read_ahead.then_some(header_read);
     let store = &*backends.store;
     let restore = async move {
-        let restored = crate::store::fetch_and_restore_timed::<S, St>(store, service, id, Some(header_read)).await;
+        let restored = crate::store::fetch_and_restore_timed::<S, St>(store, service, id, header_read).await;
         (restored, Instant::now())
     };
     let log = &mut backends.log;

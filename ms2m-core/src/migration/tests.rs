@@ -1161,12 +1161,8 @@ async fn the_target_seeks_its_log_to_the_checkpoint_while_it_restores() {
     };
     let seek_at_checkpoint = format!("seek {}", checkpoint.position);
     let target_config = config("tgt");
-    let restore = target::fetch_and_restore_reading_ahead::<Balances, _, _, _>(
-        &mut backends,
-        &target_config,
-        "balances",
-        checkpoint.id,
-    );
+    let restore =
+        target::fetch_and_restore::<Balances, _, _, _>(&mut backends, &target_config, "balances", checkpoint.id, true);
     let released_once_seeked = async {
         tokio::time::timeout(Duration::from_secs(20), async {
             while calls.lock().unwrap().is_empty() {

@@ -429,6 +429,39 @@ mod tests {
         );
     }
 
+    /// The target reads the input ahead of its restore only while the
+    /// source serves (MS2M); after the source stopped (stop-and-copy) the
+    /// transfer is the downtime and is left alone.
+    #[test]
+    fn the_target_reads_ahead_only_while_the_source_serves() {
+        use target::{TargetAction, TargetEvent, TargetMachine};
+        let restore = || record("m", Role::Coordinator, ControlBody::Restore { snapshot_id: Some(0) });
+        let mut serving = TargetMachine::new("tgt", Decisions::default());
+        serving.handle(TargetEvent::Record(prepare()));
+        assert_eq!(
+            serving.handle(TargetEvent::Record(restore())),
+            vec![TargetAction::Restore {
+                snapshot_id: Some(0),
+                read_ahead: true
+            }]
+        );
+        let mut stopped = TargetMachine::new("tgt", Decisions::default());
+        stopped.handle(TargetEvent::Record(prepare()));
+        let stop = ControlBody::Stopped {
+            position: at(10),
+            digest: None,
+            longest_stall_us: 0,
+        };
+        stopped.handle(TargetEvent::Record(record("m", Role::Source, stop)));
+        assert_eq!(
+            stopped.handle(TargetEvent::Record(restore())),
+            vec![TargetAction::Restore {
+                snapshot_id: Some(0),
+                read_ahead: false
+            }]
+        );
+    }
+
     /// A target replaying from 10 that just read the source's digest point
     /// (Pd = 20, digest 7), and its actions for that record.
     fn replaying_target_given_digest_point() -> (target::TargetMachine, Vec<target::TargetAction>) {

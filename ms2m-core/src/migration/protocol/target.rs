@@ -144,7 +144,16 @@ pub enum TargetEvent {
 pub enum TargetAction {
     /// Fetch and restore this snapshot (`None`: start from the empty state),
     /// then report [`TargetEvent::Restored`] or `RestoreFailed`.
-    Restore(Option<SnapshotId>),
+    Restore {
+        /// The snapshot.
+        snapshot_id: Option<SnapshotId>,
+        /// Whether to start reading the input while the snapshot transfers:
+        /// only while the source still serves (MS2M), when the input's tail
+        /// is what the target replays before the cutover. After the source
+        /// stopped (stop-and-copy) the transfer is the downtime, and reading
+        /// ahead would only add fetches that slow it.
+        read_ahead: bool,
+    },
     /// Never apply past this position (the source's).
     SetCeiling(Position),
     /// Replay up to the digest point (the ceiling holds there) and report
@@ -271,7 +280,11 @@ impl TargetMachine {
         match (m.body, m.from) {
             (ControlBody::Restore { snapshot_id }, Role::Coordinator) if self.phase == TargetPhase::Selected => {
                 self.phase = TargetPhase::Restoring;
-                vec![TargetAction::Restore(snapshot_id)]
+                let read_ahead = sel.stopped.is_none();
+                vec![TargetAction::Restore {
+                    snapshot_id,
+                    read_ahead,
+                }]
             }
             (ControlBody::Stop { next_epoch }, Role::Coordinator) => {
                 sel.epoch = Some(next_epoch);
