@@ -94,14 +94,7 @@ async fn watermarks_lag_and_ordered_delivery() {
 /// old assignment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefetched_batches_keep_order_and_a_seek_drops_them() {
-    let service = unique("pf");
-    let input = unique("pf-in");
-    let cluster = connect(config(&service).input_topic(&input));
-    cluster.create_topic(&input, 2, &[]).await.unwrap();
-    let values: Vec<(i32, u64)> = (0..2).flat_map(|p| (0..200).map(move |v| (p, v))).collect();
-    produce(&cluster, &input, &values).await;
-    let mut log = cluster.log().await.unwrap();
-    let parts = log.partitions().await.unwrap();
+    let (mut log, parts) = two_partition_log("pf", 200).await;
     log.seek(&parts.iter().map(|tp| (tp.clone(), 0)).collect())
         .await
         .unwrap();
@@ -150,14 +143,7 @@ async fn prefetched_batches_keep_order_and_a_seek_drops_them() {
 /// once something was polled, a seek to the same position rewinds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeated_seek_delivers_once_and_a_seek_after_a_poll_rewinds() {
-    let service = unique("rs");
-    let input = unique("rs-in");
-    let cluster = connect(config(&service).input_topic(&input));
-    cluster.create_topic(&input, 2, &[]).await.unwrap();
-    let values: Vec<(i32, u64)> = (0..2).flat_map(|p| (0..50).map(move |v| (p, v))).collect();
-    produce(&cluster, &input, &values).await;
-    let mut log = cluster.log().await.unwrap();
-    let parts = log.partitions().await.unwrap();
+    let (mut log, parts) = two_partition_log("rs", 50).await;
     let start: Position = [(parts[0].clone(), 10), (parts[1].clone(), 0)].into_iter().collect();
     let expected = |per: &BTreeMap<i32, Vec<i64>>| {
         assert_eq!(per[&0], (10..50).collect::<Vec<_>>(), "partition 0 once, from 10");
@@ -211,6 +197,20 @@ fn offsets_per_partition(records: &[ms2m_core::Record]) -> BTreeMap<i32, Vec<i64
         per.entry(r.partition).or_default().push(r.offset);
     }
     per
+}
+
+/// A log over a new two-partition topic holding `per_partition` records in
+/// each partition, and its partitions.
+async fn two_partition_log(prefix: &str, per_partition: u64) -> (KafkaLog, Vec<TopicPartition>) {
+    let service = unique(prefix);
+    let input = unique(&format!("{prefix}-in"));
+    let cluster = connect(config(&service).input_topic(&input));
+    cluster.create_topic(&input, 2, &[]).await.unwrap();
+    let values: Vec<(i32, u64)> = (0..2).flat_map(|p| (0..per_partition).map(move |v| (p, v))).collect();
+    produce(&cluster, &input, &values).await;
+    let mut log = cluster.log().await.unwrap();
+    let parts = log.partitions().await.unwrap();
+    (log, parts)
 }
 
 async fn poll_n(log: &mut KafkaLog, n: usize) -> Vec<ms2m_core::Record> {
