@@ -427,9 +427,8 @@ fn closed() -> Error {
 
 /// Fetches, verifies and restores snapshot `id` as it arrives, and, if
 /// `read_ahead`, meanwhile, as soon as its header is read, seeks the input
-/// log to where
-/// the instance will start reading (the snapshot's position, checked
-/// against the log's watermarks as [`Instance::restore`] does): the log's
+/// log to where the instance will start reading (the snapshot's position,
+/// checked against the log's watermarks as [`Instance::restore`] does): the log's
 /// backend then fetches the input's tail (what arrived since the
 /// checkpoint) while the snapshot transfers, so the catch-up replay reads
 /// it locally instead of asking the broker for all of it in one burst at
