@@ -372,11 +372,15 @@ pub async fn b1(b: &Bench, opts: &B1Options) -> Result<Vec<Row>, BoxError> {
                 let state = if plain { " plain state" } else { "" };
                 eprintln!(
                     "  B1 {mib} MiB{state} @ {rate} msg/s {delivery:?} {strategy}: outside output gap {:.1} ms \
-                     (from live{:+.1} to live{:+.1} ms; input commit gap {:.1} ms, steady {:.1} ms{}), \
-                     report downtime {:.1} ms, total {:.0} ms",
+                     (from live{:+.1} to live{:+.1} ms, next output created {} before it arrived; \
+                     input commit gap {:.1} ms, steady {:.1} ms{}), report downtime {:.1} ms (handover {:.1}, \
+                     coordinator's cutover {:.1}, source stall {:.1}), total {:.0} ms",
                     outside.output_gap_ms,
                     outside.output_gap_began_ms,
                     outside.output_gap_ended_ms,
+                    outside
+                        .output_lag_after_gap_ms
+                        .map_or_else(|| "?".to_string(), |lag| format!("{lag:.0} ms")),
                     outside.input_commit_gap_ms,
                     outside.baseline_output_gap_ms,
                     if outside.resumed {
@@ -385,6 +389,9 @@ pub async fn b1(b: &Bench, opts: &B1Options) -> Result<Vec<Row>, BoxError> {
                         ", NOT resumed: lower bound"
                     },
                     migrated.report.downtime_ms,
+                    migrated.report.handover_ms,
+                    migrated.report.cutover_ms,
+                    migrated.report.source_stall_ms,
                     migrated.report.total_ms
                 );
                 if measure {

@@ -50,7 +50,7 @@ use std::time::Duration;
 use ms2m_kafka::KafkaCluster;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, Timestamp, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
 use crate::support::BoxError;
@@ -74,6 +74,15 @@ const BASELINE_US: u64 = 1_000_000;
 pub fn now_us() -> u64 {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     t.tv_sec as u64 * 1_000_000 + t.tv_nsec as u64 / 1_000
+}
+
+/// The wall clock in milliseconds since the epoch (the clock of Kafka's
+/// create timestamps).
+fn wall_clock_ms() -> i64 {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// What the observer watches.
@@ -145,8 +154,15 @@ impl Watch {
 enum Event {
     /// Both clients are in place; outputs from here on are seen.
     Ready { at_us: u64 },
-    /// `count` output records arrived (drained together) at `at_us`.
-    Output { at_us: u64, count: u32 },
+    /// `count` output records arrived (drained together) at `at_us`; the
+    /// oldest of them was created `lag_ms` before (wall clock minus the
+    /// record's create timestamp; `None` without create timestamps).
+    Output {
+        at_us: u64,
+        count: u32,
+        #[serde(default)]
+        lag_ms: Option<i64>,
+    },
     /// Of those, the tasks (values of [`Watch::task_field`]) that had an
     /// output among them.
     Tasks { at_us: u64, tasks: Vec<i64> },
@@ -201,6 +217,13 @@ pub struct OutsideGaps {
     pub output_gap_began_ms: f64,
     /// When it ended (the first output after it), in ms after live.
     pub output_gap_ended_ms: f64,
+    /// How long before its arrival the first output after the largest gap
+    /// was created (its producer's create timestamp; `None` without one).
+    /// Close to the gap itself: the outputs were produced on time and
+    /// delivered late (the producer or the broker held them). Close to the
+    /// steady lag: nothing was produced during the gap (the service stood
+    /// still or had no input).
+    pub output_lag_after_gap_ms: Option<f64>,
     /// Output arrivals (drained batches) seen inside the window.
     pub output_batches_in_window: usize,
     /// Both streams advanced again after the window; if not, the gaps run
@@ -225,6 +248,8 @@ pub struct TaskGap {
 struct Timeline {
     ready: bool,
     outputs: Vec<u64>,
+    /// Per output arrival: its oldest record's lag ([`Event::Output`]).
+    lags: Vec<Option<i64>>,
     /// Output arrivals per task (with [`Watch::task_field`]).
     by_task: std::collections::HashMap<i64, Vec<u64>>,
     commits: Vec<u64>,
@@ -236,7 +261,10 @@ impl Timeline {
     fn record(&mut self, event: Event) {
         match event {
             Event::Ready { .. } => self.ready = true,
-            Event::Output { at_us, .. } => self.outputs.push(at_us),
+            Event::Output { at_us, lag_ms, .. } => {
+                self.outputs.push(at_us);
+                self.lags.push(lag_ms);
+            }
             Event::Tasks { at_us, tasks } => {
                 for task in tasks {
                     self.by_task.entry(task).or_default().push(at_us);
@@ -344,6 +372,12 @@ impl Observer {
             input_commit_gap_ms: largest_gap(&t.commits, from, to, until),
             baseline_output_gap_ms: largest_gap(&t.outputs, quiet_from, from, from),
             baseline_input_commit_gap_ms: largest_gap(&t.commits, quiet_from, from, from),
+            output_lag_after_gap_ms: t
+                .outputs
+                .iter()
+                .position(|&x| x == ended)
+                .and_then(|i| t.lags[i])
+                .map(|lag| lag as f64),
             output_batches_in_window: in_window(&t.outputs),
             resumed: t.outputs.last().is_some_and(|&x| x > to) && t.commits.last().is_some_and(|&x| x > to),
         }
@@ -538,13 +572,18 @@ fn observe(watch: &Watch) -> Result<(), BoxError> {
             continue;
         };
         let at_us = now_us();
+        let wall_ms = wall_clock_ms();
         // Records already fetched arrived together: one event for all.
         let mut count = 0;
+        let mut lag_ms: Option<i64> = None;
         let mut tasks = std::collections::BTreeSet::new();
         for record in std::iter::once(first).chain(std::iter::from_fn(|| outputs.poll(Duration::ZERO))) {
             match record {
                 Ok(record) => {
                     count += 1;
+                    if let Timestamp::CreateTime(created) = record.timestamp() {
+                        lag_ms = Some(lag_ms.unwrap_or(i64::MIN).max(wall_ms - created));
+                    }
                     let field = watch.task_field.as_deref();
                     tasks.extend(field.and_then(|f| task_of(record.payload(), f)));
                 }
@@ -553,7 +592,7 @@ fn observe(watch: &Watch) -> Result<(), BoxError> {
             }
         }
         if count > 0 {
-            emit(&Event::Output { at_us, count });
+            emit(&Event::Output { at_us, count, lag_ms });
         }
         if !tasks.is_empty() {
             emit(&Event::Tasks {

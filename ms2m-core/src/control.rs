@@ -184,6 +184,14 @@ pub enum ControlBody {
         replayed: u64,
         /// Of those, messages replayed after the source stopped (the final gap).
         final_gap: u64,
+        /// How long before publishing this the target's first outputs
+        /// since the handover became visible to clients (at-least-once:
+        /// acknowledged; exactly-once: committed; or it went live, when no
+        /// input waited), in µs: what the coordinator takes off its own
+        /// stop-to-`Live` to get the handover clients saw (`None` from a
+        /// target that does not measure it).
+        #[serde(default)]
+        visible_before_us: Option<u64>,
     },
     /// Target (or source, for a failed checkpoint) → coordinator: the
     /// migration cannot go on.

@@ -59,7 +59,8 @@ pub const APPLY_STALL_SECONDS: &str = "ms2m_apply_stall_seconds";
 /// = `checkpoint`, `transfer`, `restore`, `replay`, `cutover`, `total`.
 pub const MIGRATION_PHASE_SECONDS: &str = "ms2m_migration_phase_seconds";
 /// Histogram: downtime of each completed migration, seconds (the report's
-/// `downtime_ms`: the cutover or the source's longest stall before it).
+/// `downtime_ms`: the handover clients saw or the source's longest stall
+/// before it).
 pub const MIGRATION_DOWNTIME_SECONDS: &str = "ms2m_migration_downtime_seconds";
 /// Counter: migrations that ended, label `outcome` = `completed`,
 /// `digest_mismatch`, `timeout`, `taken_over_not_live`, `aborted` or `error`.

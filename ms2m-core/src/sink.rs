@@ -67,6 +67,16 @@ pub trait OutputSink: Send + 'static {
         None
     }
 
+    /// Waits until the destination acknowledged every output sent so far,
+    /// without committing. With at-least-once delivery that is when clients
+    /// can read them; a transaction's outputs stay invisible until
+    /// `commit`. The migration target uses it to time its first outputs
+    /// after a handover. Default: nothing to wait for (outputs are
+    /// acknowledged as they are sent).
+    async fn flush(&mut self) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
     /// Drops outputs sent since the last commit (used when handing back
     /// ownership after a failed cutover).
     async fn abort(&mut self) -> Result<(), Self::Error>;

@@ -263,9 +263,11 @@ pub struct MigrationReport {
     pub source: String,
     /// Target instance.
     pub target: String,
-    /// The longest time no instance processed new input: the cutover (stop
-    /// request to target live) or the source's longest stall before it,
-    /// whichever is longer. What a client sees as the largest gap.
+    /// The longest time clients saw no new output because of the
+    /// migration: the handover (`handover_ms`) or the source's longest
+    /// stall before it, whichever is longer. The broker's own delays (a
+    /// broker slowed by the snapshot's upload holding back the source's
+    /// outputs) are not in it: measure those from outside.
     pub downtime_ms: f64,
     /// From the request to the target being live.
     pub total_ms: f64,
@@ -280,8 +282,21 @@ pub struct MigrationReport {
     pub restore_ms: f64,
     /// Phase 4: replay while the source served.
     pub replay_ms: f64,
-    /// Phase 5: stop request to target live.
+    /// Phase 5: stop request to target live, as the coordinator saw it
+    /// (including the trips of `Stop` and `Live` through the control
+    /// channel and the target's first commit).
     pub cutover_ms: f64,
+    /// The cutover as clients see it: from the source's last outputs to
+    /// the target's first visible ones (acknowledged; committed with
+    /// exactly-once). `cutover_ms` less the trips of `Stop` to the source
+    /// and of `Live` back, each taken as long as the coordinator's own
+    /// `Stop` took to come back to it through the control channel, and
+    /// less what the target reports between its first visible outputs and
+    /// its `Live`; `cutover_ms` itself when either is missing or they add
+    /// up to more than it. Durations only: no host's clock is compared
+    /// with another's.
+    #[serde(default)]
+    pub handover_ms: f64,
     /// The longest stall of the source's apply loop between the migration's
     /// start and the stop: a commit, the checkpoint's serialization or
     /// freeze, the agent's own protocol work.
@@ -443,6 +458,11 @@ pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// Whole microseconds of `d`, as the control records carry durations.
+pub(crate) fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
 pub(crate) fn message(
     service: &str,
     migration_id: &str,
@@ -506,7 +526,8 @@ mod report_serde_tests {
             transfer_ms: 107.6,
             restore_ms: 0.3,
             replay_ms: 1005.0,
-            cutover_ms: 12.5,
+            cutover_ms: 19.5,
+            handover_ms: 12.5,
             source_stall_ms: 0.9,
             snapshot_bytes: 1 << 20,
             snapshot_pause_ms: 0.7,

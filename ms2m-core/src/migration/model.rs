@@ -519,6 +519,7 @@ impl MigrationModel {
                     digest_match,
                     replayed: 0,
                     final_gap: 0,
+                    visible_before_us: None,
                 };
                 node.outbox.push_back(Rec::new(Role::Target, body));
                 None

@@ -12,11 +12,11 @@ use futures::FutureExt;
 use tokio::sync::mpsc::error::TryRecvError;
 use tracing::{info, info_span, warn, Instrument};
 
-use super::lease_clock;
 use super::protocol::owner::{LeaseConfig, LeaseKeeper};
 use super::protocol::source::{SourceAction, SourceEvent, SourceMachine};
 use super::protocol::Decisions;
 use super::{forward_control, publish_as, read_history, MigrationError};
+use super::{lease_clock, micros};
 use crate::control::{ControlBody, ControlChannel, ControlMessage, Role};
 use crate::error::{Error, Result};
 use crate::log::MessageLog;
@@ -463,7 +463,7 @@ where
                 let digest = digest.then(|| self.instance.digest());
                 let longest_stall = self.stalls.longest;
                 info!(%migration, %position, ?digest, ?longest_stall, "stopped for cutover");
-                let longest_stall_us = u64::try_from(longest_stall.as_micros()).unwrap_or(u64::MAX);
+                let longest_stall_us = micros(longest_stall);
                 publish_as(
                     &*self.control,
                     self.service(),

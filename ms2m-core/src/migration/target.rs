@@ -11,7 +11,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::protocol::target::{TargetAction, TargetEvent, TargetMachine, TargetPhase};
 use super::protocol::Decisions;
-use super::{forward_control, publish_as, read_history, MigrationError};
+use super::{forward_control, micros, publish_as, read_history, MigrationError};
 use crate::control::{ControlBody, ControlChannel, ControlMessage, Role};
 use crate::error::{Error, Result};
 use crate::log::MessageLog;
@@ -359,8 +359,12 @@ where
         }
         info!(position = %position, %digest, replayed, final_gap, "live at the cutover position");
         let started = Instant::now();
-        serve_to_first_commit(instance).await?;
-        tracing::debug!(elapsed = ?started.elapsed(), "first outputs after the handover committed");
+        let visible = serve_to_first_commit(instance).await?;
+        tracing::debug!(
+            visible = ?visible.saturating_duration_since(started),
+            committed = ?started.elapsed(),
+            "first outputs after the handover visible, then committed"
+        );
         let body = ControlBody::Live {
             owner,
             epoch,
@@ -369,6 +373,7 @@ where
             digest_match,
             replayed,
             final_gap,
+            visible_before_us: Some(micros(visible.elapsed())),
         };
         self.publish(body).await
     }
@@ -542,10 +547,13 @@ impl Replay {
 }
 
 /// Serves a target that just went live until its first outputs are
-/// committed (visible to clients) or the input is idle, so that `Live`, and
-/// with it the report's downtime, ends where a client's gap ends: the first
-/// commit after the handover can take longer than the cutover itself.
-async fn serve_to_first_commit<S, L, St, O>(instance: &mut Instance<S, L, St, O>) -> Result<()>
+/// committed or the input is idle, so that `Live` reports committed
+/// outputs, and returns when clients could first read them: with
+/// exactly-once, at that commit; with at-least-once, once the first step
+/// (what input waited) had its outputs acknowledged, before the commit
+/// policy's interval is up. The handover clients see ends there; `Live`
+/// says how long before it was sent.
+async fn serve_to_first_commit<S, L, St, O>(instance: &mut Instance<S, L, St, O>) -> Result<Instant>
 where
     S: StatefulService,
     L: MessageLog,
@@ -553,10 +561,15 @@ where
     O: OutputSink,
 {
     let commits = instance.stats().commits;
+    let mut visible = None;
     loop {
         let applied = instance.step().await?;
+        if visible.is_none() && instance.delivery() == crate::Delivery::AtLeastOnce {
+            instance.flush_outputs().await?;
+            visible = Some(Instant::now());
+        }
         if instance.stats().commits > commits || applied == 0 {
-            return Ok(());
+            return Ok(visible.unwrap_or_else(Instant::now));
         }
     }
 }

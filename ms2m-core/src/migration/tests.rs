@@ -139,6 +139,22 @@ async fn migrate_under_load(strategy: Strategy, config: MigrationConfig) -> Migr
     assert_eq!(report.source_digest, report.target_digest);
     assert_eq!(report.strategy, strategy);
     assert!(report.downtime_ms <= report.total_ms);
+    assert!(
+        report.handover_ms > 0.0 && report.handover_ms <= report.cutover_ms,
+        "handover {} ms, cutover {} ms",
+        report.handover_ms,
+        report.cutover_ms
+    );
+    assert!(
+        cluster.has(|m| matches!(
+            m.body,
+            ControlBody::Live {
+                visible_before_us: Some(_),
+                ..
+            }
+        )),
+        "the target reports when its first outputs became visible"
+    );
     let owner = current_owner(&*cluster.control, "balances").await.unwrap().unwrap();
     assert_eq!(owner.instance_id, "tgt");
     report
@@ -163,7 +179,7 @@ async fn stop_and_copy_and_cold_start_baselines_are_correct() {
     for strategy in [Strategy::StopAndCopy, Strategy::ColdStart] {
         let report = migrate_under_load(strategy, fast()).await;
         assert_eq!(report.cutover_reason, CutoverReason::StopFirst);
-        assert_eq!(report.downtime_ms, report.cutover_ms.max(report.source_stall_ms));
+        assert_eq!(report.downtime_ms, report.handover_ms.max(report.source_stall_ms));
         if strategy == Strategy::ColdStart {
             assert_eq!(report.snapshot_bytes, 0);
             assert!(report.messages_replayed >= 2_000, "cold start replays the whole log");
@@ -229,7 +245,7 @@ async fn the_source_serialization_pause_is_reported_as_downtime() {
         "stall {} ms < {slow} ms",
         report.source_stall_ms
     );
-    assert_eq!(report.downtime_ms, report.cutover_ms.max(report.source_stall_ms));
+    assert_eq!(report.downtime_ms, report.handover_ms.max(report.source_stall_ms));
 }
 
 /// Opens the replay of [`GatedReplay`]; closed until a test opens it.

@@ -767,6 +767,23 @@ where
         Ok(())
     }
 
+    /// Waits until the sink acknowledged every output sent so far: lets a
+    /// commit running in the background finish (it awaits the outputs it
+    /// took), then [`OutputSink::flush`] for the rest, which commits
+    /// nothing.
+    pub async fn flush_outputs(&mut self) -> Result<()> {
+        self.reap_commit(true).await?;
+        self.sink
+            .flush()
+            .await
+            .map_err(|e| Error::backend(Component::Sink, "flush outputs", e))
+    }
+
+    /// The guarantee of this instance's output sink.
+    pub fn delivery(&self) -> crate::Delivery {
+        self.sink.delivery()
+    }
+
     /// Starts a commit on its own task when the sink can finish it there
     /// (the apply loop goes on meanwhile), else commits and waits.
     async fn commit_without_waiting(&mut self) -> Result<()> {

@@ -162,8 +162,9 @@ fn report_text(out: &mut String, r: &MigrationReport) {
     );
     line!(
         out,
-        "  downtime      {:>10.1} ms (cutover {:.1}, source stall {:.1})",
+        "  downtime      {:>10.1} ms (handover {:.1}, coordinator's cutover {:.1}, source stall {:.1})",
         r.downtime_ms,
+        r.handover_ms,
         r.cutover_ms,
         r.source_stall_ms
     );

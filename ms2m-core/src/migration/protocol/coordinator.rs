@@ -95,7 +95,31 @@ struct Facts {
     digest_position: Option<Position>,
     /// The source's longest stall before the stop.
     source_stall: Duration,
+    /// One trip through the control channel: from publishing `Stop` to
+    /// reading it back.
+    control_hop: Option<Duration>,
+    /// From the target's first visible outputs to its `Live` (`Live`'s
+    /// `visible_before_us`).
+    visible_before_live: Option<Duration>,
     reason: Option<CutoverReason>,
+}
+
+impl Facts {
+    /// The handover as clients see it, from the source's last outputs to
+    /// the target's first, on the coordinator's clock: its `cutover` (stop
+    /// published to `Live` read) less the trip of `Stop` to the source and
+    /// of `Live` back (each as long as `Stop`'s own trip back to the
+    /// coordinator) and less the time between the target's first visible
+    /// outputs and its `Live`. The `cutover` itself when the target did not
+    /// report that time, `Stop` was not read back, or they add up to more
+    /// than the `cutover` (a trip estimate gone wrong: the upper bound is
+    /// the honest figure then).
+    fn handover(&self, cutover: Duration) -> Duration {
+        match (self.control_hop, self.visible_before_live) {
+            (Some(hop), Some(after)) => cutover.checked_sub(hop * 2 + after).unwrap_or(cutover),
+            _ => cutover,
+        }
+    }
 }
 
 /// What happened to the coordinator.
@@ -240,6 +264,12 @@ impl CoordinatorMachine {
                 None => MigrationFailure::Aborted(reason.clone()),
             };
             return self.fail(now, failure);
+        }
+        if let (ControlBody::Stop { .. }, Role::Coordinator) = (&m.body, m.from) {
+            if self.stop_sent && self.facts.0.control_hop.is_none() {
+                self.facts.0.control_hop = Some(now.saturating_sub(self.facts.0.stop_sent_at));
+            }
+            return Vec::new();
         }
         if let (ControlBody::DigestAt { position, digest }, Role::Source) = (&m.body, m.from) {
             (self.facts.0.source_digest, self.facts.0.digest_position) = (Some(*digest), Some(position.clone()));
@@ -431,11 +461,13 @@ impl CoordinatorMachine {
             digest_match,
             replayed,
             final_gap,
+            visible_before_us,
             ..
         } = body
         else {
             return Vec::new();
         };
+        self.facts.0.visible_before_live = visible_before_us.map(Duration::from_micros);
         let report = self.report(now, *digest, *digest_match, *replayed, *final_gap);
         let report_json = serde_json::to_string(&report).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
         let mut actions = vec![
@@ -521,7 +553,8 @@ impl CoordinatorMachine {
     ) -> MigrationReport {
         let facts = &self.facts.0;
         let cutover = now.saturating_sub(facts.stop_sent_at);
-        let downtime = cutover.max(facts.source_stall);
+        let handover = facts.handover(cutover);
+        let downtime = handover.max(facts.source_stall);
         MigrationReport {
             strategy: self.plan.strategy,
             service: self.plan.service.clone(),
@@ -535,6 +568,7 @@ impl CoordinatorMachine {
             restore_ms: ms(facts.restore),
             replay_ms: ms(facts.replay),
             cutover_ms: ms(cutover),
+            handover_ms: ms(handover),
             source_stall_ms: ms(facts.source_stall),
             snapshot_bytes: facts.snapshot_bytes,
             snapshot_pause_ms: ms(facts.snapshot_pause),

@@ -615,4 +615,92 @@ mod tests {
             .iter()
             .any(|a| matches!(a, CoordinatorAction::Publish(ControlBody::Stop { .. }))));
     }
+
+    /// Runs a stop-and-copy migration through the coordinator's machine:
+    /// its `Stop` read back `echo` after it was published, `Live` read at
+    /// 400 ms carrying `visible_before`; returns the report.
+    fn stop_and_copy_report(
+        echo: Option<std::time::Duration>,
+        visible_before: Option<std::time::Duration>,
+    ) -> crate::migration::MigrationReport {
+        use coordinator::{CoordinatorAction, CoordinatorEvent, CoordinatorMachine};
+        use std::time::Duration;
+        let plan = crate::migration::MigrationPlan {
+            service: "s".into(),
+            migration_id: "m".into(),
+            source: "src".into(),
+            target: "tgt".into(),
+            strategy: crate::migration::Strategy::StopAndCopy,
+        };
+        let mut machine = CoordinatorMachine::new(plan, crate::migration::MigrationConfig::default(), 1);
+        let start = machine.handle(Duration::ZERO, CoordinatorEvent::Start);
+        assert!(start
+            .iter()
+            .any(|a| matches!(a, CoordinatorAction::Publish(ControlBody::Stop { .. }))));
+        let mut feed = |at: Duration, from: Role, body: ControlBody| {
+            machine.handle(at, CoordinatorEvent::Record(record("m", from, body)))
+        };
+        let ms = Duration::from_millis;
+        if let Some(echo) = echo {
+            feed(echo, Role::Coordinator, ControlBody::Stop { next_epoch: 1 });
+        }
+        let stopped = ControlBody::Stopped {
+            position: at(10),
+            digest: Some(StateDigest(7)),
+            longest_stall_us: 0,
+        };
+        feed(ms(10), Role::Source, stopped);
+        let taken = ControlBody::CheckpointTaken {
+            snapshot_id: 1,
+            position: at(10),
+            bytes: 1,
+            pause_us: 0,
+        };
+        feed(ms(100), Role::Source, taken);
+        feed(ms(300), Role::Target, restored().body);
+        let takeover = ControlBody::Takeover {
+            owner: "tgt".into(),
+            epoch: 1,
+            position: at(10),
+        };
+        feed(ms(350), Role::Target, takeover);
+        let live = ControlBody::Live {
+            owner: "tgt".into(),
+            epoch: 1,
+            position: at(10),
+            digest: StateDigest(7),
+            digest_match: true,
+            replayed: 0,
+            final_gap: 0,
+            visible_before_us: visible_before.map(crate::migration::micros),
+        };
+        let actions = feed(ms(400), Role::Target, live);
+        match actions
+            .into_iter()
+            .find(|a| matches!(a, CoordinatorAction::Completed(_)))
+        {
+            Some(CoordinatorAction::Completed(report)) => *report,
+            other => panic!("no report: {other:?}"),
+        }
+    }
+
+    /// The report's downtime is the handover clients see: the coordinator's
+    /// stop-to-`Live` less the trips of `Stop` and `Live` (each as long as
+    /// `Stop`'s trip back to the coordinator) and less the target's time
+    /// from its first visible outputs to `Live`.
+    #[test]
+    fn the_handover_leaves_out_the_control_trips_and_the_wait_for_live() {
+        let ms = std::time::Duration::from_millis;
+        let report = stop_and_copy_report(Some(ms(2)), Some(ms(30)));
+        assert_eq!(report.cutover_ms, 400.0);
+        assert_eq!(report.handover_ms, 366.0);
+        assert_eq!(report.downtime_ms, 366.0);
+        // The target did not report, or `Stop` never came back: the
+        // coordinator's own view.
+        assert_eq!(stop_and_copy_report(Some(ms(2)), None).handover_ms, 400.0);
+        assert_eq!(stop_and_copy_report(None, Some(ms(30))).handover_ms, 400.0);
+        // More to take off than there is: the estimate went wrong, and the
+        // coordinator's view is the honest bound.
+        assert_eq!(stop_and_copy_report(Some(ms(200)), Some(ms(30))).handover_ms, 400.0);
+    }
 }
