@@ -379,8 +379,8 @@ async fn run_one(base: &KafkaCluster, args: &Args, strategy: StrategyArg, state_
     };
     let summary = format!(
         "outside: output gap {:.1} ms (live{:+.0} to live{:+.0} ms), input commit gap {:.1} ms{} | report: \
-         downtime {:.1} ms, total {:.0} ms (checkpoint {:.0}, transfer {:.0}, restore {:.0}, replay {:.0}, \
-         cutover {:.1}) — checks {}",
+         downtime {:.1} ms (handover {:.1}), total {:.0} ms (checkpoint {:.0}, transfer {:.0}, restore {:.0}, \
+         replay {:.0}, coordinator's cutover {:.1}) — checks {}",
         outside.output_gap_ms,
         outside.output_gap_began_ms,
         outside.output_gap_ended_ms,
@@ -391,6 +391,7 @@ async fn run_one(base: &KafkaCluster, args: &Args, strategy: StrategyArg, state_
             " (not resumed: lower bounds)"
         },
         report.downtime_ms,
+        report.handover_ms,
         report.total_ms,
         report.checkpoint_ms,
         report.transfer_ms,

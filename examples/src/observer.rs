@@ -1,12 +1,14 @@
 //! # Downtime as an independent client sees it
 //!
-//! `MigrationReport::downtime_ms` is the library's own figure: from the stop
-//! request to the target declaring itself live. A client of the service does
-//! not see that; it sees outputs stop arriving and the service's committed
-//! input position stop advancing. Measured from outside, those gaps were far
-//! larger than the report's figure, so the demo and the benchmark harness
-//! measure downtime the way a client would, and report the library's figure
-//! beside it. When the two differ, the outside figure is the truth.
+//! `MigrationReport::downtime_ms` is the library's own figure: the handover
+//! as its parties timed it, or the source's longest stall. A client of the
+//! service sees something else: outputs stop arriving and the service's
+//! committed input position stop advancing, for whatever reason (a broker
+//! holding back the source's outputs too). Measured from outside, those gaps
+//! were once far larger than the report's figure, so the demo and the
+//! benchmark harness measure downtime the way a client would, and report the
+//! library's figure beside it. When the two differ, the outside figure is
+//! the truth.
 //!
 //! The [`Observer`] is a **separate OS process** (the current executable
 //! re-executed with [`CHILD_FLAG`]; [`run_child_if_requested`] at the top of

@@ -67,14 +67,17 @@ pub trait OutputSink: Send + 'static {
         None
     }
 
-    /// Waits until the destination acknowledged every output sent so far,
-    /// without committing. With at-least-once delivery that is when clients
-    /// can read them; a transaction's outputs stay invisible until
-    /// `commit`. The migration target uses it to time its first outputs
-    /// after a handover. Default: nothing to wait for (outputs are
-    /// acknowledged as they are sent).
-    async fn flush(&mut self) -> Result<(), Self::Error> {
-        Ok(())
+    /// Waits until clients can read every output sent so far, without
+    /// committing, and answers `true`; answers `false` when outputs show
+    /// only at `commit` (a transaction's). The Kafka sink with at-least-once
+    /// delivery: its outputs are readable once acknowledged, so it waits
+    /// for the acknowledgements (those a background commit took included).
+    /// The migration target uses it to time its first outputs after a
+    /// handover. Default: `false` (nothing is readable before `commit`, as
+    /// [`send`](Self::send) promises), which makes the target time the
+    /// commit instead.
+    async fn flush(&mut self) -> Result<bool, Self::Error> {
+        Ok(false)
     }
 
     /// Drops outputs sent since the last commit (used when handing back

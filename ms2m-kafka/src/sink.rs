@@ -81,6 +81,9 @@ pub struct KafkaSink {
     group: OffRuntime<Arc<BaseConsumer>>,
     /// At-least-once: deliveries not yet acknowledged.
     pending: VecDeque<DeliveryFuture>,
+    /// At-least-once: fires when the background commit running has every
+    /// delivery it took acknowledged (before it commits the offsets).
+    background_delivered: Option<tokio::sync::oneshot::Receiver<()>>,
     /// Exactly-once: a transaction is open.
     in_txn: bool,
     claimed: bool,
@@ -166,6 +169,7 @@ impl KafkaSink {
             producer: OffRuntime::new(producer, cluster),
             group: OffRuntime::new(Arc::new(group), cluster),
             pending: VecDeque::new(),
+            background_delivered: None,
             in_txn: false,
             claimed: false,
             plain_commit_after_txn: cluster.is_embedded(),
@@ -390,11 +394,14 @@ impl OutputSink for KafkaSink {
         let tpl = offsets(position);
         let pending = std::mem::take(&mut self.pending);
         let group = self.group.clone();
+        let (all_delivered, on_delivered) = tokio::sync::oneshot::channel();
+        self.background_delivered = Some(on_delivered);
         Some(Box::pin(async move {
             let started = std::time::Instant::now();
             for f in pending {
                 delivered(f).await?;
             }
+            let _ = all_delivered.send(());
             let delivered = started.elapsed();
             commit_offsets(group, tpl?).await?;
             debug!(?delivered, committed = ?started.elapsed(), "outputs delivered and position committed (background)");
@@ -402,17 +409,35 @@ impl OutputSink for KafkaSink {
         }))
     }
 
-    /// At-least-once: awaits the acknowledgement of every output sent since
-    /// the last commit (those a background commit took, it awaits itself);
-    /// exactly-once: nothing (a transaction's outputs show at its commit). Not
-    /// librdkafka's `flush`: through rust-rdkafka's producer it took about
-    /// 100 ms on the embedded broker however few outputs were on their way,
-    /// which the target's first outputs after a handover waited out.
-    async fn flush(&mut self) -> Result<()> {
-        while !self.pending.is_empty() {
-            self.await_oldest().await?;
+    /// At-least-once: awaits the acknowledgement of every output sent so
+    /// far, those a background commit took included (not its offset
+    /// commit: the runtime runs that future on its own task, and `flush`
+    /// waits until it has its acknowledgements), and answers `true`:
+    /// acknowledged outputs are visible.
+    /// Exactly-once: `false` at once (a transaction's outputs show at its
+    /// commit). Cancel-safe: an acknowledgement is let go of only once it
+    /// arrived. Not librdkafka's `flush`: through rust-rdkafka's producer
+    /// that took about 100 ms on the embedded broker however few outputs
+    /// were on their way.
+    async fn flush(&mut self) -> Result<bool> {
+        if self.delivery != Delivery::AtLeastOnce {
+            return Ok(false);
         }
-        Ok(())
+        if let Some(background) = self.background_delivered.as_mut() {
+            // An error ends the background commit, which reports it.
+            let _ = background.await;
+            self.background_delivered = None;
+        }
+        while let Some(oldest) = self.pending.front_mut() {
+            let acknowledged = oldest.await;
+            self.pending.pop_front();
+            match acknowledged {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => return Err(KafkaError::kafka("deliver an output")(e)),
+                Err(_) => return Err(KafkaError::kafka("deliver an output")(RdKafkaError::Canceled)),
+            }
+        }
+        Ok(true)
     }
 
     async fn abort(&mut self) -> Result<()> {

@@ -202,6 +202,16 @@ async fn every_strategy_hands_over_under_steady_input_without_loss_or_duplicates
         assert_eq!((missing, duplicated), (0, 0), "{strategy}: outputs");
         assert!(report.digest_match, "{strategy}: digests");
         assert_eq!(report.strategy, strategy);
+        // The handover clients saw was computed from its parts.
+        assert!(report.control_trip_ms.is_some(), "{strategy}: Stop read back");
+        assert!(
+            report.visible_before_live_ms.is_some(),
+            "{strategy}: first outputs timed"
+        );
+        assert!(
+            report.handover_ms <= report.cutover_ms,
+            "{strategy}: handover within cutover"
+        );
         if strategy == Strategy::Ms2mThreshold {
             assert!(matches!(
                 report.cutover_reason,

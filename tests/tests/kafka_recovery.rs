@@ -169,3 +169,58 @@ async fn regression_mock_seed_60_a_broker_outage_does_not_fail_a_live_instance_o
     instance.shutdown().await.unwrap();
     assert_eq!(instance.state(), &reference_fold(&all));
 }
+
+/// `flush` with at-least-once delivery: every output sent so far is
+/// readable when it returns, those a background commit took included, and
+/// it commits nothing itself (the migration target times its first outputs
+/// after a handover by it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_at_least_once_flush_makes_every_output_readable_without_committing() {
+    use ms2m_core::OutputSink;
+    let service = unique("flush");
+    let input = unique("flush-in");
+    let output = unique("flush-out");
+    let cluster = connect(config(&service).input_topic(&input));
+    cluster.create_topic(&input, 1, &[]).await.unwrap();
+    cluster.create_topic(&output, 1, &[]).await.unwrap();
+    let mut sink = cluster.sink(Delivery::AtLeastOnce).await.unwrap();
+    sink.claim().await.unwrap();
+    let record = |n: u64| ms2m_core::OutputRecord {
+        topic: output.as_str().into(),
+        key: None,
+        payload: serde_json::to_vec(&Out {
+            p: 0,
+            o: n as i64,
+            v: n,
+        })
+        .unwrap()
+        .into(),
+        headers: Vec::new(),
+    };
+    let at = |offset: i64| -> ms2m_core::Position {
+        [(ms2m_core::TopicPartition::new(input.as_str(), 0), offset)]
+            .into_iter()
+            .collect()
+    };
+    for n in 0..50 {
+        sink.send(record(n)).await.unwrap();
+    }
+    // The first 50 go to a background commit, running on its own task (as
+    // the runtime runs it).
+    let background = tokio::spawn(
+        sink.commit_in_background(&at(50))
+            .expect("at-least-once commits in the background"),
+    );
+    for n in 50..100 {
+        sink.send(record(n)).await.unwrap();
+    }
+    assert!(
+        sink.flush().await.unwrap(),
+        "at-least-once outputs are readable once flushed"
+    );
+    let readable: Vec<u64> = read_outputs(&cluster, &output, 1).await.iter().map(|o| o.v).collect();
+    assert_eq!(readable, (0..100).collect::<Vec<_>>());
+    // Only the background commit moved the position, to where it was told.
+    background.await.unwrap().unwrap();
+    assert_eq!(sink.committed().await.unwrap(), Some(at(50)));
+}

@@ -147,6 +147,7 @@ impl<C: ControlChannel> Coordinator<C> {
             for action in std::mem::take(&mut actions) {
                 match action {
                     CoordinatorAction::Publish(body) => {
+                        machine.publishing(started.elapsed(), &body);
                         let plan = machine.plan();
                         let m = message(&plan.service, &plan.migration_id, Role::Coordinator, body);
                         publish(&*self.control, &m).await?;

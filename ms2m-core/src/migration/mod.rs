@@ -294,9 +294,17 @@ pub struct MigrationReport {
     /// less what the target reports between its first visible outputs and
     /// its `Live`; `cutover_ms` itself when either is missing or they add
     /// up to more than it. Durations only: no host's clock is compared
-    /// with another's.
+    /// with another's. Absent (0) in reports written before it existed.
     #[serde(default)]
     pub handover_ms: f64,
+    /// The control channel trip `handover_ms` used: from publishing `Stop`
+    /// to reading it back. `None`: not read back.
+    #[serde(default)]
+    pub control_trip_ms: Option<f64>,
+    /// What the target reported between its first visible outputs and its
+    /// `Live`. `None`: it did not report it.
+    #[serde(default)]
+    pub visible_before_live_ms: Option<f64>,
     /// The longest stall of the source's apply loop between the migration's
     /// start and the stop: a commit, the checkpoint's serialization or
     /// freeze, the agent's own protocol work.
@@ -528,6 +536,8 @@ mod report_serde_tests {
             replay_ms: 1005.0,
             cutover_ms: 19.5,
             handover_ms: 12.5,
+            control_trip_ms: Some(2.5),
+            visible_before_live_ms: Some(2.0),
             source_stall_ms: 0.9,
             snapshot_bytes: 1 << 20,
             snapshot_pause_ms: 0.7,

@@ -548,11 +548,11 @@ impl Replay {
 
 /// Serves a target that just went live until its first outputs are
 /// committed or the input is idle, so that `Live` reports committed
-/// outputs, and returns when clients could first read them: with
-/// exactly-once, at that commit; with at-least-once, once the first step
-/// (what input waited) had its outputs acknowledged, before the commit
-/// policy's interval is up. The handover clients see ends there; `Live`
-/// says how long before it was sent.
+/// outputs, and returns when clients could first read them: when the first
+/// step's outputs were flushed, if the sink makes flushed outputs readable
+/// (Kafka, at-least-once); else at that commit; or when it went live, if no
+/// input waited. The handover clients see ends there; `Live` says how long
+/// before it was sent.
 async fn serve_to_first_commit<S, L, St, O>(instance: &mut Instance<S, L, St, O>) -> Result<Instant>
 where
     S: StatefulService,
@@ -560,13 +560,17 @@ where
     St: SnapshotStore,
     O: OutputSink,
 {
+    let went_live = Instant::now();
     let commits = instance.stats().commits;
     let mut visible = None;
     loop {
         let applied = instance.step().await?;
-        if visible.is_none() && instance.delivery() == crate::Delivery::AtLeastOnce {
-            instance.flush_outputs().await?;
-            visible = Some(Instant::now());
+        if visible.is_none() {
+            if applied == 0 {
+                visible = Some(went_live);
+            } else if instance.flush_outputs().await? {
+                visible = Some(Instant::now());
+            }
         }
         if instance.stats().commits > commits || applied == 0 {
             return Ok(visible.unwrap_or_else(Instant::now));

@@ -139,22 +139,13 @@ async fn migrate_under_load(strategy: Strategy, config: MigrationConfig) -> Migr
     assert_eq!(report.source_digest, report.target_digest);
     assert_eq!(report.strategy, strategy);
     assert!(report.downtime_ms <= report.total_ms);
+    // The handover was computed from its parts, not taken from the cutover.
+    assert!(report.control_trip_ms.is_some(), "the coordinator read its Stop back");
     assert!(
-        report.handover_ms > 0.0 && report.handover_ms <= report.cutover_ms,
-        "handover {} ms, cutover {} ms",
-        report.handover_ms,
-        report.cutover_ms
+        report.visible_before_live_ms.is_some(),
+        "the target timed its first outputs"
     );
-    assert!(
-        cluster.has(|m| matches!(
-            m.body,
-            ControlBody::Live {
-                visible_before_us: Some(_),
-                ..
-            }
-        )),
-        "the target reports when its first outputs became visible"
-    );
+    assert!(report.handover_ms <= report.cutover_ms);
     let owner = current_owner(&*cluster.control, "balances").await.unwrap().unwrap();
     assert_eq!(owner.instance_id, "tgt");
     report

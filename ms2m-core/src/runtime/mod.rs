@@ -767,21 +767,14 @@ where
         Ok(())
     }
 
-    /// Waits until the sink acknowledged every output sent so far: lets a
-    /// commit running in the background finish (it awaits the outputs it
-    /// took), then [`OutputSink::flush`] for the rest, which commits
-    /// nothing.
-    pub async fn flush_outputs(&mut self) -> Result<()> {
-        self.reap_commit(true).await?;
+    /// Waits until clients can read every output sent so far, committing
+    /// nothing ([`OutputSink::flush`]); `false` when the sink shows outputs
+    /// only at a commit.
+    pub async fn flush_outputs(&mut self) -> Result<bool> {
         self.sink
             .flush()
             .await
             .map_err(|e| Error::backend(Component::Sink, "flush outputs", e))
-    }
-
-    /// The guarantee of this instance's output sink.
-    pub fn delivery(&self) -> crate::Delivery {
-        self.sink.delivery()
     }
 
     /// Starts a commit on its own task when the sink can finish it there

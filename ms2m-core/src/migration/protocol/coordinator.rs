@@ -97,7 +97,7 @@ struct Facts {
     source_stall: Duration,
     /// One trip through the control channel: from publishing `Stop` to
     /// reading it back.
-    control_hop: Option<Duration>,
+    control_trip: Option<Duration>,
     /// From the target's first visible outputs to its `Live` (`Live`'s
     /// `visible_before_us`).
     visible_before_live: Option<Duration>,
@@ -115,8 +115,8 @@ impl Facts {
     /// than the `cutover` (a trip estimate gone wrong: the upper bound is
     /// the honest figure then).
     fn handover(&self, cutover: Duration) -> Duration {
-        match (self.control_hop, self.visible_before_live) {
-            (Some(hop), Some(after)) => cutover.checked_sub(hop * 2 + after).unwrap_or(cutover),
+        match (self.control_trip, self.visible_before_live) {
+            (Some(trip), Some(after)) => cutover.checked_sub(trip * 2 + after).unwrap_or(cutover),
             _ => cutover,
         }
     }
@@ -187,6 +187,18 @@ impl CoordinatorMachine {
     /// When the driver must deliver a [`CoordinatorEvent::Tick`] at the latest.
     pub fn deadline(&self) -> Duration {
         self.deadline
+    }
+
+    /// The driver is about to publish `body` (one of this machine's
+    /// `Publish` actions) at `now`. A `Stop` published after another record
+    /// of the same batch (stop-and-copy's `Prepare`) goes out only once
+    /// that one is acknowledged: the stop, and the control trip measured
+    /// from it, count from here. A driver that does not call this leaves
+    /// them at the batch's time.
+    pub fn publishing(&mut self, now: Duration, body: &ControlBody) {
+        if matches!(body, ControlBody::Stop { .. }) && self.stop_sent && self.facts.0.control_trip.is_none() {
+            self.facts.0.stop_sent_at = now;
+        }
     }
 
     /// The transition function; `now` is the time since the coordinator started.
@@ -266,8 +278,8 @@ impl CoordinatorMachine {
             return self.fail(now, failure);
         }
         if let (ControlBody::Stop { .. }, Role::Coordinator) = (&m.body, m.from) {
-            if self.stop_sent && self.facts.0.control_hop.is_none() {
-                self.facts.0.control_hop = Some(now.saturating_sub(self.facts.0.stop_sent_at));
+            if self.stop_sent && self.facts.0.control_trip.is_none() {
+                self.facts.0.control_trip = Some(now.saturating_sub(self.facts.0.stop_sent_at));
             }
             return Vec::new();
         }
@@ -569,6 +581,8 @@ impl CoordinatorMachine {
             replay_ms: ms(facts.replay),
             cutover_ms: ms(cutover),
             handover_ms: ms(handover),
+            control_trip_ms: facts.control_trip.map(ms),
+            visible_before_live_ms: facts.visible_before_live.map(ms),
             source_stall_ms: ms(facts.source_stall),
             snapshot_bytes: facts.snapshot_bytes,
             snapshot_pause_ms: ms(facts.snapshot_pause),

@@ -617,8 +617,9 @@ mod tests {
     }
 
     /// Runs a stop-and-copy migration through the coordinator's machine:
-    /// its `Stop` read back `echo` after it was published, `Live` read at
-    /// 400 ms carrying `visible_before`; returns the report.
+    /// its `Stop` published at 1 ms (after `Prepare`'s acknowledgement) and
+    /// read back `echo` later, `Live` read at 401 ms carrying
+    /// `visible_before`; returns the report.
     fn stop_and_copy_report(
         echo: Option<std::time::Duration>,
         visible_before: Option<std::time::Duration>,
@@ -634,15 +635,17 @@ mod tests {
         };
         let mut machine = CoordinatorMachine::new(plan, crate::migration::MigrationConfig::default(), 1);
         let start = machine.handle(Duration::ZERO, CoordinatorEvent::Start);
+        let stop = ControlBody::Stop { next_epoch: 1 };
         assert!(start
             .iter()
             .any(|a| matches!(a, CoordinatorAction::Publish(ControlBody::Stop { .. }))));
+        machine.publishing(Duration::from_millis(1), &stop);
         let mut feed = |at: Duration, from: Role, body: ControlBody| {
             machine.handle(at, CoordinatorEvent::Record(record("m", from, body)))
         };
         let ms = Duration::from_millis;
         if let Some(echo) = echo {
-            feed(echo, Role::Coordinator, ControlBody::Stop { next_epoch: 1 });
+            feed(ms(1) + echo, Role::Coordinator, ControlBody::Stop { next_epoch: 1 });
         }
         let stopped = ControlBody::Stopped {
             position: at(10),
@@ -674,7 +677,7 @@ mod tests {
             final_gap: 0,
             visible_before_us: visible_before.map(crate::migration::micros),
         };
-        let actions = feed(ms(400), Role::Target, live);
+        let actions = feed(ms(401), Role::Target, live);
         match actions
             .into_iter()
             .find(|a| matches!(a, CoordinatorAction::Completed(_)))
@@ -692,7 +695,9 @@ mod tests {
     fn the_handover_leaves_out_the_control_trips_and_the_wait_for_live() {
         let ms = std::time::Duration::from_millis;
         let report = stop_and_copy_report(Some(ms(2)), Some(ms(30)));
-        assert_eq!(report.cutover_ms, 400.0);
+        assert_eq!(report.cutover_ms, 400.0, "from the Stop's own publishing");
+        assert_eq!(report.control_trip_ms, Some(2.0));
+        assert_eq!(report.visible_before_live_ms, Some(30.0));
         assert_eq!(report.handover_ms, 366.0);
         assert_eq!(report.downtime_ms, 366.0);
         // The target did not report, or `Stop` never came back: the
