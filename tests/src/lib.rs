@@ -171,6 +171,22 @@ pub struct Out {
     pub v: u64,
 }
 
+/// The `n`-th [`Out`] (partition 0, offset and value `n`) as an output
+/// record to `topic`, with one header, for tests that drive a sink by hand.
+pub fn out_record(topic: &str, n: u64) -> ms2m_core::OutputRecord {
+    let out = Out {
+        p: 0,
+        o: n as i64,
+        v: n,
+    };
+    ms2m_core::OutputRecord {
+        topic: topic.into(),
+        key: None,
+        payload: serde_json::to_vec(&out).expect("an Out serializes").into(),
+        headers: vec![("h".into(), bytes::Bytes::from_static(b"v"))],
+    }
+}
+
 impl ServiceState for Summer {
     const SCHEMA_VERSION: u32 = 1;
 

@@ -118,18 +118,7 @@ async fn transactional_sink_commits_position_and_aborts_on_mock() {
     let mut sink = cluster.sink(Delivery::ExactlyOnce).await.unwrap();
     assert_eq!(sink.committed().await.unwrap(), None);
     sink.claim().await.unwrap();
-    let record = |n: u64| ms2m_core::OutputRecord {
-        topic: output.as_str().into(),
-        key: None,
-        payload: serde_json::to_vec(&Out {
-            p: 0,
-            o: n as i64,
-            v: n,
-        })
-        .unwrap()
-        .into(),
-        headers: vec![("h".into(), bytes::Bytes::from_static(b"v"))],
-    };
+    let record = |n: u64| out_record(&output, n);
     sink.send(record(0)).await.unwrap();
     let pos: ms2m_core::Position = [(ms2m_core::TopicPartition::new(input.as_str(), 0), 1)]
         .into_iter()

@@ -185,18 +185,7 @@ async fn an_at_least_once_flush_makes_every_output_readable_without_committing()
     cluster.create_topic(&output, 1, &[]).await.unwrap();
     let mut sink = cluster.sink(Delivery::AtLeastOnce).await.unwrap();
     sink.claim().await.unwrap();
-    let record = |n: u64| ms2m_core::OutputRecord {
-        topic: output.as_str().into(),
-        key: None,
-        payload: serde_json::to_vec(&Out {
-            p: 0,
-            o: n as i64,
-            v: n,
-        })
-        .unwrap()
-        .into(),
-        headers: Vec::new(),
-    };
+    let record = |n: u64| out_record(&output, n);
     let at = |offset: i64| -> ms2m_core::Position {
         [(ms2m_core::TopicPartition::new(input.as_str(), 0), offset)]
             .into_iter()
