@@ -42,7 +42,8 @@ pub trait OutputSink: Send + 'static {
     /// error (Kafka: `init_transactions` bumps the producer epoch).
     async fn claim(&mut self) -> Result<(), Self::Error>;
 
-    /// Queues one output; it becomes visible at the next `commit`.
+    /// Queues one output; it becomes visible at the next `commit` at the
+    /// latest (a sink may show it sooner: see [`flush`](Self::flush)).
     async fn send(&mut self, output: OutputRecord) -> Result<(), Self::Error>;
 
     /// Makes every output sent so far visible, together with `position` (the
