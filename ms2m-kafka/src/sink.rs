@@ -113,7 +113,12 @@ impl std::fmt::Debug for KafkaSink {
 
 /// Waits for one output's acknowledgement.
 async fn delivered(f: DeliveryFuture) -> Result<()> {
-    match f.await {
+    acknowledged(f.await)
+}
+
+/// What a [`DeliveryFuture`] resolved to, as this sink's result.
+fn acknowledged(resolved: <DeliveryFuture as std::future::Future>::Output) -> Result<()> {
+    match resolved {
         Ok(Ok(_)) => Ok(()),
         Ok(Err((e, _))) => Err(KafkaError::kafka("deliver an output")(e)),
         Err(_) => Err(KafkaError::kafka("deliver an output")(RdKafkaError::Canceled)),
@@ -429,13 +434,9 @@ impl OutputSink for KafkaSink {
             self.background_delivered = None;
         }
         while let Some(oldest) = self.pending.front_mut() {
-            let acknowledged = oldest.await;
+            let resolved = oldest.await;
             self.pending.pop_front();
-            match acknowledged {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err(KafkaError::kafka("deliver an output")(e)),
-                Err(_) => return Err(KafkaError::kafka("deliver an output")(RdKafkaError::Canceled)),
-            }
+            acknowledged(resolved)?;
         }
         Ok(true)
     }

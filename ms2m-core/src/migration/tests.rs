@@ -145,7 +145,6 @@ async fn migrate_under_load(strategy: Strategy, config: MigrationConfig) -> Migr
         report.visible_before_live_ms.is_some(),
         "the target timed its first outputs"
     );
-    assert!(report.handover_ms <= report.cutover_ms);
     let owner = current_owner(&*cluster.control, "balances").await.unwrap().unwrap();
     assert_eq!(owner.instance_id, "tgt");
     report
