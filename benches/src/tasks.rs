@@ -117,7 +117,7 @@ impl HostSpec {
             strategy: if self.stop_and_copy {
                 Strategy::StopAndCopy
             } else {
-                Strategy::Ms2m
+                Strategy::Ms2mFromStandby
             },
             ..FleetOptions::default()
         }

@@ -218,18 +218,21 @@ const SNAPSHOT_FAULTS: [Fault; 4] = [
 /// An undecodable input message under each policy.
 const BAD_INPUT_FAULTS: [Fault; 2] = [Fault::BadInputFail, Fault::BadInputDeadLetter];
 
-const STRATEGIES: [Strategy; 4] = [
+const STRATEGIES: [Strategy; 5] = [
     Strategy::Ms2m,
     Strategy::Ms2mThreshold,
+    Strategy::Ms2mFromStandby,
     Strategy::StopAndCopy,
     Strategy::ColdStart,
 ];
 
 /// Phases a strategy has (the baselines stop the source first: no replay
-/// while it serves; cold start takes no checkpoint).
+/// while it serves; cold start and MS2M from the standby take no
+/// checkpoint and transfer none).
 pub fn phases_of(strategy: Strategy) -> &'static [Phase] {
     match strategy {
         Strategy::Ms2m | Strategy::Ms2mThreshold => &PHASES,
+        Strategy::Ms2mFromStandby => &[Phase::Restore, Phase::Replay, Phase::Cutover, Phase::Live],
         Strategy::StopAndCopy => &[
             Phase::Checkpoint,
             Phase::Transfer,

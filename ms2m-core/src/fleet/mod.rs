@@ -87,7 +87,11 @@ pub struct FleetOptions {
     /// How the leader's migrations cut over. Default:
     /// [`MigrationConfig::default`].
     pub migration: MigrationConfig,
-    /// The leader's migration procedure. Default: [`Strategy::Ms2m`].
+    /// The leader's migration procedure. Default:
+    /// [`Strategy::Ms2mFromStandby`]: a task's node on its new host stands
+    /// by (replays the task's partition behind the owner) before the task
+    /// is moved to it, so the move writes and reads no snapshot.
+    /// [`Strategy::Ms2m`] takes a fresh checkpoint for every move instead.
     pub strategy: Strategy,
     /// How long a failed move waits before it is tried again. Default: 5 s.
     pub retry_after: Duration,
@@ -102,7 +106,7 @@ impl Default for FleetOptions {
             standbys: 0,
             auto_rebalance: true,
             migration: MigrationConfig::default(),
-            strategy: Strategy::Ms2m,
+            strategy: Strategy::Ms2mFromStandby,
             retry_after: Duration::from_secs(5),
         }
     }

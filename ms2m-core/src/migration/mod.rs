@@ -94,8 +94,8 @@ use serde::{Deserialize, Serialize};
 pub use coordinator::{Coordinator, MigrationPlan, Recovered};
 pub(crate) use source::ChannelFeed;
 pub use source::{run_source, SourceAgent, SourceExit, SourceHandle, SourceOptions};
-pub(crate) use target::serve_as_target;
 pub use target::{run_target, TargetOptions};
+pub(crate) use target::{serve_as_target, TargetStart};
 
 use crate::control::{ControlBody, ControlChannel, ControlReader};
 use crate::digest::StateDigest;
@@ -150,6 +150,16 @@ pub enum Strategy {
     /// `T_cutoff = T_replay_max · mu / lambda` of replay, bounding total time
     /// when the input outruns replay.
     Ms2mThreshold,
+    /// MS2M without a checkpoint, for a target that stands by (a
+    /// [`Node`](crate::node::Node) replaying behind the owner): the target
+    /// keeps the state it already holds and replays on from there; one that
+    /// holds none restores the newest snapshot in the store. No snapshot is
+    /// written or read for the move, so it costs the standby's lag behind
+    /// the source, whatever the state's size. The digest point still checks
+    /// the target's state against the source's before the source stops.
+    /// Needs the input log to still hold everything after the target's
+    /// position (as a standby's replay does anyway).
+    Ms2mFromStandby,
     /// Baseline: stop the source, snapshot, transfer, restore, go live.
     StopAndCopy,
     /// Baseline: stop the source, rebuild the target from the whole log.
@@ -161,6 +171,7 @@ impl std::fmt::Display for Strategy {
         f.write_str(match self {
             Strategy::Ms2m => "MS2M",
             Strategy::Ms2mThreshold => "MS2M + threshold cutoff",
+            Strategy::Ms2mFromStandby => "MS2M from the standby",
             Strategy::StopAndCopy => "stop-and-copy",
             Strategy::ColdStart => "cold start",
         })

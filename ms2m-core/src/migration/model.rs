@@ -445,10 +445,18 @@ impl MigrationModel {
     fn target_action(&self, w: &mut World, i: usize, action: TargetAction) -> Option<TargetEvent> {
         let node = &mut w.nodes[i];
         match action {
-            TargetAction::Restore { snapshot_id, .. } => {
-                let at = match snapshot_id {
-                    Some(id) => *w.store.get(id as usize)?,
-                    None => 0,
+            TargetAction::Restore {
+                snapshot_id,
+                from_standby,
+                ..
+            } => {
+                let at = match (snapshot_id, from_standby) {
+                    (Some(id), _) => *w.store.get(id as usize)?,
+                    // A standby replays up to the owner's committed
+                    // position: the furthest it can stand, so the closest
+                    // to the digest point and to Pf.
+                    (None, true) => w.sink.position,
+                    (None, false) => 0,
                 };
                 node.applied = at;
                 node.ceiling = at;
@@ -1029,6 +1037,13 @@ mod tests {
         check(model, Some(BOUND));
     }
 
+    /// The target keeps a standby's state, as far along as a standby gets
+    /// (the owner's committed position): no checkpoint, no upload.
+    #[test]
+    fn model_check_ms2m_from_standby_with_a_fault_anywhere() {
+        check(model(Strategy::Ms2mFromStandby, 1), Some(BOUND));
+    }
+
     #[test]
     fn model_check_stop_and_copy_with_a_fault_anywhere() {
         check(model(Strategy::StopAndCopy, 1), Some(BOUND));
@@ -1046,7 +1061,12 @@ mod tests {
     #[ignore = "deep model check, minutes: cargo test -p ms2m-core --release --lib model_check_deep -- --ignored"]
     fn model_check_deep() {
         let env = |name: &str, default: u64| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
-        for strategy in [Strategy::ColdStart, Strategy::StopAndCopy, Strategy::Ms2m] {
+        for strategy in [
+            Strategy::ColdStart,
+            Strategy::StopAndCopy,
+            Strategy::Ms2m,
+            Strategy::Ms2mFromStandby,
+        ] {
             check(
                 MigrationModel {
                     strategy,

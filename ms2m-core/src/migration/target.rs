@@ -64,13 +64,46 @@ where
     O: OutputSink,
     C: ControlChannel,
 {
-    Ok(serve_as_target(backends, config, control, options, listener).await?.0)
+    let start = TargetStart::Backends(backends);
+    Ok(serve_as_target(start, config, control, options, listener).await?.0)
 }
 
-/// [`run_target`], also returning when the target was about to publish its
-/// `Takeover` (the start of its owner lease), if this run published it.
+/// What a target starts from.
+pub(crate) enum TargetStart<S, L, St, O>
+where
+    S: StatefulService,
+    L: MessageLog,
+    St: SnapshotStore,
+    O: OutputSink,
+{
+    /// Fresh backends: every restore fetches its state.
+    Backends(Backends<L, St, O>),
+    /// A standby's instance: kept by a restore from the standby
+    /// ([`Strategy::Ms2mFromStandby`](super::Strategy::Ms2mFromStandby)),
+    /// else taken apart for its backends.
+    Standby(Instance<S, L, St, O>),
+}
+
+impl<S, L, St, O> TargetStart<S, L, St, O>
+where
+    S: StatefulService,
+    L: MessageLog,
+    St: SnapshotStore,
+    O: OutputSink,
+{
+    fn into_backends(self) -> Backends<L, St, O> {
+        match self {
+            TargetStart::Backends(backends) => backends,
+            TargetStart::Standby(instance) => instance.into_parts().2,
+        }
+    }
+}
+
+/// [`run_target`] from `start`, also returning when the target was about to
+/// publish its `Takeover` (the start of its owner lease), if this run
+/// published it.
 pub(crate) async fn serve_as_target<S, L, St, O, C>(
-    backends: Backends<L, St, O>,
+    start: TargetStart<S, L, St, O>,
     config: InstanceConfig,
     control: Arc<C>,
     options: TargetOptions,
@@ -96,7 +129,7 @@ where
             control,
             options,
             listener,
-            parts: Some((backends, config)),
+            parts: Some((start, config)),
             instance: None,
             replay: Replay::default(),
             last_heard: Instant::now(),
@@ -125,7 +158,7 @@ where
     options: TargetOptions,
     listener: &'a dyn ProgressListener,
     /// What the instance is built from, until the restore.
-    parts: Option<(Backends<L, St, O>, InstanceConfig)>,
+    parts: Option<(TargetStart<S, L, St, O>, InstanceConfig)>,
     instance: Option<Instance<S, L, St, O>>,
     replay: Replay,
     /// When a record of our migration last arrived (the phase timeout).
@@ -255,7 +288,13 @@ where
         Ok(match action {
             TargetAction::Restore {
                 snapshot_id,
+                from_standby: true,
+                ..
+            } if snapshot_id.is_none() => Performed::Next(self.restore_from_standby().await?),
+            TargetAction::Restore {
+                snapshot_id,
                 read_ahead,
+                ..
             } => Performed::Next(self.restore(snapshot_id, read_ahead).await?),
             TargetAction::SetCeiling(position) => {
                 self.instance_mut()?.set_ceiling(Some(position.clone()));
@@ -305,9 +344,10 @@ where
             rate: 0.0,
             eta: None,
         });
-        let Some((mut backends, config)) = self.parts.take() else {
+        let Some((start, config)) = self.parts.take() else {
             return Ok(TargetEvent::RestoreFailed("restored twice".into()));
         };
+        let mut backends = start.into_backends();
         let (loaded, transfer, restore) = match snapshot_id {
             Some(id) => match fetch_and_restore(&mut backends, &config, &self.service, id, read_ahead).await {
                 Ok((loaded, transfer, restore)) => (Some(loaded), transfer, restore),
@@ -316,14 +356,43 @@ where
             None => (None, Duration::ZERO, Duration::ZERO),
         };
         let instance = Instance::<S, L, St, O>::restore(backends, config, loaded).await?;
+        Ok(self.restored(instance, transfer, restore))
+    }
+
+    /// Keeps the standby's state (its instance replays on from where it
+    /// stands); a target started without one restores the newest snapshot
+    /// that verifies, or the empty state if there is none.
+    async fn restore_from_standby(&mut self) -> Result<TargetEvent> {
+        let Some((start, config)) = self.parts.take() else {
+            return Ok(TargetEvent::RestoreFailed("restored twice".into()));
+        };
+        let backends = match start {
+            TargetStart::Standby(instance) => {
+                info!(position = %instance.position(), "replaying on from the standby's state");
+                return Ok(self.restored(instance, Duration::ZERO, Duration::ZERO));
+            }
+            TargetStart::Backends(backends) => backends,
+        };
+        let started = Instant::now();
+        let loaded = match crate::store::load_newest_valid::<S, St>(&*backends.store, &self.service).await {
+            Ok((loaded, _rejected)) => loaded,
+            Err(e) => return Ok(TargetEvent::RestoreFailed(crate::store::error_chain(&e))),
+        };
+        let transfer = started.elapsed();
+        let instance = Instance::<S, L, St, O>::restore(backends, config, loaded).await?;
+        Ok(self.restored(instance, transfer, Duration::ZERO))
+    }
+
+    /// Replay starts with `instance`.
+    fn restored(&mut self, instance: Instance<S, L, St, O>, transfer: Duration, restore: Duration) -> TargetEvent {
         let position = instance.position().clone();
         self.replay = Replay::starting_at(&position);
         self.instance = Some(instance);
-        Ok(TargetEvent::Restored {
+        TargetEvent::Restored {
             position,
             transfer_us: transfer.as_micros() as u64,
             restore_us: restore.as_micros() as u64,
-        })
+        }
     }
 
     async fn replay_to(&mut self, pf: Position, with_digest: bool) -> Result<TargetEvent> {

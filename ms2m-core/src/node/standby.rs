@@ -10,7 +10,7 @@ use super::{BackendFactory, Next, Node, NodeRole, Stop};
 use crate::control::ControlChannel;
 use crate::error::Result;
 use crate::log::MessageLog;
-use crate::migration::serve_as_target;
+use crate::migration::{serve_as_target, TargetStart};
 use crate::runtime::{Instance, ProgressPhase};
 use crate::service::StatefulService;
 use crate::sink::OutputSink;
@@ -155,13 +155,13 @@ where
                 view.give_up(id);
             }
         };
-        let backends = match instance {
-            Some(instance) => instance.into_parts().2,
-            None => self.factory.backends().await?,
+        let start = match instance {
+            Some(instance) => TargetStart::Standby(instance),
+            None => TargetStart::Backends(self.factory.backends().await?),
         };
         let quiet = crate::no_progress();
         let target = serve_as_target::<S, L, St, O, C>(
-            backends,
+            start,
             self.instance_config(view),
             self.control.clone(),
             self.options.target.clone(),

@@ -195,6 +195,56 @@ async fn nodes_migrate_back_and_forth() {
     exactly_once(&cluster);
 }
 
+/// MS2M from the standby moves the service with the snapshot store down:
+/// the target keeps the state it replayed as a standby (a fetch would fail)
+/// and the source takes no checkpoint (an upload would fail), both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_migrate_from_the_standby_with_the_snapshot_store_down() {
+    let cluster = MemoryCluster::new();
+    let mut a = start(&cluster, "a");
+    until(&mut a, "a owns", is(NodeRole::Owner)).await;
+    let mut b = start(&cluster, "b");
+    until(&mut b, "b stands by", is(NodeRole::Standby)).await;
+    let load = cluster.produce_steady(600, Duration::from_millis(5));
+    cluster.store.set_unavailable(true);
+    let coordinator = Coordinator::new(Arc::clone(&cluster.control), migration_config());
+    for (i, (from, to)) in [("a", "b"), ("b", "a")].into_iter().enumerate() {
+        until(&mut a, "the next target stands by", |s| {
+            s.role == if to == "a" { NodeRole::Standby } else { NodeRole::Owner }
+        })
+        .await;
+        let plan = MigrationPlan {
+            service: "balances".into(),
+            migration_id: format!("m{i}"),
+            source: from.into(),
+            target: to.into(),
+            strategy: Strategy::Ms2mFromStandby,
+        };
+        let report = coordinator
+            .migrate(&plan, &*crate::no_progress())
+            .await
+            .expect("migration without the snapshot store");
+        assert_eq!(
+            (report.snapshot_bytes, report.transfer_ms),
+            (0, 0.0),
+            "nothing transferred"
+        );
+    }
+    let checkpoints = cluster
+        .control
+        .history()
+        .into_iter()
+        .filter(|m| matches!(m.body, ControlBody::Checkpoint | ControlBody::CheckpointTaken { .. }))
+        .count();
+    assert_eq!(checkpoints, 0, "no checkpoint asked for or taken");
+    cluster.store.set_unavailable(false);
+    until(&mut a, "a owns again", is(NodeRole::Owner)).await;
+    until(&mut b, "b stands by again", is(NodeRole::Standby)).await;
+    load.await.expect("load");
+    all_outputs(&cluster).await;
+    exactly_once(&cluster);
+}
+
 fn migration_config() -> MigrationConfig {
     MigrationConfig {
         cutover: CutoverRule {

@@ -28,6 +28,8 @@ pub enum StrategyArg {
     Ms2m,
     /// MS2M with the threshold cutoff (bounded total time)
     Ms2mThreshold,
+    /// MS2M without a checkpoint: the target keeps the state it holds as a standby
+    Ms2mFromStandby,
     /// Baseline: stop, snapshot, restore
     StopAndCopy,
     /// Baseline: stop, rebuild the target from the whole log
@@ -39,6 +41,7 @@ impl From<StrategyArg> for Strategy {
         match s {
             StrategyArg::Ms2m => Strategy::Ms2m,
             StrategyArg::Ms2mThreshold => Strategy::Ms2mThreshold,
+            StrategyArg::Ms2mFromStandby => Strategy::Ms2mFromStandby,
             StrategyArg::StopAndCopy => Strategy::StopAndCopy,
             StrategyArg::ColdStart => Strategy::ColdStart,
         }

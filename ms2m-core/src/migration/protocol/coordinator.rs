@@ -6,6 +6,7 @@
 //! | strategy | sequence of commands (each waits for the reply before it) |
 //! |---|---|
 //! | MS2M (+ threshold) | `Prepare`, `Checkpoint` → `Restore(snapshot)` → (replay; cutover rule) `Stop` → await `Takeover`, `Live` |
+//! | MS2M from the standby | `Prepare`, `Restore(from standby)` → (replay; cutover rule) `Stop` → await `Takeover`, `Live` |
 //! | stop-and-copy | `Prepare`, `Stop` → `Checkpoint` → `Restore(snapshot)` → await `Takeover`, `Live` |
 //! | cold start | `Prepare`, `Stop` → `Restore(none)` → await `Takeover`, `Live` |
 //!
@@ -148,6 +149,17 @@ pub enum CoordinatorAction {
     Failed(MigrationFailure),
 }
 
+/// What the target restores from.
+#[derive(Clone, Copy, Debug)]
+enum Restore {
+    /// The migration's checkpoint.
+    Snapshot(u64),
+    /// The empty state (cold start).
+    Empty,
+    /// The state it holds as a standby.
+    FromStandby,
+}
+
 impl CoordinatorMachine {
     /// A coordinator for `plan`; the target will take owner epoch `epoch`.
     pub fn new(plan: MigrationPlan, config: MigrationConfig, epoch: u64) -> Self {
@@ -223,6 +235,7 @@ impl CoordinatorMachine {
         let mut actions = vec![CoordinatorAction::Publish(prepare)];
         match self.plan.strategy {
             Strategy::Ms2m | Strategy::Ms2mThreshold => actions.extend(self.enter_checkpoint(now)),
+            Strategy::Ms2mFromStandby => actions.extend(self.enter_restore(now, Restore::FromStandby)),
             Strategy::StopAndCopy | Strategy::ColdStart => actions.extend(self.enter_stop(now)),
         }
         actions
@@ -250,9 +263,17 @@ impl CoordinatorMachine {
         vec![CoordinatorAction::Publish(stop)]
     }
 
-    fn enter_restore(&mut self, now: Duration, snapshot_id: Option<u64>) -> Vec<CoordinatorAction> {
+    fn enter_restore(&mut self, now: Duration, from: Restore) -> Vec<CoordinatorAction> {
         self.enter(now, CoordinatorPhase::Restoring);
-        vec![CoordinatorAction::Publish(ControlBody::Restore { snapshot_id })]
+        let (snapshot_id, from_standby) = match from {
+            Restore::Snapshot(id) => (Some(id), false),
+            Restore::Empty => (None, false),
+            Restore::FromStandby => (None, true),
+        };
+        vec![CoordinatorAction::Publish(ControlBody::Restore {
+            snapshot_id,
+            from_standby,
+        })]
     }
 
     /// Every record of the service is folded into the decisions (a winning
@@ -311,14 +332,14 @@ impl CoordinatorMachine {
         facts.checkpoint = now.saturating_sub(facts.checkpoint);
         (facts.p0, facts.snapshot_bytes) = (position.clone(), *bytes);
         facts.snapshot_pause = Duration::from_micros(*pause_us);
-        self.enter_restore(now, Some(*snapshot_id))
+        self.enter_restore(now, Restore::Snapshot(*snapshot_id))
     }
 
     fn on_restored(&mut self, now: Duration, body: &ControlBody) -> Vec<CoordinatorAction> {
         let ControlBody::Restored {
+            position,
             transfer_us,
             restore_us,
-            ..
         } = body
         else {
             return Vec::new();
@@ -326,6 +347,12 @@ impl CoordinatorMachine {
         self.facts.0.transfer = Duration::from_micros(*transfer_us);
         self.facts.0.restore = Duration::from_micros(*restore_us);
         match self.plan.strategy {
+            Strategy::Ms2mFromStandby => {
+                // No checkpoint: replay starts where the target stood.
+                self.facts.0.p0 = position.clone();
+                self.replay_started = now;
+                self.enter(now, CoordinatorPhase::Replaying);
+            }
             Strategy::Ms2m | Strategy::Ms2mThreshold => {
                 self.replay_started = now;
                 self.enter(now, CoordinatorPhase::Replaying);
@@ -429,12 +456,12 @@ impl CoordinatorMachine {
         }
         self.facts.0.source_stall = Duration::from_micros(*longest_stall_us);
         match self.plan.strategy {
-            Strategy::Ms2m | Strategy::Ms2mThreshold => {
+            Strategy::Ms2m | Strategy::Ms2mThreshold | Strategy::Ms2mFromStandby => {
                 self.await_takeover(now);
                 vec![progress(ProgressPhase::Cutover)]
             }
             Strategy::StopAndCopy => self.enter_checkpoint(now),
-            Strategy::ColdStart => self.enter_restore(now, None),
+            Strategy::ColdStart => self.enter_restore(now, Restore::Empty),
         }
     }
 

@@ -435,13 +435,23 @@ mod tests {
     #[test]
     fn the_target_reads_ahead_only_while_the_source_serves() {
         use target::{TargetAction, TargetEvent, TargetMachine};
-        let restore = || record("m", Role::Coordinator, ControlBody::Restore { snapshot_id: Some(0) });
+        let restore = || {
+            record(
+                "m",
+                Role::Coordinator,
+                ControlBody::Restore {
+                    snapshot_id: Some(0),
+                    from_standby: false,
+                },
+            )
+        };
         let mut serving = TargetMachine::new("tgt", Decisions::default());
         serving.handle(TargetEvent::Record(prepare()));
         assert_eq!(
             serving.handle(TargetEvent::Record(restore())),
             vec![TargetAction::Restore {
                 snapshot_id: Some(0),
+                from_standby: false,
                 read_ahead: true
             }]
         );
@@ -457,7 +467,53 @@ mod tests {
             stopped.handle(TargetEvent::Record(restore())),
             vec![TargetAction::Restore {
                 snapshot_id: Some(0),
+                from_standby: false,
                 read_ahead: false
+            }]
+        );
+    }
+
+    /// From the standby: no `Checkpoint` goes to the source; `Restore` tells
+    /// the target to keep its state, and replay starts from where it stood.
+    #[test]
+    fn from_the_standby_the_coordinator_skips_the_checkpoint() {
+        use coordinator::{CoordinatorAction, CoordinatorEvent, CoordinatorMachine, CoordinatorPhase};
+        use std::time::Duration;
+        use target::{TargetAction, TargetEvent, TargetMachine};
+        let plan = crate::migration::MigrationPlan {
+            service: "s".into(),
+            migration_id: "m".into(),
+            source: "src".into(),
+            target: "tgt".into(),
+            strategy: crate::migration::Strategy::Ms2mFromStandby,
+        };
+        let mut machine = CoordinatorMachine::new(plan, crate::migration::MigrationConfig::default(), 1);
+        let published: Vec<ControlBody> = machine
+            .handle(Duration::ZERO, CoordinatorEvent::Start)
+            .into_iter()
+            .filter_map(|a| match a {
+                CoordinatorAction::Publish(body) => Some(body),
+                _ => None,
+            })
+            .collect();
+        let restore = ControlBody::Restore {
+            snapshot_id: None,
+            from_standby: true,
+        };
+        assert!(matches!(published[0], ControlBody::Prepare { .. }));
+        assert_eq!(published[1..], [restore.clone()], "no Checkpoint");
+        assert_eq!(machine.phase(), CoordinatorPhase::Restoring);
+        machine.handle(Duration::ZERO, CoordinatorEvent::Record(restored()));
+        assert_eq!(machine.phase(), CoordinatorPhase::Replaying);
+
+        let mut target = TargetMachine::new("tgt", Decisions::default());
+        target.handle(TargetEvent::Record(prepare()));
+        assert_eq!(
+            target.handle(TargetEvent::Record(record("m", Role::Coordinator, restore))),
+            vec![TargetAction::Restore {
+                snapshot_id: None,
+                from_standby: true,
+                read_ahead: true
             }]
         );
     }
@@ -468,7 +524,14 @@ mod tests {
         use target::{TargetEvent, TargetMachine};
         let mut target = TargetMachine::new("tgt", Decisions::default());
         target.handle(TargetEvent::Record(prepare()));
-        let restore = record("m", Role::Coordinator, ControlBody::Restore { snapshot_id: Some(0) });
+        let restore = record(
+            "m",
+            Role::Coordinator,
+            ControlBody::Restore {
+                snapshot_id: Some(0),
+                from_standby: false,
+            },
+        );
         target.handle(TargetEvent::Record(restore));
         target.handle(TargetEvent::Restored {
             position: at(10),

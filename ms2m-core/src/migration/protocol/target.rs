@@ -1,5 +1,6 @@
 //! The target's protocol: a standby that is named by a migration, restores
-//! its checkpoint, replays behind the source (never past the source's
+//! its checkpoint (or keeps its own state, when the migration says so),
+//! replays behind the source (never past the source's
 //! published position), and takes over at exactly the position Pf where the
 //! source stopped.
 //!
@@ -147,6 +148,9 @@ pub enum TargetAction {
     Restore {
         /// The snapshot.
         snapshot_id: Option<SnapshotId>,
+        /// Keep the state this target holds as a standby instead (having
+        /// none: restore the newest snapshot in the store, or start empty).
+        from_standby: bool,
         /// Whether to start reading the input while the snapshot transfers:
         /// only while the source still serves (MS2M), when the input's tail
         /// is what the target replays before the cutover. After the source
@@ -278,11 +282,18 @@ impl TargetMachine {
             return Vec::new();
         };
         match (m.body, m.from) {
-            (ControlBody::Restore { snapshot_id }, Role::Coordinator) if self.phase == TargetPhase::Selected => {
+            (
+                ControlBody::Restore {
+                    snapshot_id,
+                    from_standby,
+                },
+                Role::Coordinator,
+            ) if self.phase == TargetPhase::Selected => {
                 self.phase = TargetPhase::Restoring;
                 let read_ahead = sel.stopped.is_none();
                 vec![TargetAction::Restore {
                     snapshot_id,
+                    from_standby,
                     read_ahead,
                 }]
             }
