@@ -27,7 +27,7 @@
 //! Every [`reader`](ControlChannel::reader) of one `KafkaControl` is fed by
 //! one consumer that follows the topic's end (started by the first reader),
 //! and [`history`](ControlChannel::history) reads only the records after
-//! those it read before. A host of many partitioned tasks shares one
+//! those it read before, one read for all the calls waiting on it. A host of many partitioned tasks shares one
 //! channel among their nodes, and each of them takes several readers
 //! (view, source, target, coordinator): with a consumer each, the broker
 //! answered tens of thousands of empty fetches a second. The follower runs
@@ -87,6 +87,9 @@ const FOLLOWER_CHECK: Duration = Duration::from_secs(1);
 struct ReadSoFar {
     records: Vec<ControlMessage>,
     next: i64,
+    /// When the latest read that reached the end began (before it asked
+    /// for the end).
+    last_began: Option<std::time::Instant>,
 }
 
 impl std::fmt::Debug for KafkaControl {
@@ -265,7 +268,10 @@ impl ControlChannel for KafkaControl {
     /// Reads only the records after those this channel read before (the
     /// topic is append-only: never compacted, never deleted, checked at
     /// start), so a host whose many task nodes each read the history pays
-    /// for each record once. Calls are serialized.
+    /// for each record once. Concurrent calls share reads: a call that
+    /// waited for another read returns that read's result if it began
+    /// after the call did (it saw every record acknowledged before), so
+    /// calls never queue more than one read deep.
     async fn history(&self) -> Result<Vec<ControlMessage>> {
         Ok(self.history_and_next().await?.0)
     }
@@ -291,7 +297,16 @@ impl ControlChannel for KafkaControl {
 impl KafkaControl {
     /// The whole history and the offset after it (the tail read only).
     async fn history_and_next(&self) -> Result<(Vec<ControlMessage>, i64)> {
+        let asked = std::time::Instant::now();
         let mut read = self.read.lock().await;
+        if read.last_began.is_some_and(|began| began > asked) {
+            // A read that began after this call did reached the end while
+            // we waited for it: every record acknowledged before this call
+            // is in it. Concurrent calls share one read instead of queueing
+            // one each (one read is a client, a watermark and a fetch).
+            return Ok((read.records.clone(), read.next));
+        }
+        let began = std::time::Instant::now();
         let from = read.next;
         let (mut tail, mut next, mut cut) = self.read_from(from).await?;
         if next < from {
@@ -305,7 +320,10 @@ impl KafkaControl {
         read.next = next;
         match cut {
             Some(e) => Err(e),
-            None => Ok((read.records.clone(), read.next)),
+            None => {
+                read.last_began = Some(began);
+                Ok((read.records.clone(), read.next))
+            }
         }
     }
 

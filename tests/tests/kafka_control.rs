@@ -137,3 +137,35 @@ async fn undecodable_control_records_are_skipped_and_counted() {
     // The same two records, read three times: counted once each.
     assert_eq!(control.skipped_records(), 2);
 }
+
+/// Concurrent `history()` calls share reads (a call that waited behind
+/// another read returns that read's result when it began after the call),
+/// and still each returns every record acknowledged before it was called:
+/// each of 8 tasks publishes its own record, then reads the history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_history_reads_each_see_every_record_published_before_them() {
+    let service = unique("ctl-shared");
+    let cluster = connect(config(&service));
+    let control = std::sync::Arc::new(cluster.control().await.unwrap());
+    control.publish(&message("m0", "before")).await.unwrap();
+    let mut calls = tokio::task::JoinSet::new();
+    for round in 0..3 {
+        for i in 0..8 {
+            let control = std::sync::Arc::clone(&control);
+            calls.spawn(async move {
+                let own = message(&format!("m{round}-{i}"), "own");
+                control.publish(&own).await.unwrap();
+                (own, control.history().await.unwrap())
+            });
+        }
+        while let Some(call) = calls.join_next().await {
+            let (own, history) = call.unwrap();
+            assert!(
+                history.contains(&own),
+                "{} missing from a history read after it was published",
+                own.migration_id
+            );
+        }
+    }
+    assert_eq!(control.history().await.unwrap().len(), 1 + 3 * 8);
+}
