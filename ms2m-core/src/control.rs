@@ -90,17 +90,16 @@ pub enum ControlBody {
     /// Coordinator → target: fetch and restore this snapshot (or start from
     /// an empty state: the cold-start baseline), then replay.
     Restore {
-        /// Snapshot to restore; `None` for a cold start, or with `from_standby`.
+        /// Snapshot to restore; `None` for a cold start.
         snapshot_id: Option<SnapshotId>,
-        /// Keep the state the target already holds as a standby (or, having
-        /// none, restore the newest snapshot in the store) instead of a
-        /// snapshot taken for this migration
-        /// ([`Strategy::Ms2mFromStandby`](crate::migration::Strategy::Ms2mFromStandby)).
-        /// A target from before this field reads it as a cold start: slower,
-        /// still correct.
-        #[serde(default)]
-        from_standby: bool,
     },
+    /// Coordinator → target: keep the state held as a standby (having none,
+    /// restore the newest snapshot in the store, or the empty state), then
+    /// replay ([`Strategy::Ms2mFromStandby`](crate::migration::Strategy::Ms2mFromStandby)).
+    /// A record of its own rather than a flag on `Restore`: a target from
+    /// before it cannot decode it and skips it, so the migration times out
+    /// and rolls back, where an ignored flag would have read as a cold start.
+    RestoreFromStandby,
     /// Target → coordinator: restored; replay is starting.
     Restored {
         /// Position restored at.

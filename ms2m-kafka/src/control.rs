@@ -27,7 +27,7 @@
 //! Every [`reader`](ControlChannel::reader) of one `KafkaControl` is fed by
 //! one consumer that follows the topic's end (started by the first reader),
 //! and [`history`](ControlChannel::history) reads only the records after
-//! those it read before, one read for all the calls waiting on it. A host of many partitioned tasks shares one
+//! those it read before; calls that arrive while a read runs share the next one. A host of many partitioned tasks shares one
 //! channel among their nodes, and each of them takes several readers
 //! (view, source, target, coordinator): with a consumer each, the broker
 //! answered tens of thousands of empty fetches a second. The follower runs
@@ -319,7 +319,13 @@ impl KafkaControl {
         read.records.extend(tail);
         read.next = next;
         match cut {
-            Some(e) => Err(e),
+            Some(e) => {
+                // What is kept may no longer be a whole history (a topic
+                // recreated and read again only in part): no waiting call
+                // may take it as one.
+                read.last_began = None;
+                Err(e)
+            }
             None => {
                 read.last_began = Some(began);
                 Ok((read.records.clone(), read.next))

@@ -228,7 +228,9 @@ const STRATEGIES: [Strategy; 5] = [
 
 /// Phases a strategy has (the baselines stop the source first: no replay
 /// while it serves; cold start and MS2M from the standby take no
-/// checkpoint and transfer none).
+/// checkpoint; here the target of MS2M from the standby is started by
+/// `run_target`, without standby state, so its restore loads the newest
+/// snapshot in the store).
 pub fn phases_of(strategy: Strategy) -> &'static [Phase] {
     match strategy {
         Strategy::Ms2m | Strategy::Ms2mThreshold => &PHASES,

@@ -177,9 +177,13 @@ async fn outputs(setup: &Setup) -> Vec<BalanceChanged> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_strategy_hands_over_under_steady_input_without_loss_or_duplicates() {
+    // MS2M from the standby with a target started by `run_target` (no
+    // standby state): it restores the newest snapshot, or starts empty,
+    // and replays. The fleet's tests move tasks between standing-by nodes.
     for strategy in [
         Strategy::Ms2m,
         Strategy::Ms2mThreshold,
+        Strategy::Ms2mFromStandby,
         Strategy::StopAndCopy,
         Strategy::ColdStart,
     ] {

@@ -18,7 +18,7 @@ use super::{task_id, FleetOptions, FleetState};
 use crate::control::{ControlBody, ControlChannel, ControlMessage, Role};
 use crate::error::{Error, Result};
 use crate::log::MessageLog;
-use crate::migration::{Coordinator, MigrationPlan};
+use crate::migration::{Coordinator, MigrationPlan, Strategy};
 use crate::node::{BackendFactory, Node, NodeRole, NodeStatus};
 use crate::service::StatefulService;
 use crate::sink::OutputSink;
@@ -68,6 +68,10 @@ struct Leading {
     moving: BTreeSet<String>,
     /// When a failed move of a task may be tried again.
     retry_at: BTreeMap<String, Instant>,
+    /// Tasks whose last move failed: the next one takes a checkpoint
+    /// ([`Strategy::Ms2m`]) rather than trust the target's standby state
+    /// again (a digest mismatch, a standby that stood past the source).
+    checkpoint_next: BTreeSet<String>,
     /// Rebalance requests seen (acted on if this host led then).
     rebalances: u64,
 }
@@ -364,16 +368,29 @@ impl<C: ControlChannel> TaskHost<C> {
             ),
             source: owner.instance_id.clone(),
             target: target.to_string(),
-            strategy: self.options.strategy,
+            strategy: self.strategy_for(leading, task),
         })
+    }
+
+    /// The fleet's strategy, except after a failed move of the task from a
+    /// standby: then one with a fresh checkpoint.
+    fn strategy_for(&self, leading: &Leading, task: &str) -> Strategy {
+        match self.options.strategy {
+            Strategy::Ms2mFromStandby if leading.checkpoint_next.contains(task) => Strategy::Ms2m,
+            strategy => strategy,
+        }
     }
 
     fn moved(&self, leading: &mut Leading, task: String, result: Result<()>) {
         leading.moving.remove(&task);
         match result {
-            Ok(()) => info!(%task, "moved"),
+            Ok(()) => {
+                info!(%task, "moved");
+                leading.checkpoint_next.remove(&task);
+            }
             Err(e) => {
-                warn!(%task, error = %e, "move failed; trying again later");
+                warn!(%task, error = %e, "move failed; trying again later, with a checkpoint");
+                leading.checkpoint_next.insert(task.clone());
                 leading.retry_at.insert(task, Instant::now() + self.options.retry_after);
             }
         }
@@ -407,5 +424,36 @@ impl Nodes {
             }
             .in_current_span(),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::MemoryControl;
+
+    /// A failed move of a task from its target's standby state (a digest
+    /// mismatch, say) is followed by one with a checkpoint; a move that
+    /// succeeds restores the fleet's strategy for that task.
+    #[tokio::test]
+    async fn after_a_failed_move_from_the_standby_the_next_takes_a_checkpoint() {
+        let host = TaskHost::new(
+            "a",
+            "svc",
+            0..2,
+            Arc::new(MemoryControl::new()),
+            FleetOptions::default(),
+        );
+        let (task, other) = (task_id("svc", 0), task_id("svc", 1));
+        let mut leading = Leading::default();
+        assert_eq!(host.strategy_for(&leading, &task), Strategy::Ms2mFromStandby);
+        let failed = Err(Error::Migration(crate::migration::MigrationError::Aborted {
+            reason: "digests differ".into(),
+        }));
+        host.moved(&mut leading, task.clone(), failed);
+        assert_eq!(host.strategy_for(&leading, &task), Strategy::Ms2m);
+        assert_eq!(host.strategy_for(&leading, &other), Strategy::Ms2mFromStandby);
+        host.moved(&mut leading, task.clone(), Ok(()));
+        assert_eq!(host.strategy_for(&leading, &task), Strategy::Ms2mFromStandby);
     }
 }

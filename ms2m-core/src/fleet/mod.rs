@@ -90,7 +90,8 @@ pub struct FleetOptions {
     /// The leader's migration procedure. Default:
     /// [`Strategy::Ms2mFromStandby`]: a task's node on its new host stands
     /// by (replays the task's partition behind the owner) before the task
-    /// is moved to it, so the move writes and reads no snapshot.
+    /// is moved to it, so the move writes and reads no snapshot; after a
+    /// failed move of a task, the next one takes a checkpoint.
     /// [`Strategy::Ms2m`] takes a fresh checkpoint for every move instead.
     pub strategy: Strategy,
     /// How long a failed move waits before it is tried again. Default: 5 s.

@@ -47,7 +47,35 @@
 //! target:                                                 Restored ─ TargetProgress* ───────────────────────────────── Takeover ─ Live
 //! ```
 //! (stop-and-copy: `Prepare`, `Stop`, `Checkpoint`, `Restore`; cold start:
-//! `Prepare`, `Stop`, `Restore(none)`.)
+//! `Prepare`, `Stop`, `Restore(none)`; MS2M from the standby: `Prepare`,
+//! `RestoreFromStandby`, then as MS2M from `Restored` on.)
+//!
+//! # Without a checkpoint: MS2M from the standby
+//!
+//! Phases 1–3 exist to give the target the source's state at some position
+//! P0. A target that is a [`Node`](crate::node::Node) standing by already
+//! holds the service's state at a position of its own: it restored a
+//! snapshot when it started and has replayed the input behind the owner
+//! since, outputs suppressed, never past the owner's committed position
+//! (so never past Pd or Pf). [`Strategy::Ms2mFromStandby`] skips phases
+//! 1–3: the source takes no checkpoint, the target keeps that state and
+//! replays on from where it stands, and the digest point checks it against
+//! the source's before the source stops, as it checks a restored one. The
+//! move then costs the standby's lag, not a snapshot written and read
+//! through the store (the fleet's scale-out benchmark, S1 in BENCHMARKS.md,
+//! measures both). What it trusts: that the standby's replay made the same
+//! state the owner's did, which the digest checks under
+//! [`DigestPolicy::Abort`] (default); under `Warn` a standby that diverged
+//! (a log gap it was allowed to skip, `StartFrom::Latest` with no snapshot)
+//! would go live with its own state. A target with no standby state (a
+//! process started as a target, [`run_target`]) restores the newest
+//! snapshot in the store that verifies, or the empty state, and replays
+//! from there: correct, but as slow as that replay. The fleet's leader uses
+//! this strategy by default
+//! ([`FleetOptions::strategy`](crate::fleet::FleetOptions::strategy)) and
+//! moves a task only once its node on the new host stands by; after a
+//! failed move of a task it takes a checkpoint ([`Strategy::Ms2m`]) for the
+//! next one.
 //!
 //! # The decision rule
 //!

@@ -445,18 +445,17 @@ impl MigrationModel {
     fn target_action(&self, w: &mut World, i: usize, action: TargetAction) -> Option<TargetEvent> {
         let node = &mut w.nodes[i];
         match action {
-            TargetAction::Restore {
-                snapshot_id,
-                from_standby,
-                ..
-            } => {
-                let at = match (snapshot_id, from_standby) {
-                    (Some(id), _) => *w.store.get(id as usize)?,
+            TargetAction::Restore { .. } | TargetAction::RestoreFromStandby => {
+                let at = match action {
+                    TargetAction::Restore {
+                        snapshot_id: Some(id), ..
+                    } => *w.store.get(id as usize)?,
                     // A standby replays up to the owner's committed
                     // position: the furthest it can stand, so the closest
-                    // to the digest point and to Pf.
-                    (None, true) => w.sink.position,
-                    (None, false) => 0,
+                    // to the digest point and to Pf (one standing further
+                    // back replays more, as from a snapshot).
+                    TargetAction::RestoreFromStandby => w.sink.position,
+                    _ => 0,
                 };
                 node.applied = at;
                 node.ceiling = at;

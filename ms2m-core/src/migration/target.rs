@@ -81,7 +81,7 @@ where
     /// A standby's instance: kept by a restore from the standby
     /// ([`Strategy::Ms2mFromStandby`](super::Strategy::Ms2mFromStandby)),
     /// else taken apart for its backends.
-    Standby(Instance<S, L, St, O>),
+    Standby(Box<Instance<S, L, St, O>>),
 }
 
 impl<S, L, St, O> TargetStart<S, L, St, O>
@@ -94,7 +94,7 @@ where
     fn into_backends(self) -> Backends<L, St, O> {
         match self {
             TargetStart::Backends(backends) => backends,
-            TargetStart::Standby(instance) => instance.into_parts().2,
+            TargetStart::Standby(instance) => (*instance).into_parts().2,
         }
     }
 }
@@ -288,14 +288,9 @@ where
         Ok(match action {
             TargetAction::Restore {
                 snapshot_id,
-                from_standby: true,
-                ..
-            } if snapshot_id.is_none() => Performed::Next(self.restore_from_standby().await?),
-            TargetAction::Restore {
-                snapshot_id,
                 read_ahead,
-                ..
             } => Performed::Next(self.restore(snapshot_id, read_ahead).await?),
+            TargetAction::RestoreFromStandby => Performed::Next(self.restore_from_standby().await?),
             TargetAction::SetCeiling(position) => {
                 self.instance_mut()?.set_ceiling(Some(position.clone()));
                 self.replay.source_position = position;
@@ -367,15 +362,22 @@ where
             return Ok(TargetEvent::RestoreFailed("restored twice".into()));
         };
         let backends = match start {
-            TargetStart::Standby(instance) => {
+            TargetStart::Standby(mut instance) => {
                 info!(position = %instance.position(), "replaying on from the standby's state");
-                return Ok(self.restored(instance, Duration::ZERO, Duration::ZERO));
+                // Inputs an operator skipped since the standby last looked.
+                instance.skip_inputs(config.skip_inputs.iter().cloned());
+                return Ok(self.restored(*instance, Duration::ZERO, Duration::ZERO));
             }
             TargetStart::Backends(backends) => backends,
         };
         let started = Instant::now();
         let loaded = match crate::store::load_newest_valid::<S, St>(&*backends.store, &self.service).await {
-            Ok((loaded, _rejected)) => loaded,
+            Ok((loaded, rejected)) => {
+                if !rejected.is_empty() {
+                    warn!(count = rejected.len(), "skipped snapshots that failed verification");
+                }
+                loaded
+            }
             Err(e) => return Ok(TargetEvent::RestoreFailed(crate::store::error_chain(&e))),
         };
         let transfer = started.elapsed();
@@ -387,6 +389,7 @@ where
     fn restored(&mut self, instance: Instance<S, L, St, O>, transfer: Duration, restore: Duration) -> TargetEvent {
         let position = instance.position().clone();
         self.replay = Replay::starting_at(&position);
+        self.replay.replayed_before = instance.stats().applied_replay;
         self.instance = Some(instance);
         TargetEvent::Restored {
             position,
@@ -417,11 +420,13 @@ where
         digest: crate::StateDigest,
         digest_match: bool,
     ) -> Result<()> {
-        let replayed_at_stop = self.replay.replayed_at_stop;
+        let (replayed_at_stop, replayed_before) = (self.replay.replayed_at_stop, self.replay.replayed_before);
         let instance = self.instance_mut()?;
         instance.go_live();
-        let replayed = instance.stats().applied_replay;
-        let final_gap = replayed - replayed_at_stop.unwrap_or(replayed);
+        let replayed_total = instance.stats().applied_replay;
+        let final_gap = replayed_total - replayed_at_stop.unwrap_or(replayed_total);
+        // A kept standby counted what it replayed before the migration too.
+        let replayed = replayed_total.saturating_sub(replayed_before);
         let owner = instance.config().instance_id().to_string();
         if !digest_match {
             warn!(%digest, "state digests differ at cutover; going live anyway (policy: warn)");
@@ -454,7 +459,10 @@ where
         let (lag, apply_rate, input_rate) = self.replay.report(instance.position());
         self.listener.on_progress(&crate::Progress {
             phase: ProgressPhase::MigrationReplay,
-            applied: instance.stats().applied_replay,
+            applied: instance
+                .stats()
+                .applied_replay
+                .saturating_sub(self.replay.replayed_before),
             remaining: lag,
             rate: apply_rate,
             eta: crate::runtime::eta(lag, (apply_rate - input_rate).max(0.0)),
@@ -578,6 +586,9 @@ struct Replay {
     last_report: Option<Instant>,
     /// Replay-mode messages applied when the final gap began.
     replayed_at_stop: Option<u64>,
+    /// Replay-mode messages the instance had applied when the migration's
+    /// replay began (a kept standby's own replay before it).
+    replayed_before: u64,
     /// The digest point to report reaching (`CheckDigestAt`).
     digest_point: Option<Position>,
 }

@@ -774,15 +774,7 @@ async fn late_stop(case: LateStop) {
         ControlBody::CheckpointTaken { snapshot_id, .. } => Some(snapshot_id),
         _ => None,
     });
-    coordinator_says(
-        &cluster,
-        &id,
-        ControlBody::Restore {
-            snapshot_id,
-            from_standby: false,
-        },
-    )
-    .await;
+    coordinator_says(&cluster, &id, ControlBody::Restore { snapshot_id }).await;
     wait_for(&cluster, "restored", |b| matches!(b, ControlBody::Restored { .. })).await;
     let stop_cmd = ControlBody::Stop { next_epoch: 1 };
     let aborted = ControlBody::Aborted {

@@ -156,7 +156,7 @@ where
             }
         };
         let start = match instance {
-            Some(instance) => TargetStart::Standby(instance),
+            Some(instance) => TargetStart::Standby(Box::new(instance)),
             None => TargetStart::Backends(self.factory.backends().await?),
         };
         let quiet = crate::no_progress();

@@ -229,6 +229,7 @@ async fn nodes_migrate_from_the_standby_with_the_snapshot_store_down() {
             (0, 0.0),
             "nothing transferred"
         );
+        assert!(report.digest_match, "the kept state compared at the digest point");
     }
     let checkpoints = cluster
         .control

@@ -28,7 +28,7 @@ pub enum StrategyArg {
     Ms2m,
     /// MS2M with the threshold cutoff (bounded total time)
     Ms2mThreshold,
-    /// MS2M without a checkpoint: the target keeps the state it holds as a standby
+    /// MS2M without a checkpoint: a target node keeps its standby state (one without restores the newest snapshot)
     Ms2mFromStandby,
     /// Baseline: stop, snapshot, restore
     StopAndCopy,

@@ -204,7 +204,7 @@ impl Msg {
         let (sender, ok) = match (&m.body, self) {
             (ControlBody::Checkpoint, Msg::Checkpoint) => (Role::Coordinator, true),
             (ControlBody::CheckpointTaken { .. }, Msg::CheckpointTaken) => (Role::Source, true),
-            (ControlBody::Restore { .. }, Msg::Restore) => (Role::Coordinator, true),
+            (ControlBody::Restore { .. } | ControlBody::RestoreFromStandby, Msg::Restore) => (Role::Coordinator, true),
             (ControlBody::Restored { .. }, Msg::Restored) => (Role::Target, true),
             (ControlBody::TargetProgress { .. }, Msg::TargetProgress) => (Role::Target, true),
             (ControlBody::Stop { .. }, Msg::Stop) => (Role::Coordinator, true),

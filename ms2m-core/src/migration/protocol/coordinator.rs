@@ -6,7 +6,7 @@
 //! | strategy | sequence of commands (each waits for the reply before it) |
 //! |---|---|
 //! | MS2M (+ threshold) | `Prepare`, `Checkpoint` → `Restore(snapshot)` → (replay; cutover rule) `Stop` → await `Takeover`, `Live` |
-//! | MS2M from the standby | `Prepare`, `Restore(from standby)` → (replay; cutover rule) `Stop` → await `Takeover`, `Live` |
+//! | MS2M from the standby | `Prepare`, `RestoreFromStandby` → (replay; cutover rule) `Stop` → await `Takeover`, `Live` |
 //! | stop-and-copy | `Prepare`, `Stop` → `Checkpoint` → `Restore(snapshot)` → await `Takeover`, `Live` |
 //! | cold start | `Prepare`, `Stop` → `Restore(none)` → await `Takeover`, `Live` |
 //!
@@ -151,13 +151,13 @@ pub enum CoordinatorAction {
 
 /// What the target restores from.
 #[derive(Clone, Copy, Debug)]
-enum Restore {
+enum RestoreFrom {
     /// The migration's checkpoint.
     Snapshot(u64),
     /// The empty state (cold start).
     Empty,
     /// The state it holds as a standby.
-    FromStandby,
+    Standby,
 }
 
 impl CoordinatorMachine {
@@ -235,7 +235,7 @@ impl CoordinatorMachine {
         let mut actions = vec![CoordinatorAction::Publish(prepare)];
         match self.plan.strategy {
             Strategy::Ms2m | Strategy::Ms2mThreshold => actions.extend(self.enter_checkpoint(now)),
-            Strategy::Ms2mFromStandby => actions.extend(self.enter_restore(now, Restore::FromStandby)),
+            Strategy::Ms2mFromStandby => actions.extend(self.enter_restore(now, RestoreFrom::Standby)),
             Strategy::StopAndCopy | Strategy::ColdStart => actions.extend(self.enter_stop(now)),
         }
         actions
@@ -263,17 +263,14 @@ impl CoordinatorMachine {
         vec![CoordinatorAction::Publish(stop)]
     }
 
-    fn enter_restore(&mut self, now: Duration, from: Restore) -> Vec<CoordinatorAction> {
+    fn enter_restore(&mut self, now: Duration, from: RestoreFrom) -> Vec<CoordinatorAction> {
         self.enter(now, CoordinatorPhase::Restoring);
-        let (snapshot_id, from_standby) = match from {
-            Restore::Snapshot(id) => (Some(id), false),
-            Restore::Empty => (None, false),
-            Restore::FromStandby => (None, true),
+        let body = match from {
+            RestoreFrom::Snapshot(id) => ControlBody::Restore { snapshot_id: Some(id) },
+            RestoreFrom::Empty => ControlBody::Restore { snapshot_id: None },
+            RestoreFrom::Standby => ControlBody::RestoreFromStandby,
         };
-        vec![CoordinatorAction::Publish(ControlBody::Restore {
-            snapshot_id,
-            from_standby,
-        })]
+        vec![CoordinatorAction::Publish(body)]
     }
 
     /// Every record of the service is folded into the decisions (a winning
@@ -332,7 +329,7 @@ impl CoordinatorMachine {
         facts.checkpoint = now.saturating_sub(facts.checkpoint);
         (facts.p0, facts.snapshot_bytes) = (position.clone(), *bytes);
         facts.snapshot_pause = Duration::from_micros(*pause_us);
-        self.enter_restore(now, Restore::Snapshot(*snapshot_id))
+        self.enter_restore(now, RestoreFrom::Snapshot(*snapshot_id))
     }
 
     fn on_restored(&mut self, now: Duration, body: &ControlBody) -> Vec<CoordinatorAction> {
@@ -461,7 +458,7 @@ impl CoordinatorMachine {
                 vec![progress(ProgressPhase::Cutover)]
             }
             Strategy::StopAndCopy => self.enter_checkpoint(now),
-            Strategy::ColdStart => self.enter_restore(now, Restore::Empty),
+            Strategy::ColdStart => self.enter_restore(now, RestoreFrom::Empty),
         }
     }
 

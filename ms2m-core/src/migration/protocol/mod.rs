@@ -435,23 +435,13 @@ mod tests {
     #[test]
     fn the_target_reads_ahead_only_while_the_source_serves() {
         use target::{TargetAction, TargetEvent, TargetMachine};
-        let restore = || {
-            record(
-                "m",
-                Role::Coordinator,
-                ControlBody::Restore {
-                    snapshot_id: Some(0),
-                    from_standby: false,
-                },
-            )
-        };
+        let restore = || record("m", Role::Coordinator, ControlBody::Restore { snapshot_id: Some(0) });
         let mut serving = TargetMachine::new("tgt", Decisions::default());
         serving.handle(TargetEvent::Record(prepare()));
         assert_eq!(
             serving.handle(TargetEvent::Record(restore())),
             vec![TargetAction::Restore {
                 snapshot_id: Some(0),
-                from_standby: false,
                 read_ahead: true
             }]
         );
@@ -467,7 +457,6 @@ mod tests {
             stopped.handle(TargetEvent::Record(restore())),
             vec![TargetAction::Restore {
                 snapshot_id: Some(0),
-                from_standby: false,
                 read_ahead: false
             }]
         );
@@ -496,12 +485,9 @@ mod tests {
                 _ => None,
             })
             .collect();
-        let restore = ControlBody::Restore {
-            snapshot_id: None,
-            from_standby: true,
-        };
+        let restore = ControlBody::RestoreFromStandby;
         assert!(matches!(published[0], ControlBody::Prepare { .. }));
-        assert_eq!(published[1..], [restore.clone()], "no Checkpoint");
+        assert_eq!(published[1..], [ControlBody::RestoreFromStandby], "no Checkpoint");
         assert_eq!(machine.phase(), CoordinatorPhase::Restoring);
         machine.handle(Duration::ZERO, CoordinatorEvent::Record(restored()));
         assert_eq!(machine.phase(), CoordinatorPhase::Replaying);
@@ -510,11 +496,7 @@ mod tests {
         target.handle(TargetEvent::Record(prepare()));
         assert_eq!(
             target.handle(TargetEvent::Record(record("m", Role::Coordinator, restore))),
-            vec![TargetAction::Restore {
-                snapshot_id: None,
-                from_standby: true,
-                read_ahead: true
-            }]
+            vec![TargetAction::RestoreFromStandby]
         );
     }
 
@@ -524,14 +506,7 @@ mod tests {
         use target::{TargetEvent, TargetMachine};
         let mut target = TargetMachine::new("tgt", Decisions::default());
         target.handle(TargetEvent::Record(prepare()));
-        let restore = record(
-            "m",
-            Role::Coordinator,
-            ControlBody::Restore {
-                snapshot_id: Some(0),
-                from_standby: false,
-            },
-        );
+        let restore = record("m", Role::Coordinator, ControlBody::Restore { snapshot_id: Some(0) });
         target.handle(TargetEvent::Record(restore));
         target.handle(TargetEvent::Restored {
             position: at(10),

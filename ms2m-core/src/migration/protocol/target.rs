@@ -148,9 +148,6 @@ pub enum TargetAction {
     Restore {
         /// The snapshot.
         snapshot_id: Option<SnapshotId>,
-        /// Keep the state this target holds as a standby instead (having
-        /// none: restore the newest snapshot in the store, or start empty).
-        from_standby: bool,
         /// Whether to start reading the input while the snapshot transfers:
         /// only while the source still serves (MS2M), when the input's tail
         /// is what the target replays before the cutover. After the source
@@ -158,6 +155,10 @@ pub enum TargetAction {
         /// ahead would only add fetches that slow it.
         read_ahead: bool,
     },
+    /// Keep the state this target holds as a standby (having none: restore
+    /// the newest snapshot in the store, or start empty), then report
+    /// [`TargetEvent::Restored`] or `RestoreFailed`.
+    RestoreFromStandby,
     /// Never apply past this position (the source's).
     SetCeiling(Position),
     /// Replay up to the digest point (the ceiling holds there) and report
@@ -282,18 +283,15 @@ impl TargetMachine {
             return Vec::new();
         };
         match (m.body, m.from) {
-            (
-                ControlBody::Restore {
-                    snapshot_id,
-                    from_standby,
-                },
-                Role::Coordinator,
-            ) if self.phase == TargetPhase::Selected => {
+            (ControlBody::RestoreFromStandby, Role::Coordinator) if self.phase == TargetPhase::Selected => {
+                self.phase = TargetPhase::Restoring;
+                vec![TargetAction::RestoreFromStandby]
+            }
+            (ControlBody::Restore { snapshot_id }, Role::Coordinator) if self.phase == TargetPhase::Selected => {
                 self.phase = TargetPhase::Restoring;
                 let read_ahead = sel.stopped.is_none();
                 vec![TargetAction::Restore {
                     snapshot_id,
-                    from_standby,
                     read_ahead,
                 }]
             }
