@@ -105,14 +105,31 @@ fn is(role: NodeRole) -> impl Fn(&NodeStatus) -> bool {
     move |s| s.role == role
 }
 
+/// Node `a` started first (it owns), then `b` (it stands by).
+async fn a_owns_b_stands_by(cluster: &MemoryCluster) -> (Running, Running) {
+    let mut a = start(cluster, "a");
+    until(&mut a, "a owns", is(NodeRole::Owner)).await;
+    let mut b = start(cluster, "b");
+    until(&mut b, "b stands by", is(NodeRole::Standby)).await;
+    (a, b)
+}
+
+/// Migration `m{i}` of the balances service from `from` to `to`.
+fn plan(i: usize, from: &str, to: &str, strategy: Strategy) -> MigrationPlan {
+    MigrationPlan {
+        service: "balances".into(),
+        migration_id: format!("m{i}"),
+        source: from.into(),
+        target: to.into(),
+        strategy,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_node_owns_and_a_second_one_stands_by() {
     let cluster = MemoryCluster::new();
     cluster.produce_now(100);
-    let mut a = start(&cluster, "a");
-    until(&mut a, "a owns", is(NodeRole::Owner)).await;
-    let mut b = start(&cluster, "b");
-    until(&mut b, "b stands by", is(NodeRole::Standby)).await;
+    let (a, mut b) = a_owns_b_stands_by(&cluster).await;
     cluster.produce_now(100);
     all_outputs(&cluster).await;
     until(&mut b, "b caught up", |s| s.lag == Some(0) && s.position.total() == 200).await;
@@ -126,10 +143,7 @@ async fn the_first_node_owns_and_a_second_one_stands_by() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_takes_over_when_the_owner_crashes() {
     let cluster = MemoryCluster::new();
-    let mut a = start(&cluster, "a");
-    until(&mut a, "a owns", is(NodeRole::Owner)).await;
-    let mut b = start(&cluster, "b");
-    until(&mut b, "b stands by", is(NodeRole::Standby)).await;
+    let (a, mut b) = a_owns_b_stands_by(&cluster).await;
     cluster.produce_now(150);
     all_outputs(&cluster).await;
     a.task.abort();
@@ -144,10 +158,7 @@ async fn a_standby_takes_over_when_the_owner_crashes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_owner_cut_off_from_the_channel_stops_and_a_standby_takes_over() {
     let cluster = MemoryCluster::new();
-    let mut a = start(&cluster, "a");
-    until(&mut a, "a owns", is(NodeRole::Owner)).await;
-    let mut b = start(&cluster, "b");
-    until(&mut b, "b stands by", is(NodeRole::Standby)).await;
+    let (mut a, mut b) = a_owns_b_stands_by(&cluster).await;
     cluster.produce_now(100);
     all_outputs(&cluster).await;
     // a's renewals no longer reach the channel: its lease lapses.
@@ -169,20 +180,11 @@ async fn nodes_migrate_back_and_forth() {
         .with_test_writer()
         .try_init();
     let cluster = MemoryCluster::new();
-    let mut a = start(&cluster, "a");
-    until(&mut a, "a owns", is(NodeRole::Owner)).await;
-    let mut b = start(&cluster, "b");
-    until(&mut b, "b stands by", is(NodeRole::Standby)).await;
+    let (mut a, mut b) = a_owns_b_stands_by(&cluster).await;
     let load = cluster.produce_steady(600, Duration::from_millis(5));
     let coordinator = Coordinator::new(Arc::clone(&cluster.control), migration_config());
     for (i, (from, to)) in [("a", "b"), ("b", "a")].into_iter().enumerate() {
-        let plan = MigrationPlan {
-            service: "balances".into(),
-            migration_id: format!("m{i}"),
-            source: from.into(),
-            target: to.into(),
-            strategy: Strategy::Ms2m,
-        };
+        let plan = plan(i, from, to, Strategy::Ms2m);
         coordinator
             .migrate(&plan, &*crate::no_progress())
             .await
@@ -201,10 +203,7 @@ async fn nodes_migrate_back_and_forth() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_migrate_from_the_standby_with_the_snapshot_store_down() {
     let cluster = MemoryCluster::new();
-    let mut a = start(&cluster, "a");
-    until(&mut a, "a owns", is(NodeRole::Owner)).await;
-    let mut b = start(&cluster, "b");
-    until(&mut b, "b stands by", is(NodeRole::Standby)).await;
+    let (mut a, mut b) = a_owns_b_stands_by(&cluster).await;
     let load = cluster.produce_steady(600, Duration::from_millis(5));
     cluster.store.set_unavailable(true);
     let coordinator = Coordinator::new(Arc::clone(&cluster.control), migration_config());
@@ -213,13 +212,7 @@ async fn nodes_migrate_from_the_standby_with_the_snapshot_store_down() {
             s.role == if to == "a" { NodeRole::Standby } else { NodeRole::Owner }
         })
         .await;
-        let plan = MigrationPlan {
-            service: "balances".into(),
-            migration_id: format!("m{i}"),
-            source: from.into(),
-            target: to.into(),
-            strategy: Strategy::Ms2mFromStandby,
-        };
+        let plan = plan(i, from, to, Strategy::Ms2mFromStandby);
         let report = coordinator
             .migrate(&plan, &*crate::no_progress())
             .await
