@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use super::*;
 use crate::memory::{MemoryControl, MemoryLogReader, MemorySink, MemorySnapshotStore, PublishFault};
-use crate::migration::{Coordinator, CutoverRule, DigestPolicy, MigrationConfig, MigrationPlan, Strategy};
+use crate::migration::{
+    Coordinator, CutoverRule, DigestPolicy, MigrationConfig, MigrationError, MigrationPlan, Strategy,
+};
 use crate::testkit::*;
 
 const OUT: &str = "balances.out";
@@ -45,6 +47,11 @@ struct Running {
 }
 
 fn start(cluster: &MemoryCluster, id: &str) -> Running {
+    start_with(cluster, id, |config| config)
+}
+
+/// [`start`], with `tweak` applied to the node's instance settings.
+fn start_with(cluster: &MemoryCluster, id: &str, tweak: impl FnOnce(InstanceConfig) -> InstanceConfig) -> Running {
     let c = cluster.clone();
     let factory: Box<dyn Fn() -> futures::future::BoxFuture<'static, Result<_>> + Send + Sync> = Box::new(move || {
         let c = c.clone();
@@ -55,7 +62,8 @@ fn start(cluster: &MemoryCluster, id: &str) -> Running {
         .commit_every(20, Duration::from_millis(5))
         .poll(64, Duration::from_millis(5))
         .output_topic(OUT);
-    let node: TestNode = Node::new(factory, Arc::clone(&cluster.control), config, options()).expect("valid options");
+    let node: TestNode =
+        Node::new(factory, Arc::clone(&cluster.control), tweak(config), options()).expect("valid options");
     let status = node.status();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(node.run(async move {
@@ -112,6 +120,16 @@ async fn a_owns_b_stands_by(cluster: &MemoryCluster) -> (Running, Running) {
     let mut b = start(cluster, "b");
     until(&mut b, "b stands by", is(NodeRole::Standby)).await;
     (a, b)
+}
+
+/// Waits until `a` owns and `b` stands by again and the load is sent, then
+/// checks every output is committed exactly once.
+async fn ends_back_home(cluster: &MemoryCluster, a: &mut Running, b: &mut Running, load: tokio::task::JoinHandle<()>) {
+    until(a, "a owns again", is(NodeRole::Owner)).await;
+    until(b, "b stands by again", is(NodeRole::Standby)).await;
+    load.await.expect("load");
+    all_outputs(cluster).await;
+    exactly_once(cluster);
 }
 
 /// Migration `m{i}` of the balances service from `from` to `to`.
@@ -190,11 +208,7 @@ async fn nodes_migrate_back_and_forth() {
             .await
             .expect("migration");
     }
-    until(&mut a, "a owns again", is(NodeRole::Owner)).await;
-    until(&mut b, "b stands by again", is(NodeRole::Standby)).await;
-    load.await.expect("load");
-    all_outputs(&cluster).await;
-    exactly_once(&cluster);
+    ends_back_home(&cluster, &mut a, &mut b, load).await;
 }
 
 /// MS2M from the standby moves the service with the snapshot store down:
@@ -232,8 +246,43 @@ async fn nodes_migrate_from_the_standby_with_the_snapshot_store_down() {
         .count();
     assert_eq!(checkpoints, 0, "no checkpoint asked for or taken");
     cluster.store.set_unavailable(false);
-    until(&mut a, "a owns again", is(NodeRole::Owner)).await;
+    ends_back_home(&cluster, &mut a, &mut b, load).await;
+}
+
+/// A standby whose state is not the owner's (here: it was allowed to skip
+/// input that retention deleted before it started, and there was no
+/// snapshot) is refused by the digest point: the move from the standby
+/// fails before the source stops, the source keeps serving, and a move with
+/// a checkpoint then succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_that_diverged_is_refused_at_the_digest_point() {
+    let cluster = MemoryCluster::new();
+    let mut a = start(&cluster, "a");
+    until(&mut a, "a owns", is(NodeRole::Owner)).await;
+    cluster.produce_now(100);
+    all_outputs(&cluster).await;
+    for (tp, end) in cluster.log.end_position().iter() {
+        cluster.log.truncate_before(tp, end / 2);
+    }
+    let mut b = start_with(&cluster, "b", |config| config.allow_log_gap(true));
+    until(&mut b, "b stands by", is(NodeRole::Standby)).await;
+    let load = cluster.produce_steady(300, Duration::from_millis(5));
+    let coordinator = Coordinator::new(Arc::clone(&cluster.control), migration_config());
+    let refused = coordinator
+        .migrate(&plan(0, "a", "b", Strategy::Ms2mFromStandby), &*crate::no_progress())
+        .await
+        .expect_err("a diverged standby must not take over");
+    assert!(
+        matches!(refused, Error::Migration(MigrationError::DigestMismatch { .. })),
+        "{refused}"
+    );
+    assert_eq!(a.status.borrow().role, NodeRole::Owner, "the source kept serving");
     until(&mut b, "b stands by again", is(NodeRole::Standby)).await;
+    coordinator
+        .migrate(&plan(1, "a", "b", Strategy::Ms2m), &*crate::no_progress())
+        .await
+        .expect("a move with a checkpoint");
+    until(&mut b, "b owns", is(NodeRole::Owner)).await;
     load.await.expect("load");
     all_outputs(&cluster).await;
     exactly_once(&cluster);
