@@ -133,6 +133,19 @@ pub async fn load_newest_valid<S: ServiceState, St: SnapshotStore + ?Sized>(
     Ok((None, rejected))
 }
 
+/// [`load_newest_valid`], logging how many snapshots failed verification
+/// (what recovery, a standby and a target without standby state do).
+pub(crate) async fn load_newest_logged<S: ServiceState, St: SnapshotStore + ?Sized>(
+    store: &St,
+    service: &str,
+) -> Result<Option<LoadedSnapshot<S>>, Error> {
+    let (loaded, rejected) = load_newest_valid(store, service).await?;
+    if !rejected.is_empty() {
+        tracing::warn!(count = rejected.len(), "skipped snapshots that failed verification");
+    }
+    Ok(loaded)
+}
+
 /// Fetches snapshot `id` of `service`, verifies it and restores its state
 /// as its pieces arrive (see [`streamed`](crate::streamed): the encoded
 /// snapshot is never held whole unless the store fetches it whole).

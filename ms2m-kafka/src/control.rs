@@ -27,7 +27,8 @@
 //! Every [`reader`](ControlChannel::reader) of one `KafkaControl` is fed by
 //! one consumer that follows the topic's end (started by the first reader),
 //! and [`history`](ControlChannel::history) reads only the records after
-//! those it read before; calls that arrive while a read runs share the next one. A host of many partitioned tasks shares one
+//! those it read before; calls that arrive while a read runs share the
+//! next one. A host of many partitioned tasks shares one
 //! channel among their nodes, and each of them takes several readers
 //! (view, source, target, coordinator): with a consumer each, the broker
 //! answered tens of thousands of empty fetches a second. The follower runs

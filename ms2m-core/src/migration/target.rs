@@ -371,13 +371,8 @@ where
             TargetStart::Backends(backends) => backends,
         };
         let started = Instant::now();
-        let loaded = match crate::store::load_newest_valid::<S, St>(&*backends.store, &self.service).await {
-            Ok((loaded, rejected)) => {
-                if !rejected.is_empty() {
-                    warn!(count = rejected.len(), "skipped snapshots that failed verification");
-                }
-                loaded
-            }
+        let loaded = match crate::store::load_newest_logged::<S, St>(&*backends.store, &self.service).await {
+            Ok(loaded) => loaded,
             Err(e) => return Ok(TargetEvent::RestoreFailed(crate::store::error_chain(&e))),
         };
         let transfer = started.elapsed();

@@ -80,10 +80,7 @@ where
     /// The newest snapshot that verifies, restored with outputs suppressed.
     async fn restore_standby(&self, view: &ChannelView) -> Result<Instance<S, L, St, O>> {
         let backends = self.factory.backends().await?;
-        let (loaded, rejected) = store::load_newest_valid::<S, St>(&*backends.store, self.service()).await?;
-        if !rejected.is_empty() {
-            warn!(count = rejected.len(), "skipped snapshots that failed verification");
-        }
+        let loaded = store::load_newest_logged::<S, St>(&*backends.store, self.service()).await?;
         let mut instance = Instance::restore(backends, self.instance_config(view), loaded).await?;
         instance.use_health(self.health.clone());
         Ok(instance)

@@ -254,11 +254,7 @@ where
     ) -> Result<Self> {
         let span = info_span!("recover", service = config.service_id_of::<S>(), instance = %config.instance_id);
         async move {
-            let (loaded, rejected) =
-                store::load_newest_valid::<S, St>(&backends.store, config.service_id_of::<S>()).await?;
-            if !rejected.is_empty() {
-                warn!(count = rejected.len(), "skipped snapshots that failed verification");
-            }
+            let loaded = store::load_newest_logged::<S, St>(&backends.store, config.service_id_of::<S>()).await?;
             let mut instance = Self::restore(backends, config, loaded).await?;
             instance.claim().await?;
             let watermark = instance
