@@ -11,9 +11,9 @@
 //! downtime of a migration is the largest gap between output arrivals
 //! around it. The coordinator's own `MigrationReport::downtime_ms` is kept
 //! beside it ("report"), with the report ÷ outside ratio, so whether the
-//! two agree can be judged. The input carries one score query per 10 ms
-//! tick, whose answer keeps the output flowing: 10 ms is the resolution
-//! floor.
+//! two agree can be judged. The input carries one score query per 2 ms
+//! tick ([`B1_TICK`]), whose answer keeps the output flowing: 2 ms is the
+//! resolution floor.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,11 +22,12 @@ use std::time::Duration;
 
 use ms2m_core::migration::{
     Coordinator, CutoverRule, MigrationConfig, MigrationPlan, MigrationReport, SourceAgent, SourceOptions, Strategy,
+    TargetOptions,
 };
 use ms2m_core::{no_progress, Delivery, Instance, InstanceConfig, StatefulService};
 use ms2m_examples::game::{event, heartbeat_query, GameEvent, GameSessions, PlainGameSessions};
 use ms2m_examples::observer::{Observer, OutsideGaps, Watch, Window, WINDOW_MARGIN_US};
-use ms2m_examples::support::{produce_json, producer, spawn_serving_target};
+use ms2m_examples::support::{produce_json, producer, spawn_serving_target, ServingTarget};
 use ms2m_kafka::{KafkaCluster, KafkaConfig};
 use rdkafka::producer::BaseRecord;
 use serde::Serialize;
@@ -59,13 +60,28 @@ pub(crate) fn instance_config(id: &str, output: &str) -> InstanceConfig {
         .output_topic(output.to_string())
 }
 
-/// Sends input at `rate` msg/s (in 10 ms ticks) until `running` is cleared.
-pub(crate) fn paced<F>(rate: u64, running: Arc<AtomicBool>, mut batch: F) -> JoinHandle<Result<u64, BoxError>>
+/// The input's pace: one batch every 10 ms.
+pub(crate) const TICK: Duration = Duration::from_millis(10);
+
+/// B1's pace: one batch (and one score query, hence one output) every
+/// 2 ms, so the outside observer resolves gaps of a few ms: a 0.02 ratio
+/// against a stop-and-copy of ~0.6 s is ~12 ms, about the largest steady
+/// gap with 10 ms ticks.
+pub(crate) const B1_TICK: Duration = Duration::from_millis(2);
+
+/// Sends input at `rate` msg/s, one batch every `tick`, until `running` is cleared.
+pub(crate) fn paced<F>(
+    rate: u64,
+    tick: Duration,
+    running: Arc<AtomicBool>,
+    mut batch: F,
+) -> JoinHandle<Result<u64, BoxError>>
 where
     F: FnMut(u64, u64) -> Result<(), BoxError> + Send + 'static,
 {
     tokio::task::spawn_blocking(move || {
-        let per_tick = (rate / 100).max(1);
+        let ticks_per_second = (Duration::from_secs(1).as_micros() / tick.as_micros().max(1)) as u64;
+        let per_tick = (rate / ticks_per_second.max(1)).max(1);
         let start = std::time::Instant::now();
         let mut sent = 0u64;
         while running.load(Ordering::Relaxed) {
@@ -80,16 +96,17 @@ where
     })
 }
 
-/// Game events at `rate` msg/s, keyed by player.
+/// Game events at `rate` msg/s, keyed by player, one batch every `tick`.
 pub(crate) fn game_input(
     cluster: &KafkaCluster,
     topic: &str,
     rate: u64,
+    tick: Duration,
     running: Arc<AtomicBool>,
 ) -> Result<JoinHandle<Result<u64, BoxError>>, BoxError> {
     let producer = bulk_producer(cluster)?;
     let topic = topic.to_string();
-    Ok(paced(rate, running, move |first, n| {
+    Ok(paced(rate, tick, running, move |first, n| {
         // The tick's events, then a score query whose answer keeps the
         // output flowing every tick, for the outside observer.
         let query = heartbeat_query(first / n, PLAYERS);
@@ -174,14 +191,20 @@ async fn game_migration<S: StatefulService>(
         .await?
         .spawn();
     let running = Arc::new(AtomicBool::new(true));
-    let input_task = game_input(&cluster, &input, s.rate, running.clone())?;
+    let input_task = game_input(&cluster, &input, s.rate, B1_TICK, running.clone())?;
+    // A move from the standby: the target stands by warm from now on,
+    // replaying the joins behind the source.
+    let warm = match s.strategy {
+        Strategy::Ms2mFromStandby => Some(spawn_target::<S, _>(&cluster, s.delivery, &output, &control, true).await?),
+        _ => None,
+    };
     // Warm-up: the source applies the joins (builds the state) and serves.
     tokio::time::sleep(Duration::from_secs(1) + Duration::from_millis(8 * state_mib)).await;
     if measure_mem {
         memory.source_ready = mem::rss().unwrap_or(0);
         mem::reset_peak();
     }
-    let result = migrate::<S, _>(s, &cluster, control, S::NAME, &service, &output, Some(&observer)).await;
+    let result = migrate::<S, _>(s, &cluster, control, S::NAME, &service, &output, Some(&observer), warm).await;
     if measure_mem {
         memory.peak = mem::peak_rss().unwrap_or(0);
     }
@@ -191,9 +214,39 @@ async fn game_migration<S: StatefulService>(
     Ok((result?, memory))
 }
 
-/// Starts the target, runs the coordinator, returns the report (`None`
-/// if `limit` passed first). The target serves once live until the
-/// observer (if any) saw outputs and commits resume, then it is dropped.
+/// A target (standing by warm if `warm`) that serves once live until its
+/// flag is set.
+async fn spawn_target<S: StatefulService, C: ms2m_core::ControlChannel>(
+    cluster: &KafkaCluster,
+    delivery: Delivery,
+    output: &str,
+    control: &Arc<C>,
+    warm: bool,
+) -> Result<Target<S>, BoxError> {
+    let backends = cluster.backends(delivery).await?;
+    let options = TargetOptions {
+        warm,
+        ..TargetOptions::default()
+    };
+    Ok(spawn_serving_target::<S, _, _, _, _>(
+        backends,
+        instance_config("target", output),
+        control.clone(),
+        options,
+    ))
+}
+
+/// A spawned target and the flag that ends its serving.
+type Target<S> = (
+    ServingTarget<S, ms2m_kafka::KafkaLog, ms2m_kafka::KafkaSnapshotStore, ms2m_kafka::KafkaSink>,
+    Arc<AtomicBool>,
+);
+
+/// Runs the coordinator with `target` (or a target started now), returns
+/// the report (`None` if `limit` passed first). The target serves once
+/// live until the observer (if any) saw outputs and commits resume, then
+/// it is dropped.
+#[allow(clippy::too_many_arguments)]
 async fn migrate<S, C>(
     s: &Setup<'_>,
     cluster: &KafkaCluster,
@@ -202,15 +255,16 @@ async fn migrate<S, C>(
     service: &str,
     output: &str,
     observer: Option<&Observer>,
+    target: Option<Target<S>>,
 ) -> Result<Option<Migrated>, BoxError>
 where
     S: StatefulService,
     C: ms2m_core::ControlChannel,
 {
-    let target_backends = cluster.backends(s.delivery).await?;
-    let target_config = instance_config("target", output);
-    let (target_task, target_stop) =
-        spawn_serving_target::<S, _, _, _, _>(target_backends, target_config, control.clone());
+    let (target_task, target_stop) = match target {
+        Some(target) => target,
+        None => spawn_target::<S, C>(cluster, s.delivery, output, &control, false).await?,
+    };
     let coordinator = Coordinator::new(
         control,
         MigrationConfig {
@@ -273,6 +327,10 @@ pub struct B1Options {
     pub rate: u64,
     /// Also run 64 MiB at this rate (0: off).
     pub high_rate: u64,
+    /// Also move each size at `rate` from a warm standby
+    /// ([`Strategy::Ms2mFromStandby`], the target started with
+    /// [`TargetOptions::warm`] before the state was built): the B1-warm rows.
+    pub warm: bool,
 }
 
 /// The samples of one B1 case for one strategy, in run order.
@@ -347,11 +405,18 @@ pub async fn b1(b: &Bench, opts: &B1Options) -> Result<Vec<Row>, BoxError> {
         }
     }
     let mut ms2m: Vec<Samples> = cases.iter().map(|_| Samples::default()).collect();
+    let mut warm: Vec<Samples> = cases.iter().map(|_| Samples::default()).collect();
     let mut sc: Vec<Samples> = cases.iter().map(|_| Samples::default()).collect();
     let mut memory = None;
+    // The main cases (each size at the main rate) are also moved from a warm standby.
+    let main_case = |&(_, rate, delivery, plain): &(u64, u64, Delivery, bool)| {
+        rate == opts.rate && delivery == Delivery::AtLeastOnce && !plain
+    };
     for run in 0..b.runs {
         for (i, &(mib, rate, delivery, plain)) in cases.iter().enumerate() {
-            for strategy in [Strategy::Ms2m, Strategy::StopAndCopy] {
+            let from_standby = (opts.warm && main_case(&cases[i])).then_some(Strategy::Ms2mFromStandby);
+            let strategies = [Some(Strategy::Ms2m), from_standby, Some(Strategy::StopAndCopy)];
+            for strategy in strategies.into_iter().flatten() {
                 let setup = Setup {
                     b,
                     strategy,
@@ -399,6 +464,7 @@ pub async fn b1(b: &Bench, opts: &B1Options) -> Result<Vec<Row>, BoxError> {
                 }
                 match strategy {
                     Strategy::Ms2m => ms2m[i].push(migrated)?,
+                    Strategy::Ms2mFromStandby => warm[i].push(migrated)?,
                     _ => sc[i].push(migrated)?,
                 }
             }
@@ -414,25 +480,30 @@ pub async fn b1(b: &Bench, opts: &B1Options) -> Result<Vec<Row>, BoxError> {
                 rate,
                 delivery,
                 plain,
+                warm: false,
             },
             opts.rate,
         ));
+        if !warm[i].outside.is_empty() {
+            let case = B1Case {
+                mib,
+                rate,
+                delivery,
+                plain,
+                warm: true,
+            };
+            rows.extend(b1_rows(&warm[i], &sc[i], case, opts.rate));
+        }
     }
     let main = |mib: u64| move |c: &(u64, u64, Delivery, bool)| *c == (mib, opts.rate, Delivery::AtLeastOnce, false);
     let lo = cases.iter().position(main(1));
     let hi = cases.iter().position(main(256));
     if let (Some(lo), Some(hi)) = (lo, hi) {
-        rows.push(Row::new(
-            "B1-scale",
-            "MS2M downtime (outside) at 256 MiB relative to 1 MiB",
-            Stat::new(ms2m[hi].outside.clone(), "ms"),
-            "MS2M downtime (outside) at 1 MiB",
-            Some(Stat::new(ms2m[lo].outside.clone(), "ms")),
-            Some(ratios(&ms2m[hi].outside, &ms2m[lo].outside)),
-            "≤ 1.5",
-            Goal::AtMost(1.5),
-            format!("{:?}, {} msg/s", Delivery::AtLeastOnce, opts.rate),
-        ));
+        rows.push(scale_row("B1-scale", "MS2M", &ms2m[hi], &ms2m[lo], opts.rate));
+        if opts.warm {
+            let what = "MS2M from a warm standby";
+            rows.push(scale_row("B1-warm-scale", what, &warm[hi], &warm[lo], opts.rate));
+        }
     }
     if let Some((mib, m)) = memory {
         rows.push(mem_row(mib, m, b.embedded()));
@@ -441,6 +512,21 @@ pub async fn b1(b: &Bench, opts: &B1Options) -> Result<Vec<Row>, BoxError> {
         }
     }
     Ok(rows)
+}
+
+/// Downtime (outside) at 256 MiB ÷ at 1 MiB.
+fn scale_row(id: &str, what: &str, hi: &Samples, lo: &Samples, rate: u64) -> Row {
+    Row::new(
+        id,
+        format!("{what} downtime (outside) at 256 MiB relative to 1 MiB"),
+        Stat::new(hi.outside.clone(), "ms"),
+        format!("{what} downtime (outside) at 1 MiB"),
+        Some(Stat::new(lo.outside.clone(), "ms")),
+        Some(ratios(&hi.outside, &lo.outside)),
+        "≤ 1.5",
+        Goal::AtMost(1.5),
+        format!("{:?}, {rate} msg/s", Delivery::AtLeastOnce),
+    )
 }
 
 /// The C allocator's settings in the role processes of MEM.
@@ -506,7 +592,7 @@ async fn mem_per_role(b: &Bench, state_mib: u64, rate: u64, malloc: Malloc) -> R
         .collect();
     produce_json(&producer(&cluster)?, &input, joins).await?;
     let running = Arc::new(AtomicBool::new(true));
-    let input_task = game_input(&cluster, &input, rate, running.clone())?;
+    let input_task = game_input(&cluster, &input, rate, TICK, running.clone())?;
     tokio::time::sleep(Duration::from_secs(1) + Duration::from_millis(8 * state_mib)).await;
     let mut target = RoleProcess::start(&spec(Role::Target), malloc.env())?;
     target.ready(ready_within).await?;
@@ -614,6 +700,8 @@ struct B1Case {
     delivery: Delivery,
     /// The plain-collections state (serialized on the apply loop).
     plain: bool,
+    /// Moved from a warm standby (no checkpoint).
+    warm: bool,
 }
 
 /// The B1 row of one case (downtime as seen from outside) and its B1-report
@@ -624,6 +712,7 @@ fn b1_rows(ms2m: &Samples, sc: &Samples, case: B1Case, main_rate: u64) -> [Row; 
         rate,
         delivery,
         plain,
+        warm,
     } = case;
     let (target, goal) = if mib == 64 && rate == main_rate && delivery == Delivery::AtLeastOnce && !plain {
         ("≤ 0.02", Goal::AtMost(0.02))
@@ -631,9 +720,10 @@ fn b1_rows(ms2m: &Samples, sc: &Samples, case: B1Case, main_rate: u64) -> [Row; 
         ("— (reported)", Goal::None)
     };
     let unresumed = ms2m.unresumed + sc.unresumed;
-    let (id, state) = match (delivery, plain) {
-        (_, true) => ("B1-plain", "plain-collections state (serialized on the apply loop)"),
-        (Delivery::ExactlyOnce, _) => ("B1-eos", "state"),
+    let (id, state) = match (delivery, plain, warm) {
+        (_, _, true) => ("B1-warm", "state, moved from a warm standby (no checkpoint)"),
+        (_, true, _) => ("B1-plain", "plain-collections state (serialized on the apply loop)"),
+        (Delivery::ExactlyOnce, _, _) => ("B1-eos", "state"),
         _ => ("B1", "state"),
     };
     let downtime = Row::new(
@@ -648,7 +738,7 @@ fn b1_rows(ms2m: &Samples, sc: &Samples, case: B1Case, main_rate: u64) -> [Row; 
         format!(
             "{delivery:?}; outside MS2M {} (stop-and-copy {}); report MS2M {} (stop-and-copy {}); \
              MS2M largest gap from live{:+.0} to live{:+.0} ms (medians); \
-             input commit gap MS2M {}; steady output gap before {:.1} ms (floor: 10 ms input ticks){}; \
+             input commit gap MS2M {}; steady output gap before {:.1} ms (floor: {} ms input ticks){}; \
              MS2M total {:.0} ms (checkpoint {:.0}, transfer {:.0}, restore {:.0}, replay {:.0}), final gap {:.0} msgs",
             Samples::spread(&ms2m.outside),
             Samples::spread(&sc.outside),
@@ -658,6 +748,7 @@ fn b1_rows(ms2m: &Samples, sc: &Samples, case: B1Case, main_rate: u64) -> [Row; 
             median(&ms2m.gap_ended),
             Samples::spread(&ms2m.input_commit),
             median(&ms2m.steady),
+            B1_TICK.as_millis(),
             if unresumed > 0 {
                 format!("; {unresumed} migration(s) did not resume in 10 s: lower bounds")
             } else {
@@ -674,7 +765,7 @@ fn b1_rows(ms2m: &Samples, sc: &Samples, case: B1Case, main_rate: u64) -> [Row; 
     let agreement = ratios(&ms2m.report, &ms2m.outside);
     let sc_agreement = ratios(&sc.report, &sc.outside);
     let mut report = Row::new(
-        "B1-report",
+        if warm { "B1-warm-report" } else { "B1-report" },
         format!("MS2M report downtime vs outside output gap, {mib} MiB, {rate} msg/s, {delivery:?}"),
         Stat::new(ms2m.report.clone(), "ms"),
         "outside output gap, same migrations",
@@ -837,7 +928,7 @@ async fn slow_migration(s: &Setup<'_>) -> Result<Option<MigrationReport>, BoxErr
     let running = Arc::new(AtomicBool::new(true));
     let producer = bulk_producer(&cluster)?;
     let topic = input.clone();
-    let input_task = paced(s.rate, running.clone(), move |first, n| {
+    let input_task = paced(s.rate, TICK, running.clone(), move |first, n| {
         for i in first..first + n {
             let p = payload(i, 16);
             send_retrying(
@@ -849,7 +940,7 @@ async fn slow_migration(s: &Setup<'_>) -> Result<Option<MigrationReport>, BoxErr
         Ok(())
     });
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let result = migrate::<SlowReplay, _>(s, &cluster, control, SlowReplay::NAME, &service, &output, None)
+    let result = migrate::<SlowReplay, _>(s, &cluster, control, SlowReplay::NAME, &service, &output, None, None)
         .await
         .map(|m| m.map(|m| m.report));
     running.store(false, Ordering::Relaxed);

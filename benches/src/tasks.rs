@@ -383,7 +383,7 @@ fn task_input(
 ) -> Result<JoinHandle<Result<u64, BoxError>>, BoxError> {
     let producer = bulk_producer(cluster)?;
     let topic = topic.to_string();
-    Ok(paced(RATE, running, move |first, n| {
+    Ok(paced(RATE, crate::migration::TICK, running, move |first, n| {
         send_events(&producer, &topic, (first..first + n).map(task_event))?;
         producer.poll(Duration::ZERO);
         Ok(())

@@ -150,17 +150,20 @@ where
 }
 
 /// A standby target serving once live: [`run_target`](ms2m_core::migration::run_target)
-/// (default options, no progress listener) then [`serve_until`] the returned
+/// (no progress listener) then [`serve_until`] the returned
 /// flag is set.
 pub type ServingTarget<S, L, St, O> =
     tokio::task::JoinHandle<Result<ms2m_core::Instance<S, L, St, O>, ms2m_core::Error>>;
 
-/// Spawns a standby target that serves from the moment it goes live, until
-/// the returned flag is set.
+/// Spawns a standby target (`options`: e.g. [`TargetOptions::warm`]) that
+/// serves from the moment it goes live, until the returned flag is set.
+///
+/// [`TargetOptions::warm`]: ms2m_core::migration::TargetOptions::warm
 pub fn spawn_serving_target<S, L, St, O, C>(
     backends: ms2m_core::Backends<L, St, O>,
     config: ms2m_core::InstanceConfig,
     control: std::sync::Arc<C>,
+    options: ms2m_core::migration::TargetOptions,
 ) -> (
     ServingTarget<S, L, St, O>,
     std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -175,7 +178,6 @@ where
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let serving = stop.clone();
     let task = tokio::spawn(async move {
-        let options = ms2m_core::migration::TargetOptions::default();
         let live = ms2m_core::migration::run_target::<S, _, _, _, _>(
             backends,
             config,

@@ -52,6 +52,9 @@ struct Args {
     /// B1 also runs the 64 MiB case at this rate (0: off; default 20000, quick 0).
     #[arg(long)]
     b1_high_rate: Option<u64>,
+    /// B1 skips the moves from a warm standby (the B1-warm rows).
+    #[arg(long)]
+    b1_no_warm: bool,
     /// S1 state per task in MiB (default 16, quick 1).
     #[arg(long)]
     s1_task_mib: Option<u64>,
@@ -99,6 +102,7 @@ async fn main() -> Result<(), BoxError> {
         },
         rate: args.b1_rate,
         high_rate: args.b1_high_rate.unwrap_or(if args.quick { 0 } else { 20_000 }),
+        warm: !args.b1_no_warm,
     };
     let s1 = tasks::S1Options {
         task_mib: args.s1_task_mib.unwrap_or(if args.quick { 1 } else { 16 }),

@@ -29,6 +29,18 @@ pub struct TargetOptions {
     /// How long to wait for the next record of a migration once it started.
     /// Default: 60 s.
     pub phase_timeout: Duration,
+    /// Stand by warm: restore the newest snapshot that verifies (or the
+    /// empty state) at start and, until a migration names this target,
+    /// replay behind the owner's committed position with outputs
+    /// suppressed. A move with [`Strategy::Ms2mFromStandby`] then keeps
+    /// this state: no checkpoint is taken, transferred or restored, and
+    /// the move does not grow with the state. A move with a checkpoint
+    /// discards it and restores the checkpoint. Costs a full copy of the
+    /// state in this process and the replay's CPU while waiting. Default:
+    /// false (the target holds nothing until a migration names it).
+    ///
+    /// [`Strategy::Ms2mFromStandby`]: super::Strategy::Ms2mFromStandby
+    pub warm: bool,
 }
 
 impl Default for TargetOptions {
@@ -36,9 +48,16 @@ impl Default for TargetOptions {
         Self {
             progress_interval: Duration::from_millis(20),
             phase_timeout: Duration::from_secs(60),
+            warm: false,
         }
     }
 }
+
+/// How often a warm target reads the owner's committed position (its
+/// ceiling while it follows).
+const WARM_REFRESH: Duration = Duration::from_millis(100);
+/// How long a warm target waits for input in one step.
+const WARM_POLL: Duration = Duration::from_millis(10);
 
 /// Waits as a standby for a migration naming `config.instance_id()` as its
 /// target, restores the checkpoint, replays behind the source, and when the
@@ -49,7 +68,8 @@ impl Default for TargetOptions {
 ///
 /// The channel is read from its start, so a standby that subscribes after
 /// the coordinator spoke still sees its migration; migrations already
-/// decided are skipped.
+/// decided are skipped. With [`TargetOptions::warm`] the target restores
+/// and follows the owner before it is named.
 pub async fn run_target<S, L, St, O, C>(
     backends: Backends<L, St, O>,
     config: InstanceConfig,
@@ -64,8 +84,37 @@ where
     O: OutputSink,
     C: ControlChannel,
 {
-    let start = TargetStart::Backends(backends);
+    let start = if options.warm {
+        warm_start::<S, L, St, O>(backends, &config).await?
+    } else {
+        TargetStart::Backends(backends)
+    };
     Ok(serve_as_target(start, config, control, options, listener).await?.0)
+}
+
+/// A warm target's instance: the newest snapshot that verifies (or the
+/// empty state), outputs suppressed. A store that cannot be read leaves the
+/// target cold (it restores when named), with a warning: the store may be
+/// back by then.
+async fn warm_start<S, L, St, O>(backends: Backends<L, St, O>, config: &InstanceConfig) -> Result<TargetStart<S, L, St, O>>
+where
+    S: StatefulService,
+    L: MessageLog,
+    St: SnapshotStore,
+    O: OutputSink,
+{
+    let service = config.service_id_of::<S>().to_string();
+    match crate::store::load_newest_logged::<S, St>(&*backends.store, &service).await {
+        Ok(loaded) => {
+            let instance = Instance::restore(backends, config.clone(), loaded).await?;
+            info!(position = %instance.position(), "standing by warm");
+            Ok(TargetStart::Standby(Box::new(instance)))
+        }
+        Err(e) => {
+            warn!(error = %crate::store::error_chain(&e), "cannot load a snapshot: standing by cold");
+            Ok(TargetStart::Backends(backends))
+        }
+    }
 }
 
 /// What a target starts from.
@@ -134,6 +183,7 @@ where
             replay: Replay::default(),
             last_heard: Instant::now(),
             takeover_sent: None,
+            ceiling_read: None,
         };
         let live = driver.run().await?;
         Ok((live, driver.takeover_sent))
@@ -165,6 +215,8 @@ where
     last_heard: Instant,
     /// Taken just before the `Takeover` was published.
     takeover_sent: Option<Instant>,
+    /// When a warm standby last read the owner's committed position.
+    ceiling_read: Option<Instant>,
 }
 
 impl<S, L, St, O, C> TargetDriver<'_, S, L, St, O, C>
@@ -209,6 +261,9 @@ where
                 }
                 // Held at the ceiling or idle: wait briefly for the source to move on.
                 Duration::from_millis(5)
+            } else if let Some(applied) = self.follow_owner().await? {
+                // Not named yet: between steps behind the owner, a look at the channel.
+                if applied > 0 { Duration::ZERO } else { WARM_POLL }
             } else {
                 self.options.phase_timeout
             };
@@ -222,6 +277,27 @@ where
                 Err(_) => {}
             }
         }
+    }
+
+    /// A warm standby no migration has named yet: one step of replay
+    /// behind the owner's committed position (read every [`WARM_REFRESH`]),
+    /// as far as it goes. `None` if there is no such standby. Following
+    /// stops once a migration names this target, so the kept state stands
+    /// at a position committed before the coordinator chose the digest
+    /// point or Pf: never past either.
+    async fn follow_owner(&mut self) -> Result<Option<usize>> {
+        if self.machine.migration().is_some() {
+            return Ok(None);
+        }
+        let Some((TargetStart::Standby(instance), _)) = self.parts.as_mut() else {
+            return Ok(None);
+        };
+        if self.ceiling_read.is_none_or(|at| at.elapsed() >= WARM_REFRESH) {
+            self.ceiling_read = Some(Instant::now());
+            let committed = instance.read_watermark().await?.unwrap_or_default();
+            instance.set_ceiling(Some(committed));
+        }
+        Ok(Some(instance.step_with_timeout(WARM_POLL).await?))
     }
 
     fn heard(&mut self, m: ControlMessage) -> TargetEvent {

@@ -106,7 +106,10 @@ async fn start<S: StatefulService>(
     (source, target)
 }
 
-async fn drain<S: StatefulService>(instance: &mut Inst<S>, log: &MemoryLog) {
+async fn drain<S: StatefulService, St: crate::store::SnapshotStore>(
+    instance: &mut Instance<S, MemoryLogReader, St, MemorySink>,
+    log: &MemoryLog,
+) {
     let end = log.end_position();
     tokio::time::timeout(Duration::from_secs(20), async {
         while !instance.position().reaches(&end) {
@@ -1195,4 +1198,102 @@ async fn the_target_seeks_its_log_to_the_checkpoint_while_it_restores() {
         target.step().await.unwrap();
     }
     assert_eq!(target.state(), &reference_fold(&cluster.produced()).0);
+}
+
+/// The cluster's snapshot store, signalling when a snapshot was fetched.
+struct SignalsFetch {
+    inner: MemorySnapshotStore,
+    fetched: Arc<tokio::sync::Notify>,
+}
+
+#[async_trait]
+impl crate::store::SnapshotStore for SignalsFetch {
+    type Error = MemoryError;
+
+    async fn put(&self, snapshot: &crate::snapshot::EncodedSnapshot) -> Result<crate::SnapshotId, MemoryError> {
+        self.inner.put(snapshot).await
+    }
+
+    async fn list(&self) -> Result<Vec<crate::SnapshotId>, MemoryError> {
+        self.inner.list().await
+    }
+
+    async fn get(&self, id: crate::SnapshotId) -> Result<bytes::Bytes, MemoryError> {
+        let bytes = self.inner.get(id).await?;
+        self.fetched.notify_one();
+        Ok(bytes)
+    }
+
+    async fn delete(&self, id: crate::SnapshotId) -> Result<(), MemoryError> {
+        self.inner.delete(id).await
+    }
+}
+
+/// A warm target restores a snapshot at start and keeps that state (and
+/// what it followed since) for a move from the standby: the store is down
+/// from then on, so a checkpoint, a fetch or a fallback restore would fail
+/// the move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_target_moves_from_the_standby_with_the_snapshot_store_down() {
+    let cluster = Cluster::new();
+    cluster.produce_now(2_000);
+    let (_stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let source: Inst<Balances> = Instance::recover(cluster.backends(), config("src"), &*no_progress())
+        .await
+        .unwrap();
+    let agent = SourceAgent::new(source, cluster.control.clone(), SourceOptions::default())
+        .await
+        .unwrap();
+    let source = tokio::spawn(agent.run(async move {
+        let _ = stop_rx.await;
+    }));
+    await_committed(&cluster, 2_000).await;
+    let fetched = Arc::new(tokio::sync::Notify::new());
+    let store = SignalsFetch {
+        inner: cluster.store.clone(),
+        fetched: fetched.clone(),
+    };
+    let backends = crate::Backends {
+        log: cluster.log.reader(),
+        store: Arc::new(store),
+        sink: cluster.outputs.sink(),
+    };
+    let control = cluster.control.clone();
+    let target = tokio::spawn(async move {
+        let options = TargetOptions {
+            phase_timeout: Duration::from_secs(3),
+            warm: true,
+            ..TargetOptions::default()
+        };
+        run_target::<Balances, _, _, _, _>(backends, config("tgt"), control, options, &*no_progress()).await
+    });
+    tokio::time::timeout(Duration::from_secs(20), fetched.notified())
+        .await
+        .expect("the warm target fetches the newest snapshot at start");
+    cluster.store.set_unavailable(true);
+    let producer = cluster.produce_steady(1_000, Duration::from_millis(2));
+    let coordinator = Coordinator::new(cluster.control.clone(), fast());
+    let report = coordinator
+        .migrate(&plan(Strategy::Ms2mFromStandby), &*no_progress())
+        .await
+        .expect("a move from the warm standby without the snapshot store");
+    assert_eq!(
+        (report.snapshot_bytes, report.transfer_ms),
+        (0, 0.0),
+        "nothing transferred"
+    );
+    assert!(report.digest_match);
+    let checkpoints = cluster
+        .control
+        .history()
+        .into_iter()
+        .filter(|m| matches!(m.body, ControlBody::Checkpoint | ControlBody::CheckpointTaken { .. }))
+        .count();
+    assert_eq!(checkpoints, 0, "no checkpoint asked for or taken");
+    assert!(matches!(source.await.unwrap().unwrap(), SourceExit::Released(_)));
+    let mut live = target.await.unwrap().unwrap();
+    producer.await.unwrap();
+    cluster.store.set_unavailable(false);
+    drain(&mut live, &cluster.log).await;
+    check(&cluster, live.state());
 }
