@@ -3,7 +3,8 @@
 //! Live-migrates a running game-session service (the workload of the MS2M
 //! paper's evaluation) from a source instance to a target instance while a
 //! producer keeps sending input, once per strategy on the same workload:
-//! MS2M, MS2M with the threshold cutoff, stop-and-copy and cold start. It
+//! MS2M, MS2M to a target that stood by warm (no checkpoint), MS2M with
+//! the threshold cutoff, stop-and-copy and cold start. It
 //! shows each migration's phase, replay lag and ETA while it runs, then
 //! prints a table like the paper's (downtime, total time, phases, snapshot
 //! size, messages replayed) and the correctness checks: the target's final
@@ -55,6 +56,8 @@ use serde::Serialize;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum StrategyArg {
     Ms2m,
+    /// MS2M to a target that stood by warm (`TargetOptions::warm`): no checkpoint.
+    FromStandby,
     Threshold,
     StopAndCopy,
     ColdStart,
@@ -64,6 +67,7 @@ impl StrategyArg {
     fn strategy(self) -> Strategy {
         match self {
             StrategyArg::Ms2m => Strategy::Ms2m,
+            StrategyArg::FromStandby => Strategy::Ms2mFromStandby,
             StrategyArg::Threshold => Strategy::Ms2mThreshold,
             StrategyArg::StopAndCopy => Strategy::StopAndCopy,
             StrategyArg::ColdStart => Strategy::ColdStart,
@@ -97,7 +101,7 @@ struct Args {
     #[arg(long, default_value_t = 1000)]
     players: u64,
     /// Strategies to run (comma-separated).
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [StrategyArg::Ms2m, StrategyArg::Threshold, StrategyArg::StopAndCopy, StrategyArg::ColdStart])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [StrategyArg::Ms2m, StrategyArg::FromStandby, StrategyArg::Threshold, StrategyArg::StopAndCopy, StrategyArg::ColdStart])]
     strategies: Vec<StrategyArg>,
     /// Seconds the source serves before the migration starts.
     #[arg(long, default_value_t = 2.0)]
@@ -276,26 +280,36 @@ async fn run_one(base: &KafkaCluster, args: &Args, strategy: StrategyArg, state_
         produced.clone(),
         running.clone(),
     )?;
-    pb.set_message("source serving (warm-up)");
-    tokio::time::sleep(Duration::from_secs_f64(args.warmup_secs)).await;
-
-    // The target waits as a standby, then serves once live.
+    // The target waits as a standby, then serves once live. A warm one
+    // (for a move from the standby) starts now and follows the source
+    // through the warm-up; the others start after it.
+    let warm = strategy == StrategyArg::FromStandby;
+    let warmup = Duration::from_secs_f64(args.warmup_secs);
     let target_backends = cluster.backends(delivery).await?;
     let target_config = instance_config("target");
     let target_control = control.clone();
     let target_stop = Arc::new(AtomicBool::new(false));
     let stop = target_stop.clone();
     let target_task = tokio::spawn(async move {
+        if !warm {
+            tokio::time::sleep(warmup).await;
+        }
+        let options = TargetOptions {
+            warm,
+            ..TargetOptions::default()
+        };
         let live = run_target::<GameSessions, _, _, _, _>(
             target_backends,
             target_config,
             target_control,
-            TargetOptions::default(),
+            options,
             &*ms2m_core::no_progress(),
         )
         .await?;
         serve_until(live, stop).await
     });
+    pb.set_message("source serving (warm-up)");
+    tokio::time::sleep(warmup).await;
 
     let cutover = match strategy {
         // The threshold run uses only the ICIN 2025 cutoff, to show it.

@@ -114,7 +114,13 @@ impl Fleet {
         let within = Duration::from_secs(60) + Duration::from_millis(20 * mib);
         owner.wait_for("the owner serving", within, serving).await?;
         let running = Arc::new(AtomicBool::new(true));
-        let load = Some(game_input(&cluster, &input, RATE, crate::migration::TICK, running.clone())?);
+        let load = Some(game_input(
+            &cluster,
+            &input,
+            RATE,
+            crate::migration::TICK,
+            running.clone(),
+        )?);
         let standby = NodeProcess::start(&spec("b"))?;
         standby.wait_for("a warm standby", within, warm).await?;
         Ok(Self {

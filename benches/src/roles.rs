@@ -143,7 +143,8 @@ async fn play(spec: &RoleSpec) -> Result<(), BoxError> {
             let _ = agent.stop().await;
         }
         Role::Target => {
-            let (target, stop) = spawn_serving_target::<GameSessions, _, _, _, _>(backends, config, control, Default::default());
+            let (target, stop) =
+                spawn_serving_target::<GameSessions, _, _, _, _>(backends, config, control, Default::default());
             println!("ready");
             parent_gone().await;
             stop.store(true, Ordering::Relaxed);

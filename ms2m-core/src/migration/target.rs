@@ -96,7 +96,10 @@ where
 /// empty state), outputs suppressed. A store that cannot be read leaves the
 /// target cold (it restores when named), with a warning: the store may be
 /// back by then.
-async fn warm_start<S, L, St, O>(backends: Backends<L, St, O>, config: &InstanceConfig) -> Result<TargetStart<S, L, St, O>>
+async fn warm_start<S, L, St, O>(
+    backends: Backends<L, St, O>,
+    config: &InstanceConfig,
+) -> Result<TargetStart<S, L, St, O>>
 where
     S: StatefulService,
     L: MessageLog,
@@ -263,7 +266,11 @@ where
                 Duration::from_millis(5)
             } else if let Some(applied) = self.follow_owner().await? {
                 // Not named yet: between steps behind the owner, a look at the channel.
-                if applied > 0 { Duration::ZERO } else { WARM_POLL }
+                if applied > 0 {
+                    Duration::ZERO
+                } else {
+                    WARM_POLL
+                }
             } else {
                 self.options.phase_timeout
             };
