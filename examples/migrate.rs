@@ -498,11 +498,13 @@ fn print_table(runs: &[Run]) {
             .map(|r| r.outside.output_gap_ms)
     };
     println!();
-    for r in runs.iter().filter(|r| r.report.strategy == Strategy::Ms2m) {
+    let live_moves = [Strategy::Ms2m, Strategy::Ms2mFromStandby];
+    for r in runs.iter().filter(|r| live_moves.contains(&r.report.strategy)) {
         if let Some(sc) = downtime(Strategy::StopAndCopy, r.state_mib) {
             println!(
-                "{} MiB: MS2M downtime (outside) is {:.2}% of stop-and-copy's ({:.1} ms vs {:.1} ms)",
+                "{} MiB: {} downtime (outside) is {:.2}% of stop-and-copy's ({:.1} ms vs {:.1} ms)",
                 r.state_mib,
+                r.report.strategy,
                 100.0 * r.outside.output_gap_ms / sc,
                 r.outside.output_gap_ms,
                 sc
