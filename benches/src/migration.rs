@@ -12,7 +12,7 @@
 //! around it. The coordinator's own `MigrationReport::downtime_ms` is kept
 //! beside it ("report"), with the report ÷ outside ratio, so whether the
 //! two agree can be judged. The input carries one score query per 2 ms
-//! tick ([`B1_TICK`]), whose answer keeps the output flowing: 2 ms is the
+//! tick (`B1_TICK`), whose answer keeps the output flowing: 2 ms is the
 //! resolution floor.
 
 use std::future::Future;
