@@ -285,6 +285,18 @@ impl MemoryCluster {
         self.control.history().iter().any(f)
     }
 
+    /// How many checkpoint requests and reports the control channel holds
+    /// (a move from the standby has none).
+    pub fn checkpoint_records(&self) -> usize {
+        let checkpoint = |m: &&crate::ControlMessage| {
+            matches!(
+                m.body,
+                crate::ControlBody::Checkpoint | crate::ControlBody::CheckpointTaken { .. }
+            )
+        };
+        self.control.history().iter().filter(checkpoint).count()
+    }
+
     /// The committed [`BalanceChanged`] outputs on `topic`.
     pub fn balance_outputs(&self, topic: &str) -> Vec<BalanceChanged> {
         self.outputs

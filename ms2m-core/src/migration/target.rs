@@ -34,10 +34,16 @@ pub struct TargetOptions {
     /// replay behind the owner's committed position with outputs
     /// suppressed. A move with [`Strategy::Ms2mFromStandby`] then keeps
     /// this state: no checkpoint is taken, transferred or restored, and
-    /// the move does not grow with the state. A move with a checkpoint
-    /// discards it and restores the checkpoint. Costs a full copy of the
-    /// state in this process and the replay's CPU while waiting. Default:
-    /// false (the target holds nothing until a migration names it).
+    /// neither the move's downtime nor its transfer grows with the state
+    /// (the digest at the digest point still reads the whole state, off
+    /// the apply loop for a state that freezes). A move with a checkpoint
+    /// discards it and restores the checkpoint. It reports
+    /// [`ProgressPhase::Standby`] to the listener while it follows. If
+    /// following fails (the log, the sink's committed position, a record
+    /// that fails to apply), it stands by cold, as without this option.
+    /// Costs a full copy of the state in this process and the replay's CPU
+    /// while waiting. Default: false (the target holds nothing until a
+    /// migration names it).
     ///
     /// [`Strategy::Ms2mFromStandby`]: super::Strategy::Ms2mFromStandby
     pub warm: bool,
@@ -173,6 +179,11 @@ where
     let span = info_span!("target", service = %service, instance = %me);
     async move {
         let decisions = Decisions::from_history(&read_history(&*control, &service).await?);
+        let mut start = start;
+        if let TargetStart::Standby(instance) = &mut start {
+            // Inputs an operator skipped before this target started.
+            instance.skip_inputs(decisions.skipped_inputs().iter().cloned());
+        }
         let commands = forward_control(&*control, service.clone(), true).await?;
         let mut driver = TargetDriver {
             machine: TargetMachine::new(me, decisions),
@@ -264,12 +275,18 @@ where
                 }
                 // Held at the ceiling or idle: wait briefly for the source to move on.
                 Duration::from_millis(5)
-            } else if let Some(applied) = self.follow_owner().await? {
-                // Not named yet: between steps behind the owner, a look at the channel.
-                if applied > 0 {
-                    Duration::ZERO
-                } else {
-                    WARM_POLL
+            } else if self.following() {
+                // Not named yet: every record already read is handled before
+                // the next step behind the owner (the channel's history, a
+                // `Prepare`), so following never delays them.
+                match self.commands.try_recv() {
+                    Ok(m) => return Ok(self.heard(m)),
+                    Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => return Err(closed()),
+                    Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {}
+                }
+                match self.follow_owner().await {
+                    Some(0) => WARM_POLL,
+                    _ => Duration::ZERO,
                 }
             } else {
                 self.options.phase_timeout
@@ -286,28 +303,69 @@ where
         }
     }
 
-    /// A warm standby no migration has named yet: one step of replay
+    /// A warm target no migration has named yet: one step of replay
     /// behind the owner's committed position (read every [`WARM_REFRESH`]),
-    /// as far as it goes. `None` if there is no such standby. Following
-    /// stops once a migration names this target, so the kept state stands
-    /// at a position committed before the coordinator chose the digest
-    /// point or Pf: never past either.
-    async fn follow_owner(&mut self) -> Result<Option<usize>> {
-        if self.machine.migration().is_some() {
-            return Ok(None);
+    /// as far as it goes. `None` if there is no such target. Following
+    /// stops once a migration names this target (its `Prepare` is read),
+    /// before this target reports `Restored`, and the source picks the
+    /// digest point (and later Pf) at or after its position when it reads
+    /// `Restored`: the kept state, at a position the owner had committed,
+    /// is never past either. A failure while following leaves the target
+    /// cold: it restores when named, as a target that was never warm.
+    async fn follow_owner(&mut self) -> Option<usize> {
+        if !self.following() {
+            return None;
         }
         let Some((TargetStart::Standby(instance), _)) = self.parts.as_mut() else {
-            return Ok(None);
+            return None;
         };
-        if self.ceiling_read.is_none_or(|at| at.elapsed() >= WARM_REFRESH) {
+        let refresh = self.ceiling_read.is_none_or(|at| at.elapsed() >= WARM_REFRESH);
+        if refresh {
             self.ceiling_read = Some(Instant::now());
-            let committed = instance.read_watermark().await?.unwrap_or_default();
-            instance.set_ceiling(Some(committed));
         }
-        Ok(Some(instance.step_with_timeout(WARM_POLL).await?))
+        match follow_step(instance, refresh, self.listener).await {
+            Ok(applied) => Some(applied),
+            Err(e) => {
+                warn!(error = %e, "following the owner failed: standing by cold");
+                self.go_cold();
+                None
+            }
+        }
+    }
+
+    /// Whether this is a warm target that no migration has named yet.
+    fn following(&self) -> bool {
+        self.options.warm
+            && self.machine.migration().is_none()
+            && matches!(self.parts, Some((TargetStart::Standby(_), _)))
+    }
+
+    /// Gives up the warm state: the target restores when named.
+    fn go_cold(&mut self) {
+        if let Some((TargetStart::Standby(instance), config)) = self.parts.take() {
+            let backends = (*instance).into_parts().2;
+            self.parts = Some((TargetStart::Backends(backends), config));
+        }
+    }
+
+    /// An operator's skip decision reaches a warm target's state at once.
+    fn skip_while_warm(&mut self, m: &ControlMessage) {
+        if let (
+            ControlBody::SkipInput {
+                topic,
+                partition,
+                offset,
+                ..
+            },
+            Some((TargetStart::Standby(instance), _)),
+        ) = (&m.body, self.parts.as_mut())
+        {
+            instance.skip_inputs([(topic.clone(), *partition, *offset)]);
+        }
     }
 
     fn heard(&mut self, m: ControlMessage) -> TargetEvent {
+        self.skip_while_warm(&m);
         if self.machine.migration() == Some(m.migration_id.as_str()) {
             self.last_heard = Instant::now();
         }
@@ -637,6 +695,35 @@ where
         transferred_at.duration_since(started),
         restored_at.duration_since(transferred_at),
     ))
+}
+
+/// One step of a warm target behind the owner's committed position; with
+/// `refresh`, the committed position is read again first and the target's
+/// lag reported.
+async fn follow_step<S, L, St, O>(
+    instance: &mut Instance<S, L, St, O>,
+    refresh: bool,
+    listener: &dyn ProgressListener,
+) -> Result<usize>
+where
+    S: StatefulService,
+    L: MessageLog,
+    St: SnapshotStore,
+    O: OutputSink,
+{
+    if refresh {
+        let committed = instance.read_watermark().await?.unwrap_or_default();
+        let lag = committed.total().saturating_sub(instance.position().total()).max(0) as u64;
+        instance.set_ceiling(Some(committed));
+        listener.on_progress(&crate::Progress {
+            phase: ProgressPhase::Standby,
+            applied: instance.stats().applied_replay,
+            remaining: lag,
+            rate: 0.0,
+            eta: None,
+        });
+    }
+    instance.step_with_timeout(WARM_POLL).await
 }
 
 /// The digest of a frozen copy of the state, on the blocking pool

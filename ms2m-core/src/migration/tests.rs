@@ -5,7 +5,7 @@
 //! every output committed exactly once, one owner.
 
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use super::*;
 use crate::codec::{CodecError, Json};
 use crate::memory::*;
-use crate::runtime::{no_progress, Instance, InstanceConfig};
+use crate::runtime::{no_progress, Instance, InstanceConfig, ProgressPhase};
 use crate::state::{ServiceState, StateError};
 use crate::testkit::*;
 use crate::{ApplyContext, ControlMessage, Error, StatefulService};
@@ -1092,16 +1092,19 @@ impl<L: crate::MessageLog> crate::MessageLog for RecordingLog<L> {
     }
 }
 
-/// A store that hands out a snapshot's pieces up to its last byte, then
-/// waits for `release` before the last byte: a restore from it cannot
-/// finish before the test says so.
-struct HoldsLastByte {
+/// The cluster's snapshot store with test hooks: `listed` is notified
+/// after each listing; with `hold_last_byte`, a streamed fetch hands out a
+/// snapshot up to its last byte and waits for that notify before the last
+/// byte, so a restore from it cannot finish before the test says so.
+#[derive(Default)]
+struct HookedStore {
     inner: MemorySnapshotStore,
-    release: Arc<tokio::sync::Notify>,
+    listed: Option<Arc<tokio::sync::Notify>>,
+    hold_last_byte: Option<Arc<tokio::sync::Notify>>,
 }
 
 #[async_trait]
-impl crate::SnapshotStore for HoldsLastByte {
+impl crate::SnapshotStore for HookedStore {
     type Error = MemoryError;
 
     async fn put(&self, snapshot: &crate::snapshot::EncodedSnapshot) -> Result<crate::SnapshotId, MemoryError> {
@@ -1109,7 +1112,11 @@ impl crate::SnapshotStore for HoldsLastByte {
     }
 
     async fn list(&self) -> Result<Vec<crate::SnapshotId>, MemoryError> {
-        self.inner.list().await
+        let ids = self.inner.list().await?;
+        if let Some(listed) = &self.listed {
+            listed.notify_one();
+        }
+        Ok(ids)
     }
 
     async fn get(&self, id: crate::SnapshotId) -> Result<bytes::Bytes, MemoryError> {
@@ -1124,10 +1131,12 @@ impl crate::SnapshotStore for HoldsLastByte {
         &self,
         id: crate::SnapshotId,
     ) -> Result<crate::streamed::SnapshotPieces<MemoryError>, MemoryError> {
-        let mut bytes = self.inner.get(id).await?;
+        let mut bytes = self.get(id).await?;
+        let Some(release) = self.hold_last_byte.clone() else {
+            return Ok(crate::streamed::SnapshotPieces::whole(bytes));
+        };
         let last = bytes.split_off(bytes.len() - 1);
         let (tx, pieces) = crate::streamed::SnapshotPieces::channel(2);
-        let release = Arc::clone(&self.release);
         tokio::spawn(async move {
             let _ = tx.send(Ok(bytes)).await;
             release.notified().await;
@@ -1162,9 +1171,10 @@ async fn the_target_seeks_its_log_to_the_checkpoint_while_it_restores() {
             inner: plain.log,
             calls: Arc::clone(&calls),
         },
-        store: Arc::new(HoldsLastByte {
+        store: Arc::new(HookedStore {
             inner: cluster.store.clone(),
-            release: Arc::clone(&release),
+            hold_last_byte: Some(Arc::clone(&release)),
+            ..HookedStore::default()
         }),
         sink: plain.sink,
     };
@@ -1200,45 +1210,19 @@ async fn the_target_seeks_its_log_to_the_checkpoint_while_it_restores() {
     assert_eq!(target.state(), &reference_fold(&cluster.produced()).0);
 }
 
-/// The cluster's snapshot store, signalling when a snapshot was fetched.
-struct SignalsFetch {
-    inner: MemorySnapshotStore,
-    fetched: Arc<tokio::sync::Notify>,
-}
-
-#[async_trait]
-impl crate::store::SnapshotStore for SignalsFetch {
-    type Error = MemoryError;
-
-    async fn put(&self, snapshot: &crate::snapshot::EncodedSnapshot) -> Result<crate::SnapshotId, MemoryError> {
-        self.inner.put(snapshot).await
-    }
-
-    async fn list(&self) -> Result<Vec<crate::SnapshotId>, MemoryError> {
-        self.inner.list().await
-    }
-
-    async fn get(&self, id: crate::SnapshotId) -> Result<bytes::Bytes, MemoryError> {
-        let bytes = self.inner.get(id).await?;
-        self.fetched.notify_one();
-        Ok(bytes)
-    }
-
-    async fn delete(&self, id: crate::SnapshotId) -> Result<(), MemoryError> {
-        self.inner.delete(id).await
-    }
-}
-
-/// A warm target restores a snapshot at start and keeps that state (and
-/// what it followed since) for a move from the standby: the store is down
-/// from then on, so a checkpoint, a fetch or a fallback restore would fail
-/// the move.
+/// A warm target restores at start (here: the empty state, the service
+/// takes no snapshots) and follows the owner's committed position; a move
+/// from the standby keeps that state. The store is down from right after
+/// the target's start, so a checkpoint, a fetch or a fallback restore would
+/// fail the move, and the position the target reports on `Restored` shows
+/// it followed the owner before the move.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_warm_target_moves_from_the_standby_with_the_snapshot_store_down() {
+async fn a_warm_target_follows_the_owner_and_moves_with_the_snapshot_store_down() {
     let cluster = Cluster::new();
     cluster.produce_now(2_000);
     let (_stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let source: Inst<Balances> = Instance::recover(cluster.backends(), config("src"), &*no_progress())
+    let no_snapshots = |id| config(id).snapshot_every(None);
+    let source: Inst<Balances> = Instance::recover(cluster.backends(), no_snapshots("src"), &*no_progress())
         .await
         .unwrap();
     let agent = SourceAgent::new(source, cluster.control.clone(), SourceOptions::default())
@@ -1247,49 +1231,63 @@ async fn a_warm_target_moves_from_the_standby_with_the_snapshot_store_down() {
     let source = tokio::spawn(agent.run(async move {
         let _ = stop_rx.await;
     }));
-    await_committed(&cluster, 2_000).await;
-    let fetched = Arc::new(tokio::sync::Notify::new());
-    let store = SignalsFetch {
+    let listed = Arc::new(tokio::sync::Notify::new());
+    let store = HookedStore {
         inner: cluster.store.clone(),
-        fetched: fetched.clone(),
+        listed: Some(listed.clone()),
+        ..HookedStore::default()
     };
     let backends = crate::Backends {
         log: cluster.log.reader(),
         store: Arc::new(store),
         sink: cluster.outputs.sink(),
     };
-    let control = cluster.control.clone();
+    let (control, followed) = (cluster.control.clone(), Arc::new(AtomicU64::new(0)));
+    let applied = followed.clone();
     let target = tokio::spawn(async move {
         let options = TargetOptions {
             phase_timeout: Duration::from_secs(3),
             warm: true,
             ..TargetOptions::default()
         };
-        run_target::<Balances, _, _, _, _>(backends, config("tgt"), control, options, &*no_progress()).await
+        let progress = move |p: &crate::Progress| {
+            if p.phase == ProgressPhase::Standby {
+                applied.store(p.applied, Ordering::Relaxed);
+            }
+        };
+        run_target::<Balances, _, _, _, _>(backends, no_snapshots("tgt"), control, options, &progress).await
     });
-    tokio::time::timeout(Duration::from_secs(20), fetched.notified())
+    tokio::time::timeout(Duration::from_secs(20), listed.notified())
         .await
-        .expect("the warm target fetches the newest snapshot at start");
+        .expect("the warm target looks for a snapshot at start");
     cluster.store.set_unavailable(true);
+    cluster.produce_now(1_000);
+    await_committed(&cluster, 3_000).await;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while followed.load(Ordering::Relaxed) < 3_000 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the warm target follows the owner to its committed position");
     let producer = cluster.produce_steady(1_000, Duration::from_millis(2));
     let coordinator = Coordinator::new(cluster.control.clone(), fast());
     let report = coordinator
         .migrate(&plan(Strategy::Ms2mFromStandby), &*no_progress())
         .await
         .expect("a move from the warm standby without the snapshot store");
+    let restored_at = cluster.control.history().into_iter().find_map(|m| match m.body {
+        ControlBody::Restored { position, .. } => Some(position.total()),
+        _ => None,
+    });
+    assert!(restored_at >= Some(3_000), "kept the followed state: {restored_at:?}");
     assert_eq!(
         (report.snapshot_bytes, report.transfer_ms),
         (0, 0.0),
         "nothing transferred"
     );
     assert!(report.digest_match);
-    let checkpoints = cluster
-        .control
-        .history()
-        .into_iter()
-        .filter(|m| matches!(m.body, ControlBody::Checkpoint | ControlBody::CheckpointTaken { .. }))
-        .count();
-    assert_eq!(checkpoints, 0, "no checkpoint asked for or taken");
+    assert_eq!(cluster.checkpoint_records(), 0, "no checkpoint asked for or taken");
     assert!(matches!(source.await.unwrap().unwrap(), SourceExit::Released(_)));
     let mut live = target.await.unwrap().unwrap();
     producer.await.unwrap();

@@ -20,6 +20,10 @@ pub enum ProgressPhase {
     MigrationReplay,
     /// A migration target replaying the final gap to the cutover position.
     Cutover,
+    /// A warm target following the owner before a migration names it
+    /// (`applied`: since its restore; `remaining`: its lag behind the
+    /// owner's committed position).
+    Standby,
 }
 
 /// One progress report.
