@@ -80,20 +80,29 @@ fn plan(strategy: Strategy) -> MigrationPlan {
 type SourceTask<S> = tokio::task::JoinHandle<crate::Result<SourceExit<Inst<S>>>>;
 type TargetTask<S> = tokio::task::JoinHandle<crate::Result<Inst<S>>>;
 
-/// Starts the source (recovered, owner) and a standby target.
-async fn start<S: StatefulService>(
+/// Starts the source (recovered with `config`, owner) until `stop_source`.
+async fn spawn_source<S: StatefulService>(
     cluster: &Cluster,
+    config: InstanceConfig,
     stop_source: tokio::sync::oneshot::Receiver<()>,
-) -> (SourceTask<S>, TargetTask<S>) {
-    let source: Inst<S> = Instance::recover(cluster.backends(), config("src"), &*no_progress())
+) -> SourceTask<S> {
+    let source: Inst<S> = Instance::recover(cluster.backends(), config, &*no_progress())
         .await
         .unwrap();
     let agent = SourceAgent::new(source, cluster.control.clone(), SourceOptions::default())
         .await
         .unwrap();
-    let source = tokio::spawn(agent.run(async move {
+    tokio::spawn(agent.run(async move {
         let _ = stop_source.await;
-    }));
+    }))
+}
+
+/// Starts the source (recovered, owner) and a standby target.
+async fn start<S: StatefulService>(
+    cluster: &Cluster,
+    stop_source: tokio::sync::oneshot::Receiver<()>,
+) -> (SourceTask<S>, TargetTask<S>) {
+    let source = spawn_source::<S>(cluster, config("src"), stop_source).await;
     let (backends, control) = (cluster.backends(), cluster.control.clone());
     let target = tokio::spawn(async move {
         let options = TargetOptions {
@@ -1222,15 +1231,7 @@ async fn a_warm_target_follows_the_owner_and_moves_with_the_snapshot_store_down(
     cluster.produce_now(2_000);
     let (_stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let no_snapshots = |id| config(id).snapshot_every(None);
-    let source: Inst<Balances> = Instance::recover(cluster.backends(), no_snapshots("src"), &*no_progress())
-        .await
-        .unwrap();
-    let agent = SourceAgent::new(source, cluster.control.clone(), SourceOptions::default())
-        .await
-        .unwrap();
-    let source = tokio::spawn(agent.run(async move {
-        let _ = stop_rx.await;
-    }));
+    let source = spawn_source::<Balances>(&cluster, no_snapshots("src"), stop_rx).await;
     let listed = Arc::new(tokio::sync::Notify::new());
     let store = HookedStore {
         inner: cluster.store.clone(),
