@@ -330,7 +330,8 @@ pub struct B1Options {
     pub high_rate: u64,
     /// Also move each size at `rate` from a warm standby
     /// ([`Strategy::Ms2mFromStandby`], the target started with
-    /// [`TargetOptions::warm`] before the state was built): the B1-warm rows.
+    /// [`TargetOptions::warm`] right after the source, while the source
+    /// applies the players' joins): the B1-warm rows.
     pub warm: bool,
 }
 

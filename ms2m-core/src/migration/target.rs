@@ -161,7 +161,7 @@ where
 /// publish its `Takeover` (the start of its owner lease), if this run
 /// published it.
 pub(crate) async fn serve_as_target<S, L, St, O, C>(
-    start: TargetStart<S, L, St, O>,
+    mut start: TargetStart<S, L, St, O>,
     config: InstanceConfig,
     control: Arc<C>,
     options: TargetOptions,
@@ -179,7 +179,6 @@ where
     let span = info_span!("target", service = %service, instance = %me);
     async move {
         let decisions = Decisions::from_history(&read_history(&*control, &service).await?);
-        let mut start = start;
         if let TargetStart::Standby(instance) = &mut start {
             // Inputs an operator skipped before this target started.
             instance.skip_inputs(decisions.skipped_inputs().iter().cloned());
@@ -712,9 +711,7 @@ where
     O: OutputSink,
 {
     if refresh {
-        let committed = instance.read_watermark().await?.unwrap_or_default();
-        let lag = committed.total().saturating_sub(instance.position().total()).max(0) as u64;
-        instance.set_ceiling(Some(committed));
+        let lag = instance.follow_committed().await?;
         listener.on_progress(&crate::Progress {
             phase: ProgressPhase::Standby,
             applied: instance.stats().applied_replay,

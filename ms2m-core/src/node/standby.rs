@@ -88,9 +88,7 @@ where
 
     /// The owner's committed position becomes the replay ceiling.
     async fn refresh_ceiling(&self, instance: &mut Instance<S, L, St, O>, view: &ChannelView) -> Result<()> {
-        let watermark = instance.read_watermark().await?.unwrap_or_default();
-        let lag = watermark.total().saturating_sub(instance.position().total()).max(0) as u64;
-        instance.set_ceiling(Some(watermark));
+        let lag = instance.follow_committed().await?;
         self.health.set_ready(lag <= crate::health::DEFAULT_READY_LAG);
         let decisions = view.decisions();
         instance.skip_inputs(decisions.skipped_inputs().iter().cloned());

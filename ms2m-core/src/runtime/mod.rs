@@ -371,6 +371,16 @@ where
             .map_err(|e| Error::backend(Component::Sink, "read committed position", e))
     }
 
+    /// A standby's ceiling becomes the owner's committed position (the
+    /// output watermark), read now; returns how far behind it this
+    /// instance stands, in messages.
+    pub(crate) async fn follow_committed(&mut self) -> Result<u64> {
+        let committed = self.read_watermark().await?.unwrap_or_default();
+        let lag = committed.total().saturating_sub(self.position.total()).max(0) as u64;
+        self.set_ceiling(Some(committed));
+        Ok(lag)
+    }
+
     /// Whether outputs are being emitted (false for a standby).
     pub fn is_live(&self) -> bool {
         !matches!(self.output_mode, OutputMode::SuppressAll)
