@@ -162,13 +162,13 @@ impl<M: DeserializeOwned> MessageFormat<M> for Bincode {
 
 impl MessageFormat<Record> for Raw {
     fn decode(record: &Record) -> Result<Record, DecodeError> {
-        Ok(record.clone())
+        Ok(record.detached())
     }
 }
 
 impl MessageFormat<Bytes> for Raw {
     fn decode(record: &Record) -> Result<Bytes, DecodeError> {
-        payload(record).cloned()
+        payload(record).map(|p| Bytes::copy_from_slice(p))
     }
 }
 
@@ -235,5 +235,21 @@ mod tests {
         ));
         let b = Record::new("t", 0, 0, encode(&7u64).unwrap());
         assert_eq!(<Bincode as MessageFormat<u64>>::decode(&b).unwrap(), 7);
+    }
+
+    /// A log may hand out payloads as slices of one batch buffer: `Raw`
+    /// gives the service copies of its own, so keeping one keeps no batch.
+    #[test]
+    fn raw_hands_out_copies_not_slices_of_the_batch() {
+        let batch = Bytes::from_static(b"key1payload1");
+        let mut record = Record::new("t", 0, 0, batch.slice(4..));
+        record.key = Some(batch.slice(..4));
+        let payload: Bytes = Raw::decode(&record).unwrap();
+        assert_eq!(payload, record.payload.clone().unwrap());
+        assert_ne!(payload.as_ptr(), batch[4..].as_ptr(), "a copy, not a slice");
+        let whole: Record = Raw::decode(&record).unwrap();
+        assert_eq!(whole, record);
+        assert_ne!(whole.key.unwrap().as_ptr(), batch.as_ptr());
+        assert_ne!(whole.payload.unwrap().as_ptr(), batch[4..].as_ptr());
     }
 }

@@ -9,6 +9,13 @@ use crate::position::TopicPartition;
 /// A message read from the input log.
 ///
 /// Cheap to clone: key, payload and header values are reference-counted.
+///
+/// A log may hand out the keys and payloads of many records as slices of
+/// one buffer (the Kafka log does during catch-up: one allocation per
+/// batch instead of two per record), and that buffer lives as long as any
+/// of them. To keep a key or payload past `apply`, keep a copy
+/// ([`Record::detached`], `Bytes::copy_from_slice`); the [`Raw`](crate::Raw)
+/// format already hands the service its own copy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Record {
     /// Topic it was read from.
@@ -38,6 +45,17 @@ impl Record {
             key: None,
             payload: Some(payload.into()),
             headers: Vec::new(),
+        }
+    }
+
+    /// This record with its own copies of key and payload: keeping it keeps
+    /// no other record's bytes alive.
+    pub fn detached(&self) -> Self {
+        let copy = |b: &Bytes| Bytes::copy_from_slice(b);
+        Self {
+            key: self.key.as_ref().map(copy),
+            payload: self.payload.as_ref().map(copy),
+            ..self.clone()
         }
     }
 

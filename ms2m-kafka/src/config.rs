@@ -103,6 +103,7 @@ pub struct KafkaConfig {
     snapshot_partitions: Option<i32>,
     replication_factor: i32,
     operation_timeout: Duration,
+    input_headers: bool,
 }
 
 impl fmt::Debug for KafkaConfig {
@@ -126,6 +127,7 @@ impl fmt::Debug for KafkaConfig {
             .field("snapshot_partitions", &self.snapshot_partitions)
             .field("replication_factor", &self.replication_factor)
             .field("operation_timeout", &self.operation_timeout)
+            .field("input_headers", &self.input_headers)
             .finish()
     }
 }
@@ -150,6 +152,7 @@ impl KafkaConfig {
             snapshot_partitions: None,
             replication_factor: -1,
             operation_timeout: Duration::from_secs(30),
+            input_headers: true,
         }
     }
 
@@ -193,6 +196,20 @@ impl KafkaConfig {
             }
         }
         self.input_partitions = Some(partitions);
+        self
+    }
+
+    /// Whether input records carry their Kafka headers. Default: true.
+    ///
+    /// Turn it off for a service that never reads
+    /// [`ApplyContext::headers`](ms2m_core::ApplyContext::headers): librdkafka
+    /// parses a message's headers on first access, allocating and freeing a
+    /// buffer per message even when it has none, and that parse is the
+    /// largest single cost of reading a record (about a tenth of replay
+    /// throughput for small messages, benchmark B2). The price: messages the
+    /// service sends to a dead-letter topic lack their original headers.
+    pub fn input_headers(mut self, read: bool) -> Self {
+        self.input_headers = read;
         self
     }
 
@@ -314,6 +331,11 @@ impl KafkaConfig {
     /// The explicit input partitions, if set.
     pub fn explicit_input_partitions(&self) -> Option<&[TopicPartition]> {
         self.input_partitions.as_deref()
+    }
+
+    /// Whether input records carry their headers (see [`input_headers`](Self::input_headers)).
+    pub fn reads_input_headers(&self) -> bool {
+        self.input_headers
     }
 
     /// The snapshot topic.

@@ -25,16 +25,17 @@
 //!   partitions, which share one queue), librdkafka stops fetching for that
 //!   long. During catch-up the queue fills within milliseconds, so with the
 //!   default a replay stalled for about a second every time it did.
-//! * Records are delivered in offset order per partition; key, payload and
-//!   headers are copied into `Bytes` of their own (one allocation each, so a
-//!   service that keeps a payload keeps only that payload alive, never a
-//!   batch buffer), topic names are shared `Arc<str>`s.
+//! * Records are delivered in offset order per partition; topic names are
+//!   shared `Arc<str>`s. A record taken on its own (live input, a few at a
+//!   time) gets its own copies of key and payload; the records of a batch a
+//!   prefetch took share one buffer (below).
 //! * Per message the cost is librdkafka's queue pop and message destroy
 //!   (as in any rdkafka loop), the header parse (librdkafka allocates,
 //!   reads and frees a buffer per message even when it has no headers; see
-//!   [`KafkaLog::without_headers`]) and these copies; everything else
-//!   (waker registration, next-offset bookkeeping) happens once per poll or
-//!   once per run of records from one partition.
+//!   [`KafkaConfig::input_headers`](crate::KafkaConfig::input_headers)) and
+//!   copying key and payload; everything else (waker registration,
+//!   next-offset bookkeeping) happens once per poll or once per run of
+//!   records from one partition.
 //! * During catch-up the consumer side of that cost is taken off the apply
 //!   loop: a poll that returns a full batch starts a prefetch on the
 //!   blocking pool, which takes already-fetched messages (it never waits)
@@ -44,13 +45,14 @@
 //!   for the prefetch's next batch or its end, a seek stops and joins it
 //!   first), so order and exact offsets are kept and a seek never mixes in
 //!   records of the old assignment.
-//! * A prefetch copies keys and payloads into one buffer per batch; the
-//!   polling task then gives each its own allocation, so the thread that
-//!   frees a record's memory is the one that allocated it. (Allocated by
-//!   the prefetch and freed by the applying task, each record took the
-//!   lock of the prefetch thread's malloc arena, which librdkafka's header
-//!   parse there needs for every message: in benchmark B2 that contention
-//!   made up a third of the header parse's cost.)
+//! * A prefetch copies the keys and payloads of a batch into one buffer and
+//!   the polling task hands them out as slices of it: one allocation per
+//!   batch instead of an allocation and a free per record on the applying
+//!   task (benchmark B2: about 0.06 of the ratio). The buffer lives as long as any record of the
+//!   batch; the [`Raw`](ms2m_core::Raw) format hands the service its own
+//!   copy, and [`Record`]'s docs say how to keep one. The prefetch leaves
+//!   the shared topic name out of the records it stages, so its reference
+//!   count is touched by one thread only.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -121,14 +123,25 @@ struct Prefetch {
     task: JoinHandle<()>,
 }
 
-/// Records taken by a prefetch, their keys and payloads still in one
-/// buffer (see [`StagedBatch::into_records`]).
+/// Messages taken by a prefetch, not yet records: the polling task turns
+/// them into [`Record`]s (see [`StagedBatch::into_records`]).
 struct StagedBatch {
-    /// The records, without key and payload.
-    records: Vec<Record>,
-    /// Each record's key and payload: where they are in `bodies`.
-    spans: Vec<(Option<Span>, Option<Span>)>,
+    entries: Vec<StagedRecord>,
+    /// Every key and payload of the batch, one after the other.
     bodies: Vec<u8>,
+}
+
+/// What a prefetch keeps of one message.
+struct StagedRecord {
+    /// `None`: the topic every assigned partition shares (the record gets
+    /// it from the polling task, so the prefetch never touches its count).
+    topic: Option<Arc<str>>,
+    partition: i32,
+    offset: i64,
+    timestamp_ms: Option<i64>,
+    key: Option<Span>,
+    payload: Option<Span>,
+    headers: Vec<(String, Bytes)>,
 }
 
 /// A byte range of [`StagedBatch::bodies`].
@@ -198,7 +211,7 @@ impl KafkaLog {
             explicit,
             records: RecordBuilder {
                 topics: topics.into(),
-                read_headers: true,
+                read_headers: config.reads_input_headers(),
                 assigned_topic: None,
             },
             next: BTreeMap::new(),
@@ -210,16 +223,10 @@ impl KafkaLog {
         })
     }
 
-    /// Records from this log carry no headers.
-    ///
-    /// librdkafka parses a message's headers on first access, and that
-    /// parse (a buffer allocated, read and freed per message, even when the
-    /// message has no headers; its public API has no cheaper test) is the
-    /// largest single cost of turning a message into a [`Record`]: about an
-    /// eighth of the consuming thread's time for small messages (benchmark
-    /// B2, where it costs about 0.07 of the ratio). Only for services that
-    /// never read [`ApplyContext::headers`](ms2m_core::ApplyContext::headers);
-    /// messages they send to a dead-letter topic lack the original headers.
+    /// Records from this log carry no headers: what
+    /// [`KafkaConfig::input_headers`](crate::KafkaConfig::input_headers)`(false)`
+    /// does for every log of a service, for this log alone. librdkafka's
+    /// public API has no cheaper test for "no headers" than the parse.
     pub fn without_headers(mut self) -> Self {
         self.records.read_headers = false;
         self
@@ -303,7 +310,7 @@ impl KafkaLog {
             };
             match prefetch.batches.recv().await {
                 Some((batch, error)) => {
-                    self.ready = batch.into_records();
+                    self.ready = batch.into_records(self.records.assigned_topic.as_ref());
                     if let Some(e) = error {
                         self.deferred = Some(self.consume_error(e));
                     }
@@ -517,30 +524,6 @@ impl RecordBuilder {
 
     fn record(&self, m: &BorrowedMessage<'_>) -> Record {
         Record {
-            key: m.key().map(Bytes::copy_from_slice),
-            payload: m.payload().map(Bytes::copy_from_slice),
-            ..self.record_without_body(m)
-        }
-    }
-
-    /// A record of `m` with its headers but without key and payload.
-    fn record_without_body(&self, m: &BorrowedMessage<'_>) -> Record {
-        let headers = self
-            .read_headers
-            .then(|| m.headers())
-            .flatten()
-            .map(|h| {
-                h.iter()
-                    .map(|h| {
-                        (
-                            h.key.to_string(),
-                            h.value.map(Bytes::copy_from_slice).unwrap_or_default(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        Record {
             topic: match &self.assigned_topic {
                 Some(topic) => topic.clone(),
                 None => self.topic(m.topic()),
@@ -548,10 +531,26 @@ impl RecordBuilder {
             partition: m.partition(),
             offset: m.offset(),
             timestamp_ms: m.timestamp().to_millis(),
-            key: None,
-            payload: None,
-            headers,
+            key: m.key().map(Bytes::copy_from_slice),
+            payload: m.payload().map(Bytes::copy_from_slice),
+            headers: self.headers(m),
         }
+    }
+
+    /// The message's headers; none when the log reads none ([`KafkaLog::without_headers`]).
+    fn headers(&self, m: &BorrowedMessage<'_>) -> Vec<(String, Bytes)> {
+        let Some(headers) = self.read_headers.then(|| m.headers()).flatten() else {
+            return Vec::new();
+        };
+        headers
+            .iter()
+            .map(|h| {
+                (
+                    h.key.to_string(),
+                    h.value.map(Bytes::copy_from_slice).unwrap_or_default(),
+                )
+            })
+            .collect()
     }
 
     /// Appends already-fetched records to `out` until it holds `max`,
@@ -587,22 +586,28 @@ impl TakenRecords for Vec<Record> {
 
 impl TakenRecords for StagedBatch {
     fn count(&self) -> usize {
-        self.records.len()
+        self.entries.len()
     }
 
     fn take(&mut self, builder: &RecordBuilder, m: &BorrowedMessage<'_>) {
         let key = m.key().map(|k| self.stage(k));
         let payload = m.payload().map(|p| self.stage(p));
-        self.records.push(builder.record_without_body(m));
-        self.spans.push((key, payload));
+        self.entries.push(StagedRecord {
+            topic: builder.assigned_topic.is_none().then(|| builder.topic(m.topic())),
+            partition: m.partition(),
+            offset: m.offset(),
+            timestamp_ms: m.timestamp().to_millis(),
+            key,
+            payload,
+            headers: builder.headers(m),
+        });
     }
 }
 
 impl StagedBatch {
     fn with_capacity(records: usize) -> Self {
         Self {
-            records: Vec::with_capacity(records),
-            spans: Vec::with_capacity(records),
+            entries: Vec::with_capacity(records),
             bodies: Vec::new(),
         }
     }
@@ -614,19 +619,25 @@ impl StagedBatch {
         start..self.bodies.len()
     }
 
-    /// The records, each given its own copy of its key and payload.
-    fn into_records(self) -> Vec<Record> {
-        let StagedBatch {
-            mut records,
-            spans,
-            bodies,
-        } = self;
-        let copy = |span: Span| Bytes::copy_from_slice(&bodies[span]);
-        for (record, (key, payload)) in records.iter_mut().zip(spans) {
-            record.key = key.map(copy);
-            record.payload = payload.map(copy);
-        }
-        records
+    /// The records, their keys and payloads slices of one shared buffer
+    /// (no allocation per record), on topic `assigned` unless staged with
+    /// their own.
+    fn into_records(self, assigned: Option<&Arc<str>>) -> Vec<Record> {
+        let bodies = Bytes::from(self.bodies);
+        let slice = |span: Span| bodies.slice(span);
+        self.entries
+            .into_iter()
+            .map(|entry| Record {
+                // `take` stages a topic whenever the partitions share none.
+                topic: entry.topic.or_else(|| assigned.cloned()).unwrap_or_default(),
+                partition: entry.partition,
+                offset: entry.offset,
+                timestamp_ms: entry.timestamp_ms,
+                key: entry.key.map(slice),
+                payload: entry.payload.map(slice),
+                headers: entry.headers,
+            })
+            .collect()
     }
 }
 

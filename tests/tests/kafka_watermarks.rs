@@ -11,6 +11,8 @@ use ms2m_core::{
 };
 use ms2m_kafka::{KafkaError, KafkaLog};
 use ms2m_tests::*;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -110,6 +112,12 @@ async fn prefetched_batches_keep_order_and_a_seek_drops_them() {
         let first_n: Vec<i64> = (0..offsets.len() as i64).collect();
         assert_eq!(offsets, &first_n, "partition {p}: every record once, in order");
     }
+    // Prefetched records share one buffer per batch: each must still see
+    // its own key and payload (value v at offset v, key "k{v}").
+    for r in &got {
+        assert_eq!(r.payload.as_deref(), Some(r.offset.to_string().as_bytes()), "{r:?}");
+        assert_eq!(r.key.as_deref(), Some(format!("k{}", r.offset).as_bytes()), "{r:?}");
+    }
     let delivered: Position = parts
         .iter()
         .map(|tp| (tp.clone(), per.get(&tp.partition).map_or(0, |o| o.len() as i64)))
@@ -188,6 +196,44 @@ async fn records_name_their_topic_with_one_or_two_topics_assigned() {
             let topic = if v > 100 { &b } else { &a };
             assert_eq!(&*r.topic, topic.as_str(), "value {v}");
         }
+    }
+}
+
+/// Records carry their Kafka headers by default, and none with
+/// `KafkaConfig::input_headers(false)`; key and payload either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn input_headers_are_read_unless_turned_off() {
+    let input = unique("hd-in");
+    let base = connect(config(&unique("hd")).input_topic(&input));
+    base.create_topic(&input, 1, &[]).await.unwrap();
+    let headers = OwnedHeaders::new().insert(Header {
+        key: "trace",
+        value: Some("t-1"),
+    });
+    let record = FutureRecord::to(&input)
+        .partition(0)
+        .key("k")
+        .payload("v")
+        .headers(headers);
+    producer(&base).send(record, TIMEOUT).await.map_err(|(e, _)| e).unwrap();
+    for read in [true, false] {
+        let cluster = base.for_service(config(&unique("hd")).input_topic(&input).input_headers(read));
+        let mut log = cluster.log().await.unwrap();
+        let parts = log.partitions().await.unwrap();
+        log.seek(&parts.iter().map(|tp| (tp.clone(), 0)).collect())
+            .await
+            .unwrap();
+        let r = poll_n(&mut log, 1).await.remove(0);
+        let expected = if read {
+            vec![("trace".to_string(), Bytes::from("t-1"))]
+        } else {
+            Vec::new()
+        };
+        assert_eq!(r.headers, expected, "input_headers({read})");
+        assert_eq!(
+            (r.key.as_deref(), r.payload.as_deref()),
+            (Some(&b"k"[..]), Some(&b"v"[..]))
+        );
     }
 }
 
