@@ -472,7 +472,12 @@ where
                 .await
                 .map_err(|e| Error::backend(Component::Log, "poll", e))?;
             drained = batch.is_empty() && self.pending.is_empty();
-            self.pending.extend(batch);
+            if self.pending.is_empty() {
+                // Takes the batch's buffer as it is (no copy of the records).
+                self.pending = batch.into();
+            } else {
+                self.pending.extend(batch);
+            }
             applied = self.apply_pending().await?;
         }
         self.housekeeping(applied == 0).await?;
@@ -535,8 +540,7 @@ where
                 }
             }
         }
-        // Everything was taken off `pending`: keep its buffer for the next
-        // batch unless records are held.
+        // Everything was taken off `pending`; held records go back, in order.
         if !held.is_empty() {
             self.pending = held;
         }
@@ -1046,7 +1050,10 @@ impl CeilingLimits {
     /// (0 for a partition it does not name), `i64::MIN` once blocked.
     fn of(&mut self, ceiling: &Position, record: &Record) -> i64 {
         if let Some((tp, limit)) = &self.last {
-            if tp.partition == record.partition && tp.topic == record.topic {
+            // Records of one log share their topic's allocation: compare
+            // pointers before names.
+            let same_topic = Arc::ptr_eq(&tp.topic, &record.topic) || tp.topic == record.topic;
+            if tp.partition == record.partition && same_topic {
                 return *limit;
             }
         }
