@@ -72,6 +72,11 @@ pub enum ControlBody {
         /// What the target does if the digests differ at Pf.
         #[serde(default)]
         digest_policy: crate::migration::DigestPolicy,
+        /// The strategy the coordinator runs, so that a coordinator taking
+        /// the migration over after a restart runs the same one. Records
+        /// written before this field existed carry none (MS2M is assumed).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        strategy: Option<crate::migration::Strategy>,
     },
     /// Coordinator → source: take a checkpoint now (serialize, upload in the
     /// background, keep serving unless stopped) and report `CheckpointTaken`.
@@ -391,5 +396,25 @@ mod tests {
                 incarnation: 0
             }
         );
+    }
+
+    /// A `Prepare` written before it carried the strategy still decodes
+    /// (without one); one that carries it keeps it through a round trip.
+    #[test]
+    fn a_prepare_carries_its_strategy_and_one_without_decodes() {
+        let old = br#"{"service":"s","migration_id":"m","from":"Coordinator","sent_at_ms":1,
+            "body":{"Prepare":{"source":"a","target":"b","digest_policy":"Abort"}}}"#;
+        let m = ControlMessage::from_bytes(old).expect("decodes");
+        assert!(matches!(m.body, ControlBody::Prepare { strategy: None, .. }), "{m:?}");
+        let new = ControlMessage {
+            body: ControlBody::Prepare {
+                source: "a".into(),
+                target: "b".into(),
+                digest_policy: Default::default(),
+                strategy: Some(crate::migration::Strategy::StopAndCopy),
+            },
+            ..m
+        };
+        assert_eq!(ControlMessage::from_bytes(&new.to_bytes()).expect("round trip"), new);
     }
 }

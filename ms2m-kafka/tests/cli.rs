@@ -145,6 +145,7 @@ fn prepare(source: &str, target: &str) -> ControlBody {
         source: source.into(),
         target: target.into(),
         digest_policy: Default::default(),
+        strategy: None,
     }
 }
 
@@ -370,6 +371,7 @@ async fn a_migration_without_running_instances_times_out_and_rolls_back(cluster:
         source: "node-b".into(),
         target: "node-c".into(),
         digest_policy: Default::default(),
+        strategy: None,
     };
     assert_eq!(prepared.body, from_owner, "--from defaults to the recorded owner");
     let s = json(cluster, &["status"]).await;

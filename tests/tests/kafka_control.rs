@@ -70,6 +70,7 @@ async fn undecodable_control_records_are_skipped_and_counted() {
             source: "a".into(),
             target: "b".into(),
             digest_policy: Default::default(),
+            strategy: None,
         },
     };
     let takeover = ControlMessage {

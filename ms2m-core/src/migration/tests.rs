@@ -774,6 +774,7 @@ async fn late_stop(case: LateStop) {
         source: "src".into(),
         target: "tgt".into(),
         digest_policy: DigestPolicy::Abort,
+        strategy: None,
     };
     coordinator_says(&cluster, &id, prepare).await;
     coordinator_says(&cluster, &id, ControlBody::Checkpoint).await;
@@ -935,6 +936,7 @@ async fn regression_seed_325_a_failed_stop_and_copy_checkpoint_loses_no_output()
         source: "src".into(),
         target: "tgt".into(),
         digest_policy: DigestPolicy::Abort,
+        strategy: None,
     };
     coordinator_says(&cluster, id, prepare).await;
     coordinator_says(&cluster, id, ControlBody::Stop { next_epoch: 1 }).await;
@@ -1027,6 +1029,7 @@ async fn regression_model_a_source_restarted_while_stopped_stays_at_its_pf() {
         source: "src".into(),
         target: "tgt".into(),
         digest_policy: DigestPolicy::Abort,
+        strategy: None,
     };
     coordinator_says(&cluster, id, prepare).await;
     coordinator_says(&cluster, id, ControlBody::Stop { next_epoch: 1 }).await;

@@ -544,6 +544,7 @@ mod tests {
             source: "a".into(),
             target: "b".into(),
             digest_policy: Default::default(),
+            strategy: None,
         };
         record(migration, Role::Coordinator, body)
     }

@@ -231,6 +231,7 @@ impl CoordinatorMachine {
             source: self.plan.source.clone(),
             target: self.plan.target.clone(),
             digest_policy: self.config.digest_policy,
+            strategy: Some(self.plan.strategy),
         };
         let mut actions = vec![CoordinatorAction::Publish(prepare)];
         match self.plan.strategy {
@@ -698,19 +699,28 @@ impl CoordinatorMachine {
     }
 }
 
-/// The plan a migration was started with, as far as its records tell.
+/// The plan a migration was started with, as far as its records tell (a
+/// `Prepare` without a strategy, written before it carried one, means MS2M).
 fn plan_from_history(service: &str, migration_id: &str, history: &[ControlMessage]) -> MigrationPlan {
     let prepare = history.iter().find_map(|m| match (&m.body, m.from) {
-        (ControlBody::Prepare { source, target, .. }, Role::Coordinator) => Some((source.clone(), target.clone())),
+        (
+            ControlBody::Prepare {
+                source,
+                target,
+                strategy,
+                ..
+            },
+            Role::Coordinator,
+        ) => Some((source.clone(), target.clone(), *strategy)),
         _ => None,
     });
-    let (source, target) = prepare.unwrap_or_default();
+    let (source, target, strategy) = prepare.unwrap_or_default();
     MigrationPlan {
         service: service.to_string(),
         migration_id: migration_id.to_string(),
         source,
         target,
-        strategy: Strategy::Ms2m,
+        strategy: strategy.unwrap_or(Strategy::Ms2m),
     }
 }
 

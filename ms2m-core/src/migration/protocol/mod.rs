@@ -357,6 +357,7 @@ mod tests {
             source: "src".into(),
             target: "tgt".into(),
             digest_policy: crate::migration::DigestPolicy::Abort,
+            strategy: None,
         };
         record("m", Role::Coordinator, body)
     }
@@ -459,6 +460,52 @@ mod tests {
                 snapshot_id: Some(0),
                 read_ahead: false
             }]
+        );
+    }
+
+    /// A coordinator that takes a migration over after a restart reads the
+    /// strategy from the `Prepare` the first one published (MS2M when the
+    /// record predates the field).
+    #[test]
+    fn a_recovering_coordinator_keeps_the_strategy_of_the_prepare() {
+        use crate::migration::{MigrationConfig, MigrationPlan, Strategy};
+        use coordinator::{CoordinatorAction, CoordinatorEvent, CoordinatorMachine};
+        use std::time::Duration;
+        for strategy in [
+            Strategy::StopAndCopy,
+            Strategy::Ms2mFromStandby,
+            Strategy::Ms2mThreshold,
+        ] {
+            let plan = MigrationPlan {
+                service: "s".into(),
+                migration_id: "m".into(),
+                source: "src".into(),
+                target: "tgt".into(),
+                strategy,
+            };
+            let mut first = CoordinatorMachine::new(plan, MigrationConfig::default(), 1);
+            let history: Vec<ControlMessage> = first
+                .handle(Duration::ZERO, CoordinatorEvent::Start)
+                .into_iter()
+                .filter_map(|a| match a {
+                    CoordinatorAction::Publish(body) => Some(record("m", Role::Coordinator, body)),
+                    _ => None,
+                })
+                .collect();
+            let (recovered, _) =
+                CoordinatorMachine::recover("s", "m", &history, MigrationConfig::default(), Duration::ZERO);
+            assert_eq!(recovered.plan().strategy, strategy);
+            assert_eq!(
+                (recovered.plan().source.as_str(), recovered.plan().target.as_str()),
+                ("src", "tgt")
+            );
+        }
+        let (recovered, _) =
+            CoordinatorMachine::recover("s", "m", &[prepare()], MigrationConfig::default(), Duration::ZERO);
+        assert_eq!(
+            recovered.plan().strategy,
+            Strategy::Ms2m,
+            "a Prepare without a strategy"
         );
     }
 

@@ -473,6 +473,7 @@ mod tests {
                 source: "a".into(),
                 target: "c".into(),
                 digest_policy: Default::default(),
+                strategy: None,
             },
             ..node(ControlBody::Checkpoint)
         };
