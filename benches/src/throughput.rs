@@ -41,21 +41,28 @@ pub async fn b2(b: &Bench) -> Result<Vec<Row>, BoxError> {
     b.cluster.create_topic(&input, partitions, &[]).await?;
     let end = fill(&b.cluster, &input, partitions, 0, n, size).await?;
     let (mut ours, mut bare, mut raw) = (Vec::new(), Vec::new(), Vec::new());
+    // Every side's checksum of the payloads: they must all agree.
+    let mut sums = std::collections::BTreeSet::new();
     for run in 0..b.runs {
         // Rotate the order so no side always runs on a warm cache.
         for side in (0..3).map(|i| (run + i) % 3) {
-            match side {
-                0 => ours.push(replay_rate(b, &input, &end, n, true).await?),
-                1 => bare.push(replay_rate(b, &input, &end, n, false).await?),
+            let (rate, sum) = match side {
+                0 => replay_rate(b, &input, &end, n, true).await?,
+                1 => replay_rate(b, &input, &end, n, false).await?,
                 _ => {
                     let r = raw_replay(&b.cluster, &b.unique("b2-raw"), &end).await?;
                     if r.messages != n {
                         return Err(format!("raw loop read {} of {n}", r.messages).into());
                     }
-                    raw.push(n as f64 / r.elapsed.as_secs_f64());
+                    (n as f64 / r.elapsed.as_secs_f64(), r.sum)
                 }
-            }
+            };
+            [&mut ours, &mut bare, &mut raw][side].push(rate);
+            sums.insert(sum);
         }
+    }
+    if sums.len() > 1 {
+        return Err(format!("the sides' payload checksums differ: {sums:?}").into());
     }
     let what = format!("({n} msgs × {size} B, {partitions} partitions)");
     let how = "`Instance::restore` (seek) then `replay_to`, timed from the seek / `assign` to the last message; outputs suppressed";
@@ -85,8 +92,9 @@ pub async fn b2(b: &Bench) -> Result<Vec<Row>, BoxError> {
     ])
 }
 
-/// Messages per second of one catch-up replay of `n` records up to `end`.
-async fn replay_rate(b: &Bench, input: &str, end: &Position, n: u64, headers: bool) -> Result<f64, BoxError> {
+/// Messages per second of one catch-up replay of `n` records up to `end`,
+/// and the checksum of the payloads it applied.
+async fn replay_rate(b: &Bench, input: &str, end: &Position, n: u64, headers: bool) -> Result<(f64, u64), BoxError> {
     let config = KafkaConfig::new(b.unique("b2-ours"))
         .input_topic(input)
         .input_headers(headers);
@@ -98,7 +106,7 @@ async fn replay_rate(b: &Bench, input: &str, end: &Position, n: u64, headers: bo
     if inst.state().count != n {
         return Err(format!("ms2m replayed {} of {n}", inst.state().count).into());
     }
-    Ok(n as f64 / elapsed.as_secs_f64())
+    Ok((n as f64 / elapsed.as_secs_f64(), inst.state().sum))
 }
 
 /// B3: live processing with one output per message (at-least-once) vs a
@@ -112,21 +120,31 @@ pub async fn b3(b: &Bench) -> Result<Vec<Row>, BoxError> {
     let end = fill(&b.cluster, &input, partitions, 0, n, size).await?;
     let (mut ours, mut raw) = (Vec::new(), Vec::new());
     let mut eos = Vec::new();
+    // Every run's checksum of the payloads: they must all agree.
+    let mut sums = std::collections::BTreeSet::new();
     for run in 0..b.runs {
         for side in [run % 2, 1 - run % 2] {
             if side == 0 {
-                ours.push(live_run(b, &input, &output, &end, n, Delivery::AtLeastOnce).await?);
+                let (rate, sum) = live_run(b, &input, &output, &end, n, Delivery::AtLeastOnce).await?;
+                ours.push(rate);
+                sums.insert(sum);
             } else {
                 let r = raw_live(&b.cluster, &b.unique("b3-raw"), &output, &end).await?;
                 if r.messages != n {
                     return Err(format!("raw loop processed {} of {n}", r.messages).into());
                 }
                 raw.push(n as f64 / r.elapsed.as_secs_f64());
+                sums.insert(r.sum);
             }
         }
         if b.embedded() && run == 0 {
-            eos.push(live_run(b, &input, &output, &end, n, Delivery::ExactlyOnce).await?);
+            let (rate, sum) = live_run(b, &input, &output, &end, n, Delivery::ExactlyOnce).await?;
+            eos.push(rate);
+            sums.insert(sum);
         }
+    }
+    if sums.len() > 1 {
+        return Err(format!("the runs' payload checksums differ: {sums:?}").into());
     }
     let mut rows = vec![Row::new(
         "B3",
@@ -162,7 +180,7 @@ async fn live_run(
     end: &Position,
     n: u64,
     delivery: Delivery,
-) -> Result<f64, BoxError> {
+) -> Result<(f64, u64), BoxError> {
     let cluster = b.service(&b.unique("b3-ours"), input);
     let backends = cluster.backends(delivery).await?;
     let config = no_snapshots("live").output_topic(output.to_string());
@@ -179,7 +197,7 @@ async fn live_run(
         )
         .into());
     }
-    Ok(n as f64 / elapsed.as_secs_f64())
+    Ok((n as f64 / elapsed.as_secs_f64(), inst.state().sum))
 }
 
 /// B6: a fresh instance recovering from a snapshot plus a tail vs a cold

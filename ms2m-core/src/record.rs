@@ -11,10 +11,10 @@ use crate::position::TopicPartition;
 /// Cheap to clone: key, payload and header values are reference-counted.
 ///
 /// A log may hand out the keys and payloads of many records as slices of
-/// one buffer (the Kafka log does during catch-up: one allocation per
-/// batch instead of two per record), and that buffer lives as long as any
-/// of them. To keep a key or payload past `apply`, keep a copy
-/// ([`Record::detached`], `Bytes::copy_from_slice`); the [`Raw`](crate::Raw)
+/// one buffer (the Kafka log does, one per poll: one allocation per batch
+/// instead of two per record), and that buffer lives as long as any of
+/// them. To keep a key or payload past `apply`, keep a copy
+/// ([`Record::detached`], `Bytes::copy_from_slice`); the [`Raw`](crate::codec::Raw)
 /// format already hands the service its own copy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Record {

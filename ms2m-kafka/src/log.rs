@@ -26,9 +26,8 @@
 //!   long. During catch-up the queue fills within milliseconds, so with the
 //!   default a replay stalled for about a second every time it did.
 //! * Records are delivered in offset order per partition; topic names are
-//!   shared `Arc<str>`s. A record taken on its own (live input, a few at a
-//!   time) gets its own copies of key and payload; the records of a batch a
-//!   prefetch took share one buffer (below).
+//!   shared `Arc<str>`s, and the keys and payloads of the records one poll
+//!   (or one prefetched batch) takes share one buffer (below).
 //! * Per message the cost is librdkafka's queue pop and message destroy
 //!   (as in any rdkafka loop), the header parse (librdkafka allocates,
 //!   reads and frees a buffer per message even when it has no headers; see
@@ -45,14 +44,15 @@
 //!   for the prefetch's next batch or its end, a seek stops and joins it
 //!   first), so order and exact offsets are kept and a seek never mixes in
 //!   records of the old assignment.
-//! * A prefetch copies the keys and payloads of a batch into one buffer and
-//!   the polling task hands them out as slices of it: one allocation per
-//!   batch instead of an allocation and a free per record on the applying
-//!   task (benchmark B2: about 0.06 of the ratio). The buffer lives as long as any record of the
-//!   batch; the [`Raw`](ms2m_core::Raw) format hands the service its own
-//!   copy, and [`Record`]'s docs say how to keep one. The prefetch leaves
-//!   the shared topic name out of the records it stages, so its reference
-//!   count is touched by one thread only.
+//! * Keys and payloads are copied out of librdkafka's messages into one
+//!   buffer per batch, and the records are handed out with slices of it:
+//!   one allocation per batch instead of an allocation and a free per
+//!   record on the applying task (benchmark B2: about 0.06 of the ratio).
+//!   The buffer lives as long as any record of the batch; the
+//!   [`Raw`](ms2m_core::codec::Raw) format hands the service its own copy, and
+//!   [`Record`]'s docs say how to keep one. When the assigned partitions
+//!   share a topic, a staged message does not name it, so a prefetch never
+//!   touches the name's reference count.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -123,18 +123,21 @@ struct Prefetch {
     task: JoinHandle<()>,
 }
 
-/// Messages taken by a prefetch, not yet records: the polling task turns
-/// them into [`Record`]s (see [`StagedBatch::into_records`]).
+/// Messages taken off the consumer, not yet records: the polling task
+/// turns them into [`Record`]s (see [`StagedBatch::into_records`]).
 struct StagedBatch {
+    /// The topic every assigned partition shares, if they share one: then
+    /// no entry names its topic (and a prefetch never touches the name's
+    /// reference count).
+    shared_topic: Option<Arc<str>>,
     entries: Vec<StagedRecord>,
     /// Every key and payload of the batch, one after the other.
     bodies: Vec<u8>,
 }
 
-/// What a prefetch keeps of one message.
+/// What is kept of one message until it becomes a [`Record`].
 struct StagedRecord {
-    /// `None`: the topic every assigned partition shares (the record gets
-    /// it from the polling task, so the prefetch never touches its count).
+    /// Its topic, when the batch has no shared one.
     topic: Option<Arc<str>>,
     partition: i32,
     offset: i64,
@@ -147,19 +150,14 @@ struct StagedRecord {
 /// A byte range of [`StagedBatch::bodies`].
 type Span = std::ops::Range<usize>;
 
-/// Where [`RecordBuilder::drain`] puts the records it takes.
-trait TakenRecords {
-    fn count(&self) -> usize;
-    fn take(&mut self, builder: &RecordBuilder, m: &BorrowedMessage<'_>);
-}
-
 /// Turns consumed messages into [`Record`]s.
 #[derive(Clone, Debug)]
 struct RecordBuilder {
     /// Topic names handed out in records, so each record shares one
     /// allocation (the same one the log's partitions and positions use).
     topics: Arc<[Arc<str>]>,
-    /// Whether records carry the messages' headers (see [`KafkaLog::without_headers`]).
+    /// Whether records carry the messages' headers
+    /// ([`KafkaConfig::input_headers`](crate::KafkaConfig::input_headers)).
     read_headers: bool,
     /// The topic of every assigned partition when they share one (the
     /// usual case): then no message's topic name is read and compared.
@@ -223,10 +221,10 @@ impl KafkaLog {
         })
     }
 
-    /// Records from this log carry no headers: what
-    /// [`KafkaConfig::input_headers`](crate::KafkaConfig::input_headers)`(false)`
-    /// does for every log of a service, for this log alone. librdkafka's
-    /// public API has no cheaper test for "no headers" than the parse.
+    /// Records from this log carry no headers: like
+    /// [`KafkaConfig::input_headers`](crate::KafkaConfig::input_headers)`(false)`,
+    /// for this log only. (librdkafka's public API has no cheaper test for
+    /// "no headers" than parsing them.)
     pub fn without_headers(mut self) -> Self {
         self.records.read_headers = false;
         self
@@ -260,19 +258,22 @@ impl KafkaLog {
         // and unregisters a waker (under a mutex) for every message.
         let mut stream = consumer.stream();
         let deadline = tokio::time::Instant::now() + timeout;
-        let first = loop {
+        let mut batch = StagedBatch::new(&self.records, max);
+        loop {
             match tokio::time::timeout_at(deadline, stream.next()).await {
                 Err(_) | Ok(None) => return Ok(Vec::new()),
                 Ok(Some(Err(e))) if is_transient(&e) => self.log_connection_event(&e),
                 Ok(Some(Err(e))) => return Err(self.consume_error(e)),
-                Ok(Some(Ok(m))) => break self.records.record(&m),
+                Ok(Some(Ok(m))) => {
+                    batch.take(&self.records, &m);
+                    break;
+                }
             }
-        };
-        let mut out = vec![first];
-        if let Some(e) = self.records.drain(&mut stream, &mut out, max) {
+        }
+        if let Some(e) = self.records.drain(&mut stream, &mut batch, max) {
             self.deferred = Some(self.consume_error(e));
         }
-        Ok(out)
+        Ok(batch.into_records())
     }
 
     /// Starts taking already-fetched records on the blocking pool in
@@ -286,7 +287,7 @@ impl KafkaLog {
         let task = tokio::task::spawn_blocking(move || {
             let mut stream = consumer.stream();
             loop {
-                let mut batch = StagedBatch::with_capacity(max);
+                let mut batch = StagedBatch::new(&records, max);
                 let error = records.drain(&mut stream, &mut batch, max);
                 let backlog_left = batch.count() == max && error.is_none();
                 if batch.count() == 0 && error.is_none() {
@@ -310,7 +311,7 @@ impl KafkaLog {
             };
             match prefetch.batches.recv().await {
                 Some((batch, error)) => {
-                    self.ready = batch.into_records(self.records.assigned_topic.as_ref());
+                    self.ready = batch.into_records();
                     if let Some(e) = error {
                         self.deferred = Some(self.consume_error(e));
                     }
@@ -522,22 +523,8 @@ impl RecordBuilder {
         topics.all(|t| t == first).then(|| self.topic(first))
     }
 
-    fn record(&self, m: &BorrowedMessage<'_>) -> Record {
-        Record {
-            topic: match &self.assigned_topic {
-                Some(topic) => topic.clone(),
-                None => self.topic(m.topic()),
-            },
-            partition: m.partition(),
-            offset: m.offset(),
-            timestamp_ms: m.timestamp().to_millis(),
-            key: m.key().map(Bytes::copy_from_slice),
-            payload: m.payload().map(Bytes::copy_from_slice),
-            headers: self.headers(m),
-        }
-    }
-
-    /// The message's headers; none when the log reads none ([`KafkaLog::without_headers`]).
+    /// The message's headers; none when the log reads none
+    /// ([`KafkaConfig::input_headers`](crate::KafkaConfig::input_headers)).
     fn headers(&self, m: &BorrowedMessage<'_>) -> Vec<(String, Bytes)> {
         let Some(headers) = self.read_headers.then(|| m.headers()).flatten() else {
             return Vec::new();
@@ -559,7 +546,7 @@ impl RecordBuilder {
     fn drain(
         &self,
         stream: &mut MessageStream<'_, ClientTelemetry>,
-        out: &mut impl TakenRecords,
+        out: &mut StagedBatch,
         max: usize,
     ) -> Option<RdKafkaError> {
         while out.count() < max {
@@ -574,26 +561,26 @@ impl RecordBuilder {
     }
 }
 
-impl TakenRecords for Vec<Record> {
-    fn count(&self) -> usize {
-        self.len()
+impl StagedBatch {
+    /// An empty batch for up to `max` messages read with `builder`.
+    fn new(builder: &RecordBuilder, max: usize) -> Self {
+        Self {
+            shared_topic: builder.assigned_topic.clone(),
+            entries: Vec::with_capacity(max),
+            bodies: Vec::new(),
+        }
     }
 
-    fn take(&mut self, builder: &RecordBuilder, m: &BorrowedMessage<'_>) {
-        self.push(builder.record(m));
-    }
-}
-
-impl TakenRecords for StagedBatch {
     fn count(&self) -> usize {
         self.entries.len()
     }
 
+    /// Keeps what the record of `m` needs; `m` may then be released.
     fn take(&mut self, builder: &RecordBuilder, m: &BorrowedMessage<'_>) {
         let key = m.key().map(|k| self.stage(k));
         let payload = m.payload().map(|p| self.stage(p));
         self.entries.push(StagedRecord {
-            topic: builder.assigned_topic.is_none().then(|| builder.topic(m.topic())),
+            topic: self.shared_topic.is_none().then(|| builder.topic(m.topic())),
             partition: m.partition(),
             offset: m.offset(),
             timestamp_ms: m.timestamp().to_millis(),
@@ -601,15 +588,6 @@ impl TakenRecords for StagedBatch {
             payload,
             headers: builder.headers(m),
         });
-    }
-}
-
-impl StagedBatch {
-    fn with_capacity(records: usize) -> Self {
-        Self {
-            entries: Vec::with_capacity(records),
-            bodies: Vec::new(),
-        }
     }
 
     /// Appends `bytes` to the batch's buffer.
@@ -619,17 +597,26 @@ impl StagedBatch {
         start..self.bodies.len()
     }
 
-    /// The records, their keys and payloads slices of one shared buffer
-    /// (no allocation per record), on topic `assigned` unless staged with
-    /// their own.
-    fn into_records(self, assigned: Option<&Arc<str>>) -> Vec<Record> {
-        let bodies = Bytes::from(self.bodies);
+    /// The records, their keys and payloads slices of the batch's one
+    /// buffer (no allocation per record). The buffer is trimmed to its
+    /// contents first: it lives as long as any of the records.
+    fn into_records(self) -> Vec<Record> {
+        let StagedBatch {
+            shared_topic,
+            entries,
+            mut bodies,
+        } = self;
+        bodies.shrink_to_fit();
+        let bodies = Bytes::from(bodies);
         let slice = |span: Span| bodies.slice(span);
-        self.entries
+        entries
             .into_iter()
             .map(|entry| Record {
-                // `take` stages a topic whenever the partitions share none.
-                topic: entry.topic.or_else(|| assigned.cloned()).unwrap_or_default(),
+                topic: match (entry.topic, &shared_topic) {
+                    (Some(topic), _) => topic,
+                    (None, Some(shared)) => shared.clone(),
+                    (None, None) => unreachable!("`take` names the topic when the batch has no shared one"),
+                },
                 partition: entry.partition,
                 offset: entry.offset,
                 timestamp_ms: entry.timestamp_ms,

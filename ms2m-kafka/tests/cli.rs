@@ -371,7 +371,7 @@ async fn a_migration_without_running_instances_times_out_and_rolls_back(cluster:
         source: "node-b".into(),
         target: "node-c".into(),
         digest_policy: Default::default(),
-        strategy: None,
+        strategy: Some(ms2m_core::migration::Strategy::Ms2m),
     };
     assert_eq!(prepared.body, from_owner, "--from defaults to the recorded owner");
     let s = json(cluster, &["status"]).await;

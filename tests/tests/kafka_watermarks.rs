@@ -171,7 +171,8 @@ async fn a_repeated_seek_delivers_once_and_a_seek_after_a_poll_rewinds() {
 }
 
 /// Records name the topic they were read from, whether the assignment
-/// spans one topic (the name is then not read per message) or several.
+/// spans one topic (the name is then not read per message) or several,
+/// in polls of one batch and in prefetched batches (polls of 2).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_name_their_topic_with_one_or_two_topics_assigned() {
     let service = unique("tp");
@@ -183,12 +184,17 @@ async fn records_name_their_topic_with_one_or_two_topics_assigned() {
     produce(&cluster, &b, &[(0, 101), (0, 102), (0, 103)]).await;
     let mut log = cluster.log().await.unwrap();
     let parts = log.partitions().await.unwrap();
-    for assigned in [&parts[..], &parts[1..]] {
+    for (assigned, max) in [
+        (&parts[..], 1000),
+        (&parts[1..], 1000),
+        (&parts[..], 2),
+        (&parts[1..], 2),
+    ] {
         log.seek(&assigned.iter().map(|tp| (tp.clone(), 0)).collect())
             .await
             .unwrap();
         let expected = if assigned.len() == 2 { 5 } else { 3 };
-        for r in poll_n(&mut log, expected).await {
+        for r in poll_n_by(&mut log, expected, max).await {
             let v: u64 = std::str::from_utf8(r.payload.as_deref().unwrap())
                 .unwrap()
                 .parse()
@@ -200,40 +206,48 @@ async fn records_name_their_topic_with_one_or_two_topics_assigned() {
 }
 
 /// Records carry their Kafka headers by default, and none with
-/// `KafkaConfig::input_headers(false)`; key and payload either way.
+/// `KafkaConfig::input_headers(false)`; key and payload either way; in
+/// polls of one batch and in prefetched batches (polls of 2).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn input_headers_are_read_unless_turned_off() {
     let input = unique("hd-in");
     let base = connect(config(&unique("hd")).input_topic(&input));
     base.create_topic(&input, 1, &[]).await.unwrap();
-    let headers = OwnedHeaders::new().insert(Header {
-        key: "trace",
-        value: Some("t-1"),
-    });
-    let record = FutureRecord::to(&input)
-        .partition(0)
-        .key("k")
-        .payload("v")
-        .headers(headers);
-    producer(&base).send(record, TIMEOUT).await.map_err(|(e, _)| e).unwrap();
-    for read in [true, false] {
+    let producer = producer(&base);
+    for i in 0..5 {
+        let (value, trace) = (format!("v{i}"), format!("t-{i}"));
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "trace",
+            value: Some(&trace),
+        });
+        let record = FutureRecord::to(&input)
+            .partition(0)
+            .key("k")
+            .payload(&value)
+            .headers(headers);
+        producer.send(record, TIMEOUT).await.map_err(|(e, _)| e).unwrap();
+    }
+    for (read, max) in [(true, 1000), (false, 1000), (true, 2), (false, 2)] {
         let cluster = base.for_service(config(&unique("hd")).input_topic(&input).input_headers(read));
         let mut log = cluster.log().await.unwrap();
         let parts = log.partitions().await.unwrap();
         log.seek(&parts.iter().map(|tp| (tp.clone(), 0)).collect())
             .await
             .unwrap();
-        let r = poll_n(&mut log, 1).await.remove(0);
-        let expected = if read {
-            vec![("trace".to_string(), Bytes::from("t-1"))]
-        } else {
-            Vec::new()
-        };
-        assert_eq!(r.headers, expected, "input_headers({read})");
-        assert_eq!(
-            (r.key.as_deref(), r.payload.as_deref()),
-            (Some(&b"k"[..]), Some(&b"v"[..]))
-        );
+        for r in poll_n_by(&mut log, 5, max).await {
+            let i = r.offset;
+            let expected = if read {
+                vec![("trace".to_string(), Bytes::from(format!("t-{i}")))]
+            } else {
+                Vec::new()
+            };
+            assert_eq!(r.headers, expected, "input_headers({read}), polls of {max}, offset {i}");
+            let value = format!("v{i}");
+            assert_eq!(
+                (r.key.as_deref(), r.payload.as_deref()),
+                (Some(&b"k"[..]), Some(value.as_bytes()))
+            );
+        }
     }
 }
 
@@ -260,11 +274,17 @@ async fn two_partition_log(prefix: &str, per_partition: u64) -> (KafkaLog, Vec<T
 }
 
 async fn poll_n(log: &mut KafkaLog, n: usize) -> Vec<ms2m_core::Record> {
+    poll_n_by(log, n, 1000).await
+}
+
+/// `n` records in polls of at most `max`: a `max` below `n` makes the
+/// first full poll start a prefetch, which takes the rest.
+async fn poll_n_by(log: &mut KafkaLog, n: usize, max: usize) -> Vec<ms2m_core::Record> {
     let deadline = Instant::now() + TIMEOUT;
     let mut got = Vec::new();
     while got.len() < n {
         assert!(Instant::now() < deadline, "only {} of {n} records arrived", got.len());
-        got.extend(log.poll(1000, Duration::from_millis(200)).await.unwrap());
+        got.extend(log.poll(max, Duration::from_millis(200)).await.unwrap());
     }
     assert_eq!(got.len(), n, "no more than the expected records");
     got

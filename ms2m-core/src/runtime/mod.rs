@@ -698,10 +698,12 @@ where
             ),
             ("ms2m.source.offset".to_string(), Bytes::from(record.offset.to_string())),
         ]);
+        // Copies: the record's bytes may be slices of a whole batch's
+        // buffer, which the output would keep alive until it is sent.
         self.outputs.records.push(OutputRecord {
             topic: topic.into(),
-            key: record.key.clone(),
-            payload: payload.slice(..payload.len().min(max)),
+            key: record.key.as_deref().map(Bytes::copy_from_slice),
+            payload: Bytes::copy_from_slice(&payload[..payload.len().min(max)]),
             headers,
         });
         Ok(())
@@ -1051,7 +1053,7 @@ impl CeilingLimits {
     fn of(&mut self, ceiling: &Position, record: &Record) -> i64 {
         if let Some((tp, limit)) = &self.last {
             // Records of one log share their topic's allocation: compare
-            // pointers before names.
+            // pointers before names (`Arc<str>`'s `==` compares the bytes).
             let same_topic = Arc::ptr_eq(&tp.topic, &record.topic) || tp.topic == record.topic;
             if tp.partition == record.partition && same_topic {
                 return *limit;
