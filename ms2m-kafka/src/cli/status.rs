@@ -16,6 +16,7 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
 use ms2m_core::migration::protocol::Decisions;
+use ms2m_core::migration::Strategy;
 use ms2m_core::node::NodeRole;
 use ms2m_core::{ControlBody, ControlMessage, Role};
 use serde::Serialize;
@@ -132,6 +133,9 @@ pub struct Undecided {
     pub source: String,
     /// Target instance.
     pub target: String,
+    /// The strategy its `Prepare` names (none in records written before
+    /// `Prepare` carried it).
+    pub strategy: Option<Strategy>,
     /// Kind of its latest record (e.g. `Stop`, `TargetProgress`).
     pub last_record: String,
     /// Who sent that record.
@@ -234,12 +238,19 @@ pub fn undecided(history: &[ControlMessage]) -> Vec<Undecided> {
     let decisions = Decisions::from_history(history);
     let mut open: Vec<Undecided> = Vec::new();
     for m in history {
-        if let ControlBody::Prepare { source, target, .. } = &m.body {
+        if let ControlBody::Prepare {
+            source,
+            target,
+            strategy,
+            ..
+        } = &m.body
+        {
             if !open.iter().any(|u| u.migration_id == m.migration_id) {
                 open.push(Undecided {
                     migration_id: m.migration_id.clone(),
                     source: source.clone(),
                     target: target.clone(),
+                    strategy: *strategy,
                     last_record: String::new(),
                     last_from: m.from,
                     last_sent_at_ms: m.sent_at_ms,
@@ -512,9 +523,12 @@ fn control_text(out: &mut String, c: &ControlStatus) {
         line!(out, "undecided migrations (decide them with `ms2m recover`):");
     }
     for u in &c.undecided {
+        let strategy = u
+            .strategy
+            .map_or("strategy not recorded".to_string(), |s| s.to_string());
         line!(
             out,
-            "  {}  {} -> {}  last: {} from {:?} at {}",
+            "  {}  {} -> {} ({strategy})  last: {} from {:?} at {}",
             u.migration_id,
             u.source,
             u.target,
@@ -544,7 +558,7 @@ mod tests {
             source: "a".into(),
             target: "b".into(),
             digest_policy: Default::default(),
-            strategy: None,
+            strategy: Some(Strategy::StopAndCopy),
         };
         record(migration, Role::Coordinator, body)
     }
@@ -568,6 +582,7 @@ mod tests {
             ),
             ("m2", "Stop", "a")
         );
+        assert_eq!(open[0].strategy, Some(Strategy::StopAndCopy), "the Prepare's strategy");
     }
 
     fn node(sent_at_ms: u64, body: ControlBody) -> ControlMessage {
