@@ -258,7 +258,8 @@ impl KafkaLog {
         // and unregisters a waker (under a mutex) for every message.
         let mut stream = consumer.stream();
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut batch = StagedBatch::new(&self.records, max);
+        // Live polls usually take a few records: start small, grow if not.
+        let mut batch = StagedBatch::new(&self.records, max.min(64));
         loop {
             match tokio::time::timeout_at(deadline, stream.next()).await {
                 Err(_) | Ok(None) => return Ok(Vec::new()),
@@ -562,11 +563,11 @@ impl RecordBuilder {
 }
 
 impl StagedBatch {
-    /// An empty batch for up to `max` messages read with `builder`.
-    fn new(builder: &RecordBuilder, max: usize) -> Self {
+    /// An empty batch with room for `capacity` messages read with `builder`.
+    fn new(builder: &RecordBuilder, capacity: usize) -> Self {
         Self {
             shared_topic: builder.assigned_topic.clone(),
-            entries: Vec::with_capacity(max),
+            entries: Vec::with_capacity(capacity),
             bodies: Vec::new(),
         }
     }
