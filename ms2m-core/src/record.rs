@@ -53,9 +53,13 @@ impl Record {
     pub fn detached(&self) -> Self {
         let copy = |b: &Bytes| Bytes::copy_from_slice(b);
         Self {
+            topic: self.topic.clone(),
+            partition: self.partition,
+            offset: self.offset,
+            timestamp_ms: self.timestamp_ms,
             key: self.key.as_ref().map(copy),
             payload: self.payload.as_ref().map(copy),
-            ..self.clone()
+            headers: self.headers.clone(),
         }
     }
 
