@@ -182,7 +182,8 @@ impl KafkaLog {
             return Err(KafkaError::Config("no input topics configured".into()));
         }
         let mut cc = cluster.client_config();
-        cc.set("group.id", config.group_id())
+        crate::config::first_request_without_delay(&mut cc)
+            .set("group.id", config.group_id())
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")

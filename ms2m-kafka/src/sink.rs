@@ -164,7 +164,9 @@ impl KafkaSink {
         let config = cluster.config();
         let producer = Self::producer(cluster, delivery).await?;
         let mut gc = cluster.client_config();
-        gc.set("group.id", config.group_id())
+        // Recovery and takeover read the committed position through it first thing.
+        crate::config::first_request_without_delay(&mut gc)
+            .set("group.id", config.group_id())
             .set("enable.auto.commit", "false")
             .set("isolation.level", "read_committed");
         let group: BaseConsumer = gc.create().map_err(KafkaError::kafka("create the offset committer"))?;

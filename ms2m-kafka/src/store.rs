@@ -181,7 +181,8 @@ impl KafkaSnapshotStore {
         let producer: FutureProducer = pc.create().map_err(KafkaError::kafka("create the snapshot producer"))?;
         let mut cc = cluster.client_config();
         // group.id is required by assign; this consumer never joins or commits.
-        cc.set("group.id", format!("{}.snapshot-reader", config.group_id()))
+        crate::config::first_request_without_delay(&mut cc)
+            .set("group.id", format!("{}.snapshot-reader", config.group_id()))
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
             .set("auto.offset.reset", "earliest")
@@ -246,28 +247,29 @@ impl KafkaSnapshotStore {
         }
         let mut cc = self.cluster.client_config();
         // group.id is required by assign; this consumer never joins or commits.
-        cc.set(
-            "group.id",
-            format!("{}.snapshot-reader", self.cluster.config().group_id()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .set("auto.offset.reset", "error")
-        .set_default("fetch.wait.max.ms", "50")
-        // Chunks fetched ahead of the decoder wait here: bounded, and
-        // fetching resumes soon after the decoder caught up (librdkafka's
-        // default backoff once the queue is full is a second).
-        .set_default("queued.max.messages.kbytes", READER_QUEUE_KIB.to_string())
-        .set_default("fetch.queue.backoff.ms", "5")
-        // One fetch response is one buffer, freed when its last chunk is:
-        // with the default (50 MB) one response could hold the snapshot.
-        .set_default(
-            "fetch.max.bytes",
-            (READER_QUEUE_KIB * 1024 / 2).max(2 * self.chunk_size).to_string(),
-        )
-        // About one chunk per partition per fetch: a partition's later
-        // chunks are far ahead of the restore (see `Window`).
-        .set_default("max.partition.fetch.bytes", (self.chunk_size + 64 * 1024).to_string());
+        crate::config::first_request_without_delay(&mut cc)
+            .set(
+                "group.id",
+                format!("{}.snapshot-reader", self.cluster.config().group_id()),
+            )
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .set("auto.offset.reset", "error")
+            .set_default("fetch.wait.max.ms", "50")
+            // Chunks fetched ahead of the decoder wait here: bounded, and
+            // fetching resumes soon after the decoder caught up (librdkafka's
+            // default backoff once the queue is full is a second).
+            .set_default("queued.max.messages.kbytes", READER_QUEUE_KIB.to_string())
+            .set_default("fetch.queue.backoff.ms", "5")
+            // One fetch response is one buffer, freed when its last chunk is:
+            // with the default (50 MB) one response could hold the snapshot.
+            .set_default(
+                "fetch.max.bytes",
+                (READER_QUEUE_KIB * 1024 / 2).max(2 * self.chunk_size).to_string(),
+            )
+            // About one chunk per partition per fetch: a partition's later
+            // chunks are far ahead of the restore (see `Window`).
+            .set_default("max.partition.fetch.bytes", (self.chunk_size + 64 * 1024).to_string());
         let consumer = cc.create().map_err(KafkaError::kafka("create a snapshot reader"))?;
         Ok((manifest, consumer))
     }
