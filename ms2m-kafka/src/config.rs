@@ -399,27 +399,37 @@ impl KafkaConfig {
     }
 }
 
-/// A client whose first request must not wait: `reconnect.backoff.ms` of
-/// 20 ms instead of librdkafka's 100, unless the user set it or
-/// `reconnect.backoff.max.ms`.
-///
-/// With sparse connections (librdkafka's default) a client opens at most
-/// one connection per half of that backoff, and a fresh client whose
-/// bootstrap handle was replaced by the broker its metadata named before
-/// it connected waits out the rest of those 50 ms before any request
-/// ("still suppressed for 49ms: coordinator query", librdkafka issue
-/// #3574). Seen in recovery: the sink's offset client read the committed
-/// position in 4 ms or in 55 ms. The clients a recovery or a takeover
-/// uses first thing get it (the input log's consumer, the snapshot store's
-/// readers, the sink's offset client); the others keep librdkafka's value
-/// (a benchmark's own replay loop, given 20 ms, read 10–15% slower in B2,
-/// where the library's replay did not; the cause was not found).
-pub(crate) fn first_request_without_delay(config: &mut ClientConfig) -> &mut ClientConfig {
-    if config.get("reconnect.backoff.ms").is_none() && config.get("reconnect.backoff.max.ms").is_none() {
-        config.set("reconnect.backoff.ms", "20");
-    }
-    config
+/// Tuning of the clients the library creates.
+pub(crate) trait ClientTuning {
+    /// `reconnect.backoff.ms` of 20 ms instead of librdkafka's 100, unless
+    /// the user set it, or set `reconnect.backoff.max.ms` below 20. For
+    /// the clients a recovery or a takeover uses first: with sparse
+    /// connections (librdkafka's default) a client opens at most one
+    /// connection per half of that backoff (at least 11 ms), and a fresh
+    /// client whose bootstrap handle was replaced, before it connected, by
+    /// the broker its metadata named waits out the rest of that interval
+    /// before its first request (librdkafka issue #3574; up to 50 ms with
+    /// the default, measured as benchmark B6 in BENCHMARKS.md). Other
+    /// clients keep librdkafka's value.
+    fn short_reconnect_backoff(&mut self) -> &mut Self;
 }
+
+impl ClientTuning for ClientConfig {
+    fn short_reconnect_backoff(&mut self) -> &mut Self {
+        let max_allows = self.get("reconnect.backoff.max.ms").is_none_or(|max| {
+            max.trim()
+                .parse::<u64>()
+                .is_ok_and(|max| max >= SHORT_RECONNECT_BACKOFF_MS)
+        });
+        if self.get("reconnect.backoff.ms").is_none() && max_allows {
+            self.set("reconnect.backoff.ms", SHORT_RECONNECT_BACKOFF_MS.to_string());
+        }
+        self
+    }
+}
+
+/// See [`ClientTuning::short_reconnect_backoff`].
+const SHORT_RECONNECT_BACKOFF_MS: u64 = 20;
 
 /// `set` only where the user did not pass the key through already.
 pub(crate) trait SetDefault {
@@ -460,10 +470,10 @@ mod tests {
     }
 
     #[test]
-    fn a_client_reconnects_after_20_ms_unless_the_user_says_otherwise() {
+    fn a_short_reconnect_backoff_is_20_ms_unless_the_user_says_otherwise() {
         let backoff = |c: KafkaConfig| {
             let mut c = c.client_config("h:9092");
-            first_request_without_delay(&mut c);
+            c.short_reconnect_backoff();
             (
                 c.get("reconnect.backoff.ms").map(str::to_string),
                 c.get("reconnect.backoff.max.ms").map(str::to_string),
@@ -472,9 +482,13 @@ mod tests {
         assert_eq!(backoff(KafkaConfig::new("svc")), (Some("20".into()), None));
         let own = KafkaConfig::new("svc").set("reconnect.backoff.ms", "250");
         assert_eq!(backoff(own), (Some("250".into()), None));
-        // A user's maximum below 20 ms must not make the pair invalid.
-        let max_only = KafkaConfig::new("svc").set("reconnect.backoff.max.ms", "10");
-        assert_eq!(backoff(max_only), (None, Some("10".into())));
+        // A user's maximum of at least 20 ms keeps the short backoff; one
+        // below it would make the pair invalid (librdkafka refuses a
+        // maximum below the backoff), so the backoff is left to the user.
+        let max = KafkaConfig::new("svc").set("reconnect.backoff.max.ms", "5000");
+        assert_eq!(backoff(max), (Some("20".into()), Some("5000".into())));
+        let low_max = KafkaConfig::new("svc").set("reconnect.backoff.max.ms", "10");
+        assert_eq!(backoff(low_max), (None, Some("10".into())));
     }
 
     #[test]

@@ -51,7 +51,7 @@ use tokio::sync::{mpsc, OnceCell};
 use tracing::warn;
 
 use crate::broker::KafkaCluster;
-use crate::config::SetDefault;
+use crate::config::{ClientTuning, SetDefault};
 use crate::error::{blocking, KafkaError, Result};
 use crate::off_runtime::OffRuntime;
 
@@ -351,17 +351,20 @@ impl KafkaControl {
     }
 
     /// A control consumer's settings: it never joins a group or commits
-    /// (`group.id` is required by assign only).
+    /// (`group.id` is required by assign only). Most are fresh clients
+    /// read once (a takeover asks who owns the service first thing), hence
+    /// the short reconnect backoff.
     fn reader_config(&self, fetch_wait_ms: &str) -> rdkafka::ClientConfig {
         let mut cc = self.cluster.client_config();
-        cc.set(
-            "group.id",
-            format!("{}.control-reader", self.cluster.config().group_id()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .set("auto.offset.reset", "earliest")
-        .set_default("fetch.wait.max.ms", fetch_wait_ms);
+        cc.short_reconnect_backoff()
+            .set(
+                "group.id",
+                format!("{}.control-reader", self.cluster.config().group_id()),
+            )
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .set("auto.offset.reset", "earliest")
+            .set_default("fetch.wait.max.ms", fetch_wait_ms);
         cc
     }
 

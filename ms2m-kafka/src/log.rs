@@ -71,7 +71,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use crate::broker::{partition_count, KafkaCluster};
-use crate::config::SetDefault;
+use crate::config::{ClientTuning, SetDefault};
 use crate::error::{blocking, KafkaError, Result};
 use crate::off_runtime::OffRuntime;
 use crate::telemetry::ClientTelemetry;
@@ -182,7 +182,7 @@ impl KafkaLog {
             return Err(KafkaError::Config("no input topics configured".into()));
         }
         let mut cc = cluster.client_config();
-        crate::config::first_request_without_delay(&mut cc)
+        cc.short_reconnect_backoff()
             .set("group.id", config.group_id())
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")

@@ -62,7 +62,7 @@ use std::sync::Arc;
 use tracing::{debug, info, warn};
 
 use crate::broker::{partition_count, KafkaCluster};
-use crate::config::SetDefault;
+use crate::config::{ClientTuning, SetDefault};
 use crate::error::{blocking, KafkaError, Result};
 use crate::off_runtime::OffRuntime;
 use crate::telemetry::ClientTelemetry;
@@ -165,7 +165,7 @@ impl KafkaSink {
         let producer = Self::producer(cluster, delivery).await?;
         let mut gc = cluster.client_config();
         // Recovery and takeover read the committed position through it first thing.
-        crate::config::first_request_without_delay(&mut gc)
+        gc.short_reconnect_backoff()
             .set("group.id", config.group_id())
             .set("enable.auto.commit", "false")
             .set("isolation.level", "read_committed");

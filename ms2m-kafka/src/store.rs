@@ -68,7 +68,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info};
 
 use crate::broker::KafkaCluster;
-use crate::config::SetDefault;
+use crate::config::{ClientTuning, SetDefault};
 use crate::config::{DEFAULT_EMBEDDED_SNAPSHOT_PARTITIONS, DEFAULT_SNAPSHOT_PARTITIONS};
 use crate::error::{blocking, KafkaError, Result};
 use crate::off_runtime::OffRuntime;
@@ -181,7 +181,7 @@ impl KafkaSnapshotStore {
         let producer: FutureProducer = pc.create().map_err(KafkaError::kafka("create the snapshot producer"))?;
         let mut cc = cluster.client_config();
         // group.id is required by assign; this consumer never joins or commits.
-        crate::config::first_request_without_delay(&mut cc)
+        cc.short_reconnect_backoff()
             .set("group.id", format!("{}.snapshot-reader", config.group_id()))
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
@@ -247,7 +247,7 @@ impl KafkaSnapshotStore {
         }
         let mut cc = self.cluster.client_config();
         // group.id is required by assign; this consumer never joins or commits.
-        crate::config::first_request_without_delay(&mut cc)
+        cc.short_reconnect_backoff()
             .set(
                 "group.id",
                 format!("{}.snapshot-reader", self.cluster.config().group_id()),
