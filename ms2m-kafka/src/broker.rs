@@ -52,7 +52,7 @@ use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::ClientConfig;
 use tracing::{debug, info, warn};
 
-use crate::config::KafkaConfig;
+use crate::config::{ClientTuning, KafkaConfig};
 use crate::control::KafkaControl;
 use crate::error::{blocking, KafkaError, Result};
 use crate::log::KafkaLog;
@@ -342,6 +342,7 @@ impl KafkaCluster {
     pub async fn partition_count(&self, topic: &str) -> Result<Option<i32>> {
         let consumer: BaseConsumer = self
             .client_config()
+            .short_reconnect_backoff()
             .create()
             .map_err(KafkaError::kafka("create a metadata client"))?;
         let topic = topic.to_string();
@@ -367,6 +368,7 @@ impl KafkaCluster {
             None => {
                 let admin: AdminClient<DefaultClientContext> = self
                     .client_config()
+                    .short_reconnect_backoff()
                     .create()
                     .map_err(KafkaError::kafka("create an admin client"))?;
                 let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(self.replication_factor()));

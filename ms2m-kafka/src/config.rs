@@ -402,15 +402,18 @@ impl KafkaConfig {
 /// Tuning of the clients the library creates.
 pub(crate) trait ClientTuning {
     /// `reconnect.backoff.ms` of 20 ms instead of librdkafka's 100, unless
-    /// the user set it, or set `reconnect.backoff.max.ms` below 20. For
-    /// the clients a recovery or a takeover uses first: with sparse
-    /// connections (librdkafka's default) a client opens at most one
-    /// connection per half of that backoff (at least 11 ms), and a fresh
-    /// client whose bootstrap handle was replaced, before it connected, by
-    /// the broker its metadata named waits out the rest of that interval
-    /// before its first request (librdkafka issue #3574; up to 50 ms with
-    /// the default, measured as benchmark B6 in BENCHMARKS.md). Other
-    /// clients keep librdkafka's value.
+    /// the user set it, or set `reconnect.backoff.max.ms` below 20. Every
+    /// client the library creates gets it (not the configuration
+    /// [`KafkaCluster::client_config`](crate::KafkaCluster::client_config)
+    /// hands out for your own clients): with sparse connections
+    /// (librdkafka's default) a client opens at most one connection per
+    /// half of that backoff (at least 11 ms), and a fresh client whose
+    /// bootstrap handle was replaced, before it connected, by the broker
+    /// its metadata named waits out the rest of that interval before its
+    /// first request (librdkafka issue #3574; up to 50 ms with the
+    /// default, measured as benchmark B6 in BENCHMARKS.md). Reconnects
+    /// after a broker failure still back off exponentially up to
+    /// `reconnect.backoff.max.ms`.
     fn short_reconnect_backoff(&mut self) -> &mut Self;
 }
 

@@ -152,7 +152,9 @@ impl KafkaControl {
         let config = cluster.config();
         let topic = crate::preflight::ensure_control_topic(cluster).await?;
         let mut pc = cluster.client_config();
-        pc.set("enable.idempotence", "true").set_default("linger.ms", "0");
+        pc.short_reconnect_backoff()
+            .set("enable.idempotence", "true")
+            .set_default("linger.ms", "0");
         let producer: FutureProducer = pc.create().map_err(KafkaError::kafka("create the control producer"))?;
         Ok(Self {
             cluster: cluster.clone(),
@@ -351,9 +353,7 @@ impl KafkaControl {
     }
 
     /// A control consumer's settings: it never joins a group or commits
-    /// (`group.id` is required by assign only). Most are fresh clients
-    /// read once (a takeover asks who owns the service first thing), hence
-    /// the short reconnect backoff.
+    /// (`group.id` is required by assign only).
     fn reader_config(&self, fetch_wait_ms: &str) -> rdkafka::ClientConfig {
         let mut cc = self.cluster.client_config();
         cc.short_reconnect_backoff()

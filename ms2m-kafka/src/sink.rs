@@ -164,7 +164,6 @@ impl KafkaSink {
         let config = cluster.config();
         let producer = Self::producer(cluster, delivery).await?;
         let mut gc = cluster.client_config();
-        // Recovery and takeover read the committed position through it first thing.
         gc.short_reconnect_backoff()
             .set("group.id", config.group_id())
             .set("enable.auto.commit", "false")
@@ -186,7 +185,8 @@ impl KafkaSink {
     /// A connected producer: transactional for exactly-once.
     async fn producer(cluster: &KafkaCluster, delivery: Delivery) -> Result<FutureProducer<ClientTelemetry>> {
         let mut pc = cluster.client_config();
-        pc.set("enable.idempotence", "true")
+        pc.short_reconnect_backoff()
+            .set("enable.idempotence", "true")
             .set_default("acks", "all")
             .set_default("linger.ms", "5");
         if delivery == Delivery::ExactlyOnce {

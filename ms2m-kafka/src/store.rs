@@ -171,7 +171,8 @@ impl KafkaSnapshotStore {
         crate::preflight::check_snapshot_topic(cluster, &topic).await?;
         let chunk_size = config.chunk_size();
         let mut pc = cluster.client_config();
-        pc.set_default("acks", "all")
+        pc.short_reconnect_backoff()
+            .set_default("acks", "all")
             .set_default("linger.ms", "5")
             .set_default("compression.type", "none")
             .set_default("enable.idempotence", "false")

@@ -13,6 +13,7 @@ use rdkafka::message::Headers;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Serialize;
 
+use crate::config::ClientTuning;
 use crate::error::{blocking, KafkaError, Result};
 use crate::KafkaCluster;
 
@@ -47,7 +48,8 @@ impl RawRecord {
 /// and never commits (`group.id` is required by librdkafka's assign).
 fn reader(cluster: &KafkaCluster, group: &str) -> Result<BaseConsumer> {
     let mut c = cluster.client_config();
-    c.set("group.id", group)
+    c.short_reconnect_backoff()
+        .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "earliest");
