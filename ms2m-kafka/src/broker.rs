@@ -338,11 +338,19 @@ impl KafkaCluster {
         self.config.client_config(&self.broker.bootstrap)
     }
 
+    /// The configuration of a client the library creates: [`client_config`](Self::client_config)
+    /// with the library's tuning ([`ClientTuning`]); every client of the
+    /// backends, the preflight checks and the CLI starts from it.
+    pub(crate) fn library_client_config(&self) -> ClientConfig {
+        let mut config = self.client_config();
+        config.short_reconnect_backoff();
+        config
+    }
+
     /// Number of partitions of `topic`, `None` if it does not exist.
     pub async fn partition_count(&self, topic: &str) -> Result<Option<i32>> {
         let consumer: BaseConsumer = self
-            .client_config()
-            .short_reconnect_backoff()
+            .library_client_config()
             .create()
             .map_err(KafkaError::kafka("create a metadata client"))?;
         let topic = topic.to_string();
@@ -367,8 +375,7 @@ impl KafkaCluster {
             Some(embedded) => embedded.create_topic(topic, partitions)?,
             None => {
                 let admin: AdminClient<DefaultClientContext> = self
-                    .client_config()
-                    .short_reconnect_backoff()
+                    .library_client_config()
                     .create()
                     .map_err(KafkaError::kafka("create an admin client"))?;
                 let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(self.replication_factor()));

@@ -51,7 +51,7 @@ use tokio::sync::{mpsc, OnceCell};
 use tracing::warn;
 
 use crate::broker::KafkaCluster;
-use crate::config::{ClientTuning, SetDefault};
+use crate::config::SetDefault;
 use crate::error::{blocking, KafkaError, Result};
 use crate::off_runtime::OffRuntime;
 
@@ -151,10 +151,8 @@ impl KafkaControl {
     pub async fn new(cluster: &KafkaCluster) -> Result<Self> {
         let config = cluster.config();
         let topic = crate::preflight::ensure_control_topic(cluster).await?;
-        let mut pc = cluster.client_config();
-        pc.short_reconnect_backoff()
-            .set("enable.idempotence", "true")
-            .set_default("linger.ms", "0");
+        let mut pc = cluster.library_client_config();
+        pc.set("enable.idempotence", "true").set_default("linger.ms", "0");
         let producer: FutureProducer = pc.create().map_err(KafkaError::kafka("create the control producer"))?;
         Ok(Self {
             cluster: cluster.clone(),
@@ -355,16 +353,15 @@ impl KafkaControl {
     /// A control consumer's settings: it never joins a group or commits
     /// (`group.id` is required by assign only).
     fn reader_config(&self, fetch_wait_ms: &str) -> rdkafka::ClientConfig {
-        let mut cc = self.cluster.client_config();
-        cc.short_reconnect_backoff()
-            .set(
-                "group.id",
-                format!("{}.control-reader", self.cluster.config().group_id()),
-            )
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false")
-            .set("auto.offset.reset", "earliest")
-            .set_default("fetch.wait.max.ms", fetch_wait_ms);
+        let mut cc = self.cluster.library_client_config();
+        cc.set(
+            "group.id",
+            format!("{}.control-reader", self.cluster.config().group_id()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("auto.offset.reset", "earliest")
+        .set_default("fetch.wait.max.ms", fetch_wait_ms);
         cc
     }
 

@@ -71,7 +71,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use crate::broker::{partition_count, KafkaCluster};
-use crate::config::{ClientTuning, SetDefault};
+use crate::config::SetDefault;
 use crate::error::{blocking, KafkaError, Result};
 use crate::off_runtime::OffRuntime;
 use crate::telemetry::ClientTelemetry;
@@ -181,9 +181,8 @@ impl KafkaLog {
         if config.input_topics().is_empty() {
             return Err(KafkaError::Config("no input topics configured".into()));
         }
-        let mut cc = cluster.client_config();
-        cc.short_reconnect_backoff()
-            .set("group.id", config.group_id())
+        let mut cc = cluster.library_client_config();
+        cc.set("group.id", config.group_id())
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")

@@ -69,7 +69,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tracing::{debug, info, warn};
 
 use crate::broker::KafkaCluster;
-use crate::config::{ClientTuning, SetDefault};
+use crate::config::SetDefault;
 use crate::error::{blocking, kind_of_code, KafkaError, Result};
 
 /// How librdkafka's mock cluster names itself (`rdkafka_mock.c`:
@@ -152,8 +152,7 @@ pub(crate) async fn check_exactly_once(cluster: &KafkaCluster) -> Result<()> {
 /// The cluster id from metadata; `None` if the broker reports none.
 async fn cluster_id(cluster: &KafkaCluster) -> Result<Option<String>> {
     let client: BaseConsumer = cluster
-        .client_config()
-        .short_reconnect_backoff()
+        .library_client_config()
         .create()
         .map_err(KafkaError::kafka("create a metadata client"))?;
     let timeout = cluster.config().timeout();
@@ -164,9 +163,8 @@ async fn cluster_id(cluster: &KafkaCluster) -> Result<Option<String>> {
 async fn probe_transaction(cluster: &KafkaCluster, topic: &str) -> Result<()> {
     let config = cluster.config();
     let timeout = config.timeout();
-    let mut pc = cluster.client_config();
-    pc.short_reconnect_backoff()
-        .set("transactional.id", format!("{}.probe", config.transactional_id()))
+    let mut pc = cluster.library_client_config();
+    pc.set("transactional.id", format!("{}.probe", config.transactional_id()))
         .set("enable.idempotence", "true")
         .set_default("transaction.timeout.ms", timeout.as_millis().max(1000).to_string());
     let producer: FutureProducer = pc.create().map_err(KafkaError::kafka("create the probe producer"))?;
@@ -235,8 +233,7 @@ async fn topic_settings(cluster: &KafkaCluster, topic: &str) -> Option<TopicSett
 
 async fn describe_topic(cluster: &KafkaCluster, topic: &str) -> Result<TopicSettings> {
     let admin: AdminClient<DefaultClientContext> = cluster
-        .client_config()
-        .short_reconnect_backoff()
+        .library_client_config()
         .create()
         .map_err(KafkaError::kafka("create an admin client"))?;
     let timeout = cluster.config().timeout();

@@ -62,7 +62,7 @@ use std::sync::Arc;
 use tracing::{debug, info, warn};
 
 use crate::broker::{partition_count, KafkaCluster};
-use crate::config::{ClientTuning, SetDefault};
+use crate::config::SetDefault;
 use crate::error::{blocking, KafkaError, Result};
 use crate::off_runtime::OffRuntime;
 use crate::telemetry::ClientTelemetry;
@@ -163,9 +163,8 @@ impl KafkaSink {
         }
         let config = cluster.config();
         let producer = Self::producer(cluster, delivery).await?;
-        let mut gc = cluster.client_config();
-        gc.short_reconnect_backoff()
-            .set("group.id", config.group_id())
+        let mut gc = cluster.library_client_config();
+        gc.set("group.id", config.group_id())
             .set("enable.auto.commit", "false")
             .set("isolation.level", "read_committed");
         let group: BaseConsumer = gc.create().map_err(KafkaError::kafka("create the offset committer"))?;
@@ -184,9 +183,8 @@ impl KafkaSink {
 
     /// A connected producer: transactional for exactly-once.
     async fn producer(cluster: &KafkaCluster, delivery: Delivery) -> Result<FutureProducer<ClientTelemetry>> {
-        let mut pc = cluster.client_config();
-        pc.short_reconnect_backoff()
-            .set("enable.idempotence", "true")
+        let mut pc = cluster.library_client_config();
+        pc.set("enable.idempotence", "true")
             .set_default("acks", "all")
             .set_default("linger.ms", "5");
         if delivery == Delivery::ExactlyOnce {

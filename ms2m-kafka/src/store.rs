@@ -68,7 +68,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info};
 
 use crate::broker::KafkaCluster;
-use crate::config::{ClientTuning, SetDefault};
+use crate::config::SetDefault;
 use crate::config::{DEFAULT_EMBEDDED_SNAPSHOT_PARTITIONS, DEFAULT_SNAPSHOT_PARTITIONS};
 use crate::error::{blocking, KafkaError, Result};
 use crate::off_runtime::OffRuntime;
@@ -170,9 +170,8 @@ impl KafkaSnapshotStore {
         };
         crate::preflight::check_snapshot_topic(cluster, &topic).await?;
         let chunk_size = config.chunk_size();
-        let mut pc = cluster.client_config();
-        pc.short_reconnect_backoff()
-            .set_default("acks", "all")
+        let mut pc = cluster.library_client_config();
+        pc.set_default("acks", "all")
             .set_default("linger.ms", "5")
             .set_default("compression.type", "none")
             .set_default("enable.idempotence", "false")
@@ -180,10 +179,9 @@ impl KafkaSnapshotStore {
             .set_default("batch.size", (chunk_size + 64 * 1024).max(1_000_000).to_string())
             .set_default("queue.buffering.max.kbytes", "262144");
         let producer: FutureProducer = pc.create().map_err(KafkaError::kafka("create the snapshot producer"))?;
-        let mut cc = cluster.client_config();
+        let mut cc = cluster.library_client_config();
         // group.id is required by assign; this consumer never joins or commits.
-        cc.short_reconnect_backoff()
-            .set("group.id", format!("{}.snapshot-reader", config.group_id()))
+        cc.set("group.id", format!("{}.snapshot-reader", config.group_id()))
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
             .set("auto.offset.reset", "earliest")
@@ -246,31 +244,30 @@ impl KafkaSnapshotStore {
                 format!("manifest belongs to `{}`", manifest.service),
             ));
         }
-        let mut cc = self.cluster.client_config();
+        let mut cc = self.cluster.library_client_config();
         // group.id is required by assign; this consumer never joins or commits.
-        cc.short_reconnect_backoff()
-            .set(
-                "group.id",
-                format!("{}.snapshot-reader", self.cluster.config().group_id()),
-            )
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false")
-            .set("auto.offset.reset", "error")
-            .set_default("fetch.wait.max.ms", "50")
-            // Chunks fetched ahead of the decoder wait here: bounded, and
-            // fetching resumes soon after the decoder caught up (librdkafka's
-            // default backoff once the queue is full is a second).
-            .set_default("queued.max.messages.kbytes", READER_QUEUE_KIB.to_string())
-            .set_default("fetch.queue.backoff.ms", "5")
-            // One fetch response is one buffer, freed when its last chunk is:
-            // with the default (50 MB) one response could hold the snapshot.
-            .set_default(
-                "fetch.max.bytes",
-                (READER_QUEUE_KIB * 1024 / 2).max(2 * self.chunk_size).to_string(),
-            )
-            // About one chunk per partition per fetch: a partition's later
-            // chunks are far ahead of the restore (see `Window`).
-            .set_default("max.partition.fetch.bytes", (self.chunk_size + 64 * 1024).to_string());
+        cc.set(
+            "group.id",
+            format!("{}.snapshot-reader", self.cluster.config().group_id()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("auto.offset.reset", "error")
+        .set_default("fetch.wait.max.ms", "50")
+        // Chunks fetched ahead of the decoder wait here: bounded, and
+        // fetching resumes soon after the decoder caught up (librdkafka's
+        // default backoff once the queue is full is a second).
+        .set_default("queued.max.messages.kbytes", READER_QUEUE_KIB.to_string())
+        .set_default("fetch.queue.backoff.ms", "5")
+        // One fetch response is one buffer, freed when its last chunk is:
+        // with the default (50 MB) one response could hold the snapshot.
+        .set_default(
+            "fetch.max.bytes",
+            (READER_QUEUE_KIB * 1024 / 2).max(2 * self.chunk_size).to_string(),
+        )
+        // About one chunk per partition per fetch: a partition's later
+        // chunks are far ahead of the restore (see `Window`).
+        .set_default("max.partition.fetch.bytes", (self.chunk_size + 64 * 1024).to_string());
         let consumer = cc.create().map_err(KafkaError::kafka("create a snapshot reader"))?;
         Ok((manifest, consumer))
     }

@@ -18,7 +18,6 @@ use serde::Serialize;
 use super::error::CliError;
 use super::output::{self, line};
 use super::records::{self, RawRecord};
-use crate::config::ClientTuning;
 use crate::{KafkaCluster, KafkaError};
 
 /// The headers the runtime adds to a dead letter (stripped on replay).
@@ -334,11 +333,8 @@ pub async fn original(cluster: &KafkaCluster, dlq: &str, r: &RawRecord) -> Resul
 }
 
 async fn replay(cluster: &KafkaCluster, dlq: &str, chosen: &[RawRecord]) -> Result<Vec<Replayed>, CliError> {
-    let mut config = cluster.client_config();
-    config
-        .short_reconnect_backoff()
-        .set("enable.idempotence", "true")
-        .set("acks", "all");
+    let mut config = cluster.library_client_config();
+    config.set("enable.idempotence", "true").set("acks", "all");
     let producer: FutureProducer = config
         .create()
         .map_err(KafkaError::kafka("create the replay producer"))?;

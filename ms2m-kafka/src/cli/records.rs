@@ -13,7 +13,6 @@ use rdkafka::message::Headers;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Serialize;
 
-use crate::config::ClientTuning;
 use crate::error::{blocking, KafkaError, Result};
 use crate::KafkaCluster;
 
@@ -47,9 +46,8 @@ impl RawRecord {
 /// A consumer that only reads assigned ranges: it never joins its group
 /// and never commits (`group.id` is required by librdkafka's assign).
 fn reader(cluster: &KafkaCluster, group: &str) -> Result<BaseConsumer> {
-    let mut c = cluster.client_config();
-    c.short_reconnect_backoff()
-        .set("group.id", group)
+    let mut c = cluster.library_client_config();
+    c.set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "earliest");
