@@ -453,6 +453,29 @@ impl KafkaCluster {
     }
 }
 
+/// Fills a client's leader cache for `topic` (blocking): call it before the
+/// first `fetch_watermarks` of a client created just now.
+///
+/// librdkafka looks up the partition's leader before it lists offsets. A
+/// client whose first broker connection is not up yet skips that lookup
+/// ("Skipping metadata refresh ...: no usable brokers") and then looks again
+/// only at growing intervals (after 200, 300, 400 ... ms,
+/// `rd_kafka_topic_partition_list_query_leaders`): on the embedded broker
+/// about one fresh client in fifty read its first watermarks 500–750 ms
+/// late. A metadata request waits for a connection instead, and its answer
+/// names the leaders, so the watermark read that follows goes out at once.
+/// It costs one round trip.
+pub(crate) fn learn_leaders<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<()> {
+    consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map(drop)
+        .map_err(KafkaError::kafka("fetch the topic's leaders"))
+}
+
 /// Partition count of a topic from metadata (blocking).
 pub(crate) fn partition_count<C: rdkafka::consumer::ConsumerContext>(
     consumer: &impl Consumer<C>,

@@ -67,7 +67,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info};
 
-use crate::broker::KafkaCluster;
+use crate::broker::{learn_leaders, KafkaCluster};
 use crate::config::SetDefault;
 use crate::config::{DEFAULT_EMBEDDED_SNAPSHOT_PARTITIONS, DEFAULT_SNAPSHOT_PARTITIONS};
 use crate::error::{blocking, KafkaError, Result};
@@ -496,6 +496,7 @@ fn scan_manifests(
     from: i64,
     timeout: Duration,
 ) -> Result<(Vec<(SnapshotId, ManifestEvent)>, i64)> {
+    learn_leaders(consumer, topic, timeout)?;
     let (low, high) = consumer
         .fetch_watermarks(topic, 0, timeout)
         .map_err(KafkaError::kafka("fetch snapshot topic watermarks"))?;
@@ -779,6 +780,7 @@ fn expected_chunks(
     for (i, &(p, o, _, _)) in manifest.chunks.iter().enumerate() {
         expected.entry(p).or_default().push_back((o, i));
     }
+    learn_leaders(consumer, topic, timeout)?;
     for (p, list) in expected.iter_mut() {
         list.make_contiguous().sort_unstable();
         let (first, _) = list[0];

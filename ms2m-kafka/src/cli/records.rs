@@ -13,6 +13,7 @@ use rdkafka::message::Headers;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Serialize;
 
+use crate::broker::learn_leaders;
 use crate::error::{blocking, KafkaError, Result};
 use crate::KafkaCluster;
 
@@ -63,6 +64,7 @@ pub async fn watermarks(cluster: &KafkaCluster, topic: &str) -> Result<BTreeMap<
     let consumer = reader(cluster, "ms2m-cli")?;
     let (topic, timeout) = (topic.to_string(), cluster.config().timeout());
     blocking(move || {
+        learn_leaders(&consumer, &topic, timeout)?;
         (0..partitions)
             .map(|p| {
                 let (low, high) = consumer
