@@ -453,27 +453,31 @@ impl KafkaCluster {
     }
 }
 
-/// Fills a client's leader cache for `topic` (blocking): call it before the
-/// first `fetch_watermarks` of a client created just now.
+/// Fills a client's leader cache for `topic` (blocking): call it once,
+/// before the first `fetch_watermarks` of a client created just now;
+/// `operation` names the read in the error.
 ///
-/// librdkafka looks up the partition's leader before it lists offsets. A
-/// client whose first broker connection is not up yet skips that lookup
-/// ("Skipping metadata refresh ...: no usable brokers") and then looks again
-/// only at growing intervals (after 200, 300, 400 ... ms,
-/// `rd_kafka_topic_partition_list_query_leaders`): on the embedded broker
-/// about one fresh client in fifty read its first watermarks 500–750 ms
-/// late. A metadata request waits for a connection instead, and its answer
-/// names the leaders, so the watermark read that follows goes out at once.
-/// It costs one round trip.
+/// librdkafka looks up the partition's leader before it lists offsets
+/// (`rd_kafka_topic_partition_list_query_leaders`). When the client's first
+/// connection is not up yet it skips that metadata request ("Skipping
+/// metadata refresh ...: no usable brokers"), then waits 200, then 300 ms
+/// ... for its cache to change before it asks again: the second request
+/// left 500–750 ms after the first, in about one B6 recovery in fifty on
+/// the embedded broker. A metadata request of our own waits for a
+/// connection instead, and its answer names the leaders, so the watermark
+/// read that follows goes out at once. On a fresh client it takes the place
+/// of the request librdkafka would have sent; on a connected one it is an
+/// extra round trip, which is why long-lived clients make it only once.
 pub(crate) fn learn_leaders<C: rdkafka::consumer::ConsumerContext>(
     consumer: &impl Consumer<C>,
     topic: &str,
     timeout: Duration,
+    operation: &'static str,
 ) -> Result<()> {
     consumer
         .fetch_metadata(Some(topic), timeout)
         .map(drop)
-        .map_err(KafkaError::kafka("fetch the topic's leaders"))
+        .map_err(KafkaError::kafka(operation))
 }
 
 /// Partition count of a topic from metadata (blocking).

@@ -182,7 +182,7 @@ impl KafkaControl {
         let timeout = self.cluster.config().timeout();
         let skipped = self.skipped.clone();
         blocking(move || {
-            learn_leaders(&consumer, &topic, timeout)?;
+            learn_leaders(&consumer, &topic, timeout, "fetch control topic metadata")?;
             let (low, high) = consumer
                 .fetch_watermarks(&topic, 0, timeout)
                 .map_err(KafkaError::kafka("fetch control topic watermarks"))?;
@@ -343,7 +343,7 @@ impl KafkaControl {
             .map_err(KafkaError::kafka("create a control reader"))?;
         let (topic, timeout) = (self.topic.clone(), self.cluster.config().timeout());
         blocking(move || {
-            learn_leaders(&consumer, &topic, timeout)?;
+            learn_leaders(&consumer, &topic, timeout, "fetch control topic metadata")?;
             consumer
                 .fetch_watermarks(&topic, 0, timeout)
                 .map(|(_, high)| high)

@@ -70,7 +70,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
-use crate::broker::{partition_count, KafkaCluster};
+use crate::broker::{learn_leaders, partition_count, KafkaCluster};
 use crate::config::SetDefault;
 use crate::error::{blocking, KafkaError, Result};
 use crate::off_runtime::OffRuntime;
@@ -112,6 +112,9 @@ pub struct KafkaLog {
     /// The position of the last seek while nothing has been polled since:
     /// a seek there again keeps what librdkafka fetched meanwhile.
     unread_seek: Option<Position>,
+    /// Whether a watermark read succeeded on this consumer: the first one
+    /// learns the topic's leaders first (see `learn_leaders`).
+    watermarks_read: bool,
 }
 
 /// A blocking task taking already-fetched records off the consumer, batch
@@ -218,6 +221,7 @@ impl KafkaLog {
             ready: Vec::new(),
             prefetch: None,
             unread_seek: None,
+            watermarks_read: false,
         })
     }
 
@@ -501,13 +505,19 @@ impl MessageLog for KafkaLog {
         let consumer = self.consumer.clone();
         let tp = tp.clone();
         let timeout = self.cluster.config().timeout();
-        blocking(move || {
+        let first = !self.watermarks_read;
+        let watermarks = blocking(move || {
+            if first {
+                learn_leaders(consumer.as_ref(), &tp.topic, timeout, "fetch input topic metadata")?;
+            }
             let (low, high) = consumer
                 .fetch_watermarks(&tp.topic, tp.partition, timeout)
                 .map_err(KafkaError::kafka("fetch watermarks"))?;
             Ok(Watermarks { low, high })
         })
-        .await
+        .await?;
+        self.watermarks_read = true;
+        Ok(watermarks)
     }
 }
 

@@ -49,6 +49,7 @@
 //! at the listed offset).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -127,6 +128,9 @@ pub struct KafkaSnapshotStore {
     catalog: Arc<Mutex<Catalog>>,
     /// Serializes refreshes and id allocation.
     refresh: tokio::sync::Mutex<()>,
+    /// Whether the manifest scanner has read the topic once (its first
+    /// scan learns the topic's leaders first: see `learn_leaders`).
+    scanned: AtomicBool,
 }
 
 impl std::fmt::Debug for KafkaSnapshotStore {
@@ -198,6 +202,7 @@ impl KafkaSnapshotStore {
             scanner: OffRuntime::new(Arc::new(scanner), cluster),
             catalog: Arc::new(Mutex::new(Catalog::default())),
             refresh: tokio::sync::Mutex::new(()),
+            scanned: AtomicBool::new(false),
         })
     }
 
@@ -296,7 +301,10 @@ impl KafkaSnapshotStore {
         let prefix = format!("{}/", self.service);
         let from = lock(&self.catalog).next_offset;
         let timeout = self.cluster.config().timeout();
-        let (events, next) = blocking(move || scan_manifests(&scanner, &topic, &prefix, from, timeout)).await?;
+        let first_scan = !self.scanned.load(Ordering::Acquire);
+        let (events, next) =
+            blocking(move || scan_manifests(&scanner, &topic, &prefix, from, timeout, first_scan)).await?;
+        self.scanned.store(true, Ordering::Release);
         let mut cat = lock(&self.catalog);
         cat.next_offset = next;
         for (id, event) in events {
@@ -489,14 +497,19 @@ enum ManifestEvent {
 
 /// Scans partition 0 from `from` to its end (blocking). Returns the
 /// manifests and tombstones found, and the next offset to scan.
+/// `first_scan`: the scanner has not read the topic yet (see
+/// [`learn_leaders`]).
 fn scan_manifests(
     consumer: &BaseConsumer,
     topic: &str,
     prefix: &str,
     from: i64,
     timeout: Duration,
+    first_scan: bool,
 ) -> Result<(Vec<(SnapshotId, ManifestEvent)>, i64)> {
-    learn_leaders(consumer, topic, timeout)?;
+    if first_scan {
+        learn_leaders(consumer, topic, timeout, "fetch snapshot topic metadata")?;
+    }
     let (low, high) = consumer
         .fetch_watermarks(topic, 0, timeout)
         .map_err(KafkaError::kafka("fetch snapshot topic watermarks"))?;
@@ -780,7 +793,7 @@ fn expected_chunks(
     for (i, &(p, o, _, _)) in manifest.chunks.iter().enumerate() {
         expected.entry(p).or_default().push_back((o, i));
     }
-    learn_leaders(consumer, topic, timeout)?;
+    learn_leaders(consumer, topic, timeout, "fetch snapshot topic metadata")?;
     for (p, list) in expected.iter_mut() {
         list.make_contiguous().sort_unstable();
         let (first, _) = list[0];

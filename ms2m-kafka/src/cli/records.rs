@@ -64,7 +64,7 @@ pub async fn watermarks(cluster: &KafkaCluster, topic: &str) -> Result<BTreeMap<
     let consumer = reader(cluster, "ms2m-cli")?;
     let (topic, timeout) = (topic.to_string(), cluster.config().timeout());
     blocking(move || {
-        learn_leaders(&consumer, &topic, timeout)?;
+        learn_leaders(&consumer, &topic, timeout, "fetch metadata")?;
         (0..partitions)
             .map(|p| {
                 let (low, high) = consumer
