@@ -112,9 +112,11 @@ pub struct KafkaLog {
     /// The position of the last seek while nothing has been polled since:
     /// a seek there again keeps what librdkafka fetched meanwhile.
     unread_seek: Option<Position>,
-    /// Whether a watermark read succeeded on this consumer: the first one
-    /// learns the topic's leaders first (see `learn_leaders`).
-    watermarks_read: bool,
+    /// Whether this consumer has fetched the input topics' metadata (listing
+    /// their partitions, or before its first watermark read, which
+    /// otherwise could wait for librdkafka's own leader query: see
+    /// `learn_leaders`).
+    leaders_known: bool,
 }
 
 /// A blocking task taking already-fetched records off the consumer, batch
@@ -221,7 +223,7 @@ impl KafkaLog {
             ready: Vec::new(),
             prefetch: None,
             unread_seek: None,
-            watermarks_read: false,
+            leaders_known: false,
         })
     }
 
@@ -421,7 +423,7 @@ impl MessageLog for KafkaLog {
         let consumer = self.consumer.clone();
         let topics: Vec<Arc<str>> = self.records.topics.to_vec();
         let timeout = self.cluster.config().timeout();
-        blocking(move || {
+        let partitions = blocking(move || {
             let mut out = Vec::new();
             for topic in topics {
                 let n = partition_count(consumer.as_ref(), &topic, timeout)?
@@ -433,7 +435,10 @@ impl MessageLog for KafkaLog {
             }
             Ok(out)
         })
-        .await
+        .await?;
+        // The same metadata request named the leaders.
+        self.leaders_known = true;
+        Ok(partitions)
     }
 
     async fn seek(&mut self, position: &Position) -> Result<()> {
@@ -505,7 +510,7 @@ impl MessageLog for KafkaLog {
         let consumer = self.consumer.clone();
         let tp = tp.clone();
         let timeout = self.cluster.config().timeout();
-        let first = !self.watermarks_read;
+        let first = !self.leaders_known;
         let watermarks = blocking(move || {
             if first {
                 learn_leaders(consumer.as_ref(), &tp.topic, timeout, "fetch input topic metadata")?;
@@ -516,7 +521,7 @@ impl MessageLog for KafkaLog {
             Ok(Watermarks { low, high })
         })
         .await?;
-        self.watermarks_read = true;
+        self.leaders_known = true;
         Ok(watermarks)
     }
 }

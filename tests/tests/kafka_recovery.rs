@@ -61,7 +61,7 @@ async fn recovers_from_snapshot_and_tail_after_random_crashes() {
             instance.step().await.expect("step");
         }
         eprintln!(
-            "round {round}: recovered at {from}, crashed at {} of {to}, stats {:?}",
+            "round {round}: recovered at {from}, crashed at {} of {to} (commit every {commit_every}, poll batch {poll_batch}), stats {:?}",
             instance.position().total(),
             instance.stats()
         );

@@ -516,11 +516,21 @@ where
     /// Applies pending records below the ceiling. A record at or above the
     /// ceiling is held, and so is every later record of its partition (order
     /// within a partition is kept); other partitions go on.
+    ///
+    /// Stops once a commit is due by count, leaving the rest pending, so the
+    /// caller's housekeeping starts the commit first: records can be pending
+    /// beyond one poll's batch (what a recovery's replay fetched past its
+    /// target), and applying them all at once would widen the at-least-once
+    /// duplicate window past `commit_every`.
     async fn apply_pending(&mut self) -> Result<usize> {
         let mut applied = 0;
         let mut held = VecDeque::new();
         let mut limits = CeilingLimits::default();
         while let Some(record) = self.pending.pop_front() {
+            if applied > 0 && self.live_since_commit >= self.config.commit_every {
+                self.pending.push_front(record);
+                break;
+            }
             if let Some(ceiling) = &self.ceiling {
                 if record.offset >= limits.of(ceiling, &record) {
                     limits.block(&record);
@@ -540,8 +550,9 @@ where
                 }
             }
         }
-        // Everything was taken off `pending`; held records go back, in order.
+        // Held records go back in front of what is left, in order.
         if !held.is_empty() {
+            held.extend(self.pending.drain(..));
             self.pending = held;
         }
         Ok(applied)
