@@ -133,10 +133,8 @@ impl InstanceConfig {
     }
 
     /// Commit outputs and position after this many messages or this much time,
-    /// whichever comes first. Checked after each batch, and the apply loop
-    /// stops within a batch once `messages` were applied since the last
-    /// commit, so a commit covers at most `messages` outputs by count (`interval`
-    /// is checked after each batch: see [`poll`](Self::poll)). An
+    /// whichever comes first. Checked after each batch, so a commit covers at
+    /// most `messages + batch - 1` outputs (see [`poll`](Self::poll)). An
     /// at-least-once crash re-emits what the last finished commit did not
     /// cover: at most that (or `interval` worth), or twice that while a
     /// commit waits for the broker in the background (see the runtime's

@@ -517,17 +517,17 @@ where
     /// ceiling is held, and so is every later record of its partition (order
     /// within a partition is kept); other partitions go on.
     ///
-    /// Stops once a commit is due by count, leaving the rest pending, so the
-    /// caller's housekeeping starts the commit first: records can be pending
-    /// beyond one poll's batch (what a recovery's replay fetched past its
-    /// target), and applying them all at once would widen the at-least-once
-    /// duplicate window past `commit_every`.
+    /// Applies at most one poll's batch, leaving the rest pending for the
+    /// next step, so housekeeping runs at least that often: records can be
+    /// pending beyond one batch (what a recovery's replay held past its
+    /// target while it polled on), and applying them all at once widened the
+    /// at-least-once duplicate window past `commit_every + batch - 1`.
     async fn apply_pending(&mut self) -> Result<usize> {
         let mut applied = 0;
         let mut held = VecDeque::new();
         let mut limits = CeilingLimits::default();
         while let Some(record) = self.pending.pop_front() {
-            if applied > 0 && self.live_since_commit >= self.config.commit_every {
+            if applied >= self.config.poll_batch {
                 self.pending.push_front(record);
                 break;
             }
