@@ -50,7 +50,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, OnceCell};
 use tracing::warn;
 
-use crate::broker::{learn_leaders, KafkaCluster};
+use crate::broker::KafkaCluster;
 use crate::config::SetDefault;
 use crate::error::{blocking, KafkaError, Result};
 use crate::off_runtime::OffRuntime;
@@ -182,7 +182,6 @@ impl KafkaControl {
         let timeout = self.cluster.config().timeout();
         let skipped = self.skipped.clone();
         blocking(move || {
-            learn_leaders(&consumer, &topic, timeout, "fetch control topic metadata")?;
             let (low, high) = consumer
                 .fetch_watermarks(&topic, 0, timeout)
                 .map_err(KafkaError::kafka("fetch control topic watermarks"))?;
@@ -343,7 +342,6 @@ impl KafkaControl {
             .map_err(KafkaError::kafka("create a control reader"))?;
         let (topic, timeout) = (self.topic.clone(), self.cluster.config().timeout());
         blocking(move || {
-            learn_leaders(&consumer, &topic, timeout, "fetch control topic metadata")?;
             consumer
                 .fetch_watermarks(&topic, 0, timeout)
                 .map(|(_, high)| high)
