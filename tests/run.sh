@@ -5,7 +5,9 @@
 # starts on loopback and stops on exit. Tests of the mock's own behaviour
 # (names ending in `_on_mock`) run in the first pass only. At the end it
 # lists what did not run: `#[ignore = "reason"]`ed tests, and the mock-only
-# tests left out of the real-broker pass. As root (with iproute2), a third
+# tests left out of the real-broker pass. Tests that restart tansu
+# (`_on_tansu`, ignored in the other passes) run alone after the tansu
+# pass. As root (with iproute2), a third
 # pass runs the fleet scenarios on network-namespace hosts (`hosts_*`,
 # ignored otherwise); without root it says so in the summary.
 #
@@ -40,6 +42,7 @@ mock_only_tests() {
 
 summary() {
     echo
+    echo "== tests that restart tansu (_on_tansu): $on_tansu_pass"
     echo "== fleet scenarios on network-namespace hosts (hosts_*): $hosts_pass"
     echo "== skipped tests (ignored, with reasons)"
     local ignored
@@ -64,6 +67,10 @@ brokers="$(bash tests/broker.sh start)"
 export "${brokers?}"
 echo "using $MS2M_TEST_BROKERS"
 cargo test -p ms2m-tests -- --skip _on_mock --skip _in_memory
+
+echo "== tests that restart tansu (_on_tansu, ignored otherwise), alone: its retention sweep runs at start"
+cargo test -p ms2m-tests -- --ignored _on_tansu
+on_tansu_pass="RAN and passed"
 
 echo "== fleet scenarios on network-namespace hosts (root only; each node and tansu on a host of its own)"
 if [[ "$(id -u)" -eq 0 ]] && command -v ip >/dev/null; then

@@ -22,6 +22,20 @@
 //! [`KafkaControl::skipped_records`] is shared by the channel and its
 //! readers. Records without a value (tombstones) are skipped silently.
 //!
+//! # Deleted records
+//!
+//! Every party folds the whole history, so a history with records missing
+//! could name a former owner again. A read whose next offset is below the
+//! topic's earliest one (records deleted before this channel read them:
+//! retention, DeleteRecords, the embedded broker's size cap) fails with
+//! [`KafkaError::ControlHistoryTruncated`] instead of folding the rest: a
+//! node or host cannot start on it, and says why, until an operator
+//! decides (a new control topic means every task starts unowned). The
+//! library creates the topic so that nothing expires
+//! ([`preflight`](crate::preflight#why-these-topic-settings)). A topic
+//! emptied whole looks new to a reader that has read none of it (tansu
+//! then reports both watermarks as 0), which this cannot tell apart.
+//!
 //! # One consumer per channel
 //!
 //! Every [`reader`](ControlChannel::reader) of one `KafkaControl` is fed by
@@ -170,10 +184,10 @@ impl KafkaControl {
         &self.topic
     }
 
-    /// The records from offset `from` (or the topic's start, if later) to
-    /// the end as of now, and the offset after them (below `from` when
-    /// the topic ends before it); when the read was cut short (timeout,
-    /// error), the records read until then and why.
+    /// The records from offset `from` to the end as of now, and the offset
+    /// after them (below `from` when the topic ends before it); when the
+    /// read was cut short (timeout, error), the records read until then
+    /// and why. Fails when the topic starts after `from` (module docs).
     async fn read_from(&self, from: i64) -> Result<(Vec<ControlMessage>, i64, Option<KafkaError>)> {
         let mut cc = self.reader_config("50");
         cc.set("enable.partition.eof", "true");
@@ -185,7 +199,14 @@ impl KafkaControl {
             let (low, high) = consumer
                 .fetch_watermarks(&topic, 0, timeout)
                 .map_err(KafkaError::kafka("fetch control topic watermarks"))?;
-            let start = from.max(low);
+            if low > from {
+                return Err(KafkaError::ControlHistoryTruncated {
+                    topic,
+                    from,
+                    earliest: low,
+                });
+            }
+            let start = from;
             let mut out = Vec::new();
             if start >= high {
                 return Ok((out, high, None));

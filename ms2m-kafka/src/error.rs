@@ -70,6 +70,23 @@ pub enum KafkaError {
         #[source]
         source: serde_json::Error,
     },
+    /// Records of the control topic were deleted before this channel read
+    /// them (the topic's earliest offset is past the next one to read):
+    /// the history that decides migrations and owners is incomplete, so
+    /// nothing is decided from it. Retention or DeleteRecords deleted them
+    /// (see [`preflight`](crate::preflight#why-these-topic-settings)).
+    #[error(
+        "control topic `{topic}` lost records {from}..{earliest} before they were read: \
+         migrations and owners cannot be decided from the rest"
+    )]
+    ControlHistoryTruncated {
+        /// The control topic.
+        topic: String,
+        /// The next offset this channel had to read.
+        from: i64,
+        /// The topic's earliest offset.
+        earliest: i64,
+    },
     /// An operation did not finish in time.
     #[error("timed out after {timeout:?} waiting to {operation}")]
     Timeout {
@@ -232,7 +249,7 @@ impl BackendError for KafkaError {
             | KafkaError::UnsafeTopicSetting { .. } => ErrorKind::Other,
             KafkaError::UnknownTopic(_) | KafkaError::SnapshotNotFound(_) => ErrorKind::NotFound,
             KafkaError::CorruptSnapshot { .. } | KafkaError::LogTruncated { .. } => ErrorKind::Corrupt,
-            KafkaError::ControlDecode { .. } => ErrorKind::Corrupt,
+            KafkaError::ControlDecode { .. } | KafkaError::ControlHistoryTruncated { .. } => ErrorKind::Corrupt,
             KafkaError::Timeout { .. } => ErrorKind::Unavailable,
         }
     }

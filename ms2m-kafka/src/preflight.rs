@@ -21,9 +21,19 @@
 //!   (`{service}/{migration_id}`), which drops the `Takeover` or rollback
 //!   that decided a migration; time or size retention drops ownership
 //!   records, after which `ensure_owner` lets a former owner start again.
-//!   So the topic needs `cleanup.policy=delete`, `retention.ms=-1` and
-//!   `retention.bytes=-1`, which is how the library creates it. Its records
-//!   are a few hundred bytes per migration.
+//!   So the topic needs `cleanup.policy=delete`, no time limit and
+//!   `retention.bytes=-1`. Its records are a few hundred bytes per
+//!   migration.
+//!
+//!   No time limit is `retention.ms=-1` or [`RETENTION_FOREVER_MS`]
+//!   (`i64::MAX`, about 292 million years); both are accepted. The library
+//!   creates the topic with the second, because tansu 0.6.0 reads `-1`
+//!   the other way round: its retention sweep (every 10 minutes and at
+//!   each start) deletes a record when its age exceeds `retention.ms`, and
+//!   every age exceeds -1, so it empties a `retention.ms=-1` control
+//!   topic, and with it every ownership record. Kafka treats the two
+//!   values alike. A control topic made with `-1` on tansu needs
+//!   `retention.ms` changed to `9223372036854775807`.
 //! * **Snapshot topic.** The store keeps a snapshot for as long as it is
 //!   among the newest, whatever its age: an idle service's latest snapshot
 //!   may be weeks old. `cleanup.policy=compact` (how the library creates
@@ -80,16 +90,22 @@ pub const MOCK_CLUSTER_ID_PREFIX: &str = "mockCluster";
 /// module docs).
 pub(crate) const CONTROL_TOPIC_SETTINGS: &[(&str, &str)] = &[
     ("cleanup.policy", "delete"),
-    ("retention.ms", "-1"),
+    ("retention.ms", RETENTION_FOREVER_MS),
     ("retention.bytes", "-1"),
 ];
+
+/// `retention.ms` that keeps records for good on every broker: `i64::MAX`
+/// ms. Kafka's `-1` means the same, but tansu 0.6.0 deletes every record of
+/// a `delete` topic whose `retention.ms` is `-1` (see the module docs).
+pub const RETENTION_FOREVER_MS: &str = "9223372036854775807";
 
 /// The settings the library creates the snapshot topic with.
 pub(crate) const SNAPSHOT_TOPIC_SETTINGS: &[(&str, &str)] = &[("cleanup.policy", "compact")];
 
-const CONTROL_FIX: &str = "`cleanup.policy=delete`, `retention.ms=-1` and `retention.bytes=-1` on the control topic";
+const CONTROL_FIX: &str =
+    "`cleanup.policy=delete`, `retention.ms=9223372036854775807` (or -1 on Kafka) and `retention.bytes=-1` on the control topic";
 const SNAPSHOT_FIX: &str =
-    "`cleanup.policy=compact` on the snapshot topic (or `retention.ms=-1` and `retention.bytes=-1`)";
+    "`cleanup.policy=compact` on the snapshot topic (or `retention.ms=9223372036854775807` and `retention.bytes=-1`)";
 
 /// A topic's settings as the broker reported them.
 type TopicSettings = BTreeMap<String, String>;
@@ -294,15 +310,21 @@ fn check_snapshot_settings(topic: &str, settings: &TopicSettings) -> Result<()> 
     )
 }
 
-/// Refuses a finite `retention.ms` or `retention.bytes` (`-1` is unlimited).
+/// Refuses a finite `retention.ms` or `retention.bytes` (`-1` and
+/// `i64::MAX` are unlimited).
 fn check_unlimited(topic: &str, settings: &TopicSettings, at_risk: &'static str, fix: &'static str) -> Result<()> {
     for key in ["retention.ms", "retention.bytes"] {
         match settings.get(key) {
-            Some(value) if value.trim() != "-1" => return Err(unsafe_setting(topic, key, value, at_risk, fix)),
+            Some(value) if !is_unlimited(value) => return Err(unsafe_setting(topic, key, value, at_risk, fix)),
             _ => {}
         }
     }
     Ok(())
+}
+
+/// Whether a retention setting sets no limit.
+fn is_unlimited(value: &str) -> bool {
+    matches!(value.trim().parse::<i64>(), Ok(-1 | i64::MAX))
 }
 
 fn unsafe_setting(topic: &str, key: &str, value: &str, at_risk: &'static str, fix: &'static str) -> KafkaError {
@@ -349,6 +371,19 @@ mod tests {
         assert_eq!(
             refused_key(check_control_settings("c", &settings(CONTROL_TOPIC_SETTINGS))),
             None
+        );
+    }
+
+    #[test]
+    fn both_spellings_of_no_time_limit_are_accepted() {
+        for forever in ["-1", RETENTION_FOREVER_MS] {
+            let kept = settings(&[("cleanup.policy", "delete"), ("retention.ms", forever)]);
+            assert_eq!(refused_key(check_control_settings("c", &kept)), None, "{forever}");
+        }
+        let almost = settings(&[("retention.ms", "9223372036854775806")]);
+        assert_eq!(
+            refused_key(check_control_settings("c", &almost)).as_deref(),
+            Some("retention.ms")
         );
     }
 

@@ -170,3 +170,79 @@ async fn concurrent_history_reads_each_see_every_record_published_before_them() 
     }
     assert_eq!(control.history().await.unwrap().len(), 1 + 3 * 8);
 }
+
+/// The embedded broker keeps about 5 MiB per partition and drops the
+/// oldest records past that: a control topic that lost records is refused
+/// by a channel that had not read them, rather than folded without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_that_lost_its_oldest_records_is_refused_on_mock() {
+    let cluster = connect(mock_config(&unique("ctl-evicted")));
+    let control = cluster.control().await.expect("control channel");
+    let big = "x".repeat(700 * 1024);
+    for i in 0..10 {
+        control
+            .publish(&message(&format!("m{i}"), &big))
+            .await
+            .expect("publish");
+    }
+    let fresh = cluster.control().await.expect("control channel");
+    match fresh.history().await {
+        Err(ms2m_kafka::KafkaError::ControlHistoryTruncated { topic, from, earliest }) => {
+            assert_eq!((topic.as_str(), from), (control.topic(), 0));
+            assert!(earliest > 0, "{earliest}");
+        }
+        Err(e) => panic!("expected ControlHistoryTruncated, got: {e}"),
+        Ok(h) => panic!("a history missing its first records was read: {} record(s)", h.len()),
+    }
+}
+
+/// tansu 0.6.0's retention sweep (at each start and every 10 minutes)
+/// deletes every record of a `cleanup.policy=delete` topic whose
+/// `retention.ms` is `-1`: each record's age exceeds -1. A control topic
+/// made that way lost its ownership records in the middle of long runs.
+/// The library creates the control topic with `retention.ms = i64::MAX`
+/// (`ms2m_kafka::preflight::RETENTION_FOREVER_MS`). Here a `-1` topic
+/// beside it shows the sweep ran (its history empties), then the library's
+/// topic still holds every record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "restarts the shared tansu to run its retention sweep: run alone after the tansu pass of tests/run.sh"]
+async fn the_history_outlives_the_brokers_retention_sweep_on_tansu() {
+    assert!(
+        tansu_restartable(),
+        "needs the tansu of tests/broker.sh in MS2M_TEST_BROKERS (it restarts it)"
+    );
+    let ours = connect(config(&unique("ctl-kept")));
+    let swept = connect(config(&unique("ctl-swept")));
+    let minus_one = [
+        ("cleanup.policy", "delete"),
+        ("retention.ms", "-1"),
+        ("retention.bytes", "-1"),
+    ];
+    let topic = swept.config().control_topic();
+    swept.create_topic(&topic, 1, &minus_one).await.expect("create");
+    let records: Vec<ControlMessage> = (0..20).map(|i| message(&format!("m{i}"), "kept")).collect();
+    for cluster in [&ours, &swept] {
+        let control = cluster.control().await.expect("control channel");
+        for m in &records {
+            control.publish(m).await.expect("publish");
+        }
+        assert_eq!(control.history().await.expect("history"), records);
+    }
+
+    tansu_restart().expect("restart tansu (tests/broker.sh restart)");
+
+    // A fresh channel each time: one channel reads only what it has not.
+    let history = |cluster: &ms2m_kafka::KafkaCluster| {
+        let cluster = cluster.clone();
+        async move { cluster.control().await.expect("control").history().await }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while history(&swept).await.map_or(true, |h| !h.is_empty()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "tansu's sweep did not empty the `retention.ms=-1` topic within 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(history(&ours).await.expect("history"), records);
+}

@@ -177,7 +177,8 @@ impl Fleet {
             assert_eq!(
                 named,
                 self.hosts[*id].owned(),
-                "host {id}: the channel and the host agree"
+                "host {id}: the channel and the host agree; channel: {fleet}; hosts: {:?}",
+                self.report()
             );
         }
         let named: usize = ids
