@@ -6,7 +6,7 @@
 #   tests/broker.sh install   # cargo install tansu 0.6.0 unless it is already there
 #   tests/broker.sh start     # start it; prints MS2M_TEST_BROKERS=127.0.0.1:PORT
 #   tests/broker.sh stop      # stop it and remove its data
-#   tests/broker.sh restart   # stop the process and start it again on the same
+#   tests/broker.sh restart   # kill -9 the process and start it again on the same
 #                             # port and sqlite file (fault-injection tests)
 #   tests/broker.sh status
 #
@@ -120,18 +120,21 @@ stop() {
     rm -f "$DIR/pid" "$DIR/port" "$DIR"/tansu.db*
 }
 
-# Stops the process but keeps the sqlite file, then starts it again on the
-# same port: a broker outage the clients must ride through.
+# Kills the process (kill -9) but keeps the sqlite file, then starts it
+# again on the same port: a broker crash the clients must ride through.
+# Not a graceful stop: while tansu 0.6.0 stops on SIGTERM it answers the
+# requests still arriving with UNKNOWN_SERVER_ERROR, which librdkafka takes
+# for a permanent failure (a test's own input producer then fails); a
+# crash gives clients a transport error, which they retry.
 restart() {
     is_running || { log "tansu is not running"; exit 1; }
     local pid port
     pid="$(cat "$DIR/pid")"
     port="$(cat "$DIR/port")"
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     rm -f "$DIR/pid"
-    log "stopped tansu (pid $pid); restarting on port $port with the same sqlite file"
+    log "killed tansu (pid $pid); restarting on port $port with the same sqlite file"
     start keep "$port"
 }
 

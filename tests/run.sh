@@ -44,7 +44,7 @@ summary() {
     echo
     echo "== tests that restart tansu (_on_tansu): $on_tansu_pass"
     echo "== fleet scenarios on network-namespace hosts (hosts_*): $hosts_pass"
-    echo "== skipped tests (ignored, with reasons)"
+    echo "== skipped tests (ignored, with reasons; the _on_tansu and hosts_ ones ran apart, see above)"
     local ignored
     ignored="$(ignored_tests)"
     if [[ -n "$ignored" ]]; then
@@ -66,11 +66,30 @@ trap 'bash tests/broker.sh stop' EXIT
 brokers="$(bash tests/broker.sh start)"
 export "${brokers?}"
 echo "using $MS2M_TEST_BROKERS"
-cargo test -p ms2m-tests -- --skip _on_mock --skip _in_memory
+# The partitioned fleet (4 host processes of 16 tasks) runs apart, below.
+partitioned=tasks_spread_fail_over_and_drain_across_host_processes
+cargo test -p ms2m-tests -- --skip _on_mock --skip _in_memory --skip "$partitioned"
 
-echo "== tests that restart tansu (_on_tansu, ignored otherwise), alone: its retention sweep runs at start"
-cargo test -p ms2m-tests -- --ignored _on_tansu
-on_tansu_pass="RAN and passed"
+# On a fresh tansu. Run after the other suites on the same tansu (their
+# data in its sqlite store, the fault suite's restarts), it failed 2 of 2
+# on 2 cores: renewals were read back late, leases expired and moves
+# churned past the test's bounds. On a fresh store it passed 2 of 2.
+echo "== the partitioned fleet on tansu, on a fresh store"
+bash tests/broker.sh stop
+brokers="$(bash tests/broker.sh start)"
+export "${brokers?}"
+cargo test -p ms2m-tests --test partition_processes -- --exact "$partitioned"
+
+echo "== tests that restart tansu and wait for its retention sweep (_on_tansu, ignored otherwise), alone"
+on_tansu_log="$(mktemp)"
+cargo test -p ms2m-tests -- --ignored _on_tansu 2>&1 | tee "$on_tansu_log"
+on_tansu_ran="$(grep -c -E '^test [A-Za-z0-9_]+_on_tansu \.\.\. ok$' "$on_tansu_log" || true)"
+rm -f "$on_tansu_log"
+if [[ "$on_tansu_ran" -eq 0 ]]; then
+    echo "no _on_tansu test ran: the filter matched none" >&2
+    exit 1
+fi
+on_tansu_pass="RAN and passed ($on_tansu_ran test(s))"
 
 echo "== fleet scenarios on network-namespace hosts (root only; each node and tansu on a host of its own)"
 if [[ "$(id -u)" -eq 0 ]] && command -v ip >/dev/null; then

@@ -25,16 +25,23 @@
 //! # Deleted records
 //!
 //! Every party folds the whole history, so a history with records missing
-//! could name a former owner again. A read whose next offset is below the
-//! topic's earliest one (records deleted before this channel read them:
-//! retention, DeleteRecords, the embedded broker's size cap) fails with
-//! [`KafkaError::ControlHistoryTruncated`] instead of folding the rest: a
-//! node or host cannot start on it, and says why, until an operator
-//! decides (a new control topic means every task starts unowned). The
-//! library creates the topic so that nothing expires
-//! ([`preflight`](crate::preflight#why-these-topic-settings)). A topic
-//! emptied whole looks new to a reader that has read none of it (tansu
-//! then reports both watermarks as 0), which this cannot tell apart.
+//! could name a former owner again. Two reads fail instead of folding
+//! what is left:
+//!
+//! * the next offset to read is below the topic's earliest one (records
+//!   deleted before this channel read them: retention, DeleteRecords, the
+//!   embedded broker's cap of 5 MiB or 100,000 record batches per
+//!   partition): [`KafkaError::ControlHistoryTruncated`];
+//! * the topic now ends before records this channel already read (deleted
+//!   and created again, or emptied: tansu 0.6.0 reports an emptied
+//!   partition as offsets 0..0): [`KafkaError::ControlTopicReset`].
+//!
+//! A node or host cannot start on such a topic, and says why, until an
+//! operator decides (a new control topic means every task starts
+//! unowned). The library creates the topic so that nothing expires
+//! ([`preflight`](crate::preflight#why-these-topic-settings)). A channel
+//! that has read nothing cannot tell a topic emptied on tansu from a new
+//! one: both report offsets 0..0.
 //!
 //! # One consumer per channel
 //!
@@ -228,11 +235,18 @@ impl KafkaControl {
                     return Ok((out, next, Some(cut)));
                 }
                 match consumer.poll(Duration::from_millis(100)) {
-                    None => {}
                     // The end as of the start is the target: an end-of-partition
                     // event before it (a broker answering a fetch with nothing
-                    // yet) is not the end of the history.
-                    Some(Err(RdKafkaError::PartitionEOF(_))) => {}
+                    // yet) is not the end of the history. Records of aborted
+                    // transactions (the exactly-once probe's) and transaction
+                    // markers never reach a `read_committed` reader but move its
+                    // position: past them, the end is the position's.
+                    None | Some(Err(RdKafkaError::PartitionEOF(_))) => {
+                        if position(&consumer, &topic).is_some_and(|p| p >= high) {
+                            next = high;
+                            break;
+                        }
+                    }
                     Some(Err(e)) => return Ok((out, next, Some(KafkaError::kafka("read the control history")(e)))),
                     Some(Ok(m)) => {
                         if m.offset() >= high {
@@ -289,7 +303,8 @@ impl ControlChannel for KafkaControl {
 
     /// Reads only the records after those this channel read before (the
     /// topic is append-only: never compacted, never deleted, checked at
-    /// start), so a host whose many task nodes each read the history pays
+    /// start; a read that finds records deleted fails, see
+    /// [Deleted records](self#deleted-records)), so a host whose many task nodes each read the history pays
     /// for each record once. Concurrent calls share reads: a call that
     /// waited for another read returns that read's result if it began
     /// after the call did (it saw every record acknowledged before), so
@@ -316,6 +331,14 @@ impl ControlChannel for KafkaControl {
     }
 }
 
+/// The next offset `consumer` delivers from partition 0 of `topic`.
+fn position(consumer: &BaseConsumer, topic: &str) -> Option<i64> {
+    match consumer.position().ok()?.find_partition(topic, 0)?.offset() {
+        Offset::Offset(p) => Some(p),
+        _ => None,
+    }
+}
+
 impl KafkaControl {
     /// The whole history and the offset after it (the tail read only).
     async fn history_and_next(&self) -> Result<(Vec<ControlMessage>, i64)> {
@@ -330,11 +353,13 @@ impl KafkaControl {
         }
         let began = std::time::Instant::now();
         let from = read.next;
-        let (mut tail, mut next, mut cut) = self.read_from(from).await?;
+        let (tail, next, cut) = self.read_from(from).await?;
         if next < from {
-            // The topic was recreated: read it again from its start.
-            (tail, next, cut) = self.read_from(0).await?;
-            read.records.clear();
+            return Err(KafkaError::ControlTopicReset {
+                topic: self.topic.clone(),
+                read: from,
+                end: next,
+            });
         }
         // Progress is kept when the read was cut short: a long history is
         // read over several calls rather than never.
@@ -342,9 +367,8 @@ impl KafkaControl {
         read.next = next;
         match cut {
             Some(e) => {
-                // What is kept may no longer be a whole history (a topic
-                // recreated and read again only in part): no waiting call
-                // may take it as one.
+                // What is kept is not the whole history: no waiting call may
+                // take it as one.
                 read.last_began = None;
                 Err(e)
             }

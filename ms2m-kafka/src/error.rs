@@ -87,6 +87,22 @@ pub enum KafkaError {
         /// The topic's earliest offset.
         earliest: i64,
     },
+    /// The control topic now ends before records this channel already
+    /// read: it was deleted and created again, or emptied (tansu 0.6.0
+    /// reports an emptied partition as offsets 0..0). The history that
+    /// decided owners is gone, so nothing is decided from what is there.
+    #[error(
+        "control topic `{topic}` now ends at offset {end}, before the {read} record(s) this channel read: \
+         it was emptied or created again, and migrations and owners cannot be decided from it"
+    )]
+    ControlTopicReset {
+        /// The control topic.
+        topic: String,
+        /// Records this channel had read (the next offset it wanted).
+        read: i64,
+        /// The topic's end now.
+        end: i64,
+    },
     /// An operation did not finish in time.
     #[error("timed out after {timeout:?} waiting to {operation}")]
     Timeout {
@@ -249,7 +265,9 @@ impl BackendError for KafkaError {
             | KafkaError::UnsafeTopicSetting { .. } => ErrorKind::Other,
             KafkaError::UnknownTopic(_) | KafkaError::SnapshotNotFound(_) => ErrorKind::NotFound,
             KafkaError::CorruptSnapshot { .. } | KafkaError::LogTruncated { .. } => ErrorKind::Corrupt,
-            KafkaError::ControlDecode { .. } | KafkaError::ControlHistoryTruncated { .. } => ErrorKind::Corrupt,
+            KafkaError::ControlDecode { .. }
+            | KafkaError::ControlHistoryTruncated { .. }
+            | KafkaError::ControlTopicReset { .. } => ErrorKind::Corrupt,
             KafkaError::Timeout { .. } => ErrorKind::Unavailable,
         }
     }

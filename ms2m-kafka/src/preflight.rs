@@ -27,13 +27,15 @@
 //!
 //!   No time limit is `retention.ms=-1` or [`RETENTION_FOREVER_MS`]
 //!   (`i64::MAX`, about 292 million years); both are accepted. The library
-//!   creates the topic with the second, because tansu 0.6.0 reads `-1`
-//!   the other way round: its retention sweep (every 10 minutes and at
-//!   each start) deletes a record when its age exceeds `retention.ms`, and
-//!   every age exceeds -1, so it empties a `retention.ms=-1` control
+//!   creates the topic with the second, because tansu 0.6.0 does not
+//!   treat `-1` as "no limit": its retention sweep (every 10 minutes and
+//!   at each start) deletes a record when its age exceeds `retention.ms`,
+//!   and every age exceeds -1, so it empties a `retention.ms=-1` control
 //!   topic, and with it every ownership record. Kafka treats the two
 //!   values alike. A control topic made with `-1` on tansu needs
-//!   `retention.ms` changed to `9223372036854775807`.
+//!   `retention.ms` changed to `9223372036854775807`; the check logs a
+//!   warning for `-1` on a `delete` topic, since it cannot tell tansu from
+//!   Kafka.
 //! * **Snapshot topic.** The store keeps a snapshot for as long as it is
 //!   among the newest, whatever its age: an idle service's latest snapshot
 //!   may be weeks old. `cleanup.policy=compact` (how the library creates
@@ -311,13 +313,21 @@ fn check_snapshot_settings(topic: &str, settings: &TopicSettings) -> Result<()> 
 }
 
 /// Refuses a finite `retention.ms` or `retention.bytes` (`-1` and
-/// `i64::MAX` are unlimited).
+/// `i64::MAX` are unlimited); warns about `retention.ms=-1`, which tansu
+/// 0.6.0 takes for "delete everything" (module docs).
 fn check_unlimited(topic: &str, settings: &TopicSettings, at_risk: &'static str, fix: &'static str) -> Result<()> {
     for key in ["retention.ms", "retention.bytes"] {
         match settings.get(key) {
             Some(value) if !is_unlimited(value) => return Err(unsafe_setting(topic, key, value, at_risk, fix)),
             _ => {}
         }
+    }
+    if settings.get("retention.ms").is_some_and(|v| v.trim() == "-1") {
+        warn!(
+            topic,
+            "`retention.ms=-1` keeps every record on Kafka, but tansu 0.6.0's retention sweep deletes them all: \
+             on tansu, set `retention.ms={RETENTION_FOREVER_MS}`"
+        );
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use ms2m_core::{ControlBody, ControlChannel, ControlMessage, ControlReader, Role};
+use ms2m_kafka::KafkaError;
 use ms2m_tests::*;
 
 fn message(migration: &str, reason: &str) -> ControlMessage {
@@ -187,7 +188,7 @@ async fn a_history_that_lost_its_oldest_records_is_refused_on_mock() {
     }
     let fresh = cluster.control().await.expect("control channel");
     match fresh.history().await {
-        Err(ms2m_kafka::KafkaError::ControlHistoryTruncated { topic, from, earliest }) => {
+        Err(KafkaError::ControlHistoryTruncated { topic, from, earliest }) => {
             assert_eq!((topic.as_str(), from), (control.topic(), 0));
             assert!(earliest > 0, "{earliest}");
         }
@@ -202,10 +203,12 @@ async fn a_history_that_lost_its_oldest_records_is_refused_on_mock() {
 /// made that way lost its ownership records in the middle of long runs.
 /// The library creates the control topic with `retention.ms = i64::MAX`
 /// (`ms2m_kafka::preflight::RETENTION_FOREVER_MS`). Here a `-1` topic
-/// beside it shows the sweep ran (its history empties), then the library's
-/// topic still holds every record.
+/// beside it shows the sweep ran (its history empties); the library's
+/// topic still holds every record; and a channel that had read the `-1`
+/// topic refuses it now (`ControlTopicReset`) instead of taking the empty
+/// topic for a new history.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "restarts the shared tansu to run its retention sweep: run alone after the tansu pass of tests/run.sh"]
+#[ignore = "restarts the shared tansu and waits up to 120 s for its retention sweep: run alone after the tansu pass of tests/run.sh"]
 async fn the_history_outlives_the_brokers_retention_sweep_on_tansu() {
     assert!(
         tansu_restartable(),
@@ -221,28 +224,62 @@ async fn the_history_outlives_the_brokers_retention_sweep_on_tansu() {
     let topic = swept.config().control_topic();
     swept.create_topic(&topic, 1, &minus_one).await.expect("create");
     let records: Vec<ControlMessage> = (0..20).map(|i| message(&format!("m{i}"), "kept")).collect();
+    let mut channels = Vec::new();
     for cluster in [&ours, &swept] {
         let control = cluster.control().await.expect("control channel");
         for m in &records {
             control.publish(m).await.expect("publish");
         }
         assert_eq!(control.history().await.expect("history"), records);
+        channels.push(control);
     }
+    let had_read_swept = channels.pop().expect("the -1 topic's channel");
 
     tansu_restart().expect("restart tansu (tests/broker.sh restart)");
 
+    // Reads are retried while the clients reconnect to the restarted broker.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let retry = |what: &str, e: &dyn std::fmt::Debug| {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} within 120 s; last read: {e:?}"
+        );
+    };
     // A fresh channel each time: one channel reads only what it has not.
     let history = |cluster: &ms2m_kafka::KafkaCluster| {
         let cluster = cluster.clone();
-        async move { cluster.control().await.expect("control").history().await }
+        async move { cluster.control().await?.history().await }
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    while history(&swept).await.map_or(true, |h| !h.is_empty()) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "tansu's sweep did not empty the `retention.ms=-1` topic within 120 s"
-        );
+    loop {
+        match history(&swept).await {
+            // tansu reports an emptied partition as 0..0; a broker that kept
+            // its offsets would report the loss.
+            Ok(h) if h.is_empty() => break,
+            Err(KafkaError::ControlHistoryTruncated { .. }) => break,
+            other => retry("tansu's sweep emptied the `retention.ms=-1` topic", &other),
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(history(&ours).await.expect("history"), records);
+    let kept = loop {
+        match history(&ours).await {
+            Ok(h) => break h,
+            Err(e) => retry("the library's topic was read", &e),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(kept, records);
+    loop {
+        match had_read_swept.history().await {
+            Err(KafkaError::ControlTopicReset { read, end, .. }) => {
+                assert_eq!((read, end), (20, 0));
+                break;
+            }
+            Ok(h) => panic!(
+                "an emptied control topic was read as a history of {} record(s)",
+                h.len()
+            ),
+            Err(e) => retry("the channel that had read the emptied topic refused it", &e),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
