@@ -40,6 +40,25 @@ mock_only_tests() {
         sed -E 's/^([^:]+:[0-9]+):.*fn ([A-Za-z0-9_]+)\(.*/  \1  \2/'
 }
 
+# `cargo test ARGS...`, failing unless at least one test whose name
+# matches the regex NAME passed (a renamed test must not pass as "0 run").
+# Sets `passed_count`.
+cargo_test_counted() {
+    local name=$1 log
+    shift
+    log="$(mktemp)"
+    if ! cargo test "$@" 2>&1 | tee "$log"; then
+        rm -f "$log"
+        exit 1
+    fi
+    passed_count="$(grep -c -E "^test ${name} \.\.\. ok\$" "$log" || true)"
+    rm -f "$log"
+    if [[ "$passed_count" -eq 0 ]]; then
+        echo "no test matching ${name} ran: the filter matched none" >&2
+        exit 1
+    fi
+}
+
 summary() {
     echo
     echo "== tests that restart tansu (_on_tansu): $on_tansu_pass"
@@ -78,18 +97,11 @@ echo "== the partitioned fleet on tansu, on a fresh store"
 bash tests/broker.sh stop
 brokers="$(bash tests/broker.sh start)"
 export "${brokers?}"
-cargo test -p ms2m-tests --test partition_processes -- --exact "$partitioned"
+cargo_test_counted "$partitioned" -p ms2m-tests --test partition_processes -- --exact "$partitioned"
 
 echo "== tests that restart tansu and wait for its retention sweep (_on_tansu, ignored otherwise), alone"
-on_tansu_log="$(mktemp)"
-cargo test -p ms2m-tests -- --ignored _on_tansu 2>&1 | tee "$on_tansu_log"
-on_tansu_ran="$(grep -c -E '^test [A-Za-z0-9_]+_on_tansu \.\.\. ok$' "$on_tansu_log" || true)"
-rm -f "$on_tansu_log"
-if [[ "$on_tansu_ran" -eq 0 ]]; then
-    echo "no _on_tansu test ran: the filter matched none" >&2
-    exit 1
-fi
-on_tansu_pass="RAN and passed ($on_tansu_ran test(s))"
+cargo_test_counted '[A-Za-z0-9_]+_on_tansu' -p ms2m-tests -- --ignored _on_tansu
+on_tansu_pass="RAN and passed ($passed_count test(s))"
 
 echo "== fleet scenarios on network-namespace hosts (root only; each node and tansu on a host of its own)"
 if [[ "$(id -u)" -eq 0 ]] && command -v ip >/dev/null; then

@@ -213,19 +213,18 @@ impl KafkaControl {
                     earliest: low,
                 });
             }
-            let start = from;
             let mut out = Vec::new();
-            if start >= high {
+            if from >= high {
                 return Ok((out, high, None));
             }
             let mut tpl = TopicPartitionList::new();
-            tpl.add_partition_offset(&topic, 0, Offset::Offset(start))
+            tpl.add_partition_offset(&topic, 0, Offset::Offset(from))
                 .map_err(KafkaError::kafka("assign the control topic"))?;
             consumer
                 .assign(&tpl)
                 .map_err(KafkaError::kafka("assign the control topic"))?;
             let deadline = std::time::Instant::now() + timeout;
-            let mut next = start;
+            let mut next = from;
             while next < high {
                 if std::time::Instant::now() >= deadline {
                     let cut = KafkaError::Timeout {
@@ -304,8 +303,8 @@ impl ControlChannel for KafkaControl {
     /// Reads only the records after those this channel read before (the
     /// topic is append-only: never compacted, never deleted, checked at
     /// start; a read that finds records deleted fails, see
-    /// [Deleted records](self#deleted-records)), so a host whose many task nodes each read the history pays
-    /// for each record once. Concurrent calls share reads: a call that
+    /// [Deleted records](self#deleted-records)), so a host whose many task
+    /// nodes each read the history pays for each record once. Concurrent calls share reads: a call that
     /// waited for another read returns that read's result if it began
     /// after the call did (it saw every record acknowledged before), so
     /// calls never queue more than one read deep.
