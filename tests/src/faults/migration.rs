@@ -21,7 +21,7 @@ use ms2m_core::migration::{
     MigrationConfig, MigrationError, MigrationPlan, MigrationReport, Recovered, SourceAgent, SourceExit, SourceHandle,
     SourceOptions, TargetOptions,
 };
-use ms2m_core::{no_progress, ControlBody, ControlMessage, Error, ErrorKind, Role, StatefulService};
+use ms2m_core::{no_progress, ControlBody, ControlChannel, ControlMessage, Error, ErrorKind, Role, StatefulService};
 
 use super::deployment::{Act, Deployment, Guarantee, Interception};
 use super::drift::{set_drift, Folds};
@@ -165,16 +165,64 @@ async fn start_source_and_target<D: Deployment, S: Folds>(run: &mut Run<D>) -> P
     let source: Inst<D, S> = run.recover(run.config(SOURCE)).await.expect("recover the source");
     let agent = SourceAgent::new(source, control.clone(), SourceOptions::default()).await;
     let source = agent.expect("source agent").spawn();
-    let (backends, config, target_control) = (run.d.backends().await, run.config(TARGET), control.clone());
+    let (target_control, subscribed) = Subscribed::watch(control.clone());
+    let (backends, config) = (run.d.backends().await, run.config(TARGET));
     let target = tokio::spawn(async move {
         run_target::<S, _, _, _, _>(backends, config, target_control, target_options::<D>(), &*no_progress()).await
     });
+    // The coordinator starts once the target reads the channel: a target
+    // that first reads a history where this migration is already decided
+    // rightly stays a standby, and would be judged as one that never gave up.
+    tokio::time::timeout(run.limit(), subscribed.notified())
+        .await
+        .expect("the target subscribes to the control channel");
     Parties {
         control,
         migration_id: format!("m-{}", run.sc.seed),
         source: Some(source),
         target: Some(target),
         coordinator: None,
+    }
+}
+
+/// A control channel that tells when its first reader is open (the
+/// target has read the history and follows the channel from then on).
+struct Subscribed<C> {
+    inner: Arc<C>,
+    opened: Arc<tokio::sync::Notify>,
+}
+
+impl<C> Subscribed<C> {
+    fn watch(inner: Arc<C>) -> (Arc<Self>, Arc<tokio::sync::Notify>) {
+        let opened = Arc::new(tokio::sync::Notify::new());
+        (
+            Arc::new(Self {
+                inner,
+                opened: opened.clone(),
+            }),
+            opened,
+        )
+    }
+}
+
+#[async_trait::async_trait]
+impl<C: ControlChannel> ControlChannel for Subscribed<C> {
+    type Error = C::Error;
+    type Reader = C::Reader;
+
+    async fn publish(&self, message: &ControlMessage) -> Result<(), Self::Error> {
+        self.inner.publish(message).await
+    }
+
+    async fn reader(&self, from_start: bool) -> Result<Self::Reader, Self::Error> {
+        let reader = self.inner.reader(from_start).await;
+        // `notify_one` keeps a permit: the waiter may start waiting later.
+        self.opened.notify_one();
+        reader
+    }
+
+    async fn history(&self) -> Result<Vec<ControlMessage>, Self::Error> {
+        self.inner.history().await
     }
 }
 
