@@ -237,46 +237,58 @@ async fn the_history_outlives_the_brokers_retention_sweep_on_tansu() {
 
     tansu_restart().expect("restart tansu (tests/broker.sh restart)");
 
-    // Reads are retried while the clients reconnect to the restarted broker.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    let retry = |what: &str, e: &dyn std::fmt::Debug| {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what} within 120 s; last read: {e:?}"
-        );
-    };
     // A fresh channel each time: one channel reads only what it has not.
     let history = |cluster: &ms2m_kafka::KafkaCluster| {
         let cluster = cluster.clone();
         async move { cluster.control().await?.history().await }
     };
-    loop {
-        match history(&swept).await {
+    let (history, swept, ours, had_read_swept) = (&history, &swept, &ours, &had_read_swept);
+    eventually("tansu's sweep emptied the `retention.ms=-1` topic", || async move {
+        match history(swept).await {
             // tansu reports an emptied partition as 0..0.
-            Ok(h) if h.is_empty() => break,
-            other => retry("tansu's sweep emptied the `retention.ms=-1` topic", &other),
+            Ok(h) if h.is_empty() => Ok(()),
+            other => Err(format!("{other:?}")),
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let kept = loop {
-        match history(&ours).await {
-            Ok(h) => break h,
-            Err(e) => retry("the library's topic was read", &e),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    })
+    .await;
+    let kept = eventually("the library's topic was read", || async move {
+        history(ours).await.map_err(|e| format!("{e:?}"))
+    })
+    .await;
     assert_eq!(kept, records);
-    loop {
-        match had_read_swept.history().await {
-            Err(KafkaError::ControlTopicReset { read, end, .. }) => {
-                assert_eq!((read, end), (20, 0));
-                break;
+    let reset = eventually(
+        "the channel that had read the emptied topic refused it",
+        || async move {
+            match had_read_swept.history().await {
+                Err(KafkaError::ControlTopicReset { read, end, .. }) => Ok((read, end)),
+                Ok(h) => panic!(
+                    "an emptied control topic was read as a history of {} record(s)",
+                    h.len()
+                ),
+                Err(e) => Err(format!("{e:?}")),
             }
-            Ok(h) => panic!(
-                "an emptied control topic was read as a history of {} record(s)",
-                h.len()
+        },
+    )
+    .await;
+    assert_eq!(reset, (20, 0));
+}
+
+/// `attempt`'s value once it succeeds, retried every 200 ms while the
+/// clients reconnect to a restarted broker; fails after 120 s with the
+/// last attempt's error.
+async fn eventually<T, F, Fut>(what: &str, mut attempt: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        match attempt().await {
+            Ok(value) => return value,
+            Err(last) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what} within 120 s; last read: {last}"
             ),
-            Err(e) => retry("the channel that had read the emptied topic refused it", &e),
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
